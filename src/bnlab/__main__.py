@@ -1,0 +1,3 @@
+from bnlab.cli import app
+
+app(prog_name="bnlab")

@@ -1,0 +1,55 @@
+"""`bnlab check` run as a user runs it, and its failure path."""
+
+import json
+import subprocess
+import sys
+
+from typer.testing import CliRunner
+
+from bnlab.cli import app
+
+
+def test_bnlab_check_quick_as_a_user():
+    out = subprocess.run([sys.executable, "-m", "bnlab", "check", "--quick"], capture_output=True,
+                         text=True, timeout=300, env={"COLUMNS": "160", "PATH": ""})
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "reference gradient check (float64)" in out.stdout
+    assert "vs torch.nn.BatchNorm (float32)" in out.stdout
+    assert "dgamma" in out.stdout and "running_var" in out.stdout
+    assert "all " in out.stdout and "checks passed" in out.stdout
+    assert "ratio" in out.stdout
+
+
+def test_bnlab_check_json():
+    result = CliRunner().invoke(app, ["check", "--quick", "--json"])
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.output)
+    assert data["passed"] is True
+    assert all(row["value"] <= row["tolerance"] for row in data["checks"])
+    assert data["speed"]["ratio"] > 0
+
+
+def test_bnlab_check_exits_1_when_a_check_fails(monkeypatch):
+    from bnlab.reference import batchnorm
+
+    original = batchnorm.batch_norm_backward
+
+    def planted_bug(dy, cache):
+        dx, dgamma, dbeta = original(dy, cache)
+        return dx, dgamma * 1.01, dbeta
+
+    monkeypatch.setattr(batchnorm, "batch_norm_backward", planted_bug)
+    result = CliRunner().invoke(app, ["check", "--quick"], env={"COLUMNS": "160"})
+    assert result.exit_code == 1
+    assert "FAIL" in result.output and "checks failed" in result.output
+
+
+def test_help_has_an_example():
+    result = CliRunner().invoke(app, ["check", "--help"])
+    assert result.exit_code == 0
+    assert "Example: bnlab check" in result.output
+
+
+def test_version():
+    result = CliRunner().invoke(app, ["--version"])
+    assert result.exit_code == 0 and "bnlab 0.1.0" in result.output

@@ -1,0 +1,206 @@
+"""bnlab.nn.BatchNorm against torch.nn.BatchNorm*d, the keras rule, gradcheck and errors."""
+
+import itertools
+
+import numpy as np
+import pytest
+import torch
+from torch.autograd.gradcheck import GradcheckError
+
+from bnlab import reference as ref
+from bnlab.nn import BatchNorm, BatchNorm1d, BatchNorm2d, BatchNormFunction
+
+TOL = {torch.float32: 1e-5, torch.float64: 1e-10}
+
+
+def rel(a, b) -> float:
+    return ref.relative_error(a.detach().double().numpy(), b.detach().double().numpy())
+
+
+def torch_bn(shape, **kw):
+    return (torch.nn.BatchNorm1d if len(shape) < 4 else torch.nn.BatchNorm2d)(shape[1], **kw)
+
+
+@pytest.mark.parametrize("weight", [True, False], ids=["affine", "no-affine"])
+@pytest.mark.parametrize("shape,axis", [((6, 3), 1), ((5, 2, 4), 1), ((3, 2, 3, 3), 1),
+                                         ((3, 3, 2, 2), -1)], ids=["NC", "NCL", "NCHW", "NHWC"])
+def test_autograd_function_gradcheck_float64(shape, axis, weight):
+    g = torch.Generator().manual_seed(0)
+    x = (torch.randn(shape, generator=g, dtype=torch.float64) * 2 + 1).requires_grad_()
+    c = shape[axis]
+    w = torch.randn(c, generator=g, dtype=torch.float64).requires_grad_() if weight else None
+    b = torch.randn(c, generator=g, dtype=torch.float64).requires_grad_() if weight else None
+    assert torch.autograd.gradcheck(lambda *a: BatchNormFunction.apply(*a, 1e-5, axis % len(shape))[0],
+                                    (x, w, b), eps=1e-6, atol=1e-8, rtol=1e-6)
+
+
+def test_gradcheck_catches_a_wrong_backward(monkeypatch):
+    original = BatchNormFunction.backward
+
+    def wrong(ctx, dy, dm, dv):
+        dx, dw, db = original(ctx, dy, dm, dv)[:3]
+        return dx * 1.01, dw, db, None, None
+
+    monkeypatch.setattr(BatchNormFunction, "backward", staticmethod(wrong))
+    x = torch.randn(6, 3, dtype=torch.float64, requires_grad=True)
+    with pytest.raises(GradcheckError):
+        torch.autograd.gradcheck(lambda t: BatchNormFunction.apply(t, None, None, 1e-5, 1)[0], (x,))
+
+
+SEQUENCES = {"train3-eval": "TTTE", "train-eval-train-eval": "TETE", "train1": "T"}
+SHAPES = {"NC": (32, 8), "NCL": (8, 4, 10), "NCHW": (8, 4, 5, 5)}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])
+@pytest.mark.parametrize("momentum", [0.1, 0.5, 1.0, 0.0, None], ids=lambda m: f"momentum={m}")
+@pytest.mark.parametrize("affine", [True, False], ids=["affine", "no-affine"])
+@pytest.mark.parametrize("shape", SHAPES.values(), ids=SHAPES.keys())
+@pytest.mark.parametrize("steps", SEQUENCES.values(), ids=SEQUENCES.keys())
+def test_matches_torch_batchnorm(steps, shape, affine, momentum, dtype):
+    g = torch.Generator().manual_seed(hash((steps, shape)) % 2**31)
+    ours = BatchNorm(shape[1], momentum=momentum, affine=affine, dtype=dtype)
+    theirs = torch_bn(shape, momentum=momentum, affine=affine, dtype=dtype)
+    if affine:
+        with torch.no_grad():
+            for p in ("weight", "bias"):
+                v = torch.randn(shape[1], generator=g, dtype=dtype)
+                getattr(ours, p).copy_(v)
+                getattr(theirs, p).copy_(v)
+    tol = TOL[dtype]
+    for step in steps:
+        ours.train(step == "T")
+        theirs.train(step == "T")
+        x = torch.randn(shape, generator=g, dtype=dtype) * 2.5 - 1.0
+        dy = torch.randn(shape, generator=g, dtype=dtype)
+        xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
+        ya, yb = ours(xa), theirs(xb)
+        ya.backward(dy)
+        yb.backward(dy)
+        assert rel(ya, yb) <= tol
+        assert rel(xa.grad, xb.grad) <= tol
+        if affine:
+            assert rel(ours.weight.grad, theirs.weight.grad) <= tol
+            assert rel(ours.bias.grad, theirs.bias.grad) <= tol
+            ours.zero_grad()
+            theirs.zero_grad()
+        assert rel(ours.running_mean, theirs.running_mean) <= tol
+        assert rel(ours.running_var, theirs.running_var) <= tol
+        assert int(ours.num_batches_tracked) == int(theirs.num_batches_tracked)
+
+
+def test_track_running_stats_false_uses_batch_stats_in_eval_like_torch():
+    x = torch.randn(16, 5)
+    ours, theirs = BatchNorm(5, track_running_stats=False), torch.nn.BatchNorm1d(5, track_running_stats=False)
+    ours.eval()
+    theirs.eval()
+    assert rel(ours(x), theirs(x)) <= 1e-6
+    assert set(ours.state_dict()) == set(theirs.state_dict()) == {"weight", "bias"}
+
+
+@pytest.mark.parametrize("affine,track", list(itertools.product([True, False], [True, False])),
+                         ids=lambda v: str(v))
+def test_state_dict_round_trips_both_ways(affine, track):
+    theirs = torch.nn.BatchNorm2d(6, affine=affine, track_running_stats=track)
+    theirs.train()
+    theirs(torch.randn(4, 6, 3, 3))
+    ours = BatchNorm2d(6, affine=affine, track_running_stats=track)
+    assert list(ours.state_dict()) == list(theirs.state_dict())
+    ours.load_state_dict(theirs.state_dict())  # strict
+    for k, v in theirs.state_dict().items():
+        assert torch.equal(ours.state_dict()[k], v)
+    ours(torch.randn(4, 6, 3, 3))
+    back = torch.nn.BatchNorm2d(6, affine=affine, track_running_stats=track)
+    back.load_state_dict(ours.state_dict())
+    for k, v in ours.state_dict().items():
+        assert torch.equal(back.state_dict()[k], v)
+
+
+def test_old_state_dict_without_num_batches_tracked_loads():
+    sd = torch.nn.BatchNorm1d(3).state_dict()
+    del sd["num_batches_tracked"]
+    ours = BatchNorm(3)
+    ours.load_state_dict(sd)
+    assert int(ours.num_batches_tracked) == 0
+
+
+def test_parameters_trainable_and_buffers_not():
+    bn = BatchNorm(7)
+    assert sum(p.numel() for p in bn.parameters() if p.requires_grad) == 14
+    assert sum(b.numel() for n, b in bn.named_buffers() if n != "num_batches_tracked") == 14
+
+
+# ---------------------------------------------------------------- keras convention
+
+
+def test_keras_defaults_and_rule_by_hand():
+    bn = BatchNorm(1, convention="keras", dtype=torch.float64)
+    assert (bn.eps, bn.momentum) == (1e-3, 0.99)
+    x = torch.tensor([[1.0], [2.0], [3.0], [6.0]], dtype=torch.float64)  # mean 3, biased var 3.5
+    y = bn(x)
+    np.testing.assert_allclose(y.detach().numpy(), ((x - 3) / np.sqrt(3.5 + 1e-3)).numpy(), rtol=1e-12)
+    np.testing.assert_allclose(bn.moving_mean.numpy(), [0.99 * 0 + 0.01 * 3], rtol=1e-12)
+    np.testing.assert_allclose(bn.moving_variance.numpy(), [0.99 * 1 + 0.01 * 3.5], rtol=1e-12)
+    bn.eval()
+    mm, mv = 0.03, 0.99 + 0.035
+    np.testing.assert_allclose(bn(x).detach().numpy(), ((x - mm) / np.sqrt(mv + 1e-3)).numpy(), rtol=1e-12)
+
+
+def test_keras_center_scale_switches():
+    bn = BatchNorm(4, convention="keras", center=False)
+    assert bn.beta is None and bn.gamma is not None
+    assert sum(p.numel() for p in bn.parameters()) == 4
+    bn = BatchNorm(4, convention="keras", scale=False)
+    assert bn.gamma is None and bn.beta is not None
+    x = torch.randn(10, 4)
+    with torch.no_grad():
+        bn.bias.fill_(2.0)
+    y = bn(x)
+    np.testing.assert_allclose(y.mean(0).detach().numpy(), np.full(4, 2.0), atol=1e-5)
+
+
+def test_keras_channels_last_conv_input():
+    x = torch.randn(4, 5, 5, 3, dtype=torch.float64)  # NHWC
+    bn = BatchNorm(3, convention="keras", axis=-1, dtype=torch.float64)
+    y = bn(x)
+    y_ref, _ = ref.batch_norm_forward(x.numpy(), None, None, eps=1e-3, axis=-1)
+    assert ref.relative_error(y.detach().numpy(), y_ref) <= 1e-12
+
+
+def test_keras_rejects_cumulative_momentum():
+    with pytest.raises(ValueError, match="momentum=None"):
+        BatchNorm(3, convention="keras", momentum=None)
+
+
+# ---------------------------------------------------------------- errors
+
+
+@pytest.mark.parametrize("module,x,err,match", [
+    (BatchNorm(4), torch.randn(8, 3), ValueError, r"expected 4 channels on axis 1 \(got 3"),
+    (BatchNorm(4), torch.randn(8), ValueError, r"got 1D input"),
+    (BatchNorm2d(4), torch.randn(8, 4), ValueError, r"expected 4D \(N, C, H, W\) input \(got 2D"),
+    (BatchNorm1d(4), torch.randn(8, 4, 2, 2), ValueError, r"expected 2D \(N, C\) or 3D \(N, C, L\)"),
+    (BatchNorm(4), torch.randn(1, 4), ValueError, "more than 1 value per channel.*batch of more than "
+                                                  "one sample.*model.eval\\(\\).*layer or group norm"),
+    (BatchNorm(4), torch.tensor([[1.0, 2, 3, float("nan")], [1, 2, 3, 4]]), FloatingPointError,
+     r"non-finite batch statistics in channel\(s\) \[3\]"),
+    (BatchNorm(2), torch.ones(4, 2, dtype=torch.long), TypeError, "floating-point"),
+], ids=["channels", "rank", "rank-2d-alias", "rank-1d-alias", "one-value-per-channel", "nan", "int"])
+def test_clear_errors(module, x, err, match):
+    with pytest.raises(err, match=match):
+        module(x)
+
+
+def test_single_sample_works_in_eval_mode():
+    bn = BatchNorm(4)
+    bn(torch.randn(16, 4))
+    bn.eval()
+    assert bn(torch.randn(1, 4)).shape == (1, 4)
+
+
+@pytest.mark.parametrize("kw,match", [({"eps": 0}, "eps must be > 0"), ({"momentum": 2.0}, r"\[0, 1\]"),
+                                      ({"convention": "tf"}, "unknown BN convention"),
+                                      ({"num_features": 0}, "positive int")])
+def test_constructor_errors(kw, match):
+    kw = {"num_features": 3, **kw}
+    with pytest.raises(ValueError, match=match):
+        BatchNorm(kw.pop("num_features"), **kw)
