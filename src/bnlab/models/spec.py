@@ -1,0 +1,106 @@
+"""Typed model specs. Three kinds, all expanded to one explicit layer list before building:
+
+* ``mlp``: Flatten, [input BN], hidden Dense layers with BN none / before / after the activation.
+* ``cnn``: blocks of 3x3 convolutions (+ BN + activation), max-pooling and dropout; a final block
+  without pooling; flatten or global average pooling; a dense head.
+* ``layers``: a Keras-like explicit list, for anything else.
+
+Errors name the key, the bad value and what is allowed (pydantic's messages).
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal, Union
+
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter
+
+Activation = Literal["sigmoid", "tanh", "relu", "leaky_relu", "elu", "selu", "linear"]
+Placement = Literal["none", "before", "after"]
+Init = Literal["he_normal", "glorot_uniform", "normal", "torch_default"]
+Bias = Literal["auto", "on", "off"]
+
+
+class _Spec(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class NormSettings(_Spec):
+    """How each BN layer of a model is made (bnlab.nn.BatchNorm arguments)."""
+
+    convention: Literal["torch", "keras"] = "torch"
+    eps: float | None = Field(None, gt=0)
+    momentum: float | None | Literal["default"] = "default"
+
+
+class _Common(_Spec):
+    input_shape: tuple[int, ...] = (1, 28, 28)
+    num_classes: int = Field(10, ge=2)
+    activation: Activation = "relu"
+    leaky_relu_slope: float = Field(0.3, ge=0, description="Keras's LeakyReLU default 0.3 (torch's is 0.01)")
+    bn: Placement = "none"
+    bias: Bias = "auto"
+    init: Init = "glorot_uniform"
+    init_std: float = Field(0.01, gt=0, description="std of the 'normal' initialiser")
+    dropout: float = Field(0.0, ge=0, lt=1)
+    norm: NormSettings = NormSettings()
+
+
+class MLPSpec(_Common):
+    kind: Literal["mlp"] = "mlp"
+    hidden: list[Annotated[int, Field(ge=1)]] = [300, 100]
+    input_bn: bool = False
+
+
+class CNNSpec(_Common):
+    kind: Literal["cnn"] = "cnn"
+    input_shape: tuple[int, ...] = (3, 32, 32)
+    blocks: list[Annotated[int, Field(ge=1)]] = [60, 60, 60, 60]  # filters of each pooled block
+    final_block: Annotated[int, Field(ge=1)] | None = 100  # filters of the last block (no pooling)
+    convs_per_block: int = Field(2, ge=1)
+    kernel_size: int = Field(3, ge=1)
+    pool_size: int = Field(2, ge=1)
+    head: Literal["flatten", "gap"] = "flatten"
+    dense: list[Annotated[int, Field(ge=1)]] = []  # hidden dense layers of the head
+
+
+class LayerDef(_Spec):
+    """One layer of an explicit list. ``type`` picks the layer; the other keys configure it."""
+
+    type: Literal["flatten", "dense", "conv2d", "batchnorm", "activation", "maxpool", "dropout", "gap"]
+    units: int | None = Field(None, ge=1)  # dense
+    filters: int | None = Field(None, ge=1)  # conv2d
+    kernel_size: int = Field(3, ge=1)
+    padding: Literal["same", "valid"] = "same"
+    activation: Activation | None = None  # dense / conv2d fused activation, or the activation layer's
+    use_bias: bool = True
+    init: Init | None = None  # None = the model's
+    pool_size: int = Field(2, ge=1)
+    rate: float = Field(0.0, ge=0, lt=1)  # dropout
+
+
+class LayersSpec(_Spec):
+    kind: Literal["layers"] = "layers"
+    input_shape: tuple[int, ...] = (1, 28, 28)
+    num_classes: int = Field(10, ge=2)
+    layers: list[LayerDef]
+    init: Init = "glorot_uniform"
+    init_std: float = Field(0.01, gt=0)
+    leaky_relu_slope: float = Field(0.3, ge=0)
+    norm: NormSettings = NormSettings()
+
+
+ModelSpec = Annotated[Union[MLPSpec, CNNSpec, LayersSpec], Field(discriminator="kind")]
+_ADAPTER = TypeAdapter(ModelSpec)
+
+
+def parse_model_spec(data: dict | BaseModel) -> MLPSpec | CNNSpec | LayersSpec:
+    """Validate a dict (from TOML / JSON / Python) into a spec; ``kind`` defaults to ``mlp``."""
+    if isinstance(data, BaseModel):
+        return data
+    data = dict(data)
+    data.setdefault("kind", "mlp")
+    return _ADAPTER.validate_python(data)
+
+
+def spec_to_dict(spec) -> dict:
+    return spec.model_dump(mode="json")
