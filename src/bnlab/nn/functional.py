@@ -120,12 +120,24 @@ def batch_norm(x: torch.Tensor, running_mean: torch.Tensor | None, running_var: 
             "the input to this BN layer contains NaN or inf (a diverged run? lower the learning rate)"
         )
     if training and running_mean is not None:
-        with torch.no_grad():
-            if num_batches_tracked is not None:
-                num_batches_tracked.add_(1)
-            n = int(num_batches_tracked) if num_batches_tracked is not None else 1
-            f = running_update_factor(conv, momentum, n)
-            stored_var = var * (m / (m - 1)) if conv.running_var_unbiased else var
-            running_mean.mul_(1.0 - f).add_(mean.to(running_mean.dtype), alpha=f)
-            running_var.mul_(1.0 - f).add_(stored_var.to(running_var.dtype), alpha=f)
+        update_running_stats(running_mean, running_var, num_batches_tracked, mean, var, count=m,
+                             convention=conv, momentum=momentum)
     return y
+
+
+@torch.no_grad()
+def update_running_stats(running_mean: torch.Tensor, running_var: torch.Tensor,
+                         num_batches_tracked: torch.Tensor | None, batch_mean: torch.Tensor,
+                         batch_var: torch.Tensor, *, count: int, convention: Convention,
+                         momentum: float | None) -> None:
+    """In place: count this batch, then blend the batch statistics into the running ones.
+
+    batch_var is the BIASED variance; the torch convention stores it unbiased (·m/(m-1)).
+    """
+    if num_batches_tracked is not None:
+        num_batches_tracked.add_(1)
+    n = int(num_batches_tracked) if num_batches_tracked is not None else 1
+    f = running_update_factor(convention, momentum, n)
+    stored_var = batch_var * (count / (count - 1)) if convention.running_var_unbiased else batch_var
+    running_mean.mul_(1.0 - f).add_(batch_mean.to(running_mean.dtype), alpha=f)
+    running_var.mul_(1.0 - f).add_(stored_var.to(running_var.dtype), alpha=f)

@@ -1,0 +1,76 @@
+"""One epoch of fashion-mlp-bn-before (784-300-100-10, batch 32, SGD lr 1e-3, 55,000 samples of
+28x28 synthetic pixels) through bnlab's engine and, in the same run, through a plain PyTorch loop
+written the usual way (DataLoader over a TensorDataset, nn.Sequential with torch.nn.BatchNorm1d,
+zero_grad / backward / step). Goal: ratio bnlab / plain <= 0.5.
+
+    .venv/bin/python benchmarks/train_speed.py [--rounds 3] [--samples 55000]
+
+Each round times both, interleaved; the best epoch time of each is reported.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from bnlab.data.dataset import Dataset
+from bnlab.models import build_model, load_model_spec
+from bnlab.train import fit
+
+
+def plain_epoch(x: torch.Tensor, y: torch.Tensor, seed: int) -> float:
+    torch.manual_seed(seed)
+    model = nn.Sequential(
+        nn.Flatten(), nn.BatchNorm1d(784),
+        nn.Linear(784, 300, bias=False), nn.BatchNorm1d(300), nn.ReLU(),
+        nn.Linear(300, 100, bias=False), nn.BatchNorm1d(100), nn.ReLU(),
+        nn.Linear(100, 10))
+    opt = torch.optim.SGD(model.parameters(), lr=1e-3)
+    loss_fn = nn.CrossEntropyLoss()
+    loader = DataLoader(TensorDataset(x, y), batch_size=32, shuffle=True)
+    t0 = time.perf_counter()
+    for xb, yb in loader:
+        opt.zero_grad()
+        loss = loss_fn(model(xb), yb)
+        loss.backward()
+        opt.step()
+    return time.perf_counter() - t0
+
+
+def bnlab_epoch(data: Dataset, seed: int) -> tuple[float, str]:
+    model = build_model(load_model_spec("fashion-mlp-bn-before"), seed=seed)
+    t0 = time.perf_counter()
+    hist = fit(model, data, optimizer="sgd", lr=1e-3, batch_size=32, epochs=1, seed=seed, progress=False)
+    total = time.perf_counter() - t0
+    # the engine's epoch time includes one validation pass; report the whole call to be conservative
+    return total, hist.engine
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--samples", type=int, default=55000)
+    args = p.parse_args()
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(args.samples, 1, 28, 28, generator=g)
+    y = torch.randint(0, 10, (args.samples,), generator=g)
+    val = 5000
+    data = Dataset("synthetic-28x28", x, y, x[:val], y[:val], x[:0], y[:0], 10)
+    best_b, best_p, engine = float("inf"), float("inf"), ""
+    for r in range(args.rounds):
+        b, engine = bnlab_epoch(data, r)
+        pl = plain_epoch(x, y, r)
+        best_b, best_p = min(best_b, b), min(best_p, pl)
+        print(f"round {r + 1}: bnlab {b:.3f} s, plain {pl:.3f} s")
+    print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, bnlab engine: {engine}")
+    print(f"bnlab_s_per_epoch={best_b:.3f}")
+    print(f"plain_s_per_epoch={best_p:.3f}")
+    print(f"ratio={best_b / best_p:.3f} (goal <= 0.5)")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,207 @@
+"""``fit``: train a model on a prepared Dataset and return its History.
+
+Data stays in tensors on the training device; each epoch draws one seeded permutation and slices
+it (no DataLoader, no per-sample Python). MLPs take the fused step of ``bnlab.train.fused``;
+everything else the ordinary autograd step. Same seed, same history on CPU.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from bnlab.data.augment import RandomAffine
+from bnlab.data.dataset import Dataset
+from bnlab.train.fused import FusedMLPStep, unsupported_layers
+from bnlab.train.history import EpochRecord, History
+from bnlab.train.optim import make_optimizer
+from bnlab.train.progress import TrainProgress
+
+ENGINES = ("auto", "fused", "autograd")
+
+
+class Diverged(FloatingPointError):
+    """The loss became NaN or inf."""
+
+
+def resolve_device(device: str | None) -> torch.device:
+    if device in (None, "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError("device 'cuda' was asked for but torch.cuda.is_available() is False")
+    return dev
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, batch_size: int = 1024) -> tuple[float, float]:
+    """Mean cross-entropy and accuracy in eval mode (the model's mode is restored)."""
+    if len(y) == 0:
+        return float("nan"), float("nan")
+    was = model.training
+    model.eval()
+    loss, correct = torch.zeros((), dtype=torch.float64), 0
+    try:
+        for i in range(0, len(y), batch_size):
+            out = model(x[i:i + batch_size])
+            loss += F.cross_entropy(out, y[i:i + batch_size], reduction="sum").double().cpu()
+            correct += int((out.argmax(1) == y[i:i + batch_size]).sum())
+    finally:
+        model.train(was)
+    return float(loss) / len(y), correct / len(y)
+
+
+class AutogradStep:
+    """The ordinary path: forward, cross-entropy, ``loss.backward()``."""
+
+    applies_update = False
+
+    def __init__(self, model: nn.Module):
+        self.model = model
+
+    def __call__(self, x, y):
+        for p in self.model.parameters():
+            p.grad = None
+        out = self.model(x)
+        loss = F.cross_entropy(out, y)
+        loss.backward()
+        return loss.detach(), (out.detach().argmax(1) == y).sum()
+
+
+def make_step(model: nn.Module, engine: str, generator: torch.Generator | None, *, sgd_lr: float | None = None):
+    """The step function for ``engine``; ``sgd_lr`` lets the fused step apply plain SGD itself."""
+    if engine not in ENGINES:
+        raise ValueError(f"unknown engine {engine!r}: expected one of {ENGINES}")
+    bad = unsupported_layers(model)
+    if engine == "fused" and bad:
+        raise ValueError("engine='fused' needs an MLP; unsupported: " + ", ".join(bad))
+    if engine == "autograd" or bad:
+        return AutogradStep(model), "autograd"
+    return FusedMLPStep(model, generator, sgd_lr=sgd_lr), "fused"
+
+
+@dataclass
+class _Best:
+    value: float = -math.inf
+    epoch: int | None = None
+
+
+def fit(model: nn.Module, data: Dataset, *, optimizer: str = "sgd", lr: float = 1e-3, momentum: float = 0.0,
+        nesterov: bool = False, weight_decay: float = 0.0, batch_size: int = 32, epochs: int = 10,
+        seed: int = 0, target_accuracy: float | None = None, augment: RandomAffine | None = None,
+        engine: str = "auto", device: str | None = "auto", checkpoint_dir: str | Path | None = None,
+        monitor: str = "val_accuracy", patience: int | None = None, max_steps: int | None = None,
+        progress: bool = True, eval_batch_size: int = 1024, keras_defaults: bool = True,
+        checkpoint_meta: dict | None = None) -> History:
+    """Train ``model`` on ``data`` and return the History.
+
+    optimizer: sgd (momentum, nesterov) | rmsprop | adam; cross-entropy on logits.
+    target_accuracy: record the steps / epochs / seconds at which validation accuracy first reaches it.
+    checkpoint_dir: keep the best model by ``monitor`` (val_accuracy or val_loss) there (safetensors + JSON).
+    patience: stop after this many epochs without improvement of ``monitor``.
+    A NaN/inf loss stops the run (history kept, ``stopped="diverged"``); so does Ctrl-C (``"interrupted"``).
+    """
+    if batch_size < 1 or epochs < 1:
+        raise ValueError(f"batch_size and epochs must be >= 1 (got batch_size={batch_size}, epochs={epochs})")
+    if monitor not in ("val_accuracy", "val_loss"):
+        raise ValueError(f"monitor must be val_accuracy or val_loss (got {monitor!r})")
+    if tuple(data.input_shape) != tuple(getattr(getattr(model, "spec", None), "input_shape", data.input_shape)):
+        raise ValueError(f"the model expects inputs of shape {tuple(model.spec.input_shape)} but dataset "
+                         f"{data.name!r} has {data.input_shape}")
+    dev = resolve_device(device)
+    torch.manual_seed(seed)  # nn.Dropout in the autograd path draws from the global RNG
+    gen = torch.Generator().manual_seed(seed)
+    model.to(dev).train()
+    data = data.to(dev)
+    plain_sgd = optimizer == "sgd" and momentum == 0 and weight_decay == 0
+    step, engine_used = make_step(model, engine, gen, sgd_lr=lr if plain_sgd else None)
+    # the fused step applies plain SGD itself; building a torch.optim optimizer would also cost the
+    # ~2 s first-time import of torch._dynamo that torch.optim.Optimizer triggers
+    opt = None if step.applies_update else make_optimizer(
+        optimizer, list(model.parameters()), lr=lr, momentum=momentum, nesterov=nesterov,
+        weight_decay=weight_decay, keras_defaults=keras_defaults)
+    n = len(data.y_train)
+    if n < 2:
+        raise ValueError(f"need at least 2 training examples (got {n})")
+    # a last batch of one sample cannot train BN (and gives a noisy step): drop it
+    batches = [(i, min(i + batch_size, n)) for i in range(0, n, batch_size)]
+    if len(batches) > 1 and batches[-1][1] - batches[-1][0] == 1:
+        batches.pop()
+    hist = History(target_accuracy=target_accuracy, engine=engine_used)
+    best = _Best()
+    since_best = 0
+    steps_done = 0
+    check_every = 1 if dev.type == "cpu" else 25  # a finiteness check syncs a GPU
+    start = time.perf_counter()
+    with TrainProgress(epochs, len(batches), enabled=progress) as bar:
+        try:
+            for epoch in range(1, epochs + 1):
+                t0 = time.perf_counter()
+                perm = torch.randperm(n, generator=gen).to(dev)
+                losses = torch.zeros(len(batches), device=dev)
+                correct = torch.zeros((), dtype=torch.long, device=dev)
+                seen = 0
+                for b, (i, j) in enumerate(batches):
+                    idx = perm[i:j]
+                    xb, yb = data.x_train.index_select(0, idx), data.y_train.index_select(0, idx)
+                    if augment is not None and augment.active:
+                        xb = augment(xb, gen)
+                    try:
+                        loss, corr = step(xb, yb)
+                    except FloatingPointError as e:  # BN's non-finite statistics
+                        raise Diverged(str(e)) from e
+                    if b % check_every == 0 and not math.isfinite(float(loss)):
+                        raise Diverged(f"loss became {float(loss)} at epoch {epoch}, step {steps_done + 1}: "
+                                       "the run diverged (lower the learning rate?)")
+                    if opt is not None:
+                        opt.step()
+                    losses[b] = loss
+                    correct += corr
+                    seen += j - i
+                    steps_done += 1
+                    if b % 50 == 49:
+                        bar.advance(50, f"loss {float(losses[b]):.4f}")
+                    if max_steps is not None and steps_done >= max_steps:
+                        break
+                bar.advance(b % 50 + 1 if (b % 50) != 49 else 0)
+                done = losses[: b + 1]
+                hist.step_loss.extend(done.tolist())
+                if not math.isfinite(float(done.sum())):
+                    raise Diverged(f"loss became non-finite during epoch {epoch}: the run diverged")
+                val_loss, val_acc = evaluate(model, data.x_val, data.y_val, batch_size=eval_batch_size)
+                rec = EpochRecord(epoch, float(done.mean()), int(correct) / seen,
+                                  None if math.isnan(val_loss) else val_loss,
+                                  None if math.isnan(val_acc) else val_acc, time.perf_counter() - t0, steps_done)
+                hist.record(rec, time.perf_counter() - start)
+                bar.epoch_done(f"epoch {epoch}/{epochs}: loss {rec.train_loss:.4f} acc {rec.train_accuracy:.4f}"
+                               + (f" val_loss {val_loss:.4f} val_acc {val_acc:.4f}" if rec.val_loss is not None else "")
+                               + f" ({rec.seconds:.1f}s)")
+                score = (val_acc if monitor == "val_accuracy" else -val_loss) if rec.val_loss is not None else -rec.train_loss
+                if score > best.value:
+                    best, since_best = _Best(score, epoch), 0
+                    if checkpoint_dir is not None:
+                        from bnlab.checkpoint import save_checkpoint
+                        save_checkpoint(checkpoint_dir, model, preprocessing=data.preprocessing,
+                                        meta={**(checkpoint_meta or {}), "epoch": epoch, "val_accuracy": val_acc,
+                                              "val_loss": val_loss, "dataset": data.name})
+                else:
+                    since_best += 1
+                if patience is not None and since_best >= patience:
+                    hist.stopped = "early_stopping"
+                    hist.message = f"no improvement of {monitor} for {patience} epochs"
+                    break
+                if max_steps is not None and steps_done >= max_steps:
+                    break
+        except Diverged as e:
+            hist.stopped, hist.message = "diverged", str(e)
+            bar.epoch_done(f"[diverged] {e}")
+        except KeyboardInterrupt:
+            hist.stopped, hist.message = "interrupted", "stopped by the user (Ctrl-C)"
+    hist.best_epoch = best.epoch
+    return hist

@@ -1,0 +1,54 @@
+"""What a training run produced, as plain data (JSON-able)."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+
+@dataclass
+class EpochRecord:
+    epoch: int  # 1-based
+    train_loss: float
+    train_accuracy: float
+    val_loss: float | None
+    val_accuracy: float | None
+    seconds: float  # wall time of the epoch's training steps + evaluation
+    steps: int  # optimizer steps so far
+
+
+@dataclass
+class History:
+    epochs: list[EpochRecord] = field(default_factory=list)
+    step_loss: list[float] = field(default_factory=list)
+    target_accuracy: float | None = None
+    # first time validation accuracy reached the target (None: never)
+    steps_to_target: int | None = None
+    epochs_to_target: int | None = None
+    seconds_to_target: float | None = None
+    stopped: str = "completed"  # completed | early_stopping | diverged | interrupted
+    message: str = ""
+    best_epoch: int | None = None
+    engine: str = ""
+
+    def record(self, rec: EpochRecord, elapsed: float) -> None:
+        self.epochs.append(rec)
+        if (self.target_accuracy is not None and self.steps_to_target is None
+                and rec.val_accuracy is not None and rec.val_accuracy >= self.target_accuracy):
+            self.steps_to_target, self.epochs_to_target = rec.steps, rec.epoch
+            self.seconds_to_target = elapsed
+
+    def column(self, name: str) -> list:
+        return [getattr(e, name) for e in self.epochs]
+
+    @property
+    def final(self) -> EpochRecord | None:
+        return self.epochs[-1] if self.epochs else None
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "History":
+        d = dict(d)
+        d["epochs"] = [EpochRecord(**e) for e in d.get("epochs", [])]
+        return cls(**d)
