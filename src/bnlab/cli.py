@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import asdict
+from pathlib import Path
 
 import typer
 from rich.console import Console
@@ -91,6 +92,137 @@ def check_tables(rows) -> list[Table]:
                           "[green]ok[/]" if ok else "[red]FAIL[/]")
         tables.append(table)
     return tables
+
+
+def _fail(message: str, code: int = 2) -> None:
+    console.print(f"[red]error:[/] {message}")
+    raise typer.Exit(code=code)
+
+
+@app.command("datasets")
+def datasets_cmd() -> None:
+    """List the datasets bnlab knows, and where downloads are cached.
+
+    Example: bnlab datasets
+    """
+    from bnlab.data import cache_dir, list_datasets
+
+    table = Table(title=f"datasets (cache: {cache_dir()})", title_justify="left")
+    for col in ("name", "offline", "default validation", "default scaling", "description"):
+        table.add_column(col)
+    for d in list_datasets():
+        table.add_row(d.name, "yes" if d.embedded else "download", str(d.validation), d.scaling, d.description)
+    console.print(table)
+
+
+@app.command("models")
+def models_cmd() -> None:
+    """List the named model presets (the seed notebooks' networks).
+
+    Example: bnlab models
+    """
+    from bnlab.models import list_model_presets
+
+    table = Table(title="model presets", title_justify="left")
+    table.add_column("name")
+    table.add_column("description")
+    for name, desc in list_model_presets().items():
+        table.add_row(name, desc)
+    console.print(table)
+
+
+@app.command()
+def summary(model: str = typer.Argument(..., help="A model preset name or a .toml/.json spec file.")) -> None:
+    """Print a Keras-style summary: layers, output shapes, parameter counts.
+
+    A BN layer over C channels counts 2C trainable (gamma, beta) and 2C non-trainable
+    (moving mean and variance) parameters, as in Keras.
+
+    Example: bnlab summary fashion-mlp-bn-after
+    """
+    from pydantic import ValidationError
+
+    from bnlab.models import build_model, load_model_spec, summarize
+
+    try:
+        spec = load_model_spec(model)
+        built = build_model(spec)
+    except (ValueError, ValidationError) as e:
+        _fail(str(e))
+    print(summarize(built, tuple(spec.input_shape), name=model).to_text())
+
+
+@app.command()
+def train(
+    model: str = typer.Argument(..., help="A model preset name or a .toml/.json spec file."),
+    dataset: str = typer.Option(None, help="Dataset name (see bnlab datasets); default: the preset's."),
+    data_dir: str = typer.Option(None, "--data-dir", help="Folder with dataset files placed by hand."),
+    epochs: int = typer.Option(None, help="Epochs (default: the preset's recipe, else 10)."),
+    batch_size: int = typer.Option(None, "--batch-size"),
+    lr: float = typer.Option(None, help="Learning rate."),
+    optimizer: str = typer.Option(None, help="sgd | rmsprop | adam."),
+    momentum: float = typer.Option(None),
+    nesterov: bool = typer.Option(None, "--nesterov/--no-nesterov"),
+    seed: int = typer.Option(0),
+    validation: float = typer.Option(None, help="Validation: an integer count (the first N) or a fraction."),
+    target: float = typer.Option(None, "--target", help="Target validation accuracy for time-to-target."),
+    patience: int = typer.Option(None, help="Early stopping patience in epochs."),
+    max_steps: int = typer.Option(None, "--max-steps"),
+    engine: str = typer.Option("auto", help="auto | fused | autograd."),
+    device: str = typer.Option("auto", help="auto | cpu | cuda."),
+    out: Path = typer.Option(None, help="Folder for run.json, history.json and the best checkpoint."),
+) -> None:
+    """Train one model on one dataset and print the per-epoch metrics and the test result.
+
+    Settings come from the model preset's recipe (the seed notebook's), overridden by options.
+
+    Example: bnlab train fashion-mlp-bn-before --dataset mnist-5k --epochs 3 --out runs/one
+    """
+    from pydantic import ValidationError
+
+    from bnlab.data import ChecksumError, CorruptFileError, DatasetUnavailable
+    from bnlab.models import load_model_spec
+    from bnlab.train.config import TrainConfig, recipe_for
+    from bnlab.train.single import train_run
+
+    given = {"dataset": dataset, "data_dir": data_dir, "epochs": epochs, "batch_size": batch_size, "lr": lr,
+             "optimizer": optimizer, "momentum": momentum, "nesterov": nesterov, "seed": seed,
+             "target_accuracy": target, "patience": patience, "max_steps": max_steps, "engine": engine,
+             "device": device}
+    if validation is not None:
+        given["validation"] = int(validation) if float(validation).is_integer() and validation >= 1 else validation
+    try:
+        spec = load_model_spec(model)
+        settings = recipe_for(model)
+        if dataset is not None and dataset != settings.get("dataset"):
+            settings.pop("validation", None)  # the recipe's split fits its own dataset only
+        settings.update({k: v for k, v in given.items() if v is not None})
+        config = TrainConfig(**settings)
+        result = train_run(spec, config, out=out)
+    except ValidationError as e:
+        _fail(str(e))
+    except (DatasetUnavailable, ChecksumError, CorruptFileError, ValueError) as e:
+        _fail(str(e))
+    for note in result.notes:
+        console.print(f"note: {note}")
+    h = result.history
+    table = Table(title=f"{model} on {config.dataset} ({h.engine} engine)", title_justify="left")
+    for col in ("epoch", "loss", "acc", "val_loss", "val_acc", "seconds"):
+        table.add_column(col, justify="right")
+    for e in h.epochs:
+        table.add_row(str(e.epoch), f"{e.train_loss:.4f}", f"{e.train_accuracy:.4f}",
+                      "-" if e.val_loss is None else f"{e.val_loss:.4f}",
+                      "-" if e.val_accuracy is None else f"{e.val_accuracy:.4f}", f"{e.seconds:.2f}")
+    console.print(table)
+    console.print(f"test loss {result.test_loss:.4f}, test accuracy {result.test_accuracy:.4f}; "
+                  f"stopped: {h.stopped}{' (' + h.message + ')' if h.message else ''}")
+    if h.target_accuracy is not None:
+        console.print(f"target {h.target_accuracy}: " + (f"reached at epoch {h.epochs_to_target}, step "
+                      f"{h.steps_to_target}, {h.seconds_to_target:.1f} s" if h.steps_to_target else "not reached"))
+    if out is not None:
+        console.print(f"results in {out}/ (run.json, history.json, checkpoint/)")
+    if h.stopped == "diverged":
+        raise typer.Exit(code=3)
 
 
 if __name__ == "__main__":

@@ -10,6 +10,7 @@ from __future__ import annotations
 import io
 import pickle
 import tarfile
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -66,7 +67,7 @@ def read_cifar_tarball(path: str | Path, num_classes: int):
             x_test, y_test = split(layout["test"])
             meta_file, meta_key = layout["meta"]
             names = [str(n) for n in _load_batch(member(meta_file))[meta_key]]
-    except (tarfile.TarError, OSError, EOFError, KeyError, pickle.UnpicklingError, ValueError) as e:
+    except (tarfile.TarError, OSError, EOFError, KeyError, pickle.UnpicklingError, ValueError, zlib.error) as e:
         raise CorruptFileError(f"{path}: not a valid CIFAR-{num_classes} python archive ({e})") from e
     for y in (y_train, y_test):
         if y.size and (y.min() < 0 or y.max() >= num_classes):
