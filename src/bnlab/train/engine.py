@@ -144,8 +144,7 @@ def fit(model: nn.Module, data: Dataset, *, optimizer: str = "sgd", lr: float = 
             for epoch in range(1, epochs + 1):
                 t0 = time.perf_counter()
                 perm = torch.randperm(n, generator=gen).to(dev)
-                losses = torch.zeros(len(batches), device=dev)
-                correct = torch.zeros((), dtype=torch.long, device=dev)
+                losses, corrects = [], []  # 0-d tensors, stacked once per epoch
                 seen = 0
                 for b, (i, j) in enumerate(batches):
                     idx = perm[i:j]
@@ -161,21 +160,22 @@ def fit(model: nn.Module, data: Dataset, *, optimizer: str = "sgd", lr: float = 
                                        "the run diverged (lower the learning rate?)")
                     if opt is not None:
                         opt.step()
-                    losses[b] = loss
-                    correct += corr
+                    losses.append(loss)
+                    corrects.append(corr)
                     seen += j - i
                     steps_done += 1
                     if b % 50 == 49:
-                        bar.advance(50, f"loss {float(losses[b]):.4f}")
+                        bar.advance(50, f"loss {float(loss):.4f}")
                     if max_steps is not None and steps_done >= max_steps:
                         break
                 bar.advance(b % 50 + 1 if (b % 50) != 49 else 0)
-                done = losses[: b + 1]
+                done = torch.stack(losses)
+                correct = int(torch.stack(corrects).sum())
                 hist.step_loss.extend(done.tolist())
                 if not math.isfinite(float(done.sum())):
                     raise Diverged(f"loss became non-finite during epoch {epoch}: the run diverged")
                 val_loss, val_acc = evaluate(model, data.x_val, data.y_val, batch_size=eval_batch_size)
-                rec = EpochRecord(epoch, float(done.mean()), int(correct) / seen,
+                rec = EpochRecord(epoch, float(done.mean()), correct / seen,
                                   None if math.isnan(val_loss) else val_loss,
                                   None if math.isnan(val_acc) else val_acc, time.perf_counter() - t0, steps_done)
                 hist.record(rec, time.perf_counter() - start)

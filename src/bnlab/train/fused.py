@@ -4,10 +4,11 @@ Why: at batch 32 an MLP step on a CPU is dominated by per-operation overhead (au
 module calls, small allocations), not arithmetic. This program runs the same maths as autograd
 through the same layers with fewer, cheaper ops:
 
-* BN's compact backward (``bnlab.reference``), sums instead of ``mean`` (which dispatches three
-  ops), and the running statistics of every BN layer updated by one ``foreach`` lerp;
+* BN through ATen's native batch-norm kernels (one op forward, one op backward; the same maths
+  as ``bnlab.nn.BatchNorm``), and the running statistics of every BN layer updated by one
+  ``foreach`` lerp;
 * the aten backward kernels autograd itself uses for the activations;
-* the loss gradient (softmax - onehot)/N with the one-hot rows gathered from an identity matrix;
+* the loss gradient (softmax - onehot)/N by ATen's nll_loss / log_softmax backward kernels;
 * gradients written straight into each parameter's ``.grad``, so any ``torch.optim`` optimizer
   steps as usual; or, for plain SGD, the update fused into the backward GEMM
   (``W.addmm_(dyᵀ, h, alpha=-lr)``: no dW tensor, no optimizer pass);
@@ -32,11 +33,13 @@ _SELU_ALPHA, _SELU_SCALE = 1.6732632423543772, 1.0507009873554805
 
 
 class _Update:
-    """Where a gradient goes: into ``.grad`` (an optimizer steps later) or straight into the
-    parameter as a plain SGD step."""
+    """Where gradients go: into ``.grad`` (an optimizer steps later), or, for plain SGD, straight
+    into the parameters: weight matrices inside the backward GEMM, vectors in one foreach op."""
 
     def __init__(self, sgd_lr: float | None):
         self.lr = sgd_lr
+        self.params: list[torch.Tensor] = []
+        self.grads: list[torch.Tensor] = []
 
     def vector(self, p: torch.Tensor | None, g: torch.Tensor) -> None:
         if p is None or not p.requires_grad:
@@ -44,7 +47,8 @@ class _Update:
         if self.lr is None:
             p.grad = g
         else:
-            p.add_(g, alpha=-self.lr)
+            self.params.append(p)
+            self.grads.append(g)
 
     def matmul(self, w: torch.Tensor, dy: torch.Tensor, h: torch.Tensor) -> None:
         """dW = dyᵀ h"""
@@ -54,6 +58,11 @@ class _Update:
             w.grad = torch.mm(dy.t(), h)
         else:
             w.addmm_(dy.t(), h, alpha=-self.lr)
+
+    def flush(self) -> None:
+        if self.params:
+            torch._foreach_add_(self.params, self.grads, alpha=-self.lr)
+            self.params, self.grads = [], []
 
 
 class _Flatten:
@@ -82,6 +91,9 @@ class _Linear:
 
 
 class _BatchNorm:
+    """Training-mode BN through ATen's native kernels (one op forward, one op backward): the same
+    maths as ``bnlab.nn.BatchNorm`` (biased batch variance, eps inside the root), fewer dispatches."""
+
     def __init__(self, module: BatchNorm):
         self.m = module
         self.conv = get_convention(module.convention)
@@ -91,34 +103,29 @@ class _BatchNorm:
         m = self.m
         if not (training or not m.track_running_stats):
             return m(h)  # eval: running statistics
-        n = h.shape[0]
-        if n < 2:
+        if h.shape[0] < 2:
             m(h)  # raises the layer's own clear error
-        mean = h.sum(0).mul_(1.0 / n)  # (C,)
-        xc = h - mean
-        sq = (xc * xc).sum(0)  # (C,) n·biased variance
-        inv = sq.mul(1.0 / n).add_(m.eps).rsqrt_()  # eps inside the root
-        self.xh = xc.mul_(inv)  # x_hat (N, C), in xc's buffer
-        self.inv, self.n = inv, n
-        if m.track_running_stats and training:
-            stored_var = sq.mul_(1.0 / (n - 1) if self.conv.running_var_unbiased else 1.0 / n)
-            self.stats = (mean, stored_var)
-        if m.weight is None:
-            return self.xh if m.bias is None else self.xh + m.bias
-        return torch.addcmul(m.bias, self.xh, m.weight) if m.bias is not None else self.xh * m.weight
+        self.h = h
+        y, self.mean, self.invstd = torch.native_batch_norm(h, m.weight, m.bias, None, None, True, 0.0, m.eps)
+        self.stats = training and m.track_running_stats
+        return y
+
+    def running_update(self) -> tuple[float, BatchNorm] | None:
+        """(weight of the new statistic, module) if this step updates running statistics."""
+        if not self.stats:
+            return None
+        m = self.m
+        n_tracked = int(m.num_batches_tracked) + 1 if m.momentum is None else 1
+        self.stats = None
+        return running_update_factor(self.conv, m.momentum, n_tracked), m
 
     def backward(self, dy, need_dx, upd):
-        m, xh = self.m, self.xh
-        sum_dy = dy.sum(0)  # dbeta
-        sum_dy_xh = (dy * xh).sum(0)  # dgamma
-        dx = None
-        if need_dx:
-            # dx = k·dy - (k/n)·Σdy - (k/n)·x_hat·Σ(dy·x_hat), k = gamma·inv_std
-            k = self.inv if m.weight is None else m.weight * self.inv
-            k_n = k * (-1.0 / self.n)
-            dx = torch.addcmul(k_n * sum_dy, xh, k_n * sum_dy_xh).addcmul_(dy, k)
-        upd.vector(m.weight, sum_dy_xh)
-        upd.vector(m.bias, sum_dy)
+        m = self.m
+        dx, dgamma, dbeta = aten.native_batch_norm_backward(
+            dy, self.h, m.weight, None, None, self.mean, self.invstd, True, m.eps,
+            [need_dx, m.weight is not None, m.bias is not None])
+        upd.vector(m.weight, dgamma)
+        upd.vector(m.bias, dbeta)
         return dx
 
 
@@ -203,7 +210,7 @@ class FusedMLPStep:
     """
 
     def __init__(self, model: nn.Sequential, generator: torch.Generator | None = None, *,
-                 num_classes: int | None = None, sgd_lr: float | None = None):
+                 sgd_lr: float | None = None):
         bad = unsupported_layers(model)
         if bad:
             raise ValueError("the fused MLP step does not support: " + ", ".join(bad))
@@ -224,27 +231,26 @@ class FusedMLPStep:
             else:
                 self.ops.append(_Activation(mod))
         out = list(model.children())[-1]
-        c = num_classes or out.out_features
-        self.eye = torch.eye(c, dtype=out.weight.dtype, device=out.weight.device)
+        self.one = torch.ones((), dtype=out.weight.dtype, device=out.weight.device)
 
     def _update_running_stats(self) -> None:
-        """All BN layers at once: running += f·(batch - running), one foreach lerp per factor."""
-        groups: dict[float, tuple[list, list]] = {}
-        counters = []
-        for bn in self.bns:
-            if bn.stats is None:
-                continue
-            m = bn.m
-            if m.num_batches_tracked is not None:
-                counters.append(m.num_batches_tracked)
-            n_tracked = int(m.num_batches_tracked) + 1 if m.momentum is None else 1
-            f = running_update_factor(bn.conv, m.momentum, n_tracked)
-            dst, src = groups.setdefault(f, ([], []))
-            dst += [m.running_mean, m.running_var]
-            src += list(bn.stats)
-            bn.stats = None
+        """All BN layers at once, in a few foreach ops: biased var = invstd⁻² - eps (times
+        n/(n-1) where the convention stores it unbiased), then running += f·(batch - running)."""
+        active = [(bn, *u) for bn in self.bns if (u := bn.running_update()) is not None]
+        if not active:
+            return
+        var = torch._foreach_pow([bn.invstd for bn, _, _ in active], -2)
+        torch._foreach_sub_(var, [bn.m.eps for bn, _, _ in active])
+        torch._foreach_mul_(var, [(bn.h.shape[0] / (bn.h.shape[0] - 1)) if bn.conv.running_var_unbiased else 1.0
+                                  for bn, _, _ in active])
+        counters = [m.num_batches_tracked for _, _, m in active if m.num_batches_tracked is not None]
         if counters:
             torch._foreach_add_(counters, 1)
+        groups: dict[float, tuple[list, list]] = {}
+        for (bn, f, m), v in zip(active, var):
+            dst, src = groups.setdefault(f, ([], []))
+            dst += [m.running_mean, m.running_var]
+            src += [bn.mean, v]
         for f, (dst, src) in groups.items():
             torch._foreach_lerp_(dst, src, f)
 
@@ -255,11 +261,13 @@ class FusedMLPStep:
         for op in self.ops:
             h = op.forward(h, True)
         logp = torch.log_softmax(h, 1)  # (N, classes)
-        loss = F.nll_loss(logp, y)
+        loss, total = aten.nll_loss_forward(logp, y, None, 1, -100)  # mean reduction
         correct = (h.argmax(1) == y).sum()
-        # d(mean CE)/d(logits) = (softmax - onehot) / N
-        dy = logp.exp_().sub_(self.eye.index_select(0, y)).mul_(1.0 / len(y))
+        # d(mean CE)/d(logits) = (softmax - onehot) / N, by the kernels autograd itself runs
+        dlogp = aten.nll_loss_backward(self.one, logp, y, None, 1, -100, total)
+        dy = aten._log_softmax_backward_data(dlogp, logp, 1, logp.dtype)
         for i in range(len(self.ops) - 1, -1, -1):
             dy = self.ops[i].backward(dy, i > 0, self.update)
+        self.update.flush()
         self._update_running_stats()
         return loss, correct
