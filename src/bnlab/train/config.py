@@ -31,7 +31,8 @@ class TrainConfig(BaseModel):
     keras_defaults: bool = True
     batch_size: int = Field(32, ge=1)
     epochs: int = Field(10, ge=1)
-    seed: int = 0
+    seed: int = 0  # initial weights, shuffling, dropout, augmentation
+    data_seed: int = 0  # the validation split: the same for every seed, so runs differ by training only
     target_accuracy: float | None = Field(None, gt=0, le=1)
     patience: int | None = Field(None, ge=1)
     monitor: Literal["val_accuracy", "val_loss"] = "val_accuracy"

@@ -42,7 +42,7 @@ def adapt_spec_to_data(spec, input_shape: tuple[int, ...], num_classes: int):
 def train_run(spec, config: TrainConfig, *, out: str | Path | None = None, progress: bool = True) -> RunResult:
     """Load the data, build the model (adapted to the data), fit, evaluate on test, save."""
     data = load_dataset(config.dataset, data_dir=config.data_dir, validation=config.validation,
-                        scaling=config.scaling, seed=config.seed, **config.dataset_options)
+                        scaling=config.scaling, seed=config.data_seed, **config.dataset_options)
     spec, notes = adapt_spec_to_data(parse_model_spec(spec), data.input_shape, data.num_classes)
     model = build_model(spec, seed=config.seed)
     out = Path(out) if out is not None else None

@@ -1,0 +1,243 @@
+"""Run an experiment: variants x seeds in worker processes, every result into the SQLite store.
+
+Resumable: the spec is stored with the runs; running the same spec on the same folder skips
+finished runs and redoes only runs that were pending or interrupted. A run that crashes or
+diverges is recorded (with its error) and the others go on. One runner per folder at a time
+(a lock file); the parent process is the only writer of the store.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import time
+import traceback
+from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+from dataclasses import dataclass
+from multiprocessing import get_context
+from pathlib import Path
+from typing import Callable
+
+from bnlab.experiments.spec import ExperimentSpec, RunPlan, SpecError, apply_quick, expand
+from bnlab.experiments.store import FINISHED, RunStore, StoreError
+
+STORE = "runs.sqlite"
+
+
+@dataclass
+class Progress:
+    total: int
+    done: int = 0
+    failed: int = 0
+    running: int = 0
+    skipped: int = 0
+    started: float = 0.0
+
+    def eta(self) -> float | None:
+        finished = self.done + self.failed
+        todo = self.total - self.skipped - finished
+        if finished == 0:
+            return None
+        return (time.time() - self.started) / finished * todo
+
+
+def plan_workers(n_runs: int, workers: int | None = None, cores: int | None = None) -> tuple[int, int]:
+    """(worker processes, torch threads per worker) so that workers x threads <= cores."""
+    cores = cores or os.cpu_count() or 1
+    w = max(1, min(n_runs, workers or cores, cores))
+    return w, max(1, cores // w)
+
+
+def _init_worker(threads: int) -> None:
+    import torch
+
+    torch.set_num_threads(threads)
+
+
+def execute_run(plan: dict, out_dir: str) -> dict:
+    """One run, in a worker. Never raises: a crash becomes a 'failed' result with its traceback."""
+    import torch
+
+    from bnlab.environment import environment
+    from bnlab.train.config import TrainConfig
+    from bnlab.train.single import train_run
+
+    t0 = time.time()
+    run_dir = Path(out_dir) / "runs" / plan["run_id"]
+    try:
+        res = train_run(plan["model"], TrainConfig(**plan["train"]), out=run_dir, progress=False)
+        h = res.history
+        vals = [e.val_accuracy for e in h.epochs if e.val_accuracy is not None]
+        losses = [e.val_loss for e in h.epochs if e.val_loss is not None]
+        return {
+            "status": "diverged" if h.stopped == "diverged" else "done",
+            "error": h.message if h.stopped == "diverged" else None,
+            "seconds": time.time() - t0, "history": h.to_dict(),
+            "environment": environment(device="cuda" if torch.cuda.is_available() and
+                                       plan["train"].get("device") in ("auto", "cuda") else "cpu"),
+            "final_val_accuracy": vals[-1] if vals else None, "best_val_accuracy": max(vals) if vals else None,
+            "final_val_loss": losses[-1] if losses else None, "best_val_loss": min(losses) if losses else None,
+            "test_accuracy": res.test_accuracy, "test_loss": res.test_loss,
+            "epochs_to_target": h.epochs_to_target, "steps_to_target": h.steps_to_target,
+            "seconds_to_target": h.seconds_to_target,
+            "mean_epoch_seconds": sum(e.seconds for e in h.epochs) / len(h.epochs) if h.epochs else None,
+            "artefacts": {"folder": str(run_dir.relative_to(out_dir)), "checkpoint": "checkpoint",
+                          "history": "history.json"},
+        }
+    except Exception as e:  # recorded, so the other runs go on
+        return {"status": "failed", "seconds": time.time() - t0,
+                "error": f"{type(e).__name__}: {e}\n{traceback.format_exc(limit=8)}"}
+
+
+class FolderLock:
+    def __init__(self, folder: Path):
+        self.path = folder / ".lock"
+        self.fh = None
+
+    def __enter__(self):
+        self.fh = open(self.path, "w")
+        try:
+            fcntl.flock(self.fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            self.fh.close()
+            raise StoreError(f"{self.path.parent}: another 'bnlab run' is using this folder; wait for it or "
+                             "choose another --out") from None
+        return self
+
+    def __exit__(self, *exc):
+        fcntl.flock(self.fh, fcntl.LOCK_UN)
+        self.fh.close()
+        return False
+
+
+def open_experiment(out: Path, spec: ExperimentSpec) -> RunStore:
+    """Create or reopen the folder's store; refuse a folder holding a different experiment."""
+    out.mkdir(parents=True, exist_ok=True)
+    store = RunStore(out / STORE)
+    spec_json = json.dumps(spec.model_dump(mode="json"))  # in order: variants keep the spec's order
+
+    def canonical(text: str) -> str:
+        return json.dumps(json.loads(text), sort_keys=True)
+
+    stored = store.get_meta("spec")
+    if stored is None:
+        from bnlab import __version__
+        store.set_meta(spec=spec_json, name=spec.name, created=str(time.time()), bnlab=__version__)
+        (out / "spec.json").write_text(json.dumps(spec.model_dump(mode="json"), indent=2))
+    elif canonical(stored) != canonical(spec_json):
+        store.close()
+        raise StoreError(f"{out} holds experiment {json.loads(stored)['name']!r} with a different spec "
+                         "(another preset, --quick or --seeds?); use another --out folder")
+    return store
+
+
+def run_experiment(spec: ExperimentSpec, out: str | Path, *, quick: bool = False, workers: int | None = None,
+                   data_dir: str | None = None, seeds: int | None = None, retry_failed: bool = False,
+                   on_progress: Callable[[Progress, str], None] | None = None) -> Progress:
+    """Run every pending run of ``spec`` into ``out``; return the final progress counts."""
+    if quick:
+        spec = apply_quick(spec)
+    if seeds is not None:
+        spec = spec.model_copy(update={"seeds": seeds})
+    if data_dir is not None:
+        spec = spec.model_copy(update={"data": spec.data.model_copy(update={"data_dir": data_dir})})
+    plans = expand(spec)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    with FolderLock(out):
+        store = open_experiment(out, spec)
+        try:
+            store.add_runs(plans)
+            store.reset_interrupted(retry_failed)
+            by_id = {p.run_id: p for p in plans}
+            pending = [by_id[r["run_id"]] for r in store.runs(("pending",))]
+            prog = Progress(total=len(plans), skipped=len(plans) - len(pending), started=time.time())
+            notify = on_progress or (lambda p, msg: None)
+            if not pending:
+                notify(prog, "nothing to do: every run is finished")
+                return prog
+            _prefetch_data(spec)
+            n_workers, threads = plan_workers(len(pending), workers)
+            notify(prog, f"{len(pending)} runs to do ({prog.skipped} already finished), "
+                         f"{n_workers} worker(s) x {threads} thread(s)")
+            _run_pool(pending, out, store, n_workers, threads, prog, notify)
+            return prog
+        finally:
+            store.close()
+
+
+def _prefetch_data(spec: ExperimentSpec) -> None:
+    """Load (download, parse, cache) the dataset once here, not once per worker."""
+    from bnlab.data import load_dataset
+
+    load_dataset(spec.data.dataset, data_dir=spec.data.data_dir, validation=spec.data.validation,
+                 scaling=spec.data.scaling, **spec.data.options)
+
+
+def _run_pool(pending: list[RunPlan], out: Path, store: RunStore, n_workers: int, threads: int,
+              prog: Progress, notify) -> None:
+    def finish(plan: RunPlan, result: dict) -> None:
+        store.record(plan.run_id, result)
+        prog.running -= 1
+        if result["status"] == "failed":
+            prog.failed += 1
+            first = (result.get("error") or "").splitlines()[0]
+            notify(prog, f"{plan.run_id} failed: {first}")
+        else:
+            prog.done += 1
+            notify(prog, f"{plan.run_id} {result['status']}: val_acc {result.get('final_val_accuracy') or 0:.4f}")
+
+    if n_workers == 1:  # in-process: simpler to debug, no spawn cost
+        _init_worker(threads)
+        for plan in pending:
+            store.mark_running(plan.run_id)
+            prog.running += 1
+            notify(prog, f"{plan.run_id} started")
+            finish(plan, execute_run(plan.__dict__, str(out)))
+        return
+    queue = list(pending)
+    with ProcessPoolExecutor(n_workers, mp_context=get_context("spawn"), initializer=_init_worker,
+                             initargs=(threads,)) as pool:
+        futures = {}
+        try:
+            while queue or futures:
+                while queue and len(futures) < n_workers:
+                    plan = queue.pop(0)
+                    store.mark_running(plan.run_id)
+                    prog.running += 1
+                    futures[pool.submit(execute_run, plan.__dict__, str(out))] = plan
+                    notify(prog, f"{plan.run_id} started")
+                done, _ = wait(futures, return_when=FIRST_COMPLETED)
+                for fut in done:
+                    plan = futures.pop(fut)
+                    try:
+                        result = fut.result()
+                    except Exception as e:  # the worker process itself died
+                        result = {"status": "failed", "error": f"worker died: {type(e).__name__}: {e}"}
+                    finish(plan, result)
+        except KeyboardInterrupt:
+            pool.shutdown(wait=False, cancel_futures=True)
+            raise
+
+
+def load_results(out: str | Path) -> tuple[ExperimentSpec, list[dict], list[dict]]:
+    """(spec, runs, epochs) of an experiment folder, for statistics and reports."""
+    out = Path(out)
+    if not (out / STORE).is_file():
+        raise StoreError(f"{out}: no experiment here (expected {STORE}; run 'bnlab run' first)")
+    store = RunStore(out / STORE)
+    try:
+        spec_json = store.get_meta("spec")
+        if spec_json is None:
+            raise StoreError(f"{out / STORE}: no experiment spec stored")
+        try:
+            spec = ExperimentSpec(**json.loads(spec_json))
+        except (ValueError, SpecError) as e:
+            raise StoreError(f"{out / STORE}: the stored spec does not validate: {e}") from e
+        return spec, store.runs(), store.epochs()
+    finally:
+        store.close()
+
+
+__all__ = ["FINISHED", "Progress", "load_results", "plan_workers", "run_experiment"]

@@ -1,0 +1,198 @@
+"""Experiment specs: a TOML file (or a shipped preset) -> a validated ExperimentSpec.
+
+    name = "demo"
+    seeds = 5                       # a count (0..n-1) or a list
+    target_accuracy = 0.9           # for epochs / steps / seconds to target
+    [data]    dataset = "mnist-5k"  # + validation, scaling, data_dir, options
+    [model]   preset = "paper-mnist-mlp"   # and/or inline model-spec keys
+    [train]   optimizer = "sgd" ...        # TrainConfig keys (not dataset/seed)
+    [variants.no-bn]     model = { bn = "none" }
+    [variants.bn-before] model = { bn = "before" }
+    [quick]   seeds = 2, train = { epochs = 3 }   # the --quick scale
+
+Validation errors name the key, the bad value and what is allowed.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import tomllib
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from bnlab.models import load_model_spec, parse_model_spec
+from bnlab.models.spec import spec_to_dict
+from bnlab.train.config import TrainConfig
+
+
+class SpecError(ValueError):
+    """An experiment spec that does not validate; the message lists every problem."""
+
+
+class DataSection(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    dataset: str = "mnist-5k"
+    data_dir: str | None = None
+    validation: int | float | None = None
+    scaling: str | None = None
+    options: dict = {}
+
+
+class Variant(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    description: str = ""
+    model: dict = {}
+    train: dict = {}
+
+
+class QuickSection(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    seeds: int | list[int] | None = None
+    data: dict = {}
+    model: dict = {}
+    train: dict = {}
+
+
+class ExperimentSpec(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    name: str = Field(min_length=1)
+    description: str = ""
+    seeds: int | list[int] = 3
+    target_accuracy: float | None = Field(None, gt=0, le=1)
+    data: DataSection = DataSection()
+    model: dict = {}
+    train: dict = {}
+    variants: dict[str, Variant] = Field(min_length=1)
+    quick: QuickSection = QuickSection()
+    probes: dict = {}  # reserved for the probes issue
+
+    @field_validator("seeds")
+    @classmethod
+    def _seeds(cls, v):
+        if isinstance(v, int) and v < 1:
+            raise ValueError(f"seeds must be a count >= 1 or a list of seeds (got {v})")
+        if isinstance(v, list) and (not v or len(set(v)) != len(v)):
+            raise ValueError(f"seeds must be a non-empty list without repeats (got {v})")
+        return v
+
+    @field_validator("train")
+    @classmethod
+    def _train_keys(cls, v):
+        bad = {"dataset", "data_dir", "validation", "scaling", "dataset_options", "seed"} & set(v)
+        if bad:
+            raise ValueError(f"{sorted(bad)} belong in [data] or seeds, not [train]")
+        return v
+
+    def seed_list(self) -> list[int]:
+        return list(range(self.seeds)) if isinstance(self.seeds, int) else list(self.seeds)
+
+
+@dataclass(frozen=True)
+class RunPlan:
+    run_id: str  # "<variant>/seed-<n>"
+    variant: str
+    seed: int
+    model: dict  # resolved model spec
+    train: dict  # resolved TrainConfig
+
+    @property
+    def config_hash(self) -> str:
+        return hashlib.sha256(json.dumps({"model": self.model, "train": self.train}, sort_keys=True)
+                              .encode()).hexdigest()[:16]
+
+
+def _merge(base: dict, over: dict) -> dict:
+    out = copy.deepcopy(base)
+    for k, v in over.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else copy.deepcopy(v)
+    return out
+
+
+def _format(e: ValidationError, where: str) -> str:
+    lines = []
+    for err in e.errors():
+        # drop the model-kind tags a discriminated union puts in the path ("model.mlp.activation")
+        loc = ".".join(str(p) for p in err["loc"] if p not in ("mlp", "cnn", "layers")) or "(top level)"
+        got = f" (got {err['input']!r})" if "input" in err and not isinstance(err["input"], dict) else ""
+        lines.append(f"  {where}{loc}: {err['msg']}{got}")
+    return "\n".join(lines)
+
+
+def apply_quick(spec: ExperimentSpec) -> ExperimentSpec:
+    """The spec at its --quick scale (minutes, for smoke tests and CI)."""
+    q = spec.quick
+    data = _merge(spec.data.model_dump(), q.data)
+    return spec.model_copy(update={
+        "seeds": q.seeds if q.seeds is not None else spec.seeds,
+        "data": DataSection(**data), "model": _merge(spec.model, q.model), "train": _merge(spec.train, q.train)})
+
+
+def expand(spec: ExperimentSpec) -> list[RunPlan]:
+    """variants x seeds -> validated run plans (every problem reported at once)."""
+    problems = []
+    plans = []
+    base_model = dict(spec.model)
+    preset = base_model.pop("preset", None)
+    for vname, variant in spec.variants.items():
+        try:
+            mdict = _merge(base_model, variant.model)
+            mspec = load_model_spec(preset, mdict) if preset else parse_model_spec(mdict)
+        except ValidationError as e:
+            problems.append(_format(e, f"variants.{vname}.model."))
+            continue
+        except ValueError as e:
+            problems.append(f"  model.preset: {e}")
+            continue
+        tdict = _merge(spec.train, variant.train)
+        if spec.target_accuracy is not None:
+            tdict.setdefault("target_accuracy", spec.target_accuracy)
+        for seed in spec.seed_list():
+            try:
+                cfg = TrainConfig(dataset=spec.data.dataset, data_dir=spec.data.data_dir,
+                                  validation=spec.data.validation, scaling=spec.data.scaling,
+                                  dataset_options=spec.data.options, seed=seed, **tdict)
+            except ValidationError as e:
+                problems.append(_format(e, f"variants.{vname}.train."))
+                break
+            plans.append(RunPlan(f"{vname}/seed-{seed}", vname, seed, spec_to_dict(mspec), cfg.model_dump()))
+    if problems:
+        raise SpecError(f"experiment {spec.name!r} is not valid:\n" + "\n".join(dict.fromkeys(problems)))
+    return plans
+
+
+def parse_experiment(data: dict, where: str = "spec") -> ExperimentSpec:
+    try:
+        spec = ExperimentSpec(**data)
+    except ValidationError as e:
+        raise SpecError(f"{where} is not a valid experiment spec:\n{_format(e, '')}") from None
+    expand(spec)  # validates every variant's model and training settings now
+    return spec
+
+
+def preset_names() -> list[str]:
+    folder = resources.files("bnlab.experiments") / "presets"
+    return sorted(p.name.removesuffix(".toml") for p in folder.iterdir() if p.name.endswith(".toml"))
+
+
+def load_experiment(name_or_path: str | Path) -> ExperimentSpec:
+    """A shipped preset name or a path to a TOML spec."""
+    name = str(name_or_path)
+    if name in preset_names():
+        text = (resources.files("bnlab.experiments") / "presets" / f"{name}.toml").read_text()
+        where = f"preset {name}"
+    else:
+        path = Path(name)
+        if not path.is_file():
+            raise SpecError(f"{name!r} is neither an experiment preset ({', '.join(preset_names())}) "
+                            "nor a TOML file")
+        text, where = path.read_text(), str(path)
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as e:
+        raise SpecError(f"{where}: not valid TOML: {e}") from None
+    return parse_experiment(data, where)

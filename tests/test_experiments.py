@@ -1,0 +1,312 @@
+"""Experiments: spec validation, expansion, the resumable runner, the store, statistics, CLI."""
+
+import json
+import math
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from scipy import stats as st
+from typer.testing import CliRunner
+
+from bnlab.cli import app
+from bnlab.experiments import (RunStore, SpecError, StoreError, apply_quick, expand, load_experiment, load_results,
+                               parse_experiment, plan_workers, preset_names, run_experiment)
+from bnlab.experiments.stats import compare, holm, mean_ci, welch_p
+
+TINY = {
+    "name": "tiny", "seeds": 2, "target_accuracy": 0.5,
+    "data": {"dataset": "synthetic", "validation": 0.25,
+             "options": {"n_train": 120, "n_test": 40, "features": 6, "classes": 2}},
+    "model": {"kind": "mlp", "input_shape": [6], "num_classes": 2, "hidden": [8]},
+    "train": {"lr": 0.05, "epochs": 2, "batch_size": 16},
+    "variants": {"no-bn": {"model": {"bn": "none"}}, "bn": {"model": {"bn": "before"}}},
+}
+
+
+def test_every_preset_validates_and_has_a_quick_scale():
+    names = preset_names()
+    assert {"demo", "paper-mnist", "seed-000-mnist", "seed-001-fashion", "seed-002-cifar100", "seed-003-fashion",
+            "seed-004-synthetic"} <= set(names)
+    for n in names:
+        spec = load_experiment(n)
+        quick = apply_quick(spec)
+        assert len(expand(quick)) <= len(expand(spec))
+        offline = {"mnist-5k", "digits", "synthetic"}
+        assert quick.data.dataset in offline, f"{n} --quick must run offline"
+
+
+def test_demo_preset_is_as_promised():
+    spec = load_experiment("demo")
+    assert spec.data.dataset == "mnist-5k" and len(spec.seed_list()) >= 3
+    assert set(spec.variants) == {"no-bn", "bn-before", "bn-after"}
+    assert {p.model["activation"] for p in expand(spec)} == {"sigmoid"}
+
+
+def test_expansion_is_variants_times_seeds_with_same_data_and_budget():
+    plans = expand(parse_experiment(TINY))
+    assert [p.run_id for p in plans] == ["no-bn/seed-0", "no-bn/seed-1", "bn/seed-0", "bn/seed-1"]
+    assert len({json.dumps({k: v for k, v in p.train.items() if k != "seed"}, sort_keys=True) for p in plans}) == 1
+    assert {p.model["bn"] for p in plans} == {"none", "before"}
+    assert all(p.train["target_accuracy"] == 0.5 for p in plans)
+
+
+@pytest.mark.parametrize("change,match", [
+    ({"seeds": 0}, "seeds must be a count >= 1"),
+    ({"variants": {}}, "variants"),
+    ({"train": {"lr": -1}}, r"variants\.no-bn\.train\.lr"),
+    ({"train": {"seed": 3}}, "belong in \\[data\\] or seeds"),
+    ({"variants": {"x": {"model": {"activation": "swish"}}}}, r"variants\.x\.model\.activation.*swish"),
+    ({"colour": "blue"}, "colour"),
+    ({"model": {"preset": "no-such"}}, "neither a model preset"),
+], ids=["seeds", "no-variants", "lr", "seed-in-train", "bad-activation", "unknown-key", "bad-preset"])
+def test_spec_errors_name_key_value_and_allowed(change, match):
+    with pytest.raises(SpecError, match=match):
+        parse_experiment({**TINY, **change})
+
+
+def test_bad_toml_file(tmp_path):
+    (tmp_path / "e.toml").write_text("name = \n")
+    with pytest.raises(SpecError, match="not valid TOML"):
+        load_experiment(tmp_path / "e.toml")
+
+
+def test_plan_workers_never_oversubscribes():
+    assert plan_workers(10, cores=2) == (2, 1)
+    assert plan_workers(1, cores=8) == (1, 8)
+    assert plan_workers(3, cores=8) == (3, 2)
+    for n, c in [(5, 4), (2, 16), (100, 3)]:
+        w, t = plan_workers(n, cores=c)
+        assert w * t <= c
+
+
+def test_run_store_report_and_resume(tmp_path):
+    spec = parse_experiment(TINY)
+    prog = run_experiment(spec, tmp_path / "e", workers=1)
+    assert (prog.done, prog.failed) == (4, 0)
+    spec2, runs, epochs = load_results(tmp_path / "e")
+    assert list(spec2.variants) == ["no-bn", "bn"]
+    assert all(r["status"] == "done" for r in runs) and len(epochs) == 4 * 2
+    env = json.loads(runs[0]["environment"])
+    assert env["torch"].startswith("2.") and "python" in env
+    assert (tmp_path / "e" / "runs" / "bn" / "seed-0" / "checkpoint" / "model.safetensors").is_file()
+    # a second run of the same command does nothing and duplicates nothing
+    again = run_experiment(spec, tmp_path / "e", workers=1)
+    assert again.skipped == 4 and again.done == 0
+    assert len(load_results(tmp_path / "e")[2]) == 8
+
+
+def test_folder_with_another_experiment_is_refused(tmp_path):
+    run_experiment(parse_experiment(TINY), tmp_path / "e", workers=1)
+    other = parse_experiment({**TINY, "seeds": 3})
+    with pytest.raises(StoreError, match="different spec"):
+        run_experiment(other, tmp_path / "e", workers=1)
+
+
+def test_a_crashing_run_is_recorded_and_the_others_go_on(tmp_path):
+    # valid as a spec, fails only when run: a device this torch build does not have
+    bad = {**TINY, "variants": {**TINY["variants"], "broken": {"train": {"device": "xpu"}}}}
+    spec = parse_experiment({**bad, "seeds": 1})
+    prog = run_experiment(spec, tmp_path / "e", workers=2)
+    assert prog.failed == 1 and prog.done == 2
+    runs = {r["run_id"]: r for r in load_results(tmp_path / "e")[1]}
+    assert runs["broken/seed-0"]["status"] == "failed" and "xpu" in runs["broken/seed-0"]["error"].lower()
+
+
+def test_diverged_runs_are_recorded_not_failed(tmp_path):
+    spec = parse_experiment({**TINY, "seeds": 1, "train": {"lr": 1e12, "epochs": 3, "batch_size": 16}})
+    run_experiment(spec, tmp_path / "e", workers=1)
+    runs = load_results(tmp_path / "e")[1]
+    assert {r["status"] for r in runs} <= {"diverged", "done"} and any(r["status"] == "diverged" for r in runs)
+
+
+def test_kill_9_then_resume_loses_nothing_and_duplicates_nothing(tmp_path):
+    spec_file = tmp_path / "slow.toml"
+    spec_file.write_text("""
+name = "slow"
+seeds = 6
+[data]
+dataset = "mnist-5k"
+[model]
+preset = "paper-mnist-mlp"
+[train]
+lr = 0.1
+batch_size = 60
+epochs = 6
+[variants.a]
+model = { bn = "before" }
+""")
+    out = tmp_path / "e"
+    cmd = [sys.executable, "-m", "bnlab", "run", str(spec_file), "--out", str(out), "--workers", "1"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    db = out / "runs.sqlite"
+    deadline = time.time() + 120
+    done = 0
+    while time.time() < deadline:  # wait until some, not all, runs are committed
+        if db.exists():
+            try:
+                con = sqlite3.connect(db, timeout=5)
+                done = con.execute("SELECT COUNT(*) FROM runs WHERE status = 'done'").fetchone()[0]
+                con.close()
+            except sqlite3.OperationalError:
+                pass
+        if done >= 2:
+            break
+        time.sleep(0.2)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert 2 <= done < 6
+    store = RunStore(db)
+    committed = {r["run_id"]: r["finished"] for r in store.runs(("done",))}
+    store.close()
+    out2 = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert out2.returncode == 0, out2.stdout + out2.stderr
+    store = RunStore(db)
+    runs = store.runs()
+    epochs = store.epochs()
+    store.close()
+    assert len(runs) == 6 and all(r["status"] == "done" for r in runs)
+    for rid, finished in committed.items():  # committed runs were skipped, not redone
+        assert next(r for r in runs if r["run_id"] == rid)["finished"] == finished
+    assert len(epochs) == 6 * 6  # nothing duplicated
+
+
+def test_corrupt_store_is_detected(tmp_path):
+    (tmp_path / "e").mkdir()
+    (tmp_path / "e" / "runs.sqlite").write_bytes(b"SQLite format 3\x00" + b"\x13" * 5000)
+    with pytest.raises(StoreError, match="run store"):
+        load_results(tmp_path / "e")
+    with pytest.raises(StoreError, match="no experiment here"):
+        load_results(tmp_path / "nothing")
+
+
+def test_concurrent_writers_do_not_corrupt(tmp_path):
+    """Two processes writing results to one store at the same time: every row lands intact."""
+    from bnlab.experiments.spec import RunPlan
+    db = tmp_path / "runs.sqlite"
+    store = RunStore(db)
+    plans = [RunPlan(f"v/seed-{i}", "v", i, {}, {}) for i in range(40)]
+    store.add_runs(plans)
+    store.close()
+    code = ("import sys; from bnlab.experiments import RunStore; s = RunStore(sys.argv[1]); "
+            "[s.record(f'v/seed-{i}', {'status': 'done', 'final_val_accuracy': i / 100, "
+            "'history': {'epochs': [{'epoch': 1, 'train_loss': 1, 'train_accuracy': 0, 'val_loss': 1, "
+            "'val_accuracy': i / 100, 'seconds': 0.1, 'steps': 1}]}}) for i in range(int(sys.argv[2]), 40, 2)]")
+    procs = [subprocess.Popen([sys.executable, "-c", code, str(db), str(k)]) for k in (0, 1)]
+    assert all(p.wait(timeout=120) == 0 for p in procs)
+    store = RunStore(db)
+    runs = store.runs()
+    assert len(runs) == 40 and all(r["status"] == "done" for r in runs)
+    assert sorted(r["final_val_accuracy"] for r in runs) == [i / 100 for i in range(40)]
+    assert len(store.epochs()) == 40
+    store.close()
+
+
+# ---------------------------------------------------------------- statistics
+
+
+def test_mean_ci_matches_the_t_interval():
+    x = [0.91, 0.93, 0.90, 0.94, 0.92]
+    e = mean_ci(x)
+    lo, hi = st.t.interval(0.95, len(x) - 1, loc=np.mean(x), scale=st.sem(x))
+    assert math.isclose(e.low, lo) and math.isclose(e.high, hi) and e.n == 5
+    assert math.isnan(mean_ci([0.5]).low) and mean_ci([]).n == 0
+
+
+def test_welch_and_holm():
+    a, b = [0.90, 0.91, 0.92], [0.50, 0.55, 0.45]
+    assert math.isclose(welch_p(a, b), st.ttest_ind(a, b, equal_var=False).pvalue)
+    assert holm([0.01, 0.04, 0.03]) == pytest.approx([0.03, 0.06, 0.06])
+    assert math.isnan(welch_p([1.0], [2.0, 3.0]))
+
+
+def _runs(values: dict[str, list[float]]):
+    return [{"run_id": f"{v}/seed-{i}", "variant": v, "seed": i, "status": "done", "final_val_accuracy": x,
+             "final_val_loss": 1 - x, "epochs_to_target": None} for v, xs in values.items() for i, x in enumerate(xs)]
+
+
+def test_verdict_only_when_significant():
+    runs = _runs({"bn": [0.95, 0.96, 0.94, 0.95], "no-bn": [0.60, 0.62, 0.58, 0.61], "bn2": [0.95, 0.94, 0.96, 0.955]})
+    comps = {(c.metric, c.a, c.b): c for c in compare(runs, ["bn", "no-bn", "bn2"])}
+    sig = comps[("final_val_accuracy", "bn", "no-bn")]
+    assert sig.significant and sig.sentence.startswith("bn reaches a higher final validation accuracy than no-bn")
+    same = comps[("final_val_accuracy", "bn", "bn2")]
+    assert not same.significant and same.sentence.startswith("These runs do not separate bn and bn2")
+
+
+def test_one_run_each_gives_no_verdict():
+    """The seeds' mistake: a conclusion from one run each. bnlab refuses to draw one."""
+    comps = compare(_runs({"a": [0.9], "b": [0.8]}), ["a", "b"])
+    assert all(not c.significant and "Not enough runs" in c.sentence for c in comps)
+
+
+# ---------------------------------------------------------------- CLI and report
+
+
+def test_cli_run_quick_report_compare_list(tmp_path):
+    spec_file = tmp_path / "tiny.toml"
+    spec_file.write_text(_toml(TINY))
+    r = CliRunner().invoke(app, ["run", str(spec_file), "--out", str(tmp_path / "e"), "--workers", "1"])
+    assert r.exit_code == 0, r.output
+    assert "report:" in r.output and (tmp_path / "e" / "report.html").is_file()
+    assert (tmp_path / "e" / "report.md").read_text().count("| bn |") == 1
+    r = CliRunner().invoke(app, ["compare", str(tmp_path / "e")])
+    assert r.exit_code == 0 and "final validation accuracy" in r.output.replace("\n", " ")
+    r = CliRunner().invoke(app, ["report", str(tmp_path / "e")])
+    assert r.exit_code == 0 and "report.html" in r.output
+    r = CliRunner().invoke(app, ["list"])
+    assert r.exit_code == 0 and "demo" in r.output and "seed-002-cifar100" in r.output
+    r = CliRunner().invoke(app, ["report", str(tmp_path / "missing")])
+    assert r.exit_code == 2 and "no experiment here" in r.output
+    r = CliRunner().invoke(app, ["run", "no-such-preset"])
+    assert r.exit_code == 2 and "neither an experiment preset" in r.output
+
+
+def _toml(d: dict) -> str:
+    import tomli_w
+    return tomli_w.dumps(d)
+
+
+def test_demo_quick_as_a_user(tmp_path):
+    out = subprocess.run([sys.executable, "-m", "bnlab", "run", "demo", "--quick", "--out", str(tmp_path / "demo")],
+                         capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "no-bn" in out.stdout and "report:" in out.stdout
+    _, runs, _ = load_results(tmp_path / "demo")
+    assert len(runs) == 9 and all(r["status"] == "done" for r in runs)
+
+
+CHROMIUM = Path("/usr/bin/chromium")
+
+
+@pytest.mark.skipif(not CHROMIUM.exists() and not os.environ.get("CI"), reason="chromium not installed")
+def test_report_renders_in_headless_chromium(tmp_path):
+    """The page opens offline in a real browser, logs no console errors, and every figure renders."""
+    from playwright.sync_api import sync_playwright
+
+    run_experiment(parse_experiment(TINY), tmp_path / "e", workers=1)
+    from bnlab.report import build_report
+    report = build_report(tmp_path / "e")
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=str(CHROMIUM), args=[
+            "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
+            "--no-first-run", "--disable-sync"])
+        page = browser.new_page(viewport={"width": 1200, "height": 900})
+        errors = []
+        page.on("console", lambda m: errors.append(m.text) if m.type == "error" else None)
+        page.on("pageerror", lambda e: errors.append(str(e)))
+        page.on("request", lambda r: errors.append(f"network request: {r.url}")
+                if not r.url.startswith(("file:", "data:")) else None)
+        page.goto(report.html.as_uri())
+        images = page.evaluate("Array.from(document.images).map(i => [i.complete, i.naturalWidth, i.naturalHeight])")
+        shot = page.screenshot(full_page=True)
+        browser.close()
+    assert errors == []
+    assert len(images) == 3 and all(ok and w > 100 and h > 100 for ok, w, h in images)
+    assert len(shot) > 10_000
