@@ -127,6 +127,14 @@ def test_early_stopping():
     assert h.stopped == "early_stopping" and len(h.epochs) < 50
 
 
+def test_budgets_end_the_run():
+    spec = {"hidden": [8], "input_shape": [12], "num_classes": 3}
+    h = fit(build_model(spec, seed=0), _data(), epochs=10, max_steps=8, progress=False)
+    assert h.stopped == "budget" and len(h.step_loss) == 8 and len(h.epochs) == 2
+    h = fit(build_model(spec, seed=0), _data(), epochs=10_000, max_seconds=0.3, progress=False)
+    assert h.stopped == "budget" and "time budget" in h.message and len(h.epochs) < 10_000
+
+
 def test_last_batch_of_one_is_dropped_with_bn():
     spec = {"hidden": [8], "bn": "before", "input_shape": [12], "num_classes": 3}
     data = _data(n=64 + 33)  # 33 training examples: batches of 32 + 1

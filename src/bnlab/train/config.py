@@ -37,6 +37,7 @@ class TrainConfig(BaseModel):
     patience: int | None = Field(None, ge=1)
     monitor: Literal["val_accuracy", "val_loss"] = "val_accuracy"
     max_steps: int | None = Field(None, ge=1)
+    max_seconds: float | None = Field(None, gt=0)
     augment: AugmentConfig | None = None
     engine: Literal["auto", "fused", "autograd"] = "auto"
     device: str = "auto"

@@ -97,6 +97,7 @@ def fit(model: nn.Module, data: Dataset, *, optimizer: str = "sgd", lr: float = 
         seed: int = 0, target_accuracy: float | None = None, augment: RandomAffine | None = None,
         engine: str = "auto", device: str | None = "auto", checkpoint_dir: str | Path | None = None,
         monitor: str = "val_accuracy", patience: int | None = None, max_steps: int | None = None,
+        max_seconds: float | None = None,
         progress: bool = True, eval_batch_size: int = 1024, keras_defaults: bool = True,
         checkpoint_meta: dict | None = None) -> History:
     """Train ``model`` on ``data`` and return the History.
@@ -105,6 +106,7 @@ def fit(model: nn.Module, data: Dataset, *, optimizer: str = "sgd", lr: float = 
     target_accuracy: record the steps / epochs / seconds at which validation accuracy first reaches it.
     checkpoint_dir: keep the best model by ``monitor`` (val_accuracy or val_loss) there (safetensors + JSON).
     patience: stop after this many epochs without improvement of ``monitor``.
+    max_steps / max_seconds: budgets; the run ends (after evaluating) once either is used up.
     A NaN/inf loss stops the run (history kept, ``stopped="diverged"``); so does Ctrl-C (``"interrupted"``).
     """
     if batch_size < 1 or epochs < 1:
@@ -168,6 +170,8 @@ def fit(model: nn.Module, data: Dataset, *, optimizer: str = "sgd", lr: float = 
                         bar.advance(50, f"loss {float(loss):.4f}")
                     if max_steps is not None and steps_done >= max_steps:
                         break
+                    if max_seconds is not None and b % 10 == 9 and time.perf_counter() - start >= max_seconds:
+                        break
                 bar.advance(b % 50 + 1 if (b % 50) != 49 else 0)
                 done = torch.stack(losses)
                 correct = int(torch.stack(corrects).sum())
@@ -197,6 +201,10 @@ def fit(model: nn.Module, data: Dataset, *, optimizer: str = "sgd", lr: float = 
                     hist.message = f"no improvement of {monitor} for {patience} epochs"
                     break
                 if max_steps is not None and steps_done >= max_steps:
+                    hist.stopped, hist.message = "budget", f"step budget of {max_steps} used"
+                    break
+                if max_seconds is not None and time.perf_counter() - start >= max_seconds:
+                    hist.stopped, hist.message = "budget", f"time budget of {max_seconds} s used"
                     break
         except Diverged as e:
             hist.stopped, hist.message = "diverged", str(e)

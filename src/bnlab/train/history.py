@@ -25,7 +25,7 @@ class History:
     steps_to_target: int | None = None
     epochs_to_target: int | None = None
     seconds_to_target: float | None = None
-    stopped: str = "completed"  # completed | early_stopping | diverged | interrupted
+    stopped: str = "completed"  # completed | early_stopping | budget | diverged | interrupted
     message: str = ""
     best_epoch: int | None = None
     engine: str = ""
