@@ -353,5 +353,189 @@ def compare(folder: Path = typer.Argument(..., help="An experiment folder made b
         _fail(str(e))
 
 
+def _checkpoint(path: Path):
+    from bnlab.checkpoint import CheckpointError, load_checkpoint
+
+    try:
+        return load_checkpoint(path)
+    except CheckpointError as e:
+        _fail(str(e))
+
+
+def _checkpoint_data(ck, dataset: str | None, data_dir: str | None):
+    """The dataset a checkpoint was trained on (same split and scaling), or another one."""
+    from bnlab.data import load_dataset
+
+    train = ck.meta.get("train", {})
+    name = dataset or ck.meta.get("dataset") or train.get("dataset")
+    if not name:
+        _fail("the checkpoint does not say which dataset it was trained on: pass --dataset")
+    same = name == train.get("dataset")
+    return load_dataset(name, data_dir=data_dir or train.get("data_dir"),
+                        validation=train.get("validation") if same else None,
+                        scaling=train.get("scaling") if same else None, seed=train.get("data_seed", 0),
+                        **(train.get("dataset_options", {}) if same else {}))
+
+
+@app.command()
+def recalibrate(
+    checkpoint: Path = typer.Argument(..., help="A checkpoint folder (model.safetensors + config.json)."),
+    out: Path = typer.Option(..., help="Folder for the recalibrated checkpoint."),
+    dataset: str = typer.Option(None, help="Default: the dataset the checkpoint was trained on."),
+    data_dir: str = typer.Option(None, "--data-dir"),
+    batch_size: int = typer.Option(32, "--batch-size", help="Mini-batch size m for the statistics."),
+) -> None:
+    """Replace BN's moving averages by precise population statistics over the training data
+    (weights fixed), write a new checkpoint, and compare validation accuracy.
+
+    Example: bnlab recalibrate runs/one/checkpoint --out runs/one/precise
+    """
+    from bnlab.checkpoint import save_checkpoint
+    from bnlab.deploy import recalibrate as recal
+    from bnlab.train import evaluate
+
+    ck = _checkpoint(checkpoint)
+    try:
+        data = _checkpoint_data(ck, dataset, data_dir)
+        new = recal(ck.model, data.x_train, batch_size=batch_size)
+    except ValueError as e:
+        _fail(str(e))
+    before = evaluate(ck.model, data.x_val, data.y_val)
+    after = evaluate(new, data.x_val, data.y_val)
+    save_checkpoint(out, new, preprocessing=ck.preprocessing,
+                    meta={**ck.meta, "recalibrated": {"batch_size": batch_size, "examples": len(data.x_train)}})
+    table = Table(title=f"validation on {data.name} ({len(data.y_val)} examples)", title_justify="left")
+    for col in ("BN statistics", "val loss", "val accuracy"):
+        table.add_column(col)
+    table.add_row("moving averages", f"{before[0]:.4f}", f"{before[1]:.4f}")
+    table.add_row(f"precise (m={batch_size})", f"{after[0]:.4f}", f"{after[1]:.4f}")
+    console.print(table)
+    console.print(f"wrote {out}")
+
+
+@app.command("fold")
+def fold_cmd(
+    checkpoint: Path = typer.Argument(..., help="A checkpoint folder."),
+    out: Path = typer.Option(..., help="Folder for the folded checkpoint."),
+) -> None:
+    """Fold every foldable BN into its neighbouring Linear/Conv and print the fold report
+    (which BN went where, and why any stayed).
+
+    Example: bnlab fold runs/one/checkpoint --out runs/one/folded
+    """
+    import torch
+
+    from bnlab.checkpoint import save_checkpoint
+    from bnlab.deploy import describe, fold
+    from bnlab.models import build_model
+
+    ck = _checkpoint(checkpoint)
+    folded, rep = fold(ck.model)
+    spec = ck.model.spec
+    rebuilt = build_model(describe(folded, input_shape=spec.input_shape, num_classes=spec.num_classes))
+    rebuilt.load_state_dict(folded.state_dict())
+    rebuilt.eval()
+    x = torch.randn(16, *spec.input_shape)
+    with torch.no_grad():
+        a, b = ck.model(x), rebuilt(x)
+    err = float((a - b).abs().max() / a.abs().max().clamp_min(1e-30))
+    save_checkpoint(out, rebuilt, preprocessing=ck.preprocessing, meta={**ck.meta, "folded": rep.to_text()})
+    console.print(rep.to_text())
+    console.print(f"max relative output difference on random inputs: {err:.2e}; wrote {out}")
+
+
+@app.command("predict")
+def predict_cmd(
+    checkpoint: Path = typer.Argument(..., help="A checkpoint folder."),
+    inputs: list[Path] = typer.Argument(..., help="PNG/JPEG images or .npy arrays (one sample or a batch)."),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON."),
+    prescaled: bool = typer.Option(False, "--prescaled", help="Inputs are already scaled like the training data."),
+) -> None:
+    """Predict the class of images or arrays; single samples work (eval mode).
+
+    Inputs are raw values as in the dataset files (pixels 0..255); the checkpoint's preprocessing
+    (fitted on its training split) is applied unless --prescaled.
+
+    Example: bnlab predict runs/one/checkpoint digit.png --json
+    """
+    from bnlab.deploy import InputError, predict, read_input
+
+    ck = _checkpoint(checkpoint)
+    shape = tuple(ck.model.spec.input_shape)
+    results = []
+    for path in inputs:
+        try:
+            batch = read_input(path, shape)
+        except InputError as e:
+            _fail(str(e))
+        for i, p in enumerate(predict(ck.model, batch, ck.preprocessing, ck.meta.get("classes"),
+                                      prescaled=prescaled)):
+            results.append({"input": str(path) + (f"[{i}]" if len(batch) > 1 else ""), "class": p.label,
+                            "name": p.name, "probabilities": [round(q, 6) for q in p.probabilities]})
+    if as_json:
+        print(json.dumps(results, indent=2))
+        return
+    for r in results:
+        top = sorted(range(len(r["probabilities"])), key=lambda k: -r["probabilities"][k])[:3]
+        console.print(f"{r['input']}: class {r['class']} ({r['name']}), p = {r['probabilities'][r['class']]:.4f}; "
+                      "top 3: " + ", ".join(f"{k}: {r['probabilities'][k]:.3f}" for k in top))
+
+
+@app.command()
+def export(
+    checkpoint: Path = typer.Argument(..., help="A checkpoint folder."),
+    onnx: Path = typer.Option(..., "--onnx", help="Output .onnx file."),
+    no_fold: bool = typer.Option(False, "--no-fold", help="Export without folding BN first."),
+) -> None:
+    """Export a checkpoint to ONNX (BN folded first), and check onnxruntime against PyTorch.
+
+    Needs the optional extra: pip install 'bnlab[onnx]'.
+
+    Example: bnlab export runs/one/checkpoint --onnx model.onnx
+    """
+    import numpy as np
+    import torch
+
+    from bnlab.deploy import fold
+    from bnlab.deploy.export import export_onnx, onnx_predict
+
+    ck = _checkpoint(checkpoint)
+    model = ck.model if no_fold else fold(ck.model)[0]
+    shape = tuple(ck.model.spec.input_shape)
+    try:
+        export_onnx(model, shape, onnx)
+    except ImportError as e:
+        _fail(str(e))
+    x = torch.randn(4, *shape)
+    with torch.no_grad():
+        ref = ck.model(x).numpy()
+    got = onnx_predict(onnx, x.numpy())
+    err = float(np.abs(got - ref).max() / max(np.abs(ref).max(), 1e-30))
+    console.print(f"wrote {onnx}; onnxruntime vs PyTorch max relative difference {err:.2e}")
+
+
+@app.command()
+def serve(
+    checkpoint: Path = typer.Argument(..., help="A checkpoint folder."),
+    host: str = typer.Option("127.0.0.1"),
+    port: int = typer.Option(8000),
+    max_body_bytes: int = typer.Option(4 * 1024 * 1024, "--max-body-bytes"),
+) -> None:
+    """Serve a checkpoint over REST: POST /predict, GET /health, GET /model, /docs.
+
+    Needs the optional extra: pip install 'bnlab[serve]'.
+
+    Example: bnlab serve runs/one/checkpoint --port 8000
+    """
+    try:
+        import uvicorn
+
+        from bnlab.deploy.serve import create_app
+    except ImportError:
+        _fail("serving needs the optional extra: pip install 'bnlab[serve]'")
+    _checkpoint(checkpoint)  # a clear error before the server starts
+    uvicorn.run(create_app(checkpoint, max_body_bytes=max_body_bytes), host=host, port=port)
+
+
 if __name__ == "__main__":
     app()

@@ -193,7 +193,8 @@ def fit(model: nn.Module, data: Dataset, *, optimizer: str = "sgd", lr: float = 
                         from bnlab.checkpoint import save_checkpoint
                         save_checkpoint(checkpoint_dir, model, preprocessing=data.preprocessing,
                                         meta={**(checkpoint_meta or {}), "epoch": epoch, "val_accuracy": val_acc,
-                                              "val_loss": val_loss, "dataset": data.name})
+                                              "val_loss": val_loss, "dataset": data.name,
+                                              "classes": list(data.classes) if data.classes else None})
                 else:
                     since_best += 1
                 if patience is not None and since_best >= patience:

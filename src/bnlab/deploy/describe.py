@@ -1,0 +1,49 @@
+"""Turn a built ``nn.Sequential`` back into an explicit ``layers`` spec, so that transformed models
+(a folded one, say) are saved and rebuilt like any other bnlab model."""
+
+from __future__ import annotations
+
+from torch import nn
+
+from bnlab.models.build import GlobalAvgPool
+from bnlab.models.spec import LayerDef, LayersSpec, NormSettings
+from bnlab.nn import BatchNorm
+
+_ACT = {nn.Sigmoid: "sigmoid", nn.Tanh: "tanh", nn.ReLU: "relu", nn.LeakyReLU: "leaky_relu", nn.ELU: "elu",
+        nn.SELU: "selu", nn.Identity: "linear"}
+
+
+def describe(model: nn.Sequential, *, input_shape, num_classes: int) -> LayersSpec:
+    layers, slope, norm = [], 0.3, None
+    for name, m in model.named_children():
+        t = type(m)
+        if t is nn.Flatten:
+            layers.append(LayerDef(type="flatten"))
+        elif t is nn.Linear:
+            layers.append(LayerDef(type="dense", units=m.out_features, use_bias=m.bias is not None))
+        elif t is nn.Conv2d:
+            k = m.kernel_size[0]
+            if m.padding not in ((k // 2, k // 2), (0, 0)) or m.kernel_size != (k, k) or m.stride != (1, 1):
+                raise ValueError(f"{name}: only square stride-1 convolutions with 'same' or 'valid' padding "
+                                 "can be described as a bnlab spec")
+            layers.append(LayerDef(type="conv2d", filters=m.out_channels, kernel_size=k,
+                                   padding="same" if m.padding[0] == k // 2 and k > 1 else "valid",
+                                   use_bias=m.bias is not None))
+        elif isinstance(m, BatchNorm):
+            norm = NormSettings(convention=m.convention, eps=m.eps, momentum=m.momentum)
+            layers.append(LayerDef(type="batchnorm"))
+        elif t in _ACT:
+            if t is nn.LeakyReLU:
+                slope = m.negative_slope
+            layers.append(LayerDef(type="activation", activation=_ACT[t]))
+        elif t is nn.MaxPool2d:
+            layers.append(LayerDef(type="maxpool", pool_size=m.kernel_size if isinstance(m.kernel_size, int)
+                                   else m.kernel_size[0]))
+        elif t is nn.Dropout:
+            layers.append(LayerDef(type="dropout", rate=m.p))
+        elif t is GlobalAvgPool:
+            layers.append(LayerDef(type="gap"))
+        else:
+            raise ValueError(f"{name}: {t.__name__} has no bnlab layer spec")
+    return LayersSpec(input_shape=tuple(input_shape), num_classes=num_classes, layers=layers,
+                      init="torch_default", leaky_relu_slope=slope, norm=norm or NormSettings())
