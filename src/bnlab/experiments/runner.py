@@ -221,6 +221,14 @@ def _run_pool(pending: list[RunPlan], out: Path, store: RunStore, n_workers: int
             raise
 
 
+def load_probes(out: str | Path) -> list[dict]:
+    store = RunStore(Path(out) / STORE)
+    try:
+        return store.probes()
+    finally:
+        store.close()
+
+
 def load_results(out: str | Path) -> tuple[ExperimentSpec, list[dict], list[dict]]:
     """(spec, runs, epochs) of an experiment folder, for statistics and reports."""
     out = Path(out)

@@ -53,6 +53,7 @@ class Variant(BaseModel):
 class QuickSection(BaseModel):
     model_config = ConfigDict(extra="forbid")
     seeds: int | list[int] | None = None
+    probes: dict = {}
     data: dict = {}
     model: dict = {}
     train: dict = {}
@@ -69,7 +70,7 @@ class ExperimentSpec(BaseModel):
     train: dict = {}
     variants: dict[str, Variant] = Field(min_length=1)
     quick: QuickSection = QuickSection()
-    probes: dict = {}  # reserved for the probes issue
+    probes: dict = {}  # a bnlab.probes.ProbeConfig for every run; empty: no probes
 
     @field_validator("seeds")
     @classmethod
@@ -129,7 +130,8 @@ def apply_quick(spec: ExperimentSpec) -> ExperimentSpec:
     data = _merge(spec.data.model_dump(), q.data)
     return spec.model_copy(update={
         "seeds": q.seeds if q.seeds is not None else spec.seeds,
-        "data": DataSection(**data), "model": _merge(spec.model, q.model), "train": _merge(spec.train, q.train)})
+        "data": DataSection(**data), "model": _merge(spec.model, q.model), "train": _merge(spec.train, q.train),
+        "probes": _merge(spec.probes, q.probes) if spec.probes else {}})
 
 
 def expand(spec: ExperimentSpec) -> list[RunPlan]:
@@ -151,6 +153,8 @@ def expand(spec: ExperimentSpec) -> list[RunPlan]:
         tdict = _merge(spec.train, variant.train)
         if spec.target_accuracy is not None:
             tdict.setdefault("target_accuracy", spec.target_accuracy)
+        if spec.probes:
+            tdict.setdefault("probes", spec.probes)
         for seed in spec.seed_list():
             try:
                 cfg = TrainConfig(dataset=spec.data.dataset, data_dir=spec.data.data_dir,

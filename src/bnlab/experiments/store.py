@@ -30,6 +30,11 @@ CREATE TABLE IF NOT EXISTS runs (
     epochs_to_target INTEGER, steps_to_target INTEGER, seconds_to_target REAL,
     mean_epoch_seconds REAL, step_loss TEXT, artefacts TEXT
 );
+CREATE TABLE IF NOT EXISTS probes (
+    run_id TEXT NOT NULL REFERENCES runs(run_id), step INTEGER NOT NULL, layer TEXT NOT NULL,
+    metric TEXT NOT NULL, value REAL NOT NULL
+);
+CREATE INDEX IF NOT EXISTS probes_run ON probes (run_id);
 CREATE TABLE IF NOT EXISTS epochs (
     run_id TEXT NOT NULL REFERENCES runs(run_id), epoch INTEGER NOT NULL,
     train_loss REAL, train_accuracy REAL, val_loss REAL, val_accuracy REAL, seconds REAL, steps INTEGER,
@@ -122,6 +127,9 @@ class RunStore:
                  json.dumps(result.get("environment", {})), hist.get("engine"), *values.values(),
                  json.dumps(hist.get("step_loss", [])), json.dumps(result.get("artefacts", {})), run_id))
             db.execute("DELETE FROM epochs WHERE run_id = ?", (run_id,))
+            db.execute("DELETE FROM probes WHERE run_id = ?", (run_id,))
+            db.executemany("INSERT INTO probes (run_id, step, layer, metric, value) VALUES (?, ?, ?, ?, ?)",
+                           [(run_id, *row) for row in hist.get("probes", [])])
             db.executemany(
                 "INSERT INTO epochs (run_id, epoch, train_loss, train_accuracy, val_loss, val_accuracy, seconds, steps) "
                 "VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
@@ -140,6 +148,9 @@ class RunStore:
         if run_id is None:
             return [dict(r) for r in self.db.execute("SELECT * FROM epochs ORDER BY run_id, epoch")]
         return [dict(r) for r in self.db.execute("SELECT * FROM epochs WHERE run_id = ? ORDER BY epoch", (run_id,))]
+
+    def probes(self) -> list[dict]:
+        return [dict(r) for r in self.db.execute("SELECT * FROM probes ORDER BY run_id, step")]
 
     def counts(self) -> dict[str, int]:
         return {r[0]: r[1] for r in self.db.execute("SELECT status, COUNT(*) FROM runs GROUP BY status")}

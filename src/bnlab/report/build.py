@@ -9,7 +9,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from bnlab.experiments.runner import load_results
+from bnlab.experiments.runner import load_probes, load_results
 from bnlab.experiments.stats import METRICS, compare, variant_stats
 from bnlab.report import plots
 
@@ -54,6 +54,15 @@ def build_report(folder: str | Path) -> Report:
         figs["learning_curves"] = plots.to_png(plots.learning_curves(runs, epochs, variants, spec.name))
         figs["final_accuracy"] = plots.to_png(plots.final_accuracy(runs, variants))
         figs["epoch_time"] = plots.to_png(plots.epoch_time(runs, variants))
+        probes = load_probes(folder)
+        if probes:
+            for name, make in (("probe_percentiles", plots.percentile_panels),
+                               ("probe_gradient_norms", plots.gradient_norm_panels),
+                               ("probe_saturation", plots.saturation_panel),
+                               ("probe_landscape", plots.landscape_panels)):
+                fig = make(probes, runs, variants)
+                if fig is not None:
+                    figs[name] = plots.to_png(fig)
     header, rows = stats_rows(runs, variants, spec.target_accuracy)
     comps = compare(runs, variants)
     env = next((json.loads(r["environment"]) for r in runs if r.get("environment")), {})

@@ -102,3 +102,111 @@ def to_png(fig) -> bytes:
     fig.savefig(buf, format="png", dpi=110)
     plt.close(fig)
     return buf.getvalue()
+
+
+# ---------------------------------------------------------------- probes
+
+
+def _probe_series(probes: list[dict], runs: list[dict], variant: str, layer: str, metric: str):
+    """steps, mean over the variant's seeds of ``metric`` at each sampled step."""
+    ids = {r["run_id"] for r in runs if r["variant"] == variant}
+    by_step = defaultdict(list)
+    for p in probes:
+        if p["run_id"] in ids and p["layer"] == layer and p["metric"] == metric:
+            by_step[p["step"]].append(p["value"])
+    steps = sorted(by_step)
+    return np.array(steps), np.array([np.mean(by_step[s]) for s in steps])
+
+
+def last_hidden_activation(probes: list[dict]) -> tuple[str | None, str | None]:
+    """(layer, tracked-unit prefix) of the last activation layer that has percentile probes."""
+    layers = [p["layer"] for p in probes if p["metric"] == "p50"]
+    if not layers:
+        return None, None
+    order = list(dict.fromkeys(layers))
+    layer = max(order, key=lambda n: (n.rsplit("_", 1)[-1].isdigit() and int(n.rsplit("_", 1)[-1])) or 0)
+    units = sorted({p["metric"].split(".")[0] for p in probes if p["layer"] == layer and p["metric"].startswith("unit")},
+                   key=lambda u: int(u[4:]))
+    return layer, (units[0] if units else None)
+
+
+def percentile_panels(probes, runs, variants: list[str]):
+    """Ioffe & Szegedy Fig. 1(b, c): the 15th / 50th / 85th percentiles of one last-hidden-layer
+    unit's input over training, one panel per variant (mean over seeds)."""
+    layer, unit = last_hidden_activation(probes)
+    if layer is None:
+        return None
+    fig, axes = plt.subplots(1, len(variants), figsize=(4.2 * len(variants), 3.6), sharey=True, squeeze=False)
+    for ax, v in zip(axes[0], variants):
+        for q, style in (("p15", ":"), ("p50", "-"), ("p85", "--")):
+            metric = f"{unit}.{q}" if unit else q
+            x, y = _probe_series(probes, runs, v, layer, metric)
+            if len(x):
+                ax.plot(x, y, style, color="#1f77b4", label=f"{q[1:]}th percentile")
+        ax.set_title(f"{v}: percentiles of {layer} {unit or 'layer'} input", fontsize=9)
+        ax.set_xlabel("step")
+        ax.grid(alpha=0.3)
+    axes[0][0].set_ylabel("pre-activation")
+    axes[0][0].legend(fontsize=8)
+    fig.suptitle("15th / 50th / 85th percentile of a last-hidden-layer unit's input over training")
+    fig.tight_layout()
+    return fig
+
+
+def gradient_norm_panels(probes, runs, variants: list[str]):
+    layers = list(dict.fromkeys(p["layer"] for p in probes if p["metric"] == "grad_norm"))
+    if not layers:
+        return None
+    fig, axes = plt.subplots(1, len(variants), figsize=(4.2 * len(variants), 3.6), sharey=True, squeeze=False)
+    for ax, v in zip(axes[0], variants):
+        for i, layer in enumerate(layers):
+            x, y = _probe_series(probes, runs, v, layer, "grad_norm")
+            if len(x):
+                ax.plot(x, y, color=PALETTE[i % len(PALETTE)], label=layer)
+        ax.set_yscale("log")
+        ax.set_title(f"{v}: weight gradient norm per layer", fontsize=9)
+        ax.set_xlabel("step")
+        ax.grid(alpha=0.3)
+    axes[0][0].legend(fontsize=7)
+    fig.tight_layout()
+    return fig
+
+
+def saturation_panel(probes, runs, variants: list[str]):
+    layers = list(dict.fromkeys(p["layer"] for p in probes if p["metric"] == "saturated"))
+    if not layers:
+        return None
+    fig, ax = plt.subplots(figsize=(6.5, 3.6))
+    for i, v in enumerate(variants):
+        for j, layer in enumerate(layers):
+            x, y = _probe_series(probes, runs, v, layer, "saturated")
+            if len(x):
+                ax.plot(x, y, color=PALETTE[i % len(PALETTE)], ls=["-", "--", ":", "-."][j % 4],
+                        label=f"{v} {layer}")
+    ax.set_xlabel("step")
+    ax.set_ylabel("fraction saturated")
+    ax.set_title("saturation: share of inputs where the derivative < 5% of its maximum")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    return fig
+
+
+def landscape_panels(probes, runs, variants: list[str]):
+    if not any(p["metric"] == "loss_range" for p in probes):
+        return None
+    fig, axes = plt.subplots(1, 2, figsize=(11, 3.6))
+    for i, v in enumerate(variants):
+        for ax, metric in zip(axes, ("loss_range", "grad_change")):
+            x, y = _probe_series(probes, runs, v, "model", metric)
+            if len(x):
+                ax.plot(x, y, "o-", ms=3, color=PALETTE[i % len(PALETTE)], label=v)
+    axes[0].set_title("loss landscape: range of the loss along the step direction")
+    axes[1].set_title("gradient predictiveness: max change of the gradient")
+    for ax in axes:
+        ax.set_xlabel("step")
+        ax.set_yscale("log")
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=8)
+    fig.tight_layout()
+    return fig

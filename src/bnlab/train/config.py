@@ -6,6 +6,8 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from bnlab.probes import ProbeConfig
+
 
 class AugmentConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
@@ -40,6 +42,7 @@ class TrainConfig(BaseModel):
     max_seconds: float | None = Field(None, gt=0)
     augment: AugmentConfig | None = None
     engine: Literal["auto", "fused", "autograd"] = "auto"
+    probes: ProbeConfig | None = None
     device: str = "auto"
 
 

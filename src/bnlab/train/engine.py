@@ -97,7 +97,7 @@ def fit(model: nn.Module, data: Dataset, *, optimizer: str = "sgd", lr: float = 
         seed: int = 0, target_accuracy: float | None = None, augment: RandomAffine | None = None,
         engine: str = "auto", device: str | None = "auto", checkpoint_dir: str | Path | None = None,
         monitor: str = "val_accuracy", patience: int | None = None, max_steps: int | None = None,
-        max_seconds: float | None = None,
+        max_seconds: float | None = None, probes=None,
         progress: bool = True, eval_batch_size: int = 1024, keras_defaults: bool = True,
         checkpoint_meta: dict | None = None) -> History:
     """Train ``model`` on ``data`` and return the History.
@@ -107,6 +107,7 @@ def fit(model: nn.Module, data: Dataset, *, optimizer: str = "sgd", lr: float = 
     checkpoint_dir: keep the best model by ``monitor`` (val_accuracy or val_loss) there (safetensors + JSON).
     patience: stop after this many epochs without improvement of ``monitor``.
     max_steps / max_seconds: budgets; the run ends (after evaluating) once either is used up.
+    probes: a ``bnlab.probes.ProbeConfig`` (or ``Probes``) to record what happens inside the network.
     A NaN/inf loss stops the run (history kept, ``stopped="diverged"``); so does Ctrl-C (``"interrupted"``).
     """
     if batch_size < 1 or epochs < 1:
@@ -136,6 +137,11 @@ def fit(model: nn.Module, data: Dataset, *, optimizer: str = "sgd", lr: float = 
     if len(batches) > 1 and batches[-1][1] - batches[-1][0] == 1:
         batches.pop()
     hist = History(target_accuracy=target_accuracy, engine=engine_used)
+    if probes is not None:
+        from bnlab.probes import ProbeConfig, Probes
+        probes = Probes(model, probes, lr=lr, seed=seed) if isinstance(probes, ProbeConfig) else probes
+        if engine_used == "fused":
+            step.observer = probes.observe
     best = _Best()
     since_best = 0
     steps_done = 0
@@ -153,6 +159,8 @@ def fit(model: nn.Module, data: Dataset, *, optimizer: str = "sgd", lr: float = 
                     xb, yb = data.x_train.index_select(0, idx), data.y_train.index_select(0, idx)
                     if augment is not None and augment.active:
                         xb = augment(xb, gen)
+                    if probes is not None:
+                        probes.before_step(steps_done + 1)
                     try:
                         loss, corr = step(xb, yb)
                     except FloatingPointError as e:  # BN's non-finite statistics
@@ -162,6 +170,8 @@ def fit(model: nn.Module, data: Dataset, *, optimizer: str = "sgd", lr: float = 
                                        "the run diverged (lower the learning rate?)")
                     if opt is not None:
                         opt.step()
+                    if probes is not None:
+                        probes.after_step(steps_done + 1, xb, yb)
                     losses.append(loss)
                     corrects.append(corr)
                     seen += j - i
@@ -213,4 +223,7 @@ def fit(model: nn.Module, data: Dataset, *, optimizer: str = "sgd", lr: float = 
         except KeyboardInterrupt:
             hist.stopped, hist.message = "interrupted", "stopped by the user (Ctrl-C)"
     hist.best_epoch = best.epoch
+    if probes is not None:
+        hist.probes = [list(r) for r in probes.records]
+        probes.close()
     return hist

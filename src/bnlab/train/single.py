@@ -57,7 +57,7 @@ def train_run(spec, config: TrainConfig, *, out: str | Path | None = None, progr
                epochs=config.epochs, seed=config.seed, target_accuracy=config.target_accuracy, augment=aug,
                engine=config.engine, device=config.device, checkpoint_dir=out / "checkpoint" if out else None,
                monitor=config.monitor, patience=config.patience, max_steps=config.max_steps,
-               max_seconds=config.max_seconds, progress=progress,
+               max_seconds=config.max_seconds, probes=config.probes, progress=progress,
                keras_defaults=config.keras_defaults, checkpoint_meta={"train": config.model_dump()})
     test_loss, test_acc = evaluate(model, data.x_test, data.y_test)
     if out is not None:
