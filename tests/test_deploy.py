@@ -161,7 +161,7 @@ def test_recalibrate_matches_a_direct_computation():
 
 
 def test_recalibrate_errors():
-    with pytest.raises(ValueError, match="no BatchNorm"):
+    with pytest.raises(ValueError, match="no batch-statistics normalization"):
         recalibrate(build_model({"input_shape": [4]}), torch.randn(64, 4))
     with pytest.raises(ValueError, match="at least one full batch"):
         recalibrate(build_model({"input_shape": [4], "bn": "before"}), torch.randn(8, 4), batch_size=32)
@@ -214,7 +214,7 @@ def test_cli_recalibrate_fold_predict_export(trained, tmp_path):
     assert r.exit_code == 0, r.output
     assert "moving averages" in r.output and "precise" in r.output
     r = CliRunner().invoke(app, ["fold", str(trained), "--out", str(tmp_path / "f")])
-    assert r.exit_code == 0 and "3 of 3 BN layers folded" in r.output
+    assert r.exit_code == 0 and "3 of 3 normalization layers folded" in r.output
     r = CliRunner().invoke(app, ["predict", str(tmp_path / "f"), str(tmp_path / "d.png"), str(tmp_path / "d.npy"),
                                  "--json"])
     assert r.exit_code == 0, r.output

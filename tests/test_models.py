@@ -72,7 +72,7 @@ def test_input_bn_and_dropout():
 
 
 def test_bn_settings_reach_every_layer():
-    m = build_model({"bn": "before", "norm": {"convention": "keras", "momentum": 0.9}, "input_shape": [4]})
+    m = build_model({"bn": "before", "norm_options": {"convention": "keras", "momentum": 0.9}, "input_shape": [4]})
     bns = [c for c in m.modules() if isinstance(c, BatchNorm)]
     assert bns and all(b.convention == "keras" and b.momentum == 0.9 and b.eps == 1e-3 for b in bns)
 

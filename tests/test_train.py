@@ -30,8 +30,8 @@ SPECS = {
     "bn-after-sigmoid": {"hidden": [9], "bn": "after", "activation": "sigmoid"},
     "none-tanh": {"hidden": [8, 8], "activation": "tanh"},
     "leaky-bias-on": {"hidden": [6], "bn": "before", "bias": "on", "activation": "leaky_relu"},
-    "elu-keras-bn": {"hidden": [6], "bn": "after", "activation": "elu", "norm": {"convention": "keras"}},
-    "selu-cumulative-bn": {"hidden": [6], "bn": "before", "activation": "selu", "norm": {"momentum": None}},
+    "elu-keras-bn": {"hidden": [6], "bn": "after", "activation": "elu", "norm_options": {"convention": "keras"}},
+    "selu-cumulative-bn": {"hidden": [6], "bn": "before", "activation": "selu", "norm_options": {"momentum": None}},
     "linear": {"hidden": [5], "activation": "linear", "input_bn": True},
 }
 

@@ -247,8 +247,7 @@ def list_cmd() -> None:
 
 def _stats_table(folder: Path) -> None:
     from bnlab.experiments.runner import load_results
-    from bnlab.experiments.stats import compare
-    from bnlab.report.build import COMPACT_METRICS, stats_rows
+    from bnlab.report.build import COMPACT_METRICS, compare_for, stats_rows
 
     spec, runs, _ = load_results(folder)
     header, rows = stats_rows(runs, list(spec.variants), spec.target_accuracy, COMPACT_METRICS)
@@ -258,7 +257,7 @@ def _stats_table(folder: Path) -> None:
     for r in rows:
         table.add_row(*r)
     console.print(table)
-    for c in compare(runs, list(spec.variants)):
+    for c in compare_for(spec, runs):
         console.print(("[bold]" if c.significant else "") + c.sentence + ("[/]" if c.significant else ""))
 
 

@@ -7,7 +7,7 @@ from torch import nn
 
 from bnlab.models.build import GlobalAvgPool
 from bnlab.models.spec import LayerDef, LayersSpec, NormSettings
-from bnlab.nn import BatchNorm
+from bnlab.nn import BatchNorm, BatchRenorm, GhostBatchNorm, GroupNorm, InstanceNorm, LayerNorm, WeightNorm
 
 _ACT = {nn.Sigmoid: "sigmoid", nn.Tanh: "tanh", nn.ReLU: "relu", nn.LeakyReLU: "leaky_relu", nn.ELU: "elu",
         nn.SELU: "selu", nn.Identity: "linear"}
@@ -16,11 +16,14 @@ _ACT = {nn.Sigmoid: "sigmoid", nn.Tanh: "tanh", nn.ReLU: "relu", nn.LeakyReLU: "
 def describe(model: nn.Sequential, *, input_shape, num_classes: int) -> LayersSpec:
     layers, slope, norm = [], 0.3, None
     for name, m in model.named_children():
+        wn = isinstance(m, WeightNorm)
+        if wn:
+            m = m.layer
         t = type(m)
         if t is nn.Flatten:
             layers.append(LayerDef(type="flatten"))
         elif t is nn.Linear:
-            layers.append(LayerDef(type="dense", units=m.out_features, use_bias=m.bias is not None))
+            layers.append(LayerDef(type="dense", units=m.out_features, use_bias=m.bias is not None, weight_norm=wn))
         elif t is nn.Conv2d:
             k = m.kernel_size[0]
             if m.padding not in ((k // 2, k // 2), (0, 0)) or m.kernel_size != (k, k) or m.stride != (1, 1):
@@ -28,10 +31,19 @@ def describe(model: nn.Sequential, *, input_shape, num_classes: int) -> LayersSp
                                  "can be described as a bnlab spec")
             layers.append(LayerDef(type="conv2d", filters=m.out_channels, kernel_size=k,
                                    padding="same" if m.padding[0] == k // 2 and k > 1 else "valid",
-                                   use_bias=m.bias is not None))
+                                   use_bias=m.bias is not None, weight_norm=wn))
         elif isinstance(m, BatchNorm):
-            norm = NormSettings(convention=m.convention, eps=m.eps, momentum=m.momentum)
-            layers.append(LayerDef(type="batchnorm"))
+            extra = ({"r_max": m.r_max, "d_max": m.d_max, "warmup_steps": m.warmup_steps}
+                     if isinstance(m, BatchRenorm) else {})
+            norm = NormSettings(convention=m.convention, eps=m.eps, momentum=m.momentum, **extra)
+            kind = ("renorm" if isinstance(m, BatchRenorm) else f"ghost:{m.ghost_size}"
+                    if isinstance(m, GhostBatchNorm) else "batch")
+            layers.append(LayerDef(type="batchnorm") if kind == "batch" else LayerDef(type="norm", kind=kind))
+        elif isinstance(m, (LayerNorm, GroupNorm)):
+            kind = ("instance" if isinstance(m, InstanceNorm) else "layer" if isinstance(m, LayerNorm)
+                    or m.num_groups == 1 else f"group:{m.num_groups}")
+            norm = norm or NormSettings(eps=m.eps)
+            layers.append(LayerDef(type="norm", kind=kind))
         elif t in _ACT:
             if t is nn.LeakyReLU:
                 slope = m.negative_slope
@@ -46,4 +58,4 @@ def describe(model: nn.Sequential, *, input_shape, num_classes: int) -> LayersSp
         else:
             raise ValueError(f"{name}: {t.__name__} has no bnlab layer spec")
     return LayersSpec(input_shape=tuple(input_shape), num_classes=num_classes, layers=layers,
-                      init="torch_default", leaky_relu_slope=slope, norm=norm or NormSettings())
+                      init="torch_default", leaky_relu_slope=slope, norm_options=norm or NormSettings())

@@ -7,6 +7,10 @@ With s = γ / sqrt(running_var + eps) and t = β - running_mean·s, an eval-mode
   W' = W·diag(s),  b' = b + W·t;
 * BN before an unpadded Conv: W'[o,c] = W[o,c]·s[c],  b' = b + Σ_{c,kh,kw} W[o,c,kh,kw]·t[c].
 
+Batch Renorm and Ghost BN are BN in eval mode and fold the same way. Weight-normalised layers are
+materialised (w = g·v/||v|| becomes a plain weight). LayerNorm, GroupNorm and InstanceNorm normalise
+each sample with its own statistics, which no fixed linear layer can absorb: they stay.
+
 Refused, with the reason in the fold report: BN before a zero-padded convolution (the padding
 zeros would need to be t/s, not 0, so the borders would differ), and BN with a non-linearity on
 both sides. Dropout and Identity between BN and the layer are skipped (identities in eval mode).
@@ -21,7 +25,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from bnlab.nn import BatchNorm
+from bnlab.nn import BatchNorm, GroupNorm, LayerNorm, WeightNorm
 
 _IDENTITY_AT_EVAL = (nn.Dropout, nn.Identity)
 
@@ -42,7 +46,7 @@ class FoldReport:
         return sum(e.folded_into is not None for e in self.entries)
 
     def to_text(self) -> str:
-        lines = [f"{self.folded} of {len(self.entries)} BN layers folded"]
+        lines = [f"{self.folded} of {len(self.entries)} normalization layers folded"]
         for e in self.entries:
             lines.append(f"  {e.bn}: " + (f"folded into {e.folded_into} ({e.how})" if e.folded_into
                                           else f"kept: {e.how}"))
@@ -108,9 +112,20 @@ def fold(model: nn.Sequential) -> tuple[nn.Sequential, FoldReport]:
     if not isinstance(model, nn.Sequential):
         raise TypeError(f"fold() works on nn.Sequential models such as bnlab's (got {type(model).__name__})")
     new = copy.deepcopy(model)
-    children = list(new.named_children())
     entries, drop = [], set()
+    for name, m in list(new.named_children()):
+        if isinstance(m, WeightNorm):
+            layer = m.layer
+            with torch.no_grad():
+                layer.weight = nn.Parameter(m.weight.detach().clone())
+            setattr(new, name, layer)
+            entries.append(FoldEntry(name, name, "weight norm materialised into a plain weight"))
+    children = list(new.named_children())
     for i, (name, m) in enumerate(children):
+        if isinstance(m, (LayerNorm, GroupNorm)):
+            entries.append(FoldEntry(name, None, f"{type(m).__name__} normalises each sample with its own "
+                                                  "statistics; no fixed layer can absorb it"))
+            continue
         if not isinstance(m, BatchNorm):
             continue
         pname, prev = _neighbour(children, i, -1)

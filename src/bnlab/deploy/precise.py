@@ -25,7 +25,8 @@ def recalibrate(model: nn.Module, x: torch.Tensor, *, batch_size: int = 32, max_
     """A copy of ``model`` (in eval mode) whose BN running statistics are the precise ones."""
     bns = [m for m in model.modules() if isinstance(m, BatchNorm)]
     if not bns:
-        raise ValueError("the model has no BatchNorm layer to recalibrate")
+        raise ValueError("the model has no batch-statistics normalization (batch, renorm, ghost) to recalibrate; "
+                         "layer, group and instance norm use each sample's own statistics and have none")
     if batch_size < 2 or len(x) < batch_size:
         raise ValueError(f"need batch_size >= 2 and at least one full batch (got batch_size={batch_size}, "
                          f"{len(x)} examples)")

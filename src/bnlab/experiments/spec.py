@@ -46,6 +46,7 @@ class DataSection(BaseModel):
 class Variant(BaseModel):
     model_config = ConfigDict(extra="forbid")
     description: str = ""
+    group: str = ""  # variants of one method at different settings (plotted as one line)
     model: dict = {}
     train: dict = {}
 

@@ -128,13 +128,15 @@ def variant_stats(runs: list[dict], variants: list[str]) -> list[VariantStats]:
     return out
 
 
-def compare(runs: list[dict], variants: list[str], metrics=TESTED) -> list[Comparison]:
+def compare(runs: list[dict], variants: list[str], metrics=TESTED, pairs=None) -> list[Comparison]:
+    """Welch tests between ``pairs`` of variants (default: all pairs), Holm-adjusted per metric."""
     labels = {c: (label, higher) for c, label, higher in METRICS}
+    pairs = list(pairs) if pairs is not None else list(itertools.combinations(variants, 2))
     result = []
     for col in metrics:
         label, higher = labels[col]
         comps = []
-        for a, b in itertools.combinations(variants, 2):
+        for a, b in pairs:
             va, vb = _values(runs, a, col), _values(runs, b, col)
             comps.append(Comparison(col, a, b, float(np.mean(va)) if va else float("nan"),
                                     float(np.mean(vb)) if vb else float("nan"), len(va), len(vb), welch_p(va, vb)))

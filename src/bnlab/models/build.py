@@ -13,22 +13,58 @@ from torch import nn
 
 from bnlab.models.init import initialise
 from bnlab.models.spec import CNNSpec, LayerDef, LayersSpec, MLPSpec, parse_model_spec
-from bnlab.nn import BatchNorm
+from bnlab.nn import BatchNorm, BatchRenorm, GhostBatchNorm, GroupNorm, InstanceNorm, LayerNorm, WeightNorm
+
+# norms that subtract a per-channel mean over the batch (or over each sample's positions): a bias
+# right before them is removed by that subtraction
+_MEAN_REMOVING = ("batch", "renorm", "instance")
 
 
-def _use_bias(bias: str, bn: str) -> bool:
-    # "auto": a BN directly after the Linear/Conv subtracts the mean, so the bias would be dead
-    return bias == "on" or (bias == "auto" and bn != "before")
+def _norm_layer(norm: str) -> list[LayerDef]:
+    if norm in ("none", "weight"):
+        return []
+    return [LayerDef(type="batchnorm")] if norm == "batch" else [LayerDef(type="norm", kind=norm)]
+
+
+def _use_bias(bias: str, bn: str, norm: str) -> bool:
+    # "auto": a batch-statistics norm directly after the Linear/Conv subtracts the mean: a dead bias
+    removes_mean = norm in _MEAN_REMOVING or norm.startswith("ghost:")
+    return bias == "on" or (bias == "auto" and not (bn == "before" and removes_mean))
 
 
 def _hidden(kind: str, width: int, spec) -> list[LayerDef]:
-    """One hidden unit of an MLP or CNN: weight layer, then BN / activation in the spec's order."""
+    """One hidden unit of an MLP or CNN: weight layer, then the norm / activation in the spec's order."""
     weight = LayerDef(type=kind, **({"units": width} if kind == "dense" else
                                     {"filters": width, "kernel_size": spec.kernel_size}),
-                      use_bias=_use_bias(spec.bias, spec.bn))
+                      use_bias=_use_bias(spec.bias, spec.bn, spec.norm),
+                      weight_norm=spec.norm == "weight" and spec.bn != "none")
     act = LayerDef(type="activation", activation=spec.activation)
-    bn = [LayerDef(type="batchnorm")] if spec.bn != "none" else []
-    return [weight, *(bn + [act] if spec.bn == "before" else [act] + bn)]
+    norm = _norm_layer(spec.norm) if spec.bn != "none" else []
+    return [weight, *(norm + [act] if spec.bn == "before" else [act] + norm)]
+
+
+def make_norm(kind: str, shape: tuple[int, ...], options) -> nn.Module:
+    """The normalization module ``kind`` for features of ``shape`` ((F,) or (C, H, W))."""
+    bn_opts = {"convention": options.convention, "eps": options.eps, "momentum": options.momentum}
+    eps = options.eps if options.eps is not None else 1e-5
+    c = shape[0]
+    if kind == "batch":
+        return BatchNorm(c, **bn_opts)
+    if kind == "renorm":
+        return BatchRenorm(c, r_max=options.r_max, d_max=options.d_max, warmup_steps=options.warmup_steps, **bn_opts)
+    if kind.startswith("ghost:"):
+        return GhostBatchNorm(c, ghost_size=int(kind.split(":")[1]), **bn_opts)
+    if kind == "layer":
+        # over all features of a sample; for conv maps with a per-channel affine (GroupNorm with 1 group)
+        return LayerNorm(c, eps=eps) if len(shape) == 1 else GroupNorm(1, c, eps=eps)
+    if kind.startswith("group:"):
+        return GroupNorm(int(kind.split(":")[1]), c, eps=eps)
+    if kind == "instance":
+        if len(shape) == 1:
+            raise ValueError("instance norm needs spatial axes (conv feature maps); for dense features use "
+                             "layer or batch norm")
+        return InstanceNorm(c, eps=eps)
+    raise ValueError(f"unknown norm {kind!r}")
 
 
 def expand(spec) -> list[LayerDef]:
@@ -39,7 +75,7 @@ def expand(spec) -> list[LayerDef]:
     drop = [LayerDef(type="dropout", rate=spec.dropout)] if spec.dropout else []
     out = [LayerDef(type="dense", units=spec.num_classes)]
     if isinstance(spec, MLPSpec):
-        layers = [LayerDef(type="flatten")] + ([LayerDef(type="batchnorm")] if spec.input_bn else [])
+        layers = [LayerDef(type="flatten")] + (_norm_layer(spec.norm) if spec.input_bn else [])
         for h in spec.hidden:
             layers += _hidden("dense", h, spec) + drop
         return layers + out
@@ -91,7 +127,7 @@ def build_model(spec, *, seed: int | None = None) -> SpecModel:
     names: Counter = Counter()
     modules: OrderedDict[str, nn.Module] = OrderedDict()
     slope = spec.leaky_relu_slope
-    norm = spec.norm.model_dump()
+    options = spec.norm_options
 
     def add(base: str, module: nn.Module) -> None:
         names[base] += 1
@@ -111,7 +147,7 @@ def build_model(spec, *, seed: int | None = None) -> SpecModel:
                 raise ValueError(f"{where}: dense needs 'units'")
             lin = nn.Linear(shape[0], units, bias=ld.use_bias)
             initialise(lin, ld.init or spec.init, std=spec.init_std, generator=gen)
-            add("dense", lin)
+            add("dense", WeightNorm(lin) if ld.weight_norm else lin)
             shape = (units,)
             if ld.activation:
                 add(_KERAS_NAMES[ld.activation], activation_module(ld.activation, slope))
@@ -121,13 +157,22 @@ def build_model(spec, *, seed: int | None = None) -> SpecModel:
             pad = ld.kernel_size // 2 if ld.padding == "same" else 0
             conv = nn.Conv2d(shape[0], ld.filters, ld.kernel_size, padding=pad, bias=ld.use_bias)
             initialise(conv, ld.init or spec.init, std=spec.init_std, generator=gen)
-            add("conv2d", conv)
+            add("conv2d", WeightNorm(conv) if ld.weight_norm else conv)
             shrink = 0 if ld.padding == "same" else ld.kernel_size - 1
             shape = (ld.filters, shape[1] - shrink, shape[2] - shrink)
             if ld.activation:
                 add(_KERAS_NAMES[ld.activation], activation_module(ld.activation, slope))
         elif ld.type == "batchnorm":
-            add("batch_normalization", BatchNorm(shape[0], **norm))
+            add("batch_normalization", make_norm("batch", shape, options))
+        elif ld.type == "norm":
+            kind = ld.kind or "batch"
+            try:
+                module = make_norm(kind, shape, options)
+            except ValueError as e:
+                raise ValueError(f"{where}: {e}") from None
+            add({"layer": "layer_normalization", "instance": "instance_normalization", "renorm": "batch_renormalization"}
+                .get(kind, "group_normalization" if kind.startswith("group:") else "ghost_batch_normalization"
+                     if kind.startswith("ghost:") else "batch_normalization"), module)
         elif ld.type == "activation":
             if not ld.activation:
                 raise ValueError(f"{where}: an activation layer needs 'activation'")

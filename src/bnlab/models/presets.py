@@ -9,10 +9,10 @@ from pathlib import Path
 from bnlab.models.spec import parse_model_spec
 
 _FASHION = {"kind": "mlp", "input_shape": [1, 28, 28], "num_classes": 10, "hidden": [300, 100],
-            "norm": {"convention": "keras"}}
+            "norm_options": {"convention": "keras"}}
 _CIFAR = {"kind": "cnn", "input_shape": [3, 32, 32], "num_classes": 100, "blocks": [60, 60, 60, 60],
           "final_block": 100, "dropout": 0.15, "head": "flatten", "activation": "relu", "bias": "on",
-          "norm": {"convention": "keras"}}
+          "norm_options": {"convention": "keras"}}
 _PAPER = {"kind": "mlp", "input_shape": [1, 28, 28], "num_classes": 10, "hidden": [100, 100, 100],
           "activation": "sigmoid", "init": "normal", "init_std": 0.1}
 

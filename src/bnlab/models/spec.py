@@ -24,12 +24,21 @@ class _Spec(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+NORM_PATTERN = r"^(batch|layer|instance|renorm|weight|none|group:[1-9][0-9]*|ghost:[1-9][0-9]*)$"
+Norm = Annotated[str, Field(pattern=NORM_PATTERN, description=(
+    "batch | layer | group:G | instance | renorm | ghost:S | weight | none"))]
+
+
 class NormSettings(_Spec):
-    """How each BN layer of a model is made (bnlab.nn.BatchNorm arguments)."""
+    """How each normalization layer of a model is made. convention / momentum: batch-statistics norms
+    (batch, renorm, ghost); eps: all (default: the BN convention's, 1e-5 for layer/group/instance)."""
 
     convention: Literal["torch", "keras"] = "torch"
     eps: float | None = Field(None, gt=0)
     momentum: float | None | Literal["default"] = "default"
+    r_max: float = Field(3.0, ge=1, description="batch renorm")
+    d_max: float = Field(5.0, ge=0, description="batch renorm")
+    warmup_steps: int = Field(0, ge=0, description="batch renorm: steps over which r_max, d_max grow from 1, 0")
 
 
 class _Common(_Spec):
@@ -37,12 +46,13 @@ class _Common(_Spec):
     num_classes: int = Field(10, ge=2)
     activation: Activation = "relu"
     leaky_relu_slope: float = Field(0.3, ge=0, description="Keras's LeakyReLU default 0.3 (torch's is 0.01)")
-    bn: Placement = "none"
+    bn: Placement = "none"  # where the normalization layer goes: none | before | after the activation
+    norm: Norm = "batch"  # which normalization
     bias: Bias = "auto"
     init: Init = "glorot_uniform"
     init_std: float = Field(0.01, gt=0, description="std of the 'normal' initialiser")
     dropout: float = Field(0.0, ge=0, lt=1)
-    norm: NormSettings = NormSettings()
+    norm_options: NormSettings = NormSettings()
 
 
 class MLPSpec(_Common):
@@ -66,7 +76,9 @@ class CNNSpec(_Common):
 class LayerDef(_Spec):
     """One layer of an explicit list. ``type`` picks the layer; the other keys configure it."""
 
-    type: Literal["flatten", "dense", "conv2d", "batchnorm", "activation", "maxpool", "dropout", "gap"]
+    type: Literal["flatten", "dense", "conv2d", "batchnorm", "norm", "activation", "maxpool", "dropout", "gap"]
+    kind: Norm | None = None  # norm: which one (batchnorm = kind "batch")
+    weight_norm: bool = False  # dense / conv2d
     units: int | None = Field(None, ge=1)  # dense
     filters: int | None = Field(None, ge=1)  # conv2d
     kernel_size: int = Field(3, ge=1)
@@ -86,7 +98,7 @@ class LayersSpec(_Spec):
     init: Init = "glorot_uniform"
     init_std: float = Field(0.01, gt=0)
     leaky_relu_slope: float = Field(0.3, ge=0)
-    norm: NormSettings = NormSettings()
+    norm_options: NormSettings = NormSettings()
 
 
 ModelSpec = Annotated[Union[MLPSpec, CNNSpec, LayersSpec], Field(discriminator="kind")]

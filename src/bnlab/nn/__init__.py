@@ -2,5 +2,8 @@
 
 from bnlab.nn.batchnorm import BatchNorm, BatchNorm1d, BatchNorm2d
 from bnlab.nn.functional import BatchNormFunction, batch_norm
+from bnlab.nn.norms import (BatchRenorm, GhostBatchNorm, GroupNorm, InstanceNorm, LayerNorm, NormalizeFunction,
+                            WeightNorm, WeightNormFunction)
 
-__all__ = ["BatchNorm", "BatchNorm1d", "BatchNorm2d", "BatchNormFunction", "batch_norm"]
+__all__ = ["BatchNorm", "BatchNorm1d", "BatchNorm2d", "BatchNormFunction", "BatchRenorm", "GhostBatchNorm", "GroupNorm",
+           "InstanceNorm", "LayerNorm", "NormalizeFunction", "WeightNorm", "WeightNormFunction", "batch_norm"]

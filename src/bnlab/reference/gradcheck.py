@@ -63,3 +63,19 @@ def check_batch_norm_gradients(x, gamma, beta, *, eps: float = 1e-5, axis: int =
         "dgamma": relative_error(dgamma, numerical_gradient(lambda v: loss(x, v, beta), gamma)),
         "dbeta": relative_error(dbeta, numerical_gradient(lambda v: loss(x, gamma, v), beta)),
     }
+
+
+def check_gradients(forward, backward, inputs: dict[str, np.ndarray], *, seed: int = 0) -> dict[str, float]:
+    """Generic: ``forward(**inputs) -> (y, cache)``, ``backward(dy, cache) -> grads`` in the order of
+    ``inputs``; returns the relative error of each analytic gradient against central differences
+    of L = Σ dy·y."""
+    inputs = {k: np.asarray(v, np.float64) for k, v in inputs.items()}
+    y, cache = forward(**inputs)
+    dy = np.random.default_rng([seed, 0xD7]).standard_normal(np.shape(y))
+    grads = backward(dy, cache)
+    errs = {}
+    for (name, value), analytic in zip(inputs.items(), grads):
+        def loss(v, name=name):
+            return float((forward(**{**inputs, name: v})[0] * dy).sum())
+        errs[name] = relative_error(analytic, numerical_gradient(loss, value))
+    return errs

@@ -44,6 +44,21 @@ def stats_rows(runs, variants, target, metrics=TABLE_METRICS):
     return header, rows
 
 
+def compare_for(spec, runs):
+    """All pairs, or for a grouped study (methods x settings) the methods at equal settings."""
+    import itertools
+    import json
+
+    variants = list(spec.variants)
+    if not any(v.group for v in spec.variants.values()):
+        return compare(runs, variants)
+    train = {r["variant"]: json.dumps({k: v for k, v in json.loads(r["config"])["train"].items()
+                                       if k not in ("seed", "lr")}, sort_keys=True) for r in runs}
+    pairs = [(a, b) for a, b in itertools.combinations(variants, 2)
+             if spec.variants[a].group != spec.variants[b].group and train.get(a) == train.get(b)]
+    return compare(runs, variants, metrics=("final_val_accuracy",), pairs=pairs)
+
+
 def build_report(folder: str | Path) -> Report:
     folder = Path(folder)
     spec, runs, epochs = load_results(folder)
@@ -54,6 +69,10 @@ def build_report(folder: str | Path) -> Report:
         figs["learning_curves"] = plots.to_png(plots.learning_curves(runs, epochs, variants, spec.name))
         figs["final_accuracy"] = plots.to_png(plots.final_accuracy(runs, variants))
         figs["epoch_time"] = plots.to_png(plots.epoch_time(runs, variants))
+        if any(v.group for v in spec.variants.values()):
+            fig = plots.error_vs_batch_size(runs, spec)
+            if fig is not None:
+                figs = {"error_vs_batch_size": plots.to_png(fig), **figs}
         probes = load_probes(folder)
         if probes:
             for name, make in (("probe_percentiles", plots.percentile_panels),
@@ -64,7 +83,7 @@ def build_report(folder: str | Path) -> Report:
                 if fig is not None:
                     figs[name] = plots.to_png(fig)
     header, rows = stats_rows(runs, variants, spec.target_accuracy)
-    comps = compare(runs, variants)
+    comps = compare_for(spec, runs)
     env = next((json.loads(r["environment"]) for r in runs if r.get("environment")), {})
     failures = [(r["run_id"], (r["error"] or "").splitlines()[0]) for r in runs if r["status"] in ("failed", "diverged")]
     counts = {s: sum(r["status"] == s for r in runs) for s in ("done", "diverged", "failed", "pending", "running")}

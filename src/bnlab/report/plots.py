@@ -48,11 +48,12 @@ def learning_curves(runs, epochs, variants: list[str], title: str):
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
     for metric, ax in zip(("accuracy", "loss"), axes):
         train, val = _curves(runs, epochs, f"train_{metric}"), _curves(runs, epochs, f"val_{metric}")
+        many = len(variants) > 6  # then validation curves only, or the figure is unreadable
         for i, v in enumerate(variants):
-            color = PALETTE[i % len(PALETTE)]
+            color = plt.cm.tab20(i % 20) if many else PALETTE[i % len(PALETTE)]
             if val.get(v):
                 _band(ax, val[v], color, f"{v} (val)")
-            if train.get(v):
+            if train.get(v) and not many:
                 _band(ax, train[v], color, f"{v} (train)", "--")
         ax.set_xlabel("epoch")
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
@@ -61,18 +62,20 @@ def learning_curves(runs, epochs, variants: list[str], title: str):
         ax.grid(alpha=0.3)
         if metric == "loss":
             ax.set_yscale("log")
-    axes[0].legend(fontsize=8)
+    axes[0].legend(fontsize=8 if len(variants) <= 6 else 5, ncol=1 if len(variants) <= 6 else 2)
     fig.suptitle(title)
     fig.tight_layout()
     return fig
 
 
 def epoch_time(runs, variants: list[str]):
-    fig, ax = plt.subplots(figsize=(6, 3.2))
+    fig, ax = plt.subplots(figsize=(6 if len(variants) <= 6 else 10, 3.6))
     vals = [[r["mean_epoch_seconds"] for r in runs if r["variant"] == v and r.get("mean_epoch_seconds")]
             for v in variants]
     means = [np.mean(x) if x else 0 for x in vals]
-    ax.bar(variants, means, color=[PALETTE[i % len(PALETTE)] for i in range(len(variants))])
+    ax.bar(range(len(variants)), means, color=[PALETTE[i % len(PALETTE)] for i in range(len(variants))])
+    ax.set_xticks(range(len(variants)), variants, rotation=60 if len(variants) > 6 else 0,
+                  fontsize=7 if len(variants) > 6 else 10)
     for i, x in enumerate(vals):
         ax.scatter([i] * len(x), x, color="black", s=10, zorder=3)
     ax.set_ylabel("seconds per epoch")
@@ -83,13 +86,14 @@ def epoch_time(runs, variants: list[str]):
 
 
 def final_accuracy(runs, variants: list[str]):
-    fig, ax = plt.subplots(figsize=(6, 3.2))
+    fig, ax = plt.subplots(figsize=(6 if len(variants) <= 6 else 10, 3.6))
     for i, v in enumerate(variants):
         x = [r["final_val_accuracy"] for r in runs if r["variant"] == v and r.get("final_val_accuracy") is not None]
         ax.scatter([i] * len(x), x, color=PALETTE[i % len(PALETTE)], s=25)
         if x:
             ax.hlines(np.mean(x), i - 0.25, i + 0.25, color="black")
-    ax.set_xticks(range(len(variants)), variants)
+    ax.set_xticks(range(len(variants)), variants, rotation=60 if len(variants) > 6 else 0,
+                  fontsize=7 if len(variants) > 6 else 10)
     ax.set_ylabel("final validation accuracy")
     ax.set_title("final validation accuracy per seed (line: mean)")
     ax.grid(axis="y", alpha=0.3)
@@ -208,5 +212,42 @@ def landscape_panels(probes, runs, variants: list[str]):
         ax.set_yscale("log")
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
+def error_vs_batch_size(runs, spec):
+    """Validation error (1 - final validation accuracy) against batch size, one line per variant
+    group (method), mean over seeds with 95% CI bars: the shape of Wu & He 2018, Figure 1."""
+    import json
+
+    from bnlab.experiments.stats import mean_ci
+
+    groups = defaultdict(lambda: defaultdict(list))
+    for r in runs:
+        if r["status"] not in ("done", "diverged") or r.get("final_val_accuracy") is None:
+            continue
+        v = spec.variants[r["variant"]]
+        bs = json.loads(r["config"])["train"]["batch_size"]
+        groups[v.group or r["variant"]][bs].append(1.0 - r["final_val_accuracy"])
+    if not groups:
+        return None
+    fig, ax = plt.subplots(figsize=(7, 4.2))
+    for i, (g, by_bs) in enumerate(groups.items()):
+        xs = sorted(by_bs)
+        est = [mean_ci(by_bs[b]) for b in xs]
+        means = np.array([e.mean * 100 for e in est])
+        half = np.array([0 if np.isnan(e.low) else (e.high - e.low) / 2 * 100 for e in est])
+        # an error rate lives in [0, 100]: clip the interval's drawing there
+        yerr = [np.minimum(half, means), np.minimum(half, 100 - means)]
+        ax.errorbar(xs, means, yerr=yerr, marker="o", capsize=3, color=PALETTE[i % len(PALETTE)], label=g)
+    ax.set_xscale("log", base=2)
+    ax.set_xticks(sorted({b for by in groups.values() for b in by}))
+    ax.get_xaxis().set_major_formatter(matplotlib.ticker.ScalarFormatter())
+    ax.set_xlabel("batch size (images per batch)")
+    ax.set_ylabel("validation error (%)")
+    ax.set_title("validation error vs batch size (mean over seeds, 95% CI)")
+    ax.grid(alpha=0.3)
+    ax.legend()
     fig.tight_layout()
     return fig

@@ -196,7 +196,7 @@ def unsupported_layers(model: nn.Module) -> list[str]:
             continue
         if type(mod) in (nn.Linear, nn.Dropout, *_ACTIVATIONS):
             continue
-        if isinstance(mod, BatchNorm) and (mod.axis in (1, -1)):
+        if type(mod) is BatchNorm and (mod.axis in (1, -1)):  # not renorm / ghost: their training differs
             continue
         bad.append(f"{name} ({type(mod).__name__})")
     if not children or not isinstance(children[-1][1], nn.Linear):
