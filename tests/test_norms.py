@@ -249,3 +249,28 @@ def test_precise_statistics_refuse_per_sample_norms():
     renorm = build_model({"hidden": [8], "input_shape": [4], "bn": "before", "norm": "renorm"})
     new = recalibrate(renorm, torch.randn(64, 4) * 2 + 1)
     assert float(new.batch_renormalization.running_var.mean()) > 0.5
+
+
+def test_small_batch_study_reports_error_vs_batch_size(tmp_path):
+    """A reduced small-batch study (2 methods x 2 batch sizes): the figure and within-batch-size comparisons."""
+    from bnlab.experiments import load_experiment, parse_experiment, run_experiment
+    from bnlab.report import build_report
+    full = load_experiment("small-batch")
+    groups = {v.group for v in full.variants.values()}
+    assert groups == {"bn", "gn", "ln", "renorm"}
+    sizes = sorted({v.train["batch_size"] for v in full.variants.values()})
+    assert sizes == [2, 4, 8, 16, 32]
+    lrs = {v.train["batch_size"]: v.train["lr"] for v in full.variants.values()}
+    assert lrs[32] == 0.05 and lrs[2] == pytest.approx(0.05 * 2 / 32)  # linear lr scaling
+    keep = ["bn-b4", "bn-b16", "gn-b4", "gn-b16"]
+    data = full.model_dump()
+    data["variants"] = {k: v for k, v in data["variants"].items() if k in keep}
+    data.update(seeds=2, train={**data["train"], "epochs": 1, "max_steps": 30})
+    spec = parse_experiment(data)
+    run_experiment(spec, tmp_path / "sb", workers=2)
+    report = build_report(tmp_path / "sb")
+    assert (tmp_path / "sb" / "figures" / "error_vs_batch_size.png").is_file()
+    md = report.markdown.read_text()
+    comparisons = [line for line in md.splitlines() if line.startswith("- ") and "bn-b" in line]
+    assert len(comparisons) == 2  # bn vs gn at batch 4, and at batch 16; never across batch sizes
+    assert all(("b4" in c and "b16" not in c) or ("b16" in c and "b4" not in c) for c in comparisons)

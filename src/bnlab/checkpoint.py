@@ -7,7 +7,6 @@ the weights file, so a truncated or altered checkpoint is detected instead of tr
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from dataclasses import dataclass, field
@@ -16,6 +15,8 @@ from pathlib import Path
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
+
+from bnlab.hashing import file_digest
 
 WEIGHTS = "model.safetensors"
 CONFIG = "config.json"
@@ -34,14 +35,6 @@ class Checkpoint:
     meta: dict = field(default_factory=dict)
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def save_checkpoint(directory: str | Path, model, *, preprocessing: dict | None = None,
                     meta: dict | None = None) -> Path:
     """Write weights and config atomically (temp files, then rename) and return the folder."""
@@ -53,7 +46,7 @@ def save_checkpoint(directory: str | Path, model, *, preprocessing: dict | None 
     tmp_w = directory / (WEIGHTS + ".tmp")
     save_file(state, str(tmp_w))
     config = {"format": FORMAT, "spec": spec_to_dict(model.spec), "preprocessing": preprocessing or {},
-              "meta": meta or {}, "weights_sha256": _sha256(tmp_w)}
+              "meta": meta or {}, "weights_sha256": file_digest(tmp_w)}
     tmp_c = directory / (CONFIG + ".tmp")
     tmp_c.write_text(json.dumps(config, indent=2, default=float))
     os.replace(tmp_w, directory / WEIGHTS)
@@ -74,7 +67,7 @@ def load_checkpoint(directory: str | Path, *, device: str | torch.device = "cpu"
         raise CheckpointError(f"{cfg_path}: corrupt JSON ({e})") from e
     if config.get("format") != FORMAT:
         raise CheckpointError(f"{cfg_path}: unknown format {config.get('format')!r} (expected {FORMAT!r})")
-    digest = _sha256(w_path)
+    digest = file_digest(w_path)
     if digest != config.get("weights_sha256"):
         raise CheckpointError(f"{w_path}: checksum mismatch (sha256 {digest[:12]}..., config says "
                               f"{str(config.get('weights_sha256'))[:12]}...): the weights are corrupt or were changed")

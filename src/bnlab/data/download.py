@@ -9,7 +9,6 @@ where they can be put.
 
 from __future__ import annotations
 
-import hashlib
 import os
 import shutil
 import urllib.request
@@ -17,6 +16,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import platformdirs
+
+from bnlab.hashing import file_digest
 
 
 @dataclass(frozen=True)
@@ -41,11 +42,7 @@ def cache_dir() -> Path:
 
 
 def md5sum(path: Path) -> str:
-    h = hashlib.md5()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
+    return file_digest(path, "md5")
 
 
 def _download(file: RemoteFile, dest: Path, timeout: float) -> list[str]:

@@ -71,13 +71,7 @@ def _fold_output_side(layer: nn.Module, bn: BatchNorm) -> None:
     w = layer.weight.double()
     shape = (-1,) + (1,) * (w.dim() - 1)
     b = layer.bias.double() if layer.bias is not None else torch.zeros_like(s)
-    new_w, new_b = w * s.view(shape), b * s + t
-    with torch.no_grad():
-        layer.weight.copy_(new_w.to(layer.weight.dtype))
-        if layer.bias is None:
-            layer.bias = nn.Parameter(new_b.to(layer.weight.dtype))
-        else:
-            layer.bias.copy_(new_b.to(layer.bias.dtype))
+    _assign(layer, w * s.view(shape), b * s + t)
 
 
 def _fold_input_side(layer: nn.Module, bn: BatchNorm) -> None:
@@ -89,12 +83,17 @@ def _fold_input_side(layer: nn.Module, bn: BatchNorm) -> None:
         new_w, new_b = w * s.view(1, -1), b + w @ t
     else:  # unpadded conv: every kernel tap sees t[c]
         new_w, new_b = w * s.view(1, -1, 1, 1), b + (w * t.view(1, -1, 1, 1)).sum(dim=(1, 2, 3))
+    _assign(layer, new_w, new_b)
+
+
+def _assign(layer: nn.Module, weight: torch.Tensor, bias: torch.Tensor) -> None:
+    """Write float64 folded values back in the layer's own dtype; a layer without bias gains one."""
     with torch.no_grad():
-        layer.weight.copy_(new_w.to(layer.weight.dtype))
+        layer.weight.copy_(weight.to(layer.weight.dtype))
         if layer.bias is None:
-            layer.bias = nn.Parameter(new_b.to(layer.weight.dtype))
+            layer.bias = nn.Parameter(bias.to(layer.weight.dtype))
         else:
-            layer.bias.copy_(new_b.to(layer.bias.dtype))
+            layer.bias.copy_(bias.to(layer.bias.dtype))
 
 
 def _neighbour(children, i: int, step: int):
