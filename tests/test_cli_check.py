@@ -44,10 +44,14 @@ def test_bnlab_check_exits_1_when_a_check_fails(monkeypatch):
     assert "FAIL" in result.output and "checks failed" in result.output
 
 
-def test_help_has_an_example():
-    result = CliRunner().invoke(app, ["check", "--help"])
-    assert result.exit_code == 0
-    assert "Example: bnlab check" in result.output
+def test_every_command_has_an_example_in_its_help():
+    import typer.main
+    names = [c.name for c in typer.main.get_command(app).commands.values()]
+    assert len(names) >= 14
+    for name in names:
+        result = CliRunner().invoke(app, [name, "--help"], env={"COLUMNS": "200"})
+        assert result.exit_code == 0, name
+        assert f"Example: bnlab {name}" in result.output, name
 
 
 def test_version():
