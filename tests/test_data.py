@@ -1,6 +1,5 @@
 """Datasets: IDX and CIFAR readers, downloads and checksums, embedded sets, scaling, augmentation."""
 
-import gzip
 import hashlib
 import io
 import pickle

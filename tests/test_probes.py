@@ -9,7 +9,7 @@ from torch import nn
 
 from bnlab.data.dataset import Dataset
 from bnlab.models import build_model
-from bnlab.probes import ProbeConfig, Probes, saturated_fraction
+from bnlab.probes import ProbeConfig, saturated_fraction
 from bnlab.train import fit
 
 

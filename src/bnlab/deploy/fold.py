@@ -55,7 +55,7 @@ class FoldReport:
 
 def _scale_shift(bn: BatchNorm) -> tuple[torch.Tensor, torch.Tensor]:
     if bn.running_mean is None:
-        raise ValueError(f"cannot fold a BN without running statistics (track_running_stats=False)")
+        raise ValueError("cannot fold a BN without running statistics (track_running_stats=False)")
     var, mean = bn.running_var.double(), bn.running_mean.double()
     s = torch.rsqrt(var + bn.eps)
     if bn.weight is not None:
