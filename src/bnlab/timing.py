@@ -6,21 +6,6 @@ import time
 from typing import Callable
 
 
-def best_time(fn: Callable[[], object], *, repeats: int = 10, warmup: int = 2) -> float:
-    """Fastest of ``repeats`` calls in seconds, after ``warmup`` untimed calls.
-
-    The minimum is the least noisy estimate of a kernel's cost on a shared machine.
-    """
-    for _ in range(warmup):
-        fn()
-    best = float("inf")
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - t0)
-    return best
-
-
 def interleaved_best_times(fns: dict[str, Callable[[], object]], *, repeats: int = 10,
                            warmup: int = 2) -> dict[str, float]:
     """Best time of each function, alternating between them so that drift in machine load

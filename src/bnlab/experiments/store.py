@@ -151,6 +151,3 @@ class RunStore:
 
     def probes(self) -> list[dict]:
         return [dict(r) for r in self.db.execute("SELECT * FROM probes ORDER BY run_id, step")]
-
-    def counts(self) -> dict[str, int]:
-        return {r[0]: r[1] for r in self.db.execute("SELECT status, COUNT(*) FROM runs GROUP BY status")}

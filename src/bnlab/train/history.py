@@ -38,9 +38,6 @@ class History:
             self.steps_to_target, self.epochs_to_target = rec.steps, rec.epoch
             self.seconds_to_target = elapsed
 
-    def column(self, name: str) -> list:
-        return [getattr(e, name) for e in self.epochs]
-
     @property
     def final(self) -> EpochRecord | None:
         return self.epochs[-1] if self.epochs else None
