@@ -23,7 +23,7 @@ def _data(n=96, f=5, seed=0):
 SPEC = {"hidden": [7, 6], "activation": "sigmoid", "input_shape": [5], "num_classes": 3}
 
 
-@pytest.mark.parametrize("engine", ["fused", "autograd"])
+@pytest.mark.parametrize("engine", ["native", "fused", "autograd"])
 def test_probe_numbers_match_a_direct_computation(engine):
     """Replay the first step by hand: pre-activations, percentiles, saturation, grad norm, update ratio."""
     data = _data()
@@ -93,6 +93,7 @@ def test_landscape_probes_restore_the_model():
     h = fit(model, data, epochs=1, batch_size=16, lr=0.1, progress=False, probes=cfg)
     ref = build_model({**SPEC, "bn": "before"}, seed=0)
     h2 = fit(ref, data, epochs=1, batch_size=16, lr=0.1, progress=False)
+    assert h.engine == h2.engine == "native"
     assert h.step_loss == h2.step_loss  # probing left the trajectory untouched
     for a, b in zip(model.state_dict().values(), ref.state_dict().values()):
         assert torch.equal(a, b)

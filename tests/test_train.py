@@ -14,8 +14,10 @@ from bnlab.cli import app
 from bnlab.data import load_dataset
 from bnlab.data.dataset import Dataset
 from bnlab.models import build_model, load_model_spec
+from bnlab.nn import BatchNorm
 from bnlab.train import FusedMLPStep, evaluate, fit, make_optimizer, unsupported_layers
 from bnlab.train.engine import AutogradStep
+from bnlab.train.native import NativeMLPStep
 
 
 def _toy(n=64, f=12, c=3, seed=0, dtype=torch.float32):
@@ -36,17 +38,22 @@ SPECS = {
 }
 
 
+STEPS = {"fused": FusedMLPStep, "native": NativeMLPStep}
+
+
 @pytest.mark.parametrize("optimizer", ["sgd", "sgd-momentum", "adam", "rmsprop"])
 @pytest.mark.parametrize("name", SPECS, ids=SPECS.keys())
-def test_fused_step_matches_autograd(name, optimizer):
-    """Same weights, running statistics and losses after several steps (float64, tolerance 1e-10)."""
+@pytest.mark.parametrize("kind", STEPS)
+def test_fused_step_matches_autograd(kind, name, optimizer):
+    """Same weights, running statistics and losses after several steps (float64, tolerance 1e-10),
+    for the Python fused step and the C++ native step."""
     spec = {**SPECS[name], "input_shape": [12], "num_classes": 3}
     a = build_model(spec, seed=0).double()
     b = build_model(spec, seed=0).double()
     opt_name, mom = ("sgd", 0.9) if optimizer == "sgd-momentum" else (optimizer, 0.0)
     lr = 0.05
     plain = opt_name == "sgd" and mom == 0
-    fused = FusedMLPStep(a, sgd_lr=lr if plain else None)
+    fused = STEPS[kind](a, sgd_lr=lr if plain else None)
     opt_a = None if plain else make_optimizer(opt_name, list(a.parameters()), lr=lr, momentum=mom)
     ref = AutogradStep(b)
     opt_b = make_optimizer(opt_name, list(b.parameters()), lr=lr, momentum=mom)
@@ -55,6 +62,7 @@ def test_fused_step_matches_autograd(name, optimizer):
         la, ca = fused(x, y)
         if opt_a:
             opt_a.step()
+            opt_a.zero_grad()  # sets .grad to None: the next step must still deliver its gradients
         lb, cb = ref(x, y)
         opt_b.step()
         assert abs(float(la) - float(lb)) <= 1e-10 * max(1.0, abs(float(lb)))
@@ -68,10 +76,11 @@ def test_fused_step_matches_autograd(name, optimizer):
             assert torch.equal(va, vb), k
 
 
-def test_fused_step_float32_tolerance():
+@pytest.mark.parametrize("kind", STEPS)
+def test_fused_step_float32_tolerance(kind):
     spec = load_model_spec("fashion-mlp-bn-before")
     a, b = build_model(spec, seed=0), build_model(spec, seed=0)
-    fused, ref = FusedMLPStep(a, sgd_lr=1e-2), AutogradStep(b)
+    fused, ref = STEPS[kind](a, sgd_lr=1e-2), AutogradStep(b)
     opt = make_optimizer("sgd", list(b.parameters()), lr=1e-2)
     g = torch.Generator().manual_seed(0)
     for _ in range(5):
@@ -104,6 +113,71 @@ def test_fit_is_deterministic_and_records_history():
     assert [e.val_accuracy for e in h1.epochs] == [e.val_accuracy for e in h2.epochs]
     assert h1.epochs_to_target == 1 and h1.steps_to_target == 6 and h1.seconds_to_target > 0
     assert all(e.seconds > 0 for e in h1.epochs) and h1.engine == "fused"
+
+
+def test_native_engine_is_the_default_for_mlps_and_gives_the_fused_history():
+    spec = {"hidden": [16, 8], "bn": "before", "input_bn": True, "input_shape": [12], "num_classes": 3}
+    hn = fit(build_model(spec, seed=1), _data(), epochs=3, lr=0.1, seed=2, progress=False)
+    hf = fit(build_model(spec, seed=1), _data(), epochs=3, lr=0.1, seed=2, progress=False, engine="fused")
+    again = fit(build_model(spec, seed=1), _data(), epochs=3, lr=0.1, seed=2, progress=False)
+    assert hn.engine == "native" and hf.engine == "fused"
+    assert torch.allclose(torch.tensor(hn.step_loss), torch.tensor(hf.step_loss), rtol=1e-5)
+    assert hn.step_loss == again.step_loss  # deterministic
+
+
+def test_native_falls_back_to_fused_where_it_does_not_apply():
+    dropout = {"hidden": [16], "bn": "before", "input_shape": [12], "num_classes": 3, "dropout": 0.2}
+    assert fit(build_model(dropout, seed=1), _data(), epochs=1, progress=False).engine == "fused"
+    with pytest.raises(ValueError, match=r"engine='native' cannot run this model: .*Dropout"):
+        fit(build_model(dropout, seed=1), _data(), epochs=1, progress=False, engine="native")
+    plain = {"hidden": [16], "bn": "before", "input_shape": [12], "num_classes": 3}
+    frozen = build_model(plain, seed=1)
+    frozen[-1].bias.requires_grad_(False)
+    assert fit(frozen, _data(), epochs=1, progress=False).engine == "fused"
+
+
+def test_native_unavailable_falls_back_with_the_reason(tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("not a folder")
+    code = ("from bnlab.train import native, fit; from bnlab.models import build_model; import torch;"
+            "from bnlab.data.dataset import Dataset;"
+            "x = torch.randn(40, 4); y = torch.randint(0, 2, (40,));"
+            "d = Dataset('t', x, y, x, y, x[:0], y[:0], 2);"
+            "h = fit(build_model({'hidden': [4], 'input_shape': [4], 'num_classes': 2}), d, epochs=1, progress=False);"
+            "print(h.engine, '|', native.unavailable_reason())")
+    for env in ({"BNLAB_NATIVE": "0"}, {"BNLAB_NATIVE_DIR": str(blocker)}):
+        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                             env={**os.environ, **env})
+        assert out.returncode == 0, out.stderr
+        engine, reason = out.stdout.strip().split(" | ")
+        assert engine == "fused" and reason != "None", out.stdout
+
+
+def test_native_step_rejects_bad_batches_and_leaves_the_model_unchanged():
+    spec = {"hidden": [6], "bn": "before", "input_bn": True, "input_shape": [12], "num_classes": 3}
+    m = build_model(spec, seed=0)
+    step = NativeMLPStep(m, sgd_lr=0.1)
+    before = {k: v.clone() for k, v in m.state_dict().items()}
+    x, y = _toy()
+    bad = [((x, torch.full_like(y, 3)), "target 3 is out of bounds for 3 classes"),
+           ((x[:, :10], y), "takes 12 input features"),
+           ((x.double(), y), "inputs are Double but the model is Float"),
+           ((x, y.int()), "targets must be int64"),
+           ((x[:1], y[:1]), "more than one value per channel")]
+    for args, match in bad:
+        with pytest.raises((RuntimeError, ValueError), match=match):
+            step(*args)
+    for k, v in m.state_dict().items():
+        assert torch.equal(v, before[k]), k
+    loss, correct = step(x, y)
+    assert loss.isfinite() and 0 <= int(correct) <= len(y)
+    assert not torch.equal(m.state_dict()["dense.weight"], before["dense.weight"])
+
+
+def test_native_step_checks_the_layer_widths():
+    m = torch.nn.Sequential(torch.nn.Linear(4, 5), BatchNorm(6), torch.nn.ReLU(), torch.nn.Linear(6, 2))
+    with pytest.raises(ValueError, match="normalises 6 features but receives 5"):
+        NativeMLPStep(m)
 
 
 def test_autograd_engine_gives_the_same_history():
@@ -228,7 +302,7 @@ def test_train_cli_as_a_user(tmp_path):
                           "--epochs", "2", "--lr", "0.05", "--out", str(tmp_path / "run"), "--target", "0.5"],
                          capture_output=True, text=True, timeout=300, env=env)
     assert out.returncode == 0, out.stdout + out.stderr
-    assert "test accuracy" in out.stdout and "fused engine" in out.stdout and "reached at epoch" in out.stdout
+    assert "test accuracy" in out.stdout and "native engine" in out.stdout and "reached at epoch" in out.stdout
     run = json.loads((tmp_path / "run" / "run.json").read_text())
     assert run["train"]["dataset"] == "mnist-5k" and run["model"]["bn"] == "before"
     hist = json.loads((tmp_path / "run" / "history.json").read_text())

@@ -168,7 +168,7 @@ def train(
     target: float = typer.Option(None, "--target", help="Target validation accuracy for time-to-target."),
     patience: int = typer.Option(None, help="Early stopping patience in epochs."),
     max_steps: int = typer.Option(None, "--max-steps"),
-    engine: str = typer.Option("auto", help="auto | fused | autograd."),
+    engine: str = typer.Option("auto", help="auto | native (C++ MLP step) | fused (Python MLP step) | autograd."),
     device: str = typer.Option("auto", help="auto | cpu | cuda."),
     out: Path = typer.Option(None, help="Folder for run.json, history.json and the best checkpoint."),
 ) -> None:

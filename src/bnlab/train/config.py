@@ -41,7 +41,7 @@ class TrainConfig(BaseModel):
     max_steps: int | None = Field(None, ge=1)
     max_seconds: float | None = Field(None, gt=0)
     augment: AugmentConfig | None = None
-    engine: Literal["auto", "fused", "autograd"] = "auto"
+    engine: Literal["auto", "native", "fused", "autograd"] = "auto"
     probes: ProbeConfig | None = None
     device: str = "auto"
 

@@ -1,8 +1,9 @@
 """``fit``: train a model on a prepared Dataset and return its History.
 
 Data stays in tensors on the training device; each epoch draws one seeded permutation and slices
-it (no DataLoader, no per-sample Python). MLPs take the fused step of ``bnlab.train.fused``;
-everything else the ordinary autograd step. Same seed, same history on CPU.
+it (no DataLoader, no per-sample Python). MLPs take the C++ step of ``bnlab.train.native`` where it
+applies (CPU, no dropout, no probes, the library built), else the Python fused step of
+``bnlab.train.fused``; everything else the ordinary autograd step. Same seed, same history on CPU.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from bnlab.train.history import EpochRecord, History
 from bnlab.train.optim import make_optimizer
 from bnlab.train.progress import TrainProgress
 
-ENGINES = ("auto", "fused", "autograd")
+ENGINES = ("auto", "native", "fused", "autograd")
 
 
 class Diverged(FloatingPointError):
@@ -75,14 +76,25 @@ class AutogradStep:
 
 
 def make_step(model: nn.Module, engine: str, generator: torch.Generator | None, *, sgd_lr: float | None = None):
-    """The step function for ``engine``; ``sgd_lr`` lets the fused step apply plain SGD itself."""
+    """The step function for ``engine`` and the name of the engine used; ``sgd_lr`` lets the fused
+    steps apply plain SGD themselves."""
     if engine not in ENGINES:
         raise ValueError(f"unknown engine {engine!r}: expected one of {ENGINES}")
     bad = unsupported_layers(model)
-    if engine == "fused" and bad:
-        raise ValueError("engine='fused' needs an MLP; unsupported: " + ", ".join(bad))
+    if engine in ("fused", "native") and bad:
+        raise ValueError(f"engine={engine!r} needs an MLP; unsupported: " + ", ".join(bad))
     if engine == "autograd" or bad:
         return AutogradStep(model), "autograd"
+    if engine in ("auto", "native"):
+        from bnlab.train import native
+        w = next(model.parameters())
+        why = native.native_unsupported(model, w.device, w.dtype)
+        if not why and native.load() is None:
+            why = [f"the native library is unavailable ({native.unavailable_reason()})"]
+        if not why:
+            return native.NativeMLPStep(model, sgd_lr=sgd_lr), "native"
+        if engine == "native":
+            raise ValueError("engine='native' cannot run this model: " + ", ".join(why))
     return FusedMLPStep(model, generator, sgd_lr=sgd_lr), "fused"
 
 
@@ -140,7 +152,7 @@ def fit(model: nn.Module, data: Dataset, *, optimizer: str = "sgd", lr: float = 
     if probes is not None:
         from bnlab.probes import ProbeConfig, Probes
         probes = Probes(model, probes, lr=lr, seed=seed) if isinstance(probes, ProbeConfig) else probes
-        if engine_used == "fused":
+        if engine_used in ("fused", "native"):  # they call no modules, so no hooks fire: they report
             step.observer = probes.observe
     best = _Best()
     since_best = 0

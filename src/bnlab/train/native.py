@@ -1,0 +1,207 @@
+"""The native MLP step: ``native/mlp_step.cpp``, built on first use, cached, and driven from here.
+
+Why: the Python fused step (``bnlab.train.fused``) still dispatches ~40 small ops per batch, which
+at batch 32 on a CPU costs more than the arithmetic. The C++ step runs the same maths in one call:
+plain loops for BN, activations and the loss, ATen for the matrix products.
+
+It is built with PyTorch's own extension builder (a C++ compiler and ninja are needed; the first
+build takes ~20 s, later runs load the cached library from ``build_dir()``). Where it cannot be
+built, or for what it does not support (CUDA, dropout, frozen parameters), the engine uses
+the Python fused step instead and says so in ``History.engine``. ``BNLAB_NATIVE=0`` turns it off;
+``python -c "from bnlab.train import native; native.load(verbose=True)"`` shows the compiler's output.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import platform
+import sys
+import threading
+import time
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from bnlab.conventions import get_convention, running_update_factor
+from bnlab.nn import BatchNorm
+
+SOURCE = Path(__file__).with_name("native") / "mlp_step.cpp"
+SLOTS = 7  # tensors and scalars per op, as in mlp_step.cpp
+_LINEAR, _BATCHNORM, _ACTIVATION = 0, 1, 2
+_ACTIVATIONS = {nn.ReLU: 0, nn.Sigmoid: 1, nn.Tanh: 2, nn.LeakyReLU: 3, nn.ELU: 4, nn.SELU: 5, nn.Identity: 6}
+
+_lock = threading.Lock()
+_state: dict[str, object] = {}
+
+
+def _cpu_flags() -> str:
+    """The CPU's instruction-set flags on Linux ('' elsewhere)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith(("flags", "Features")):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return ""
+
+
+def compile_flags() -> list[str]:
+    """-O3, plus -march=native where the CPU is known: the BN and update loops then use its widest
+    vectors. The build folder is keyed by the CPU flags, so a shared cache never hands one CPU's
+    build to another."""
+    if sys.platform == "win32":
+        return ["/O2"]
+    return ["-O3", "-march=native"] if _cpu_flags() and platform.machine() in ("x86_64", "AMD64") else ["-O3"]
+
+
+def build_dir() -> Path:
+    """Where the compiled library is cached: $BNLAB_NATIVE_DIR, else the user cache folder, in a
+    sub-folder per torch version and CPU."""
+    if os.environ.get("BNLAB_NATIVE_DIR"):
+        root = Path(os.environ["BNLAB_NATIVE_DIR"])
+    else:
+        from platformdirs import user_cache_dir
+        root = Path(user_cache_dir("bnlab")) / "native"
+    cpu = hashlib.sha256(f"{platform.machine()} {_cpu_flags()}".encode()).hexdigest()[:12]
+    return root / f"torch-{torch.__version__}-{cpu}"
+
+
+def load(verbose: bool = False):
+    """The ``torch.classes.bnlab_native`` namespace, building the library if needed; None (with the
+    reason in ``unavailable_reason()``) where it cannot be built or is turned off."""
+    with _lock:
+        if "ops" in _state:
+            return _state["ops"]
+        ops, reason = None, None
+        if os.environ.get("BNLAB_NATIVE", "1") == "0":
+            reason = "turned off by BNLAB_NATIVE=0"
+        else:
+            try:
+                from torch.utils.cpp_extension import load as build
+                folder = build_dir()
+                folder.mkdir(parents=True, exist_ok=True)
+                if not (folder / "bnlab_native.so").exists() and not verbose:
+                    print("bnlab: compiling the native MLP step for this machine (once, ~20 s)...",
+                          file=sys.stderr, flush=True)
+                t0 = time.perf_counter()
+                build("bnlab_native", [str(SOURCE)], extra_cflags=compile_flags(), build_directory=str(folder),
+                      is_python_module=False, verbose=verbose)
+                _state["seconds"] = time.perf_counter() - t0
+                ops = torch.classes.bnlab_native
+            except Exception as e:  # no compiler, no ninja, a read-only cache...: the Python step still works
+                reason = f"{type(e).__name__}: {str(e).strip().splitlines()[-1] if str(e).strip() else ''}"
+        _state["ops"], _state["reason"] = ops, reason
+        return ops
+
+
+def unavailable_reason() -> str | None:
+    """Why ``load()`` returned None (None if it has not been called or succeeded)."""
+    return _state.get("reason")  # type: ignore[return-value]
+
+
+def load_seconds() -> float | None:
+    """How long ``load()`` took: building and loading, or only loading the cached library."""
+    return _state.get("seconds")  # type: ignore[return-value]
+
+
+def native_unsupported(model: nn.Sequential, device: torch.device, dtype: torch.dtype) -> list[str]:
+    """Why the native step cannot run this (already fused-supported) MLP; empty: it can."""
+    bad = []
+    if device.type != "cpu":
+        bad.append(f"device {device.type}")
+    if dtype not in (torch.float32, torch.float64):
+        bad.append(f"dtype {dtype}")
+    for name, mod in model.named_children():
+        if isinstance(mod, nn.Dropout) and mod.p > 0:
+            bad.append(f"{name} (Dropout)")
+    if any(not p.requires_grad for p in model.parameters()):
+        bad.append("frozen parameters")
+    return bad
+
+
+def _check_widths(model: nn.Sequential) -> None:
+    """The C++ loops trust each BN's size to match the features reaching it: check that once here."""
+    width = None
+    for name, mod in model.named_children():
+        if isinstance(mod, nn.Linear):
+            if width is not None and mod.in_features != width:
+                raise ValueError(f"layer {name} takes {mod.in_features} features but receives {width}")
+            width = mod.out_features
+        elif isinstance(mod, BatchNorm):
+            if width is not None and mod.num_features != width:
+                raise ValueError(f"layer {name} normalises {mod.num_features} features but receives {width}")
+            width = mod.num_features
+
+
+class NativeMLPStep:
+    """Same interface and maths as ``FusedMLPStep``, one C++ call per batch.
+
+    ``sgd_lr=None``: gradients land in ``.grad`` for an optimizer (overwritten by each step, so no
+    zero_grad is needed); else plain SGD in place. The step holds the model's tensors: build it
+    after ``model.to(...)``. ``observer`` (probes) sees each activation's input after the step.
+    """
+
+    def __init__(self, model: nn.Sequential, *, sgd_lr: float | None = None):
+        self.ops = load()
+        if self.ops is None:
+            raise RuntimeError(f"the native step is not available ({unavailable_reason()})")
+        self.model = model
+        self.applies_update = sgd_lr is not None
+        self.lr = 0.0 if sgd_lr is None else float(sgd_lr)
+        self.observer = None  # callable(module, pre_activation), set by probes: called after each step
+        self.activations: list[tuple[int, nn.Module]] = []  # (op index, activation module)
+        self.grads: list[tuple[torch.Tensor, torch.Tensor]] = []  # (parameter, the tensor its gradient goes to)
+        codes: list[int] = []
+        tensors: list[torch.Tensor | None] = []
+        scalars: list[float] = []
+        _check_widths(model)
+        for mod in model.children():
+            if isinstance(mod, (nn.Flatten, nn.Dropout)):  # the step flattens its input; p=0 dropout is identity
+                continue
+            slots: list[torch.Tensor | None] = [None] * SLOTS
+            values = [0.0] * SLOTS
+            if isinstance(mod, nn.Linear):
+                code = (_LINEAR, 0)
+                slots[:4] = [mod.weight, mod.bias, self._grad(mod.weight), self._grad(mod.bias)]
+            elif isinstance(mod, BatchNorm):
+                code = (_BATCHNORM, 0)
+                conv = get_convention(mod.convention)
+                slots[:4] = [mod.weight, mod.bias, self._grad(mod.weight), self._grad(mod.bias)]
+                if mod.track_running_stats:
+                    slots[4:7] = [mod.running_mean, mod.running_var, mod.num_batches_tracked]
+                # the weight of the new batch statistic; -1: cumulative average, 1 / num_batches_tracked
+                new_weight = -1.0 if mod.momentum is None else running_update_factor(conv, mod.momentum, 1)
+                values[:4] = [mod.eps, new_weight, float(conv.running_var_unbiased), float(mod.track_running_stats)]
+            else:
+                code = (_ACTIVATION, _ACTIVATIONS[type(mod)])
+                self.activations.append((len(codes) // 2, mod))
+                values[0] = float(getattr(mod, "negative_slope", getattr(mod, "alpha", 0.0)))
+            codes += code
+            tensors += slots
+            scalars += values
+        self.has_bn = _BATCHNORM in codes[::2]
+        self.program = self.ops.MLPProgram(tensors, codes, scalars)
+
+    def _grad(self, p: torch.Tensor | None) -> torch.Tensor | None:
+        """The tensor the step writes p's gradient into (None: plain SGD, or p frozen)."""
+        if p is None or not p.requires_grad or self.applies_update:
+            return None
+        if p.grad is None or p.grad.shape != p.shape:
+            p.grad = torch.zeros_like(p)
+        self.grads.append((p, p.grad))
+        return p.grad
+
+    def __call__(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Forward + backward (+ SGD) on one batch. Returns (mean loss, number correct), 0-d tensors."""
+        if x.shape[0] < 2 and self.has_bn:
+            raise ValueError(f"BatchNorm needs more than one value per channel in training (got a batch of {x.shape[0]})")
+        loss, correct = self.program.step(x, y, self.lr)
+        for p, g in self.grads:  # someone (zero_grad(set_to_none=True), probes) may have unset .grad
+            if p.grad is not g:
+                p.grad = g
+        if self.observer is not None:
+            for o, mod in self.activations:
+                self.observer(mod, self.program.input_of(o))
+        return loss, correct

@@ -1,0 +1,368 @@
+// One training step of an MLP (Linear / BatchNorm / activation layers, mean cross-entropy on
+// logits) in a single call: forward, explicit backward and the parameter update, with plain loops
+// for everything but the GEMMs (which go to ATen, i.e. MKL / oneDNN).
+//
+// Why: at batch 32 the Python fused step (bnlab/train/fused.py) spends more time dispatching ~40
+// small ops than computing; here the only dispatched ops are the ~7 matrix products.
+// The maths is exactly that of fused.py (and therefore of autograd): BN normalises with the biased
+// batch variance, accumulating in double as ATen's CPU kernels do; tests/test_train.py
+// proves the match.
+//
+// The network arrives as a flat program (see bnlab/train/native.py, which builds it):
+//   codes:   per op, [kind, arg]          kind 0 Linear, 1 BatchNorm, 2 activation (arg = which)
+//   tensors: per op, SLOTS optional tensors
+//     Linear:    weight, bias, weight grad, bias grad
+//     BatchNorm: weight, bias, weight grad, bias grad, running mean, running var, num_batches_tracked
+//   scalars: per op, SLOTS doubles
+//     BatchNorm: eps, new-statistic weight (< 0: cumulative average 1/n), running var unbiased (0/1),
+//                update running statistics (0/1)
+//     activation: its parameter (negative slope, alpha)
+// Gradients go to the grad tensors when given (an optimizer steps later), else plain SGD with
+// learning rate `lr` is applied in place (weight matrices inside the backward GEMM: W.addmm_(dyᵀ, h)).
+// Running statistics are updated in the forward pass from the batch's own biased variance (not
+// rebuilt from 1/sqrt(var + eps), which loses digits when var << eps).
+// Intermediates live in buffers kept across steps. The loops are written to auto-vectorise; the
+// library is built with -march=native (see native.py).
+
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <c10/core/impl/LocalDispatchKeySet.h>
+#include <torch/custom_class.h>
+#include <torch/library.h>
+
+#include <cmath>
+#include <vector>
+
+namespace {
+
+constexpr int64_t SLOTS = 7;
+enum Kind : int64_t { LINEAR = 0, BATCHNORM = 1, ACTIVATION = 2 };
+enum Act : int64_t { RELU = 0, SIGMOID, TANH, LEAKY_RELU, ELU, SELU, IDENTITY };
+constexpr double SELU_ALPHA = 1.6732632423543772, SELU_SCALE = 1.0507009873554805;
+
+enum Buf : int64_t { OUT = 0, MEAN, INVSTD, VAR, DX, BUFS_PER_OP };  // per op, then one for d loss / d logits
+
+struct Saved {  // what the backward pass needs from the forward pass, per op
+  at::Tensor in, out, mean, invstd;
+};
+
+template <typename T>
+void bn_forward(const T* x, T* y, const T* gamma, const T* beta, T* mean_out, T* invstd_out, T* var_out,
+                int64_t n, int64_t c, double eps) {
+  std::vector<double> sum(c, 0.0), sq(c, 0.0);
+  for (int64_t i = 0; i < n; ++i) {
+    const T* row = x + i * c;
+    for (int64_t j = 0; j < c; ++j) sum[j] += row[j];
+  }
+  for (int64_t j = 0; j < c; ++j) sum[j] /= n;  // now the mean
+  for (int64_t i = 0; i < n; ++i) {
+    const T* row = x + i * c;
+    for (int64_t j = 0; j < c; ++j) {
+      double d = row[j] - sum[j];
+      sq[j] += d * d;
+    }
+  }
+  std::vector<T> scale(c), shift(c);
+  for (int64_t j = 0; j < c; ++j) {
+    T invstd = static_cast<T>(1.0 / std::sqrt(sq[j] / n + eps));
+    T mean = static_cast<T>(sum[j]);
+    mean_out[j] = mean;
+    invstd_out[j] = invstd;
+    var_out[j] = static_cast<T>(sq[j] / n);  // biased
+    T g = gamma ? gamma[j] : T(1), b = beta ? beta[j] : T(0);
+    scale[j] = invstd * g;
+    shift[j] = b - mean * invstd * g;
+  }
+  for (int64_t i = 0; i < n; ++i) {
+    const T* row = x + i * c;
+    T* out = y + i * c;
+    for (int64_t j = 0; j < c; ++j) out[j] = row[j] * scale[j] + shift[j];
+  }
+}
+
+// dx (may be null), dgamma, dbeta (may be null) of training-mode BN, as ATen's CPU kernel
+template <typename T>
+void bn_backward(const T* dy, const T* x, const T* gamma, const T* mean, const T* invstd, T* dx,
+                 T* dgamma, T* dbeta, int64_t n, int64_t c) {
+  std::vector<double> sum(c, 0.0), dot(c, 0.0);
+  for (int64_t i = 0; i < n; ++i) {
+    const T* g = dy + i * c;
+    const T* row = x + i * c;
+    for (int64_t j = 0; j < c; ++j) {
+      sum[j] += g[j];
+      dot[j] += (row[j] - mean[j]) * g[j];
+    }
+  }
+  if (dgamma)
+    for (int64_t j = 0; j < c; ++j) dgamma[j] = static_cast<T>(dot[j] * invstd[j]);
+  if (dbeta)
+    for (int64_t j = 0; j < c; ++j) dbeta[j] = static_cast<T>(sum[j]);
+  if (!dx) return;
+  std::vector<T> gmean(c), k(c), w(c);
+  for (int64_t j = 0; j < c; ++j) {
+    gmean[j] = static_cast<T>(sum[j] / n);
+    k[j] = static_cast<T>(dot[j] * invstd[j] * invstd[j] / n);
+    w[j] = invstd[j] * (gamma ? gamma[j] : T(1));
+  }
+  for (int64_t i = 0; i < n; ++i) {
+    const T* g = dy + i * c;
+    const T* row = x + i * c;
+    T* out = dx + i * c;
+    for (int64_t j = 0; j < c; ++j) out[j] = (g[j] - gmean[j] - (row[j] - mean[j]) * k[j]) * w[j];
+  }
+}
+
+template <typename T>
+void act_forward(int64_t kind, double p, const T* x, T* y, int64_t m) {
+  switch (kind) {
+    case RELU: for (int64_t i = 0; i < m; ++i) y[i] = x[i] < T(0) ? T(0) : x[i]; break;  // NaN stays NaN
+    case SIGMOID: for (int64_t i = 0; i < m; ++i) y[i] = T(1) / (T(1) + std::exp(-x[i])); break;
+    case TANH: for (int64_t i = 0; i < m; ++i) y[i] = std::tanh(x[i]); break;
+    case LEAKY_RELU: for (int64_t i = 0; i < m; ++i) y[i] = x[i] > T(0) ? x[i] : x[i] * T(p); break;
+    case ELU: for (int64_t i = 0; i < m; ++i) y[i] = x[i] > T(0) ? x[i] : T(p) * std::expm1(x[i]); break;
+    case SELU:
+      for (int64_t i = 0; i < m; ++i)
+        y[i] = T(SELU_SCALE) * (x[i] > T(0) ? x[i] : T(SELU_ALPHA) * std::expm1(x[i]));
+      break;
+    default: for (int64_t i = 0; i < m; ++i) y[i] = x[i];
+  }
+}
+
+// the gradient g through the activation, in place, from its input x and output y
+template <typename T>
+void act_backward(int64_t kind, double p, T* __restrict g, const T* __restrict x, const T* __restrict y, int64_t m) {
+  const T slope = T(p);
+  switch (kind) {
+    case RELU: for (int64_t i = 0; i < m; ++i) g[i] = x[i] <= T(0) ? T(0) : g[i]; break;
+    case SIGMOID: for (int64_t i = 0; i < m; ++i) g[i] = g[i] * (T(1) - y[i]) * y[i]; break;
+    case TANH: for (int64_t i = 0; i < m; ++i) g[i] = g[i] * (T(1) - y[i] * y[i]); break;
+    case LEAKY_RELU: for (int64_t i = 0; i < m; ++i) g[i] = x[i] > T(0) ? g[i] : g[i] * slope; break;
+    case ELU: for (int64_t i = 0; i < m; ++i) g[i] = y[i] <= T(0) ? g[i] * (y[i] + slope) : g[i]; break;
+    case SELU:
+      for (int64_t i = 0; i < m; ++i)
+        g[i] = y[i] <= T(0) ? g[i] * (y[i] + T(SELU_ALPHA * SELU_SCALE)) : g[i] * T(SELU_SCALE);
+      break;
+    default: break;
+  }
+}
+
+// mean cross-entropy, number correct, and d loss / d logits = (softmax - onehot) / n
+template <typename T>
+void softmax_xent(const T* logits, const int64_t* y, T* dlogits, int64_t n, int64_t k, double* loss,
+                  int64_t* correct) {
+  double total = 0;
+  int64_t right = 0;
+  for (int64_t i = 0; i < n; ++i) {
+    const T* row = logits + i * k;
+    T* g = dlogits + i * k;
+    int64_t best = 0;
+    T mx = row[0];
+    for (int64_t j = 1; j < k; ++j)
+      if (row[j] > mx || std::isnan(row[j])) { mx = row[j]; best = j; if (std::isnan(mx)) break; }
+    T s = 0;
+    for (int64_t j = 0; j < k; ++j) s += std::exp(row[j] - mx);
+    T lse = mx + std::log(s);
+    const int64_t t = y[i];  // range checked before the step began
+    total -= static_cast<double>(row[t] - lse);
+    right += best == t;
+    for (int64_t j = 0; j < k; ++j) g[j] = std::exp(row[j] - lse) / T(n);
+    g[t] -= T(1) / T(n);
+  }
+  *loss = total / n;
+  *correct = right;
+}
+
+template <typename T>
+void sgd_or_grad(const at::Tensor& param, const at::Tensor& grad_slot, const T* g, double lr) {
+  int64_t m = param.numel();
+  if (grad_slot.defined()) {
+    T* dst = grad_slot.data_ptr<T>();
+    for (int64_t i = 0; i < m; ++i) dst[i] = g[i];
+  } else {
+    T* p = param.data_ptr<T>();
+    for (int64_t i = 0; i < m; ++i) p[i] -= T(lr) * g[i];
+  }
+}
+
+template <typename T>
+void update_running(const at::Tensor* t, const double* s, const T* mean, const T* var, int64_t n, int64_t c) {
+  const at::Tensor &rm = t[4], &rv = t[5], &nbt = t[6];
+  if (!s[3] || !rm.defined()) return;
+  double f = s[1];
+  if (nbt.defined()) {
+    int64_t* count = nbt.data_ptr<int64_t>();
+    *count += 1;
+    if (f < 0) f = 1.0 / static_cast<double>(*count);
+  }
+  double unbias = s[2] ? static_cast<double>(n) / (n - 1) : 1.0;
+  T* m = rm.data_ptr<T>();
+  T* v = rv.data_ptr<T>();
+  for (int64_t j = 0; j < c; ++j) {
+    m[j] += T(f) * (mean[j] - m[j]);
+    v[j] += T(f) * (static_cast<T>(var[j] * unbias) - v[j]);
+  }
+}
+
+struct MLPProgram : torch::CustomClassHolder {
+  std::vector<at::Tensor> t;  // SLOTS per op
+  std::vector<int64_t> codes;  // 2 per op
+  std::vector<double> scalars;  // SLOTS per op
+  int64_t ops;
+  int64_t first_trainable = -1;  // ops before it need no input gradient
+  at::ScalarType dtype = at::kFloat;
+  int64_t in_features = -1, classes = -1;  // -1: not known (checked by ATen instead)
+  std::vector<Saved> saved;
+  // every intermediate lives in a buffer kept across steps: a fresh ~1 MB tensor per step would be
+  // mmap'ed, page-faulted and unmapped each time, which costs more than the GEMM that fills it
+  std::vector<at::Tensor> bufs;
+
+  at::Tensor& buffer(size_t id, at::IntArrayRef sizes, const at::TensorOptions& opts) {
+    at::Tensor& b = bufs.at(id);  // sized once in the constructor: references stay valid
+    if (!b.defined() || b.sizes() != sizes || b.scalar_type() != opts.dtype().toScalarType())
+      b = at::empty(sizes, opts);
+    return b;
+  }
+
+  MLPProgram(c10::List<std::optional<at::Tensor>> tensors, std::vector<int64_t> codes_, std::vector<double> scalars_)
+      : codes(std::move(codes_)), scalars(std::move(scalars_)) {
+    ops = static_cast<int64_t>(codes.size()) / 2;
+    TORCH_CHECK(ops > 0 && static_cast<int64_t>(tensors.size()) == ops * SLOTS &&
+                    static_cast<int64_t>(scalars.size()) == ops * SLOTS,
+                "malformed program: ", ops, " ops, ", tensors.size(), " tensors, ", scalars.size(), " scalars");
+    for (size_t i = 0; i < tensors.size(); ++i) {
+      std::optional<at::Tensor> ti = tensors[i];
+      t.push_back(ti.has_value() ? *ti : at::Tensor());
+    }
+    for (const at::Tensor& ti : t)
+      if (ti.defined() && ti.is_floating_point()) { dtype = ti.scalar_type(); break; }
+    for (int64_t o = 0; o < ops && in_features < 0; ++o) {
+      const at::Tensor* ts = &t[o * SLOTS];
+      if (codes[2 * o] == LINEAR) in_features = ts[0].size(1);
+      else if (codes[2 * o] == BATCHNORM && (ts[0].defined() || ts[4].defined()))
+        in_features = (ts[0].defined() ? ts[0] : ts[4]).numel();
+    }
+    for (int64_t o = ops - 1; o >= 0 && classes < 0; --o)
+      if (codes[2 * o] == LINEAR) classes = t[o * SLOTS].size(0);
+    for (int64_t o = 0; o < ops && first_trainable < 0; ++o)
+      if (codes[2 * o] != ACTIVATION && (t[o * SLOTS].defined() || t[o * SLOTS + 1].defined())) first_trainable = o;
+    bufs.resize(BUFS_PER_OP * ops + 1);
+  }
+
+  template <typename T>
+  std::vector<at::Tensor> run(const at::Tensor& x, const at::Tensor& y, double lr) {
+    const int64_t n = x.size(0);
+    saved.resize(ops);
+    at::Tensor h = x.reshape({n, -1}).contiguous();
+    auto opts = h.options();
+    for (int64_t o = 0; o < ops; ++o) {
+      const int64_t kind = codes[2 * o], arg = codes[2 * o + 1];
+      const at::Tensor* ts = &t[o * SLOTS];
+      const double* s = &scalars[o * SLOTS];
+      Saved& sv = saved[o];
+      sv.in = h;
+      if (kind == LINEAR) {
+        at::Tensor& out = buffer(BUFS_PER_OP * o + OUT, {n, ts[0].size(0)}, opts);
+        if (ts[1].defined())
+          at::addmm_out(out, ts[1], h, ts[0].t());
+        else
+          at::mm_out(out, h, ts[0].t());
+        h = out;
+      } else if (kind == BATCHNORM) {
+        const int64_t c = h.size(1);
+        TORCH_CHECK(n > 1, "BatchNorm needs more than one value per channel in training (got a batch of 1)");
+        at::Tensor& out = buffer(BUFS_PER_OP * o + OUT, h.sizes(), opts);
+        sv.mean = buffer(BUFS_PER_OP * o + MEAN, {c}, opts);
+        sv.invstd = buffer(BUFS_PER_OP * o + INVSTD, {c}, opts);
+        at::Tensor& var = buffer(BUFS_PER_OP * o + VAR, {c}, opts);
+        bn_forward<T>(h.data_ptr<T>(), out.data_ptr<T>(), ts[0].defined() ? ts[0].data_ptr<T>() : nullptr,
+                      ts[1].defined() ? ts[1].data_ptr<T>() : nullptr, sv.mean.data_ptr<T>(),
+                      sv.invstd.data_ptr<T>(), var.data_ptr<T>(), n, c, s[0]);
+        update_running<T>(ts, s, sv.mean.data_ptr<T>(), var.data_ptr<T>(), n, c);
+        h = out;
+      } else {
+        at::Tensor& out = buffer(BUFS_PER_OP * o + OUT, h.sizes(), opts);
+        act_forward<T>(arg, s[0], h.data_ptr<T>(), out.data_ptr<T>(), h.numel());
+        h = out;
+      }
+      sv.out = h;
+    }
+    at::Tensor dy = buffer(BUFS_PER_OP * ops, h.sizes(), opts);
+    double loss = 0;
+    int64_t correct = 0;
+    softmax_xent<T>(h.data_ptr<T>(), y.data_ptr<int64_t>(), dy.data_ptr<T>(), n, h.size(1), &loss, &correct);
+    std::vector<T> vec;  // a Linear's bias gradient
+    for (int64_t o = ops - 1; o >= 0 && o >= first_trainable; --o) {
+      const int64_t kind = codes[2 * o], arg = codes[2 * o + 1];
+      const at::Tensor* ts = &t[o * SLOTS];
+      Saved& sv = saved[o];
+      const bool need_dx = o > first_trainable;
+      if (kind == LINEAR) {
+        if (ts[1].defined()) {
+          const int64_t out = dy.size(1);
+          vec.assign(out, T(0));
+          const T* g = dy.data_ptr<T>();
+          for (int64_t i = 0; i < n; ++i)
+            for (int64_t j = 0; j < out; ++j) vec[j] += g[i * out + j];
+          sgd_or_grad<T>(ts[1], ts[3], vec.data(), lr);
+        }
+        const at::Tensor& w = ts[0];
+        at::Tensor dx;
+        if (need_dx) dx = at::mm_out(buffer(BUFS_PER_OP * o + DX, sv.in.sizes(), opts), dy, w);  // with W before its update
+        if (ts[2].defined())
+          at::mm_out(const_cast<at::Tensor&>(ts[2]), dy.t(), sv.in);
+        else
+          const_cast<at::Tensor&>(w).addmm_(dy.t(), sv.in, 1.0, -lr);
+        dy = dx;
+      } else if (kind == BATCHNORM) {
+        const int64_t c = dy.size(1);
+        at::Tensor dx = need_dx ? buffer(BUFS_PER_OP * o + DX, dy.sizes(), opts) : at::Tensor();
+        std::vector<T> dgamma(c), dbeta(c);
+        bn_backward<T>(dy.data_ptr<T>(), sv.in.data_ptr<T>(), ts[0].defined() ? ts[0].data_ptr<T>() : nullptr,
+                       sv.mean.data_ptr<T>(), sv.invstd.data_ptr<T>(), need_dx ? dx.data_ptr<T>() : nullptr,
+                       dgamma.data(), dbeta.data(), n, c);
+        if (ts[0].defined()) sgd_or_grad<T>(ts[0], ts[2], dgamma.data(), lr);
+        if (ts[1].defined()) sgd_or_grad<T>(ts[1], ts[3], dbeta.data(), lr);
+        dy = dx;
+      } else if (need_dx) {
+        act_backward<T>(arg, scalars[o * SLOTS], dy.data_ptr<T>(), sv.in.data_ptr<T>(), sv.out.data_ptr<T>(),
+                        dy.numel());
+      }
+    }
+    return {at::scalar_tensor(loss, opts), at::scalar_tensor(correct, at::kLong)};
+  }
+
+  // the input op o saw in the last step (for probes: an activation's pre-activations); valid until
+  // the next step overwrites the buffer
+  at::Tensor input_of(int64_t o) {
+    TORCH_CHECK(o >= 0 && o < static_cast<int64_t>(saved.size()), "no op ", o, " in the last step");
+    return saved[o].in;
+  }
+
+  std::vector<at::Tensor> step(at::Tensor x, at::Tensor y, double lr) {
+    TORCH_CHECK(x.device().is_cpu(), "the native MLP step runs on the CPU (got ", x.device(), ")");
+    TORCH_CHECK(y.scalar_type() == at::kLong && y.dim() == 1 && y.size(0) == x.size(0),
+                "targets must be int64 of shape (", x.size(0), ",) (got ", y.scalar_type(), " ", y.sizes(), ")");
+    TORCH_CHECK(x.dim() >= 2 && x.size(0) >= 1, "need a batch of shape (N, features...) (got ", x.sizes(), ")");
+    TORCH_CHECK(x.scalar_type() == dtype, "inputs are ", x.scalar_type(), " but the model is ", dtype);
+    // everything is checked before anything is written: a bad batch leaves the model as it was
+    TORCH_CHECK(in_features < 0 || x.numel() == x.size(0) * in_features, "the model takes ", in_features,
+                " input features per example but the batch has shape ", x.sizes());
+    at::Tensor yc = y.contiguous();
+    const int64_t* yp = yc.data_ptr<int64_t>();
+    for (int64_t i = 0; i < yc.numel(); ++i)
+      TORCH_CHECK(yp[i] >= 0 && yp[i] < classes, "target ", yp[i], " is out of bounds for ", classes, " classes");
+    at::AutoDispatchBelowADInplaceOrView guard;  // no autograd: parameters are updated in place
+    if (x.scalar_type() == at::kDouble) return run<double>(x, yc, lr);
+    TORCH_CHECK(x.scalar_type() == at::kFloat, "the native MLP step needs float32 or float64 (got ", x.scalar_type(), ")");
+    return run<float>(x, yc, lr);
+  }
+};
+
+}  // namespace
+
+TORCH_LIBRARY(bnlab_native, m) {
+  m.class_<MLPProgram>("MLPProgram")
+      .def(torch::init<c10::List<std::optional<at::Tensor>>, std::vector<int64_t>, std::vector<double>>())
+      .def("step", &MLPProgram::step)
+      .def("input_of", &MLPProgram::input_of);
+}
