@@ -141,6 +141,53 @@ def keras_rule_checks(seed: int = 0) -> list[CheckRow]:
                  "y, moving stats", max(errs), 1e-12)]
 
 
+STEP_SPECS = {
+    "relu, input BN + BN before": {"hidden": [10, 7], "bn": "before", "input_bn": True},
+    "sigmoid, BN after": {"hidden": [9], "bn": "after", "activation": "sigmoid"},
+    "elu, keras BN": {"hidden": [6], "bn": "after", "activation": "elu", "norm_options": {"convention": "keras"}},
+}
+
+
+def training_step_checks(seed: int = 0, steps: int = 3) -> list[CheckRow]:
+    """The engine's fused and native MLP steps against the ordinary autograd step (float64): the
+    weights and running statistics after a few plain-SGD steps, and the losses on the way."""
+    from bnlab.models import build_model
+    from bnlab.train import native
+    from bnlab.train.engine import AutogradStep
+    from bnlab.train.fused import FusedMLPStep
+
+    kinds = {"fused": FusedMLPStep}
+    if native.load() is not None:
+        kinds["native"] = native.NativeMLPStep
+    g = torch.Generator().manual_seed(seed)
+    batches = [(torch.randn(16, 12, generator=g, dtype=torch.float64) * 2 + 0.5,
+                torch.randint(0, 3, (16,), generator=g)) for _ in range(steps)]
+    rows = []
+    for label, spec in STEP_SPECS.items():
+        spec = {**spec, "input_shape": [12], "num_classes": 3}
+        ref_model = build_model(spec, seed=seed).double()
+        ref_step = AutogradStep(ref_model)
+        ref_losses = []
+        for x, y in batches:
+            ref_losses.append(float(ref_step(x, y)[0]))
+            with torch.no_grad():
+                for p in ref_model.parameters():
+                    p -= 0.05 * p.grad
+        for kind, step_cls in kinds.items():
+            model = build_model(spec, seed=seed).double()
+            step = step_cls(model, sgd_lr=0.05)
+            losses = [float(step(x, y)[0]) for x, y in batches]
+            # per tensor, max|a - b| / max(1, max|b|): a parameter whose true gradient is exactly 0
+            # (the input BN's beta when another BN follows) holds only rounding noise in both
+            state = max(float((a - b).abs().max()) / max(1.0, float(b.abs().max())) for a, b in
+                        zip(model.state_dict().values(), ref_model.state_dict().values()) if a.is_floating_point())
+            rows.append(_row("training step vs autograd (float64, |a - b| / max(1, |b|))", f"{kind}: {label}", "weights, stats",
+                             state, TORCH_TOL[torch.float64]))
+            rows.append(_row("training step vs autograd (float64, |a - b| / max(1, |b|))", f"{kind}: {label}", "losses",
+                             ref.relative_error(np.array(losses), np.array(ref_losses)), TORCH_TOL[torch.float64]))
+    return rows
+
+
 def speed_ratio(shape=(128, 64, 32, 32), repeats: int = 10) -> tuple[float, float, float]:
     """(bnlab seconds, torch seconds, ratio) for forward+backward of BN on a CNN-sized tensor."""
     x = torch.randn(shape, requires_grad=True)
@@ -166,7 +213,7 @@ class SpeedResult:
 
 
 def correctness_checks() -> list[CheckRow]:
-    return reference_gradient_checks() + torch_agreement_checks() + keras_rule_checks()
+    return reference_gradient_checks() + torch_agreement_checks() + keras_rule_checks() + training_step_checks()
 
 
 def speed_check(shape=(128, 64, 32, 32), repeats: int = 10) -> SpeedResult:

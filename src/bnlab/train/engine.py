@@ -2,7 +2,7 @@
 
 Data stays in tensors on the training device; each epoch draws one seeded permutation and slices
 it (no DataLoader, no per-sample Python). MLPs take the C++ step of ``bnlab.train.native`` where it
-applies (CPU, no dropout, no probes, the library built), else the Python fused step of
+applies (CPU, no dropout, the library built), else the Python fused step of
 ``bnlab.train.fused``; everything else the ordinary autograd step. Same seed, same history on CPU.
 """
 
@@ -152,8 +152,7 @@ def fit(model: nn.Module, data: Dataset, *, optimizer: str = "sgd", lr: float = 
     if probes is not None:
         from bnlab.probes import ProbeConfig, Probes
         probes = Probes(model, probes, lr=lr, seed=seed) if isinstance(probes, ProbeConfig) else probes
-        if engine_used in ("fused", "native"):  # they call no modules, so no hooks fire: they report
-            step.observer = probes.observe
+        observed = engine_used in ("fused", "native")  # they call no modules, so no hooks fire: they report
     best = _Best()
     since_best = 0
     steps_done = 0
@@ -173,6 +172,8 @@ def fit(model: nn.Module, data: Dataset, *, optimizer: str = "sgd", lr: float = 
                         xb = augment(xb, gen)
                     if probes is not None:
                         probes.before_step(steps_done + 1)
+                        if observed:  # only sampled steps pay for reporting pre-activations
+                            step.observer = probes.observe if probes.armed else None
                     try:
                         loss, corr = step(xb, yb)
                     except FloatingPointError as e:  # BN's non-finite statistics

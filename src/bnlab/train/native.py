@@ -13,6 +13,7 @@ the Python fused step instead and says so in ``History.engine``. ``BNLAB_NATIVE=
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import platform
@@ -68,6 +69,26 @@ def build_dir() -> Path:
     return root / f"torch-{torch.__version__}-{cpu}"
 
 
+@contextlib.contextmanager
+def _bundled_ninja():
+    """torch's builder runs ``ninja`` from PATH: put the ninja installed with bnlab first while it
+    builds (its bin folder is not on PATH when bnlab runs as ``.venv/bin/bnlab``, and a system
+    ninja of another version would not read the pinned one's build log, so would rebuild)."""
+    old = os.environ.get("PATH")
+    try:
+        import ninja
+        os.environ["PATH"] = os.pathsep.join(p for p in (ninja.BIN_DIR, old) if p)
+    except ImportError:
+        pass
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop("PATH", None)
+        else:
+            os.environ["PATH"] = old
+
+
 def load(verbose: bool = False):
     """The ``torch.classes.bnlab_native`` namespace, building the library if needed; None (with the
     reason in ``unavailable_reason()``) where it cannot be built or is turned off."""
@@ -86,8 +107,9 @@ def load(verbose: bool = False):
                     print("bnlab: compiling the native MLP step for this machine (once, ~20 s)...",
                           file=sys.stderr, flush=True)
                 t0 = time.perf_counter()
-                build("bnlab_native", [str(SOURCE)], extra_cflags=compile_flags(), build_directory=str(folder),
-                      is_python_module=False, verbose=verbose)
+                with _bundled_ninja():
+                    build("bnlab_native", [str(SOURCE)], extra_cflags=compile_flags(), build_directory=str(folder),
+                          is_python_module=False, verbose=verbose)
                 _state["seconds"] = time.perf_counter() - t0
                 ops = torch.classes.bnlab_native
             except Exception as e:  # no compiler, no ninja, a read-only cache...: the Python step still works
