@@ -59,14 +59,14 @@ def compile_flags() -> list[str]:
 
 def build_dir() -> Path:
     """Where the compiled library is cached: $BNLAB_NATIVE_DIR, else the user cache folder, in a
-    sub-folder per torch version and CPU."""
+    sub-folder per torch version, CPU and source text (so checkouts and versions never collide)."""
     if os.environ.get("BNLAB_NATIVE_DIR"):
         root = Path(os.environ["BNLAB_NATIVE_DIR"])
     else:
         from platformdirs import user_cache_dir
         root = Path(user_cache_dir("bnlab")) / "native"
-    cpu = hashlib.sha256(f"{platform.machine()} {_cpu_flags()}".encode()).hexdigest()[:12]
-    return root / f"torch-{torch.__version__}-{cpu}"
+    key = hashlib.sha256(f"{platform.machine()} {_cpu_flags()}".encode() + SOURCE.read_bytes()).hexdigest()[:16]
+    return root / f"torch-{torch.__version__}-{key}"
 
 
 @contextlib.contextmanager
@@ -103,12 +103,17 @@ def load(verbose: bool = False):
                 from torch.utils.cpp_extension import load as build
                 folder = build_dir()
                 folder.mkdir(parents=True, exist_ok=True)
+                # compiled from a copy inside the folder: the same command line from every checkout,
+                # so ninja's log stays valid and no checkout rebuilds another's library
+                source = folder / SOURCE.name
+                if not source.exists() or source.read_bytes() != SOURCE.read_bytes():
+                    source.write_bytes(SOURCE.read_bytes())
                 if not (folder / "bnlab_native.so").exists() and not verbose:
                     print("bnlab: compiling the native MLP step for this machine (once, ~20 s)...",
                           file=sys.stderr, flush=True)
                 t0 = time.perf_counter()
                 with _bundled_ninja():
-                    build("bnlab_native", [str(SOURCE)], extra_cflags=compile_flags(), build_directory=str(folder),
+                    build("bnlab_native", [str(source)], extra_cflags=compile_flags(), build_directory=str(folder),
                           is_python_module=False, verbose=verbose)
                 _state["seconds"] = time.perf_counter() - t0
                 ops = torch.classes.bnlab_native
