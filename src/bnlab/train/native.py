@@ -145,6 +145,8 @@ def native_unsupported(model: nn.Sequential, device: torch.device, dtype: torch.
             bad.append(f"{name} (Dropout)")
     if any(not p.requires_grad for p in model.parameters()):
         bad.append("frozen parameters")
+    if any(not t.is_contiguous() for t in (*model.parameters(), *model.buffers())):
+        bad.append("non-contiguous parameters")  # the C++ loops walk raw memory
     return bad
 
 
