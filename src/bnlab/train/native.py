@@ -5,7 +5,7 @@ at batch 32 on a CPU costs more than the arithmetic. The C++ step runs the same 
 plain loops for BN, activations and the loss, ATen for the matrix products.
 
 It is built with PyTorch's own extension builder (a C++ compiler and ninja are needed; the first
-build takes ~20 s, later runs load the cached library from ``build_dir()``). Where it cannot be
+build takes ~15 s, later runs load the cached library from ``build_dir()``). Where it cannot be
 built, or for what it does not support (CUDA, dropout, frozen parameters), the engine uses
 the Python fused step instead and says so in ``History.engine``. ``BNLAB_NATIVE=0`` turns it off;
 ``python -c "from bnlab.train import native; native.load(verbose=True)"`` shows the compiler's output.
@@ -109,7 +109,7 @@ def load(verbose: bool = False):
                 if not source.exists() or source.read_bytes() != SOURCE.read_bytes():
                     source.write_bytes(SOURCE.read_bytes())
                 if not (folder / "bnlab_native.so").exists() and not verbose:
-                    print("bnlab: compiling the native MLP step for this machine (once, ~20 s)...",
+                    print("bnlab: compiling the native MLP step for this machine (once, ~15 s)...",
                           file=sys.stderr, flush=True)
                 t0 = time.perf_counter()
                 with _bundled_ninja():
