@@ -27,6 +27,8 @@ def test_bnlab_check_json():
     assert data["passed"] is True
     assert all(row["value"] <= row["tolerance"] for row in data["checks"])
     assert data["speed"]["ratio"] > 0
+    assert data["native_step"]["available"] is True
+    assert any(r["case"].startswith("native:") for r in data["checks"])
 
 
 def test_bnlab_check_exits_1_when_a_check_fails(monkeypatch):
@@ -57,3 +59,19 @@ def test_every_command_has_an_example_in_its_help():
 def test_version():
     result = CliRunner().invoke(app, ["--version"])
     assert result.exit_code == 0 and "bnlab 0.1.0" in result.output
+
+
+def test_training_step_check_catches_a_wrong_step(monkeypatch):
+    """A step whose update is off by 1e-6 of the learning rate must fail the check."""
+    import bnlab.train.fused as fused
+    from bnlab.verify import training_step_checks
+
+    class Skewed(fused.FusedMLPStep):
+        def __init__(self, model, generator=None, *, sgd_lr=None):
+            super().__init__(model, generator, sgd_lr=sgd_lr * (1 + 1e-6))
+
+    monkeypatch.setattr(fused, "FusedMLPStep", Skewed)
+    rows = training_step_checks()
+    fused_rows = [r for r in rows if r.case.startswith("fused:") and r.quantity == "weights, stats"]
+    assert fused_rows and not any(r.passed for r in fused_rows)
+    assert all(r.passed for r in rows if r.case.startswith("native:"))

@@ -53,9 +53,12 @@ def check(
         rows = correctness_checks()
         speed = speed_check((32, 64, 16, 16) if quick else (128, 64, 32, 32))
     failed = [r for r in rows if not r.passed]
+    from bnlab.train import native
+    native_status = {"available": native.unavailable_reason() is None, "reason": native.unavailable_reason(),
+                     "build_dir": str(native.build_dir())}
     if as_json:
         print(json.dumps({"passed": not failed, "checks": [asdict(r) for r in rows],
-                          "speed": asdict(speed)}, indent=2))
+                          "speed": asdict(speed), "native_step": native_status}, indent=2))
     else:
         for table in check_tables(rows):
             console.print(table)
@@ -64,6 +67,10 @@ def check(
             f"torch.nn.BatchNorm2d {speed.torch_s * 1e3:.1f} ms, ratio [bold]{speed.ratio:.2f}x[/] "
             f"(goal <= {speed.goal}x)"
         )
+        console.print("native MLP step: " + (f"built, checked above ({native_status['build_dir']})"
+                                             if native_status["available"] else
+                                             f"[yellow]unavailable[/] ({native_status['reason']}); "
+                                             "training uses the Python fused step"))
         if failed:
             console.print(f"[red]{len(failed)} of {len(rows)} checks failed:[/] "
                           + "; ".join(f"{r.group} {r.case} {r.quantity}" for r in failed))
