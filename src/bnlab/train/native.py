@@ -119,6 +119,9 @@ def load(verbose: bool = False):
                 ops = torch.classes.bnlab_native
             except Exception as e:  # no compiler, no ninja, a read-only cache...: the Python step still works
                 reason = f"{type(e).__name__}: {str(e).strip().splitlines()[-1] if str(e).strip() else ''}"
+                print(f"bnlab: the native MLP step is unavailable ({reason}); MLPs train with the Python "
+                      "fused step (slower). native.load(verbose=True) shows the compiler's output.",
+                      file=sys.stderr, flush=True)
         _state["ops"], _state["reason"] = ops, reason
         return ops
 
