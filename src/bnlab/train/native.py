@@ -105,9 +105,9 @@ def load(verbose: bool = False):
                 folder.mkdir(parents=True, exist_ok=True)
                 # compiled from a copy inside the folder: the same command line from every checkout,
                 # so ninja's log stays valid and no checkout rebuilds another's library
-                source = folder / SOURCE.name
-                if not source.exists() or source.read_bytes() != SOURCE.read_bytes():
-                    source.write_bytes(SOURCE.read_bytes())
+                source, text = folder / SOURCE.name, SOURCE.read_bytes()
+                if not source.exists() or source.read_bytes() != text:
+                    source.write_bytes(text)
                 if not (folder / "bnlab_native.so").exists() and not verbose:
                     print("bnlab: compiling the native MLP step for this machine (once, ~15 s)...",
                           file=sys.stderr, flush=True)
