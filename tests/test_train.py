@@ -153,6 +153,31 @@ def test_native_unavailable_falls_back_with_the_reason(tmp_path):
         assert engine == "fused" and reason != "None", out.stdout
 
 
+def test_native_build_lock_clears_a_lock_left_by_a_killed_build(tmp_path):
+    from bnlab.train.native import _build_lock
+    (tmp_path / "lock").write_text("")  # torch's lock file, as a kill -9 during a build leaves it
+    with _build_lock(tmp_path):
+        assert not (tmp_path / "lock").exists()
+        (tmp_path / "lock").write_text("")  # a build in progress, inside the lock
+    assert (tmp_path / "lock").exists()
+
+
+@pytest.mark.slow
+def test_native_build_after_a_killed_build_does_not_hang(tmp_path):
+    """A fresh build folder holding a stale lock: the build completes instead of waiting forever."""
+    from bnlab.train.native import build_dir
+    env = {**os.environ, "BNLAB_NATIVE_DIR": str(tmp_path)}
+    folder = subprocess.run([sys.executable, "-c", "from bnlab.train.native import build_dir; print(build_dir())"],
+                            capture_output=True, text=True, env=env, check=True).stdout.strip()
+    os.makedirs(folder)
+    open(os.path.join(folder, "lock"), "w").close()
+    out = subprocess.run([sys.executable, "-c", "from bnlab.train import native; native.load(); "
+                          "print(native.unavailable_reason())"], capture_output=True, text=True, env=env, timeout=300)
+    assert out.stdout.strip() == "None", out.stderr
+    assert "left by an interrupted build" in out.stderr
+    assert build_dir() != folder
+
+
 def test_native_step_rejects_bad_batches_and_leaves_the_model_unchanged():
     spec = {"hidden": [6], "bn": "before", "input_bn": True, "input_shape": [12], "num_classes": 3}
     m = build_model(spec, seed=0)

@@ -89,6 +89,35 @@ def _bundled_ninja():
             os.environ["PATH"] = old
 
 
+STALE_LOCK_SECONDS = 600  # without OS locks: a build takes ~15 s, so an older lock file was left behind
+
+
+@contextlib.contextmanager
+def _build_lock(folder: Path):
+    """Held around torch's build. torch guards a build with a lock file that a killed build (kill -9,
+    power loss) leaves behind, after which every later build waits forever. An OS lock is released
+    when its process dies, so whoever holds it and still finds torch's lock file knows that file is
+    stale and removes it. Where there are no OS file locks, a lock file older than
+    STALE_LOCK_SECONDS counts as stale."""
+    baton = folder / "lock"
+    try:
+        import fcntl
+    except ImportError:  # Windows
+        if baton.exists() and time.time() - baton.stat().st_mtime > STALE_LOCK_SECONDS:
+            baton.unlink(missing_ok=True)
+        yield
+        return
+    with open(folder / "build.flock", "w") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            if baton.exists():
+                print(f"bnlab: removing {baton}, left by an interrupted build", file=sys.stderr, flush=True)
+                baton.unlink(missing_ok=True)
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
 def load(verbose: bool = False):
     """The ``torch.classes.bnlab_native`` namespace, building the library if needed; None (with the
     reason in ``unavailable_reason()``) where it cannot be built or is turned off."""
@@ -112,7 +141,7 @@ def load(verbose: bool = False):
                     print("bnlab: compiling the native MLP step for this machine (once, ~15 s)...",
                           file=sys.stderr, flush=True)
                 t0 = time.perf_counter()
-                with _bundled_ninja():
+                with _build_lock(folder), _bundled_ninja():
                     build("bnlab_native", [str(source)], extra_cflags=compile_flags(), build_directory=str(folder),
                           is_python_module=False, verbose=verbose)
                 _state["seconds"] = time.perf_counter() - t0
