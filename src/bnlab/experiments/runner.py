@@ -197,8 +197,9 @@ def _run_pool(pending: list[RunPlan], out: Path, store: RunStore, n_workers: int
             finish(plan, execute_run(plan.__dict__, str(out)))
         return
     queue = list(pending)
-    from bnlab.train import native
-    native.load()  # build the native step here, once, rather than in every worker at the same time
+    if any(plan.model.get("kind", "mlp") != "cnn" for plan in pending):  # a run that may take the native step
+        from bnlab.train import native
+        native.load()  # build it here, once, rather than in every worker at the same time
     with ProcessPoolExecutor(n_workers, mp_context=get_context("spawn"), initializer=_init_worker,
                              initargs=(threads,)) as pool:
         futures = {}
