@@ -64,12 +64,42 @@ def check_momentum(convention: Convention, momentum: float | None) -> None:
         raise ValueError(f"momentum must be in [0, 1] or None (got {momentum!r})")
 
 
-def running_update_factor(convention: Convention, momentum: float | None,
-                          num_batches_tracked: int) -> float:
-    """Weight of the NEW batch statistic in the running average, whatever the convention.
+@dataclass(frozen=True)
+class RunningUpdate:
+    """How one batch enters the running statistics (see ``running_update``)."""
 
-    ``num_batches_tracked`` counts the current batch already (torch increments it first).
+    factor: float  # f, the weight of the NEW batch statistic: running = (1 - f)·running + f·batch
+    var_correction: float  # multiplies the BIASED batch variance before blending: count/(count-1) or 1
+
+
+def running_update(convention: Convention, momentum: float | None, num_batches_tracked: int,
+                   count: int) -> RunningUpdate:
+    """THE running-statistics rule of bnlab; every engine (reference, layers, fused, native, precise BN) uses it.
+
+    convention, momentum: the layer's; momentum=None is torch's cumulative average (factor 1/n).
+    num_batches_tracked: n, counting the current batch already (torch increments it first).
+    count: values per channel in the batch: N after a Linear, N·H·W after a Conv (not the images!).
+
+    The blend must be written ``(1 - f)·old + f·new``: with f exactly 1 (momentum=None's first batch,
+    torch momentum 1, keras momentum 0) it stores ``new`` exactly, where ``old + f·(new - old)`` loses a
+    tiny variance (1e-9) against an old value of 1 in float32.
     """
     if momentum is None:  # torch: cumulative moving average
-        return 1.0 / num_batches_tracked
-    return float(momentum) if convention.momentum_weighs_new else 1.0 - float(momentum)
+        if num_batches_tracked < 1:
+            raise ValueError(f"num_batches_tracked counts the current batch: expected >= 1 (got {num_batches_tracked})")
+        f = 1.0 / num_batches_tracked
+    else:
+        f = float(momentum) if convention.momentum_weighs_new else 1.0 - float(momentum)
+    if convention.running_var_unbiased:
+        if count < 2:
+            raise ValueError(f"the unbiased variance needs at least 2 values per channel (got {count})")
+        correction = count / (count - 1)
+    else:
+        correction = 1.0
+    return RunningUpdate(f, correction)
+
+
+def running_update_factor(convention: Convention, momentum: float | None,
+                          num_batches_tracked: int) -> float:
+    """Weight of the NEW batch statistic in the running average (``running_update(...).factor``)."""
+    return running_update(convention, momentum, num_batches_tracked, count=2).factor
