@@ -1,14 +1,44 @@
 """Probes of what happens inside a network during training (off by default; sampled every k steps).
 
-Per activation layer, on its INPUT (the pre-activation):
-  ``p15 / p50 / p85`` percentiles, ``mean``, ``std`` over the whole layer (batch x units), and the
-  same three percentiles for a few tracked units (``unit<i>.p15`` ...), as Ioffe & Szegedy's Figure 1
-  plots for one unit of the last hidden layer; for sigmoid / tanh the fraction of ``saturated``
-  values, whose derivative is below 5 % of its maximum (sigmoid' < 0.0125, tanh' < 0.05).
-Per Linear / Conv weight: ``grad_norm`` and ``update_ratio`` = ||W_after - W_before|| / ||W_before||.
-Optional landscape probes (Santurkar et al. 2018), at sparser steps: move along the gradient with
-step sizes lr x scales and record ``loss_range`` (max - min loss over the scales: loss Lipschitzness)
-and ``grad_change`` (max ||g(W - s·lr·g) - g(W)||: gradient predictiveness).
+Activation probes, on ONE FIXED PROBE BATCH (``select_probe_batch``): ``probe_batch`` held-out
+images (validation set; the training set only if there is none), drawn by a generator seeded with
+``probe_seed`` alone, so every sampled step, every seed and every variant sees the same images. At
+each sampled step s, before that step's update (step 1: the initial weights), the probe runs its own
+no-grad forward of that batch with hooks on each activation layer and records, on the layer's INPUT
+(the pre-activation):
+  ``p15 / p50 / p85`` percentiles (linear interpolation, as ``np.percentile``), ``mean``, ``std``
+  over the whole layer (all units x all probe images, x H x W for a conv layer); the same three
+  percentiles for ``tracked_units`` units (``unit<i>.p15`` ...; the same unit indices in every run,
+  drawn with ``probe_seed``), as Ioffe & Szegedy 2015, Figure 1 plots for one unit of the last
+  hidden layer; for sigmoid / tanh the fraction of ``saturated`` values, whose derivative is below
+  5 % of its maximum (sigmoid' < 0.0125, tanh' < 0.05). At the first sampled step also ``width``
+  (the layer's width) and, under the layer name ``probe_batch``, ``images`` (the batch size) and
+  ``from_validation`` (1: validation images, 0: training images).
+
+Mode of the probe forward: TRAINING mode, i.e. batch normalization with the probe batch's own
+statistics, which is what the training network computes (Ioffe & Szegedy's "input distribution
+during training"), while every buffer (running mean / variance, ``num_batches_tracked``) is put back
+bit-exactly afterwards, so probing never changes the model. Eval mode was not chosen: it would
+normalise with the running averages, which lag the weights early in training (Keras momentum 0.99
+needs hundreds of steps), so the panel would show the lag of the averages rather than the
+distribution the next layer is trained on. Dropout is switched off for the probe forward (it
+would make the probe random and draw from the training's random stream); augmentation is not applied.
+
+Per Linear / Conv weight, on the training step's batch: ``grad_norm`` and ``update_ratio`` =
+||W_after - W_before|| / ||W_before||.
+
+Landscape probes (Santurkar et al. 2018, "How does batch normalization help optimization?"), at
+steps 1, 1 + landscape_every, ...: from the weights W before the step, g = grad L(W) on the step's
+own batch (the cross-entropy the training minimises, without weight decay), in the same mode as the
+training forward (train mode, the buffers the step saw, dropout off). Then, for the step sizes
+eta_i = lr x landscape_scales[i] (scale 1 is the step plain SGD takes; with momentum or Adam the
+optimizer's update points elsewhere, which is why it is NOT used as the direction):
+  ``loss_range``       max - min of L(W - eta g) over eta in {0, eta_1, ...}   (loss Lipschitzness)
+  ``grad_change``      max_i ||grad L(W - eta_i g) - g||                      (gradient predictiveness)
+  ``beta_smoothness``  max_i ||grad L(W - eta_i g) - g|| / ||eta_i g||         (effective beta-smoothness)
+Norms over all trainable parameters, in float64. Parameters and buffers are restored bit-exactly
+(``.grad`` is not touched). A point where BN meets non-finite input is left out of grad_change and
+beta; loss_range is recorded only when every loss on the line is finite.
 
 Records are (step, layer, metric, value) rows, kept in History.probes and in the run store.
 """
@@ -16,23 +46,47 @@ Records are (step, layer, metric, value) rows, kept in History.probes and in the
 from __future__ import annotations
 
 import math
+from contextlib import contextmanager
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 from torch import nn
 
 ACTIVATIONS = (nn.Sigmoid, nn.Tanh, nn.ReLU, nn.LeakyReLU, nn.ELU, nn.SELU)
+PROBE_LAYER = "probe_batch"  # the layer name of the probe batch's own rows (images, from_validation)
 
 
 class ProbeConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
     every: int = Field(50, ge=1, description="sample every k optimizer steps (and the first step)")
-    tracked_units: int = Field(3, ge=0)
+    tracked_units: int = Field(3, ge=0, description="units per activation layer whose own percentiles are kept")
+    probe_batch: int = Field(256, ge=2, description="images in the fixed held-out probe batch")
+    probe_seed: int = Field(0, description="seeds the choice of probe images and tracked units (not the run's seed)")
     landscape: bool = False
     landscape_every: int = Field(500, ge=1)
-    landscape_scales: list[float] = [0.5, 1.0, 2.0, 4.0]
+    landscape_scales: list[float] = Field([0.5, 1.0, 2.0, 4.0], min_length=1,
+                                          description="step sizes along -gradient, in units of the learning rate")
+
+    @field_validator("landscape_scales")
+    @classmethod
+    def _positive(cls, v):
+        if any(not (s > 0 and math.isfinite(s)) for s in v):
+            raise ValueError(f"landscape_scales must be positive and finite (got {v})")
+        return v
+
+
+def select_probe_batch(data, config: ProbeConfig) -> tuple[torch.Tensor, bool]:
+    """The fixed probe batch of ``data`` (a bnlab Dataset): ``min(probe_batch, n)`` images of the
+    validation set (the training set if there is none), indices ``randperm(n, seed=probe_seed)[:k]``
+    in ascending order. Depends on the data and the config only, never on the run's seed.
+    Returns (images, from_validation)."""
+    from_val = len(data.y_val) > 0
+    x = data.x_val if from_val else data.x_train
+    k = min(config.probe_batch, len(x))
+    idx = torch.randperm(len(x), generator=torch.Generator().manual_seed(config.probe_seed))[:k].sort().values
+    return x.index_select(0, idx.to(x.device)), from_val
 
 
 def saturated_fraction(kind: type, h) -> float | None:
@@ -48,9 +102,8 @@ def saturated_fraction(kind: type, h) -> float | None:
 
 
 def percentiles(x, q=(0.15, 0.50, 0.85)) -> np.ndarray:
-    """Percentiles along the last axis with linear interpolation (torch.quantile's default), from
-    one ``np.partition`` at the interpolation indices: torch.quantile / sort / np.percentile cost
-    0.1-0.2 ms a call at probe sizes, which the default sampling cannot afford a dozen times."""
+    """Percentiles along the last axis with linear interpolation (torch.quantile's and np.percentile's
+    default), from one ``np.partition`` at the interpolation indices."""
     a = x.detach().cpu().double().numpy() if isinstance(x, torch.Tensor) else np.asarray(x, np.float64)
     n = a.shape[-1]
     pos = np.asarray(q) * (n - 1)
@@ -64,37 +117,48 @@ def _units_view(a: np.ndarray) -> np.ndarray:
     return np.swapaxes(a, 0, 1).reshape(a.shape[1], -1)
 
 
+@contextmanager
+def probe_mode(model: nn.Module):
+    """Train mode (BN normalises with the batch's own statistics, as in training) with dropout off;
+    on exit every buffer (running statistics, num_batches_tracked) is restored bit-exactly, in place
+    (the native step holds these very tensors), and each module's mode is put back."""
+    saved = [(b, b.detach().clone()) for b in model.buffers()]
+    modes = [(m, m.training) for m in model.modules()]
+    model.train()
+    for m in model.modules():
+        if isinstance(m, nn.modules.dropout._DropoutNd):
+            m.eval()
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for b, s in saved:
+                b.copy_(s)
+        for m, t in modes:
+            m.training = t
+
+
 class Probes:
-    def __init__(self, model: nn.Module, config: ProbeConfig | None = None, *, lr: float = 1.0, seed: int = 0):
+    """Sampled measurements; ``batch``: the fixed probe images (``select_probe_batch``), without
+    which no activation probes are taken. ``lr`` scales the landscape's step sizes."""
+
+    def __init__(self, model: nn.Module, config: ProbeConfig | None = None, *, lr: float = 1.0,
+                 batch: torch.Tensor | None = None, from_validation: bool = True):
         self.config = config or ProbeConfig()
         self.lr = lr
         self.model = model
+        self.batch, self.from_validation = batch, from_validation
         self.activations = {m: name for name, m in model.named_children() if isinstance(m, ACTIVATIONS)}
         self.weights = [(name, m.weight) for name, m in model.named_children()
                         if isinstance(m, (nn.Linear, nn.Conv2d))]
         self.records: list[tuple[int, str, str, float]] = []
         self.armed = False
-        self._captured: dict[nn.Module, torch.Tensor] = {}
         self._before: dict[str, torch.Tensor] = {}
-        self._all_before: list[torch.Tensor] | None = None
+        self._land: tuple[list[torch.Tensor], list[torch.Tensor]] | None = None  # (params, buffers) before
         self._units: dict[nn.Module, list[int]] = {}
-        g = torch.Generator().manual_seed(seed)
-        self._gen = g
-        self._hooks = [m.register_forward_pre_hook(self._hook) for m in self.activations]
 
     def close(self) -> None:
-        for h in self._hooks:
-            h.remove()
-        self._hooks = []
-
-    # ---- capture
-    def _hook(self, module, inputs):
-        self.observe(module, inputs[0])
-
-    def observe(self, module: nn.Module, h: torch.Tensor) -> None:
-        """Called with each activation's input (by hooks, or by the fused step, which calls no modules)."""
-        if self.armed and module in self.activations:
-            self._captured[module] = h.detach()
+        """Nothing is left registered on the model (hooks live only during a probe forward)."""
 
     # ---- per step
     def wants(self, step: int) -> bool:
@@ -104,38 +168,65 @@ class Probes:
         return self.config.landscape and (step - 1) % self.config.landscape_every == 0
 
     def before_step(self, step: int) -> None:
+        """Called before step ``step``'s update: activation probes see the weights the step starts from."""
         self.armed = self.wants(step)
         if self.armed:
-            self._captured.clear()
             self._before = {n: w.detach().clone() for n, w in self.weights}
-        self._all_before = ([p.detach().clone() for p in self.model.parameters()]
-                            if self.wants_landscape(step) else None)
+            if self.batch is not None:
+                with torch.no_grad():
+                    self._record_activations(step, self._activation_inputs(self.batch))
+        self._land = (([p.detach().clone() for p in self.model.parameters()],
+                       [b.detach().clone() for b in self.model.buffers()])
+                      if self.wants_landscape(step) else None)
 
     def after_step(self, step: int, x: torch.Tensor | None = None, y: torch.Tensor | None = None) -> None:
         # called every step: return at once unless this step is sampled (no decorator cost either)
         if self.armed:
             with torch.no_grad():
-                self._record_activations(step)
                 self._record_weights(step)
             self.armed = False
-            self._captured.clear()
-        if self._all_before is not None and x is not None:
+        if self._land is not None and x is not None:
             with torch.no_grad():
                 self._record_landscape(step, x, y)
-            self._all_before = None
+            self._land = None
 
     def _add(self, step: int, layer: str, metric: str, value: float) -> None:
         if value is not None and math.isfinite(value):
             self.records.append((step, layer, metric, float(value)))
 
-    def _record_activations(self, step: int) -> None:
-        for module, h in self._captured.items():
+    # ---- activations
+    def _activation_inputs(self, x: torch.Tensor) -> dict[nn.Module, torch.Tensor]:
+        """Each activation layer's input for the probe batch (hooks registered for this forward only)."""
+        captured: dict[nn.Module, torch.Tensor] = {}
+
+        def hook(module, inputs):
+            captured[module] = inputs[0].detach()
+
+        hooks = [m.register_forward_pre_hook(hook) for m in self.activations]
+        try:
+            with probe_mode(self.model):
+                self.model(x)
+        except FloatingPointError:  # BN's non-finite check: the training step reports the divergence
+            return {}
+        finally:
+            for h in hooks:
+                h.remove()
+        return captured
+
+    def _record_activations(self, step: int, captured: dict[nn.Module, torch.Tensor]) -> None:
+        first = not self._units
+        if first and captured:
+            self._add(step, PROBE_LAYER, "images", float(self.batch.shape[0]))
+            self._add(step, PROBE_LAYER, "from_validation", float(self.from_validation))
+        for module, h in captured.items():
             name = self.activations[module]
-            a = h.detach().cpu().double().numpy()
+            a = h.cpu().double().numpy()
             rows = _units_view(a)  # (units, values per unit)
             if module not in self._units:
                 k = min(self.config.tracked_units, rows.shape[0])
-                self._units[module] = sorted(torch.randperm(rows.shape[0], generator=self._gen)[:k].tolist())
+                gen = torch.Generator().manual_seed(self.config.probe_seed)
+                self._units[module] = sorted(torch.randperm(rows.shape[0], generator=gen)[:k].tolist())
+                self._add(step, name, "width", float(rows.shape[0]))
             units = self._units[module]
             flat = a.ravel()
             values = [*percentiles(flat).tolist(), float(flat.mean()), float(flat.std(ddof=1)) if flat.size > 1 else 0.0]
@@ -150,6 +241,7 @@ class Probes:
             if sat is not None:
                 self._add(step, name, "saturated", sat)
 
+    # ---- weights
     def _record_weights(self, step: int) -> None:
         stats = []
         norm = lambda t: torch.linalg.vector_norm(t, dtype=torch.float64)  # noqa: E731 - float64 sums, no copy
@@ -163,40 +255,58 @@ class Probes:
             # the fused plain-SGD step applies the update without keeping .grad: then g = -ΔW / lr
             self._add(step, name, "grad_norm", g)
 
+    # ---- landscape
+    def _loss_and_grad(self, x, y, trainable) -> tuple[float, list[torch.Tensor]]:
+        with torch.enable_grad():
+            loss = F.cross_entropy(self.model(x), y)
+            grads = torch.autograd.grad(loss, trainable, allow_unused=True)
+        return float(loss.detach()), [torch.zeros_like(p) if g is None else g for g, p in zip(grads, trainable)]
+
     def _record_landscape(self, step: int, x: torch.Tensor, y: torch.Tensor) -> None:
-        """Loss and gradient along the step direction, from the weights before this step."""
+        """Loss and gradient along -g, g = grad L(W_before) on this step's batch (not the optimizer's update)."""
         params = list(self.model.parameters())
-        after = [p.detach().clone() for p in params]
-        buffers = [b.detach().clone() for b in self.model.buffers()]
-        # the step direction g: -(W_after - W_before) / lr (the gradient itself for plain SGD)
-        direction = [(b - a) / self.lr for a, b in zip(after, self._all_before)]
-        g0 = None
-        losses, changes = [], []
-        was = self.model.training
-        self.model.train()
+        buffers = list(self.model.buffers())
+        p_before, b_before = self._land
+        p_after = [p.detach().clone() for p in params]
+        b_after = [b.detach().clone() for b in buffers]
+        train_idx = [i for i, p in enumerate(params) if p.requires_grad]
+        trainable = [params[i] for i in train_idx]
+        flat = lambda ts: torch.cat([t.detach().reshape(-1).double() for t in ts])  # noqa: E731
+        losses, changes, ratios = [], [], []
         try:
-            for s in [0.0] + list(self.config.landscape_scales):
-                for p, b, d in zip(params, self._all_before, direction):
-                    p.copy_(b - s * self.lr * d)
-                with torch.enable_grad():
-                    for p in params:
-                        p.grad = None
-                    loss = F.cross_entropy(self.model(x), y)
-                    grads = torch.autograd.grad(loss, params, allow_unused=True)
-                flat = torch.cat([(g if g is not None else torch.zeros_like(p)).flatten()
-                                  for g, p in zip(grads, params)]).double()
-                losses.append(float(loss))
-                if g0 is None:
-                    g0 = flat
-                else:
-                    changes.append(float((flat - g0).norm()))
+            with probe_mode(self.model):
+                g0 = None
+                for eta in [0.0] + [self.lr * s for s in self.config.landscape_scales]:
+                    for p, w in zip(params, p_before):
+                        p.copy_(w)
+                    if eta:
+                        for p, g in zip(trainable, g0):
+                            p.copy_(p - eta * g)
+                    for b, v in zip(buffers, b_before):  # each forward sees the buffers the step saw
+                        b.copy_(v)
+                    try:
+                        loss, grads = self._loss_and_grad(x, y, trainable)
+                    except FloatingPointError:  # non-finite BN input at this point of the line
+                        loss, grads = float("nan"), None
+                    if g0 is None:
+                        if grads is None or not math.isfinite(loss):
+                            return
+                        g0, g0_flat = grads, flat(grads)
+                        g0_norm = float(g0_flat.norm())
+                    elif grads is not None:
+                        d = float((flat(grads) - g0_flat).norm())
+                        changes.append(d)
+                        if g0_norm > 0:
+                            ratios.append(d / (eta * g0_norm))
+                    losses.append(loss)
         finally:
-            for p, a in zip(params, after):
-                p.copy_(a)
-                p.grad = None
-            for b, saved in zip(self.model.buffers(), buffers):
-                b.copy_(saved)
-            self.model.train(was)
-        if changes:
+            for p, w in zip(params, p_after):
+                p.copy_(w)
+            for b, v in zip(buffers, b_after):
+                b.copy_(v)
+        if len(losses) > 1 and all(math.isfinite(v) for v in losses):
             self._add(step, "model", "loss_range", max(losses) - min(losses))
+        if changes:
             self._add(step, "model", "grad_change", max(changes))
+        if ratios:
+            self._add(step, "model", "beta_smoothness", max(ratios))

@@ -1,18 +1,55 @@
-"""Matplotlib figures of an experiment (Agg backend, no display needed)."""
+"""Matplotlib figures of an experiment (Agg backend, no display needed).
+
+Every figure function returns ``(figure, caption)`` (or None when there is nothing to draw): the
+caption is one or two sentences saying exactly what is plotted (which runs, how many seeds, what the
+line and the band are). Every axes has labels with units; legends sit below the axes, outside the
+data area (constrained layout, ``loc="outside lower center"``). Lines over seeds are the mean over the
+runs present at each x; bands are the lowest to the highest run (min..max), not a confidence interval.
+"""
 
 from __future__ import annotations
 
 import io
+import json
 from collections import defaultdict
+from dataclasses import dataclass
 
 import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.patches import Patch  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 import numpy as np  # noqa: E402
 
 PALETTE = ["#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b", "#e377c2", "#17becf"]
+FINISHED = ("done", "diverged")
+BAND = "band: min..max over seeds"
+STEP = "optimizer step"
+
+
+def _figure(nrows: int = 1, ncols: int = 1, *, figsize, **kw):
+    return plt.subplots(nrows, ncols, figsize=figsize, layout="constrained", squeeze=False, **kw)
+
+
+def _legend_below(fig, handles, labels, *, ncols: int | None = None) -> None:
+    """One legend for the figure, below every axes (never over the data)."""
+    if handles:
+        fig.legend(handles, labels, loc="outside lower center", ncols=ncols or min(len(labels), 4),
+                   fontsize=8, frameon=False)
+
+
+def _seeds_text(counts: dict[str, int]) -> str:
+    """'3 seeds' when every variant has as many runs, else the count per variant."""
+    values = set(counts.values())
+    if len(values) == 1:
+        n = values.pop()
+        return f"{n} seed{'s' if n != 1 else ''} per variant"
+    return "seeds per variant: " + ", ".join(f"{v} {n}" for v, n in counts.items())
+
+
+def _colour(i: int, many: bool = False):
+    return plt.cm.tab20(i % 20) if many else PALETTE[i % len(PALETTE)]
 
 
 def _curves(runs: list[dict], epochs: list[dict], column: str) -> dict[str, list[np.ndarray]]:
@@ -22,13 +59,13 @@ def _curves(runs: list[dict], epochs: list[dict], column: str) -> dict[str, list
         by_run[e["run_id"]].append(e)
     out = defaultdict(list)
     for r in runs:
-        if r["status"] in ("done", "diverged") and by_run.get(r["run_id"]):
+        if r["status"] in FINISHED and by_run.get(r["run_id"]):
             rows = sorted(by_run[r["run_id"]], key=lambda e: e["epoch"])
             out[r["variant"]].append(np.array([np.nan if e[column] is None else e[column] for e in rows], float))
     return out
 
 
-def _band(ax, curves: list[np.ndarray], color: str, label: str, style: str = "-") -> None:
+def _band(ax, curves: list[np.ndarray], color, label: str, style: str = "-"):
     n = max(len(c) for c in curves)
     m = np.full((len(curves), n), np.nan)
     for i, c in enumerate(curves):
@@ -37,39 +74,54 @@ def _band(ax, curves: list[np.ndarray], color: str, label: str, style: str = "-"
     with np.errstate(all="ignore"):
         mean = np.nanmean(m, axis=0)
         lo, hi = np.nanmin(m, axis=0), np.nanmax(m, axis=0)
-    ax.plot(x, mean, style, color=color, label=label, lw=1.8)
+    (line,) = ax.plot(x, mean, style, color=color, label=label, lw=1.8)
     if len(curves) > 1:
         ax.fill_between(x, lo, hi, color=color, alpha=0.15, lw=0)
+    return line
 
 
 def learning_curves(runs, epochs, variants: list[str], title: str):
     """Train (dashed) and validation (solid) accuracy and loss per variant: mean over seeds,
     band from the lowest to the highest seed."""
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
-    for metric, ax in zip(("accuracy", "loss"), axes):
+    fig, axes = _figure(1, 2, figsize=(11, 4.6))
+    many = len(variants) > 6  # then validation curves only, or the figure is unreadable
+    counts = {}
+    handles, labels = [], []
+    for metric, ax in zip(("accuracy", "loss"), axes[0]):
         train, val = _curves(runs, epochs, f"train_{metric}"), _curves(runs, epochs, f"val_{metric}")
-        many = len(variants) > 6  # then validation curves only, or the figure is unreadable
         for i, v in enumerate(variants):
-            color = plt.cm.tab20(i % 20) if many else PALETTE[i % len(PALETTE)]
+            color = _colour(i, many)
             if val.get(v):
-                _band(ax, val[v], color, f"{v} (val)")
+                counts[v] = len(val[v])
+                line = _band(ax, val[v], color, f"{v} (validation)")
+                if metric == "accuracy":
+                    handles.append(line)
+                    labels.append(line.get_label())
             if train.get(v) and not many:
-                _band(ax, train[v], color, f"{v} (train)", "--")
+                counts.setdefault(v, len(train[v]))
+                line = _band(ax, train[v], color, f"{v} (training)", "--")
+                if metric == "accuracy":
+                    handles.append(line)
+                    labels.append(line.get_label())
         ax.set_xlabel("epoch")
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-        ax.set_ylabel(metric)
-        ax.set_title(f"{metric}: mean over seeds, band = min..max")
         ax.grid(alpha=0.3)
-        if metric == "loss":
-            ax.set_yscale("log")
-    axes[0].legend(fontsize=8 if len(variants) <= 6 else 5, ncol=1 if len(variants) <= 6 else 2)
+    axes[0][0].set_ylabel("accuracy (fraction correct)")
+    axes[0][0].set_title("accuracy per epoch")
+    axes[0][1].set_ylabel("cross-entropy loss (nats, log scale)")
+    axes[0][1].set_yscale("log")
+    axes[0][1].set_title("loss per epoch")
+    _legend_below(fig, handles, labels, ncols=4 if not many else 5)
     fig.suptitle(title)
-    fig.tight_layout()
-    return fig
+    what = "validation (solid)" if many else "validation (solid) and training (dashed, the epoch's running mean)"
+    caption = (f"Accuracy and cross-entropy loss per epoch, {what}, for each variant; lines: mean over the "
+               f"finished runs ({_seeds_text(counts)}), bands: min..max over those runs.")
+    return fig, caption
 
 
 def epoch_time(runs, variants: list[str]):
-    fig, ax = plt.subplots(figsize=(6 if len(variants) <= 6 else 10, 3.6))
+    fig, axes = _figure(figsize=(6 if len(variants) <= 6 else 10, 3.8))
+    ax = axes[0][0]
     vals = [[r["mean_epoch_seconds"] for r in runs if r["variant"] == v and r.get("mean_epoch_seconds")]
             for v in variants]
     means = [np.mean(x) if x else 0 for x in vals]
@@ -78,27 +130,35 @@ def epoch_time(runs, variants: list[str]):
                   fontsize=7 if len(variants) > 6 else 10)
     for i, x in enumerate(vals):
         ax.scatter([i] * len(x), x, color="black", s=10, zorder=3)
-    ax.set_ylabel("seconds per epoch")
-    ax.set_title("time per epoch (bars: mean, dots: seeds)")
+    ax.set_xlabel("variant")
+    ax.set_ylabel("time per epoch (seconds)")
+    ax.set_title("wall-clock time per training epoch")
     ax.grid(axis="y", alpha=0.3)
-    fig.tight_layout()
-    return fig
+    caption = ("Wall-clock seconds per epoch (training steps plus the validation pass) on the machine named "
+               f"under Environment; bars: mean over seeds, dots: each run's mean epoch time "
+               f"({_seeds_text({v: len(x) for v, x in zip(variants, vals)})}).")
+    return fig, caption
 
 
 def final_accuracy(runs, variants: list[str]):
-    fig, ax = plt.subplots(figsize=(6 if len(variants) <= 6 else 10, 3.6))
+    fig, axes = _figure(figsize=(6 if len(variants) <= 6 else 10, 3.8))
+    ax = axes[0][0]
+    counts = {}
     for i, v in enumerate(variants):
         x = [r["final_val_accuracy"] for r in runs if r["variant"] == v and r.get("final_val_accuracy") is not None]
+        counts[v] = len(x)
         ax.scatter([i] * len(x), x, color=PALETTE[i % len(PALETTE)], s=25)
         if x:
             ax.hlines(np.mean(x), i - 0.25, i + 0.25, color="black")
     ax.set_xticks(range(len(variants)), variants, rotation=60 if len(variants) > 6 else 0,
                   fontsize=7 if len(variants) > 6 else 10)
-    ax.set_ylabel("final validation accuracy")
-    ax.set_title("final validation accuracy per seed (line: mean)")
+    ax.set_xlabel("variant")
+    ax.set_ylabel("final validation accuracy (fraction)")
+    ax.set_title("final validation accuracy per run")
     ax.grid(axis="y", alpha=0.3)
-    fig.tight_layout()
-    return fig
+    caption = ("Validation accuracy after the last epoch of each run (dots, one per seed) and its mean over the "
+               f"seeds (black line), per variant ({_seeds_text(counts)}).")
+    return fig, caption
 
 
 def to_png(fig) -> bytes:
@@ -111,128 +171,253 @@ def to_png(fig) -> bytes:
 # ---------------------------------------------------------------- probes
 
 
-def _probe_series(probes: list[dict], runs: list[dict], variant: str, layer: str, metric: str):
-    """steps, mean over the variant's seeds of ``metric`` at each sampled step."""
-    ids = {r["run_id"] for r in runs if r["variant"] == variant}
-    by_step = defaultdict(list)
-    for p in probes:
-        if p["run_id"] in ids and p["layer"] == layer and p["metric"] == metric:
-            by_step[p["step"]].append(p["value"])
-    steps = sorted(by_step)
-    return np.array(steps), np.array([np.mean(by_step[s]) for s in steps])
+@dataclass
+class SeedBand:
+    """One probe metric of one variant over training: at each sampled step the mean over the runs
+    that have a value there, and the lowest and highest of them."""
+
+    steps: np.ndarray
+    mean: np.ndarray
+    lo: np.ndarray
+    hi: np.ndarray
+    runs: int  # runs contributing at least one value
 
 
-def last_hidden_activation(probes: list[dict]) -> tuple[str | None, str | None]:
-    """(layer, tracked-unit prefix) of the last activation layer that has percentile probes."""
+class ProbeTable:
+    """Probe rows of the finished runs, indexed by (variant, layer, metric) -> run -> [(step, value)]."""
+
+    def __init__(self, probes: list[dict], runs: list[dict]):
+        self.variant_of = {r["run_id"]: r["variant"] for r in runs if r["status"] in FINISHED}
+        self.config = {r["run_id"]: _train_config(r) for r in runs if r["status"] in FINISHED}
+        self.rows: dict[tuple, dict[str, list]] = defaultdict(lambda: defaultdict(list))
+        for p in probes:
+            v = self.variant_of.get(p["run_id"])
+            if v is not None:
+                self.rows[(v, p["layer"], p["metric"])][p["run_id"]].append((p["step"], p["value"]))
+
+    def band(self, variant: str, layer: str, metric: str) -> SeedBand | None:
+        per_run = self.rows.get((variant, layer, metric))
+        if not per_run:
+            return None
+        by_step = defaultdict(list)
+        for pairs in per_run.values():
+            for s, v in pairs:
+                by_step[s].append(v)
+        steps = np.array(sorted(by_step))
+        vals = [np.asarray(by_step[s], float) for s in steps]
+        return SeedBand(steps, np.array([v.mean() for v in vals]), np.array([v.min() for v in vals]),
+                        np.array([v.max() for v in vals]), len(per_run))
+
+    def value(self, layer: str, metric: str):
+        """A value every run records alike (the probe batch size, a layer's width); None if absent."""
+        found = {v for (var, la, m), per_run in self.rows.items() if la == layer and m == metric
+                 for pairs in per_run.values() for _, v in pairs}
+        return found.pop() if len(found) == 1 else None
+
+    def probe_setting(self, key: str):
+        """A ProbeConfig field as the runs' resolved configs give it (None if they differ or lack it)."""
+        found = {json.dumps(c.get("probes", {}).get(key)) for c in self.config.values()}
+        return json.loads(found.pop()) if len(found) == 1 else None
+
+
+def _train_config(run: dict) -> dict:
+    try:
+        return json.loads(run.get("config") or "{}").get("train", {}) or {}
+    except (TypeError, ValueError):
+        return {}
+
+
+def _draw(ax, band: SeedBand, color, style: str, label: str):
+    (line,) = ax.plot(band.steps, band.mean, style, color=color, lw=1.5, label=label)
+    if band.runs > 1:
+        ax.fill_between(band.steps, band.lo, band.hi, color=color, alpha=0.18, lw=0)
+    return line
+
+
+def _probe_batch_text(table: ProbeTable) -> str:
+    from bnlab.probes import PROBE_LAYER
+    n = table.value(PROBE_LAYER, "images")
+    src = table.value(PROBE_LAYER, "from_validation")
+    where = {1.0: "validation", 0.0: "training"}.get(src, "held-out")
+    if n is None:
+        return "a fixed probe batch"
+    return f"one fixed batch of {int(n)} {where} images (the same images at every sampled step and in every run)"
+
+
+def last_hidden_activation(probes: list[dict]) -> tuple[str | None, list[str]]:
+    """(layer, tracked-unit prefixes) of the last activation layer that has percentile probes."""
     layers = [p["layer"] for p in probes if p["metric"] == "p50"]
     if not layers:
-        return None, None
+        return None, []
     order = list(dict.fromkeys(layers))
     layer = max(order, key=lambda n: (n.rsplit("_", 1)[-1].isdigit() and int(n.rsplit("_", 1)[-1])) or 0)
     units = sorted({p["metric"].split(".")[0] for p in probes if p["layer"] == layer and p["metric"].startswith("unit")},
                    key=lambda u: int(u[4:]))
-    return layer, (units[0] if units else None)
+    return layer, units
 
 
-def percentile_panels(probes, runs, variants: list[str]):
-    """Ioffe & Szegedy Fig. 1(b, c): the 15th / 50th / 85th percentiles of one last-hidden-layer
-    unit's input over training, one panel per variant (mean over seeds)."""
-    layer, unit = last_hidden_activation(probes)
+PERCENTILES = (("p15", ":", "#1f77b4", "15th percentile"), ("p50", "-", "#222222", "50th percentile (median)"),
+               ("p85", "--", "#d62728", "85th percentile"))
+
+
+def percentile_panels(probes, runs, variants: list[str], *, max_units: int = 3):
+    """Ioffe & Szegedy 2015, Fig. 1(b, c), over all seeds: the 15th / 50th / 85th percentiles of the
+    input to the last hidden activation layer over training, on the fixed probe batch. Top row: over
+    all units of that layer; one row per tracked unit below; one column per variant."""
+    layer, units = last_hidden_activation(probes)
     if layer is None:
         return None
-    fig, axes = plt.subplots(1, len(variants), figsize=(4.2 * len(variants), 3.6), sharey=True, squeeze=False)
-    for ax, v in zip(axes[0], variants):
-        for q, style in (("p15", ":"), ("p50", "-"), ("p85", "--")):
-            metric = f"{unit}.{q}" if unit else q
-            x, y = _probe_series(probes, runs, v, layer, metric)
-            if len(x):
-                ax.plot(x, y, style, color="#1f77b4", label=f"{q[1:]}th percentile")
-        ax.set_title(f"{v}: percentiles of {layer} {unit or 'layer'} input", fontsize=9)
-        ax.set_xlabel("step")
-        ax.grid(alpha=0.3)
-    axes[0][0].set_ylabel("pre-activation")
-    axes[0][0].legend(fontsize=8)
-    fig.suptitle("15th / 50th / 85th percentile of a last-hidden-layer unit's input over training")
-    fig.tight_layout()
-    return fig
+    table = ProbeTable(probes, runs)
+    units = units[:max_units]
+    rows = [None] + units
+    width = table.value(layer, "width")
+    fig, axes = _figure(len(rows), len(variants), figsize=(3.9 * len(variants) + 0.4, 2.5 * len(rows) + 1.3),
+                        sharex=True)
+    counts = {}
+    for c, v in enumerate(variants):
+        for r, unit in enumerate(rows):
+            ax = axes[r][c]
+            for q, style, color, label in PERCENTILES:
+                band = table.band(v, layer, f"{unit}.{q}" if unit else q)
+                if band is not None:
+                    counts[v] = max(counts.get(v, 0), band.runs)
+                    _draw(ax, band, color, style, label)
+            which = (f"all {int(width)} units" if width else "all units") if unit is None else f"unit {unit[4:]}"
+            ax.set_title(f"{v}: {which}", fontsize=9)
+            ax.set_xlabel(STEP)
+            ax.set_ylabel(f"input to {layer}")
+            ax.grid(alpha=0.3)
+    handles = [plt.Line2D([], [], ls=s, color=col) for _, s, col, _ in PERCENTILES] + [
+        Patch(color="#888888", alpha=0.3)]
+    _legend_below(fig, handles, [lab for *_, lab in PERCENTILES] + [BAND], ncols=4)
+    fig.suptitle(f"Input to {layer} (last hidden activation layer): 15th / 50th / 85th percentiles over training")
+    tracked = (f"; rows below: tracked unit{'s' if len(units) > 1 else ''} {', '.join(u[4:] for u in units)} "
+               "alone (the same unit indices in every run, each seed's own neuron there)") if units else ""
+    caption = (f"15th, 50th and 85th percentiles of the input to {layer}, the last hidden activation layer, measured "
+               f"on {_probe_batch_text(table)} before the update of each sampled step, with BN using the probe "
+               f"batch's own statistics (train mode; running statistics untouched). Top row: percentiles over all "
+               f"{f'{int(width)} ' if width else ''}units and images together{tracked}. Lines: mean over the runs "
+               f"({_seeds_text(counts)}); bands: min..max over those runs.")
+    return fig, caption
 
 
 def gradient_norm_panels(probes, runs, variants: list[str]):
     layers = list(dict.fromkeys(p["layer"] for p in probes if p["metric"] == "grad_norm"))
     if not layers:
         return None
-    fig, axes = plt.subplots(1, len(variants), figsize=(4.2 * len(variants), 3.6), sharey=True, squeeze=False)
+    table = ProbeTable(probes, runs)
+    fig, axes = _figure(1, len(variants), figsize=(3.9 * len(variants) + 0.4, 4.0), sharey=True)
+    counts = {}
     for ax, v in zip(axes[0], variants):
         for i, layer in enumerate(layers):
-            x, y = _probe_series(probes, runs, v, layer, "grad_norm")
-            if len(x):
-                ax.plot(x, y, color=PALETTE[i % len(PALETTE)], label=layer)
+            band = table.band(v, layer, "grad_norm")
+            if band is not None:
+                counts[v] = max(counts.get(v, 0), band.runs)
+                _draw(ax, band, PALETTE[i % len(PALETTE)], "-", layer)
         ax.set_yscale("log")
-        ax.set_title(f"{v}: weight gradient norm per layer", fontsize=9)
-        ax.set_xlabel("step")
+        ax.set_title(f"{v}", fontsize=9)
+        ax.set_xlabel(STEP)
+        ax.set_ylabel("weight gradient L2 norm (log scale)")
         ax.grid(alpha=0.3)
-    axes[0][0].legend(fontsize=7)
-    fig.tight_layout()
-    return fig
+    handles = [plt.Line2D([], [], color=PALETTE[i % len(PALETTE)]) for i in range(len(layers))]
+    _legend_below(fig, handles + [Patch(color="#888888", alpha=0.3)], layers + [BAND], ncols=min(len(layers) + 1, 6))
+    caption = ("L2 norm of each weight layer's gradient of the training loss on the batch of each sampled step "
+               "(with plain SGD in the fused or native step: ||W_after - W_before|| / lr), one column per variant; "
+               f"lines: mean over the runs ({_seeds_text(counts)}); bands: min..max over those runs.")
+    return fig, caption
 
 
 def saturation_panel(probes, runs, variants: list[str]):
     layers = list(dict.fromkeys(p["layer"] for p in probes if p["metric"] == "saturated"))
     if not layers:
         return None
-    fig, ax = plt.subplots(figsize=(6.5, 3.6))
+    table = ProbeTable(probes, runs)
+    fig, axes = _figure(figsize=(7.5, 4.4))
+    ax = axes[0][0]
+    styles = ["-", "--", ":", "-."]
+    handles, labels, counts = [], [], {}
     for i, v in enumerate(variants):
         for j, layer in enumerate(layers):
-            x, y = _probe_series(probes, runs, v, layer, "saturated")
-            if len(x):
-                ax.plot(x, y, color=PALETTE[i % len(PALETTE)], ls=["-", "--", ":", "-."][j % 4],
-                        label=f"{v} {layer}")
-    ax.set_xlabel("step")
-    ax.set_ylabel("fraction saturated")
-    ax.set_title("saturation: share of inputs where the derivative < 5% of its maximum")
+            band = table.band(v, layer, "saturated")
+            if band is not None:
+                counts[v] = max(counts.get(v, 0), band.runs)
+                handles.append(_draw(ax, band, PALETTE[i % len(PALETTE)], styles[j % 4], f"{v} {layer}"))
+                labels.append(f"{v}, {layer}")
+    ax.set_xlabel(STEP)
+    ax.set_ylabel("saturated inputs (fraction)")
+    ax.set_title("share of activation inputs where the derivative < 5% of its maximum", fontsize=9)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=7, ncol=2)
-    fig.tight_layout()
-    return fig
+    _legend_below(fig, handles + [Patch(color="#888888", alpha=0.3)], labels + [BAND], ncols=3)
+    caption = ("Fraction of each sigmoid / tanh layer's inputs on "
+               f"{_probe_batch_text(table)} at which the activation's derivative is below 5% of its maximum "
+               "(sigmoid' < 0.0125, tanh' < 0.05), before the update of each sampled step; lines: mean over the "
+               f"runs ({_seeds_text(counts)}); bands: min..max over those runs.")
+    return fig, caption
+
+
+LANDSCAPE = (("loss_range", "loss range (nats)", "loss Lipschitzness: range of the loss along -g"),
+             ("grad_change", "max ||∇L(W - ηg) - g|| (L2 norm)", "gradient predictiveness"),
+             ("beta_smoothness", "max ||∇L(W - ηg) - g|| / ||ηg||", "effective β-smoothness"))
 
 
 def landscape_panels(probes, runs, variants: list[str]):
+    """Santurkar et al. 2018, Fig. 4, over all seeds: loss range, gradient predictiveness and
+    effective β-smoothness along the gradient direction."""
     if not any(p["metric"] == "loss_range" for p in probes):
         return None
-    fig, axes = plt.subplots(1, 2, figsize=(11, 3.6))
+    table = ProbeTable(probes, runs)
+    fig, axes = _figure(1, 3, figsize=(13, 4.2))
+    handles, counts = [], {}
     for i, v in enumerate(variants):
-        for ax, metric in zip(axes, ("loss_range", "grad_change")):
-            x, y = _probe_series(probes, runs, v, "model", metric)
-            if len(x):
-                ax.plot(x, y, "o-", ms=3, color=PALETTE[i % len(PALETTE)], label=v)
-    axes[0].set_title("loss landscape: range of the loss along the step direction")
-    axes[1].set_title("gradient predictiveness: max change of the gradient")
-    for ax in axes:
-        ax.set_xlabel("step")
+        line = None
+        for ax, (metric, _, _) in zip(axes[0], LANDSCAPE):
+            band = table.band(v, "model", metric)
+            if band is not None:
+                counts[v] = max(counts.get(v, 0), band.runs)
+                line = _draw(ax, band, PALETTE[i % len(PALETTE)], "o-", v)
+                line.set_markersize(3)
+        if line is not None:
+            handles.append((line, v))
+    for ax, (_, ylabel, title) in zip(axes[0], LANDSCAPE):
+        ax.set_title(title, fontsize=9)
+        ax.set_xlabel(STEP)
+        ax.set_ylabel(ylabel)
         ax.set_yscale("log")
         ax.grid(alpha=0.3)
-    axes[0].legend(fontsize=8)
-    fig.tight_layout()
-    return fig
+    _legend_below(fig, [h for h, _ in handles] + [Patch(color="#888888", alpha=0.3)],
+                  [lab for _, lab in handles] + [BAND], ncols=min(len(handles) + 1, 5))
+    scales = table.probe_setting("landscape_scales")
+    every = table.probe_setting("landscape_every")
+    lrs = sorted({c.get("lr") for c in table.config.values() if c.get("lr") is not None})
+    eta = (f"η = lr × {scales}" if scales else "η = lr × the configured scales") + (
+        f" (lr {', '.join(f'{x:g}' for x in lrs)})" if lrs else "")
+    caption = (f"Every {every or 'landscape_every'} steps, from the weights W before the update: g = ∇L(W) on that "
+               f"step's training batch (the gradient, not the optimizer's update), then the loss and gradient at "
+               f"W - ηg for {eta}. Left: loss range, max - min of the loss over η ∈ {{0, ...}}; middle: gradient "
+               f"predictiveness, max ||∇L(W - ηg) - g||; right: effective β-smoothness, "
+               f"max ||∇L(W - ηg) - g|| / ||ηg|| "
+               f"(Santurkar et al. 2018). Lines: mean over the runs "
+               f"({_seeds_text(counts)}); bands: min..max over those runs.")
+    return fig, caption
 
 
 def error_vs_batch_size(runs, spec):
     """Validation error (1 - final validation accuracy) against batch size, one line per variant
     group (method), mean over seeds with 95% CI bars: the shape of Wu & He 2018, Figure 1."""
-    import json
-
     from bnlab.experiments.stats import mean_ci
 
     groups = defaultdict(lambda: defaultdict(list))
     for r in runs:
-        if r["status"] not in ("done", "diverged") or r.get("final_val_accuracy") is None:
+        if r["status"] not in FINISHED or r.get("final_val_accuracy") is None:
             continue
         v = spec.variants[r["variant"]]
         bs = json.loads(r["config"])["train"]["batch_size"]
         groups[v.group or r["variant"]][bs].append(1.0 - r["final_val_accuracy"])
     if not groups:
         return None
-    fig, ax = plt.subplots(figsize=(7, 4.2))
+    fig, axes = _figure(figsize=(7, 4.8))
+    ax = axes[0][0]
+    handles, labels = [], []
     for i, (g, by_bs) in enumerate(groups.items()):
         xs = sorted(by_bs)
         est = [mean_ci(by_bs[b]) for b in xs]
@@ -240,14 +425,20 @@ def error_vs_batch_size(runs, spec):
         half = np.array([0 if np.isnan(e.low) else (e.high - e.low) / 2 * 100 for e in est])
         # an error rate lives in [0, 100]: clip the interval's drawing there
         yerr = [np.minimum(half, means), np.minimum(half, 100 - means)]
-        ax.errorbar(xs, means, yerr=yerr, marker="o", capsize=3, color=PALETTE[i % len(PALETTE)], label=g)
+        h = ax.errorbar(xs, means, yerr=yerr, marker="o", capsize=3, color=PALETTE[i % len(PALETTE)], label=g)
+        handles.append(h)
+        labels.append(g)
     ax.set_xscale("log", base=2)
     ax.set_xticks(sorted({b for by in groups.values() for b in by}))
     ax.get_xaxis().set_major_formatter(matplotlib.ticker.ScalarFormatter())
     ax.set_xlabel("batch size (images per batch)")
     ax.set_ylabel("validation error (%)")
-    ax.set_title("validation error vs batch size (mean over seeds, 95% CI)")
+    ax.set_title("validation error vs batch size")
     ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    return fig
+    _legend_below(fig, handles, labels, ncols=min(len(labels), 5))
+    n = sorted({len(v) for by in groups.values() for v in by.values()})
+    seeds = f"{n[0]} seeds" if len(n) == 1 else f"{n[0]} to {n[-1]} seeds"
+    caption = ("Validation error (100 × (1 - final validation accuracy)) against batch size, one line per method; "
+               f"points: mean over the runs at that batch size ({seeds}), bars: 95% t-interval over those runs "
+               "(none with a single run).")
+    return fig, caption
