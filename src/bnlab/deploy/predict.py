@@ -1,6 +1,10 @@
 """Single-sample and batch prediction from a checkpoint: inputs are read the way the training data
 was (raw pixels 0..255 for image datasets) and scaled with the preprocessing fitted on its training
-split, which the checkpoint carries."""
+split, which the checkpoint carries.
+
+Which model: a checkpoint folder, or a run folder and ``which`` ("best", the best-validation model,
+by default, as Keras's ``save_best_only``; or "final"); every prediction says which model made it.
+"""
 
 from __future__ import annotations
 
@@ -97,3 +101,22 @@ def predict(model: nn.Module, batch: np.ndarray, preprocessing: dict, classes=No
         k = int(np.argmax(row))
         out.append(Prediction(k, str(classes[k]) if classes else str(k), row))
     return out
+
+
+def predict_files(checkpoint: str | Path, paths, *, which: str | None = None, prescaled: bool = False):
+    """Load a checkpoint (or the ``which`` model of a run folder) and predict every input file.
+
+    Returns (the Checkpoint, one dict per sample: input, class, name, probabilities, and the model
+    used: its kind, "best" or "final", and epoch)."""
+    from bnlab.checkpoint import load_checkpoint
+
+    ck = load_checkpoint(checkpoint, which=which)
+    shape = tuple(ck.model.spec.input_shape)
+    results = []
+    for path in paths:
+        batch = read_input(path, shape)
+        for i, p in enumerate(predict(ck.model, batch, ck.preprocessing, ck.meta.get("classes"), prescaled=prescaled)):
+            results.append({"input": str(path) + (f"[{i}]" if len(batch) > 1 else ""), "class": p.label,
+                            "name": p.name, "probabilities": [round(q, 6) for q in p.probabilities],
+                            "model": ck.kind, "epoch": ck.meta.get("epoch")})
+    return ck, results

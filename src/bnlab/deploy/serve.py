@@ -2,12 +2,15 @@
 
     POST /predict   JSON {"inputs": one sample or a batch, "prescaled": false} or a multipart image upload
     GET  /health    liveness
-    GET  /model     summary, spec, classes, preprocessing
+    GET  /model     which model (best-validation or final, its epoch), summary, spec, classes, preprocessing
     GET  /openapi.json, /docs
 
 Input is validated and answered with 4xx and a message (shape, dtype, size, non-finite numbers,
 bytes that are not an image); bodies over ``max_body_bytes`` get 413 before they are read whole.
 No input crashes the server: anything unexpected is a 500 with a message, and the server goes on.
+
+Given a run folder it serves the best-validation model (``checkpoint/``) unless ``which="final"``;
+/model and every /predict answer say which model it is.
 """
 
 
@@ -60,20 +63,22 @@ class _TooLarge(Exception):
     pass
 
 
-def create_app(checkpoint: "str | Path", *, max_body_bytes: int = 4 * 1024 * 1024):
+def create_app(checkpoint: "str | Path", *, which: "str | None" = None, max_body_bytes: int = 4 * 1024 * 1024):
     from fastapi import FastAPI, HTTPException, Request
     from fastapi.responses import JSONResponse
 
     from bnlab.models import summarize
 
-    ck = load_checkpoint(checkpoint)
+    ck = load_checkpoint(checkpoint, which=which)
     model, spec = ck.model.eval(), ck.model.spec
     shape = tuple(spec.input_shape)
     classes = ck.meta.get("classes")
-    summary_text = summarize(model, shape, name=Path(checkpoint).name).to_text()
+    summary_text = summarize(model, shape, name=Path(ck.path).name).to_text()
+    used = {"kind": ck.kind, "epoch": ck.meta.get("epoch"), "path": str(ck.path), "description": ck.describe()}
 
     app = FastAPI(title="bnlab model server", version="1",
-                  description=f"Predictions of the bnlab model in {checkpoint}; input shape {shape}.")
+                  description=f"Predictions of the bnlab {ck.describe()}; input shape {shape}.")
+    app.state.checkpoint = ck
 
     @app.exception_handler(_TooLarge)
     async def _too_large(request, exc):
@@ -89,7 +94,7 @@ def create_app(checkpoint: "str | Path", *, max_body_bytes: int = 4 * 1024 * 102
 
     @app.get("/model")
     def model_info():
-        return {"input_shape": list(shape), "num_classes": spec.num_classes, "classes": classes,
+        return {"model": used, "input_shape": list(shape), "num_classes": spec.num_classes, "classes": classes,
                 "spec": ck.spec, "preprocessing": ck.preprocessing, "summary": summary_text}
 
     @app.post("/predict", openapi_extra={"requestBody": {"content": {
@@ -131,7 +136,8 @@ def create_app(checkpoint: "str | Path", *, max_body_bytes: int = 4 * 1024 * 102
         except InputError as e:
             raise HTTPException(422, str(e)) from None
         preds = predict(model, batch, ck.preprocessing, classes, prescaled=prescaled)
-        return {"predictions": [{"class": p.label, "name": p.name, "probabilities": p.probabilities}
+        return {"model": {"kind": used["kind"], "epoch": used["epoch"]},
+                "predictions": [{"class": p.label, "name": p.name, "probabilities": p.probabilities}
                                 for p in preds]}
 
     return BodyLimit(app, max_body_bytes) if max_body_bytes else app

@@ -98,6 +98,21 @@ def make_step(model: nn.Module, engine: str, generator: torch.Generator | None, 
     return FusedMLPStep(model, generator, sgd_lr=sgd_lr), "fused"
 
 
+def stream_seed(seed: int, stream: str) -> int:
+    """A seed for the random stream ``stream`` of run ``seed``: independent streams for independent
+    uses (numpy's SeedSequence over the seed and the stream's bytes; never ``hash()``)."""
+    import numpy as np
+
+    words = [int(seed) & 0xFFFFFFFF, int(seed) >> 32 & 0xFFFFFFFF] + list(stream.encode())
+    return int(np.random.SeedSequence(words).generate_state(1, np.uint64)[0] >> 1)
+
+
+def epoch_order(n: int, generator: torch.Generator) -> torch.Tensor:
+    """The order of the ``n`` training examples in one epoch: a permutation drawn from the run's
+    data-order generator (seeded by the run seed alone)."""
+    return torch.randperm(n, generator=generator)
+
+
 @dataclass
 class _Best:
     value: float = -math.inf
@@ -116,7 +131,8 @@ def fit(model: nn.Module, data: Dataset, *, optimizer: str = "sgd", lr: float = 
 
     optimizer: sgd (momentum, nesterov) | rmsprop | adam; cross-entropy on logits.
     target_accuracy: record the steps / epochs / seconds at which validation accuracy first reaches it.
-    checkpoint_dir: keep the best model by ``monitor`` (val_accuracy or val_loss) there (safetensors + JSON).
+    checkpoint_dir: keep the best model by ``monitor`` (val_accuracy or val_loss) there (safetensors + JSON;
+    meta ``kind="best"`` and its ``epoch``).
     patience: stop after this many epochs without improvement of ``monitor``.
     max_steps / max_seconds: budgets; the run ends (after evaluating) once either is used up.
     probes: a ``bnlab.probes.ProbeConfig`` (or ``Probes``) to record what happens inside the network.
@@ -131,7 +147,11 @@ def fit(model: nn.Module, data: Dataset, *, optimizer: str = "sgd", lr: float = 
                          f"{data.name!r} has {data.input_shape}")
     dev = resolve_device(device)
     torch.manual_seed(seed)  # nn.Dropout in the autograd path draws from the global RNG
-    gen = torch.Generator().manual_seed(seed)
+    # paired design: the data order has a generator of its own, seeded by the run seed only, so runs
+    # of different variants with one seed see the same batches in the same order, whatever dropout
+    # or augmentation the variants draw from ``gen``; different seeds give different orders
+    order_gen = torch.Generator().manual_seed(seed)
+    gen = torch.Generator().manual_seed(stream_seed(seed, "noise"))  # dropout masks, augmentation
     model.to(dev).train()
     data = data.to(dev)
     plain_sgd = optimizer == "sgd" and momentum == 0 and weight_decay == 0
@@ -150,9 +170,10 @@ def fit(model: nn.Module, data: Dataset, *, optimizer: str = "sgd", lr: float = 
         batches.pop()
     hist = History(target_accuracy=target_accuracy, engine=engine_used)
     if probes is not None:
-        from bnlab.probes import ProbeConfig, Probes
-        probes = Probes(model, probes, lr=lr, seed=seed) if isinstance(probes, ProbeConfig) else probes
-        observed = engine_used in ("fused", "native")  # they call no modules, so no hooks fire: they report
+        from bnlab.probes import ProbeConfig, Probes, select_probe_batch
+        probes = Probes(model, probes, lr=lr) if isinstance(probes, ProbeConfig) else probes
+        if probes.batch is None:  # the fixed held-out probe batch: the same images at every sampled step
+            probes.batch, probes.from_validation = select_probe_batch(data, probes.config)
     best = _Best()
     since_best = 0
     steps_done = 0
@@ -162,7 +183,7 @@ def fit(model: nn.Module, data: Dataset, *, optimizer: str = "sgd", lr: float = 
         try:
             for epoch in range(1, epochs + 1):
                 t0 = time.perf_counter()
-                perm = torch.randperm(n, generator=gen).to(dev)
+                perm = epoch_order(n, order_gen).to(dev)
                 losses, corrects = [], []  # 0-d tensors, stacked once per epoch
                 seen = 0
                 for b, (i, j) in enumerate(batches):
@@ -172,8 +193,6 @@ def fit(model: nn.Module, data: Dataset, *, optimizer: str = "sgd", lr: float = 
                         xb = augment(xb, gen)
                     if probes is not None:
                         probes.before_step(steps_done + 1)
-                        if observed:  # only sampled steps pay for reporting pre-activations
-                            step.observer = probes.observe if probes.armed else None
                     try:
                         loss, corr = step(xb, yb)
                     except FloatingPointError as e:  # BN's non-finite statistics
@@ -215,7 +234,8 @@ def fit(model: nn.Module, data: Dataset, *, optimizer: str = "sgd", lr: float = 
                     if checkpoint_dir is not None:
                         from bnlab.checkpoint import save_checkpoint
                         save_checkpoint(checkpoint_dir, model, preprocessing=data.preprocessing,
-                                        meta={**(checkpoint_meta or {}), "epoch": epoch, "val_accuracy": val_acc,
+                                        meta={**(checkpoint_meta or {}), "kind": "best", "monitor": monitor,
+                                              "epoch": epoch, "val_accuracy": val_acc,
                                               "val_loss": val_loss, "dataset": data.name,
                                               "classes": list(data.classes) if data.classes else None})
                 else:

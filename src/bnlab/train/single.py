@@ -1,11 +1,24 @@
-"""One training run from a model spec and a TrainConfig, with its results written to a folder."""
+"""One training run from a model spec and a TrainConfig, with its results written to a folder.
+
+A run folder holds ``run.json`` (the resolved config, written before training), ``history.json``
+(epochs and the run's results), ``checkpoint/`` (the best-validation model, as Keras's
+``save_best_only``: what predict / serve / export use by default) and ``checkpoint-final/`` (the
+model at the end of training; absent when the run diverged). Both models are evaluated on the
+test set, each from its saved file, so the numbers reported are those of the models saved.
+"""
 
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+import math
+import shutil
+import tempfile
+from dataclasses import dataclass, field
 from pathlib import Path
 
+import torch
+
+from bnlab.checkpoint import RUN_CHECKPOINTS, load_checkpoint, save_checkpoint, update_meta
 from bnlab.data import load_dataset
 from bnlab.data.augment import RandomAffine
 from bnlab.models import build_model, parse_model_spec
@@ -17,13 +30,66 @@ from bnlab.train.history import History
 
 @dataclass
 class RunResult:
+    """What a run produced. Test metrics are None where there is no model to measure (the final
+    model of a diverged run; the best model of a run that diverged before its first evaluation)."""
+
     history: History
-    test_loss: float
-    test_accuracy: float
+    test_loss: float | None  # the final model
+    test_accuracy: float | None
     spec: dict
     config: TrainConfig
     notes: list[str]
     out: Path | None
+    best_test_loss: float | None = None  # the best-validation model (the saved checkpoint/)
+    best_test_accuracy: float | None = None
+    # the final model with precise BN statistics (bnlab.deploy.recalibrate); None without BN
+    precise_val_accuracy: float | None = None
+    precise_test_accuracy: float | None = None
+    checkpoints: dict[str, str] = field(default_factory=dict)  # "best" / "final" -> folder name in out
+    test_examples: int = 0
+
+    @property
+    def best_epoch(self) -> int | None:
+        return self.history.best_epoch
+
+    def summary(self) -> dict:
+        """The run's results as plain values, named as ``bnlab.experiments.results.RESULT_FIELDS``.
+
+        Final-model metrics: the last evaluated epoch (validation) and the model at the end
+        (test); None for a diverged run, whose final weights are not finite. Best-model metrics:
+        the epoch with the best monitored score (``best_epoch``) and its saved model. The
+        time-to-target fields are None where the target was not reached (seconds counted as
+        ``train_seconds`` is: the epochs' training and evaluation time); ``epochs_run``,
+        ``steps_run`` and ``train_seconds`` say where the run stopped, at its last evaluation
+        (the last point where reaching the target could have been seen): they censor the
+        time-to-target of a run that did not reach it.
+        """
+        h = self.history
+        diverged = h.stopped == "diverged"
+        vals = [e.val_accuracy for e in h.epochs if e.val_accuracy is not None]
+        losses = [e.val_loss for e in h.epochs if e.val_loss is not None]
+        last = h.epochs[-1] if h.epochs else None
+        return {
+            "final_val_accuracy": None if diverged or last is None else last.val_accuracy,
+            "best_val_accuracy": max(vals) if vals else None,
+            "final_val_loss": None if diverged or last is None else last.val_loss,
+            "best_val_loss": min(losses) if losses else None,
+            "test_accuracy": self.test_accuracy, "test_loss": self.test_loss,
+            "best_epoch": h.best_epoch,
+            "best_test_accuracy": self.best_test_accuracy, "best_test_loss": self.best_test_loss,
+            "precise_val_accuracy": self.precise_val_accuracy,
+            "precise_test_accuracy": self.precise_test_accuracy,
+            "epochs_to_target": h.epochs_to_target, "steps_to_target": h.steps_to_target,
+            # on the clock of train_seconds (training + evaluation time of the epochs, without the
+            # checkpoint writes between them, which a variant that improves more often does more of)
+            "seconds_to_target": None if h.epochs_to_target is None else
+            sum(e.seconds for e in h.epochs[:h.epochs_to_target]),
+            "epochs_run": last.epoch if last else 0,
+            "steps_run": last.steps if last else 0,
+            "train_seconds": sum(e.seconds for e in h.epochs),
+            "mean_epoch_seconds": sum(e.seconds for e in h.epochs) / len(h.epochs) if h.epochs else None,
+            "stopped": h.stopped,
+        }
 
 
 def adapt_spec_to_data(spec, input_shape: tuple[int, ...], num_classes: int):
@@ -39,28 +105,102 @@ def adapt_spec_to_data(spec, input_shape: tuple[int, ...], num_classes: int):
     return (spec.model_copy(update=changes) if changes else spec), notes
 
 
+def has_batch_statistics(model) -> bool:
+    """Whether ``model`` normalizes with batch statistics at training time (bnlab BatchNorm and its
+    subclasses: renorm, ghost), i.e. has moving averages that precise statistics can replace."""
+    from bnlab.nn import BatchNorm
+
+    return any(isinstance(m, BatchNorm) for m in model.modules())
+
+
+def _finite(x: float) -> float | None:
+    return x if x is not None and math.isfinite(x) else None
+
+
 def train_run(spec, config: TrainConfig, *, out: str | Path | None = None, progress: bool = True) -> RunResult:
-    """Load the data, build the model (adapted to the data), fit, evaluate on test, save."""
+    """Load the data, build the model (adapted to the data), fit, save the best and the final
+    model, evaluate both on test (and the final one with precise BN statistics)."""
     data = load_dataset(config.dataset, data_dir=config.data_dir, validation=config.validation,
                         scaling=config.scaling, seed=config.data_seed, **config.dataset_options)
     spec, notes = adapt_spec_to_data(parse_model_spec(spec), data.input_shape, data.num_classes)
-    model = build_model(spec, seed=config.seed)
+    with torch.random.fork_rng(devices=[]):  # torch_default init draws from the global RNG: seed it too
+        torch.manual_seed(config.seed)
+        model = build_model(spec, seed=config.seed)
     out = Path(out) if out is not None else None
+    scratch = None
     if out is not None:
         out.mkdir(parents=True, exist_ok=True)
+        for sub in RUN_CHECKPOINTS.values():  # a redone run must not report an earlier attempt's model
+            if (out / sub).is_dir():
+                shutil.rmtree(out / sub)
         # the resolved config goes next to the results before training, so a crash keeps it
         (out / "run.json").write_text(json.dumps({"model": spec_to_dict(spec), "train": config.model_dump()},
                                                  indent=2))
+        folder = out
+    else:  # the best model still goes through a checkpoint, so it is measured as it would be saved
+        scratch = tempfile.TemporaryDirectory(prefix="bnlab-run-")
+        folder = Path(scratch.name)
+    try:
+        return _train(model, spec, config, data, notes, out, folder, progress)
+    finally:
+        if scratch is not None:
+            scratch.cleanup()
+
+
+def _train(model, spec, config, data, notes, out, folder: Path, progress: bool) -> RunResult:
+    best_dir, final_dir = folder / RUN_CHECKPOINTS["best"], folder / RUN_CHECKPOINTS["final"]
+    meta = {"train": config.model_dump(), "dataset": data.name,
+            "classes": list(data.classes) if data.classes else None}
     aug = RandomAffine(**config.augment.model_dump()) if config.augment else None
     hist = fit(model, data, optimizer=config.optimizer, lr=config.lr, momentum=config.momentum,
                nesterov=config.nesterov, weight_decay=config.weight_decay, batch_size=config.batch_size,
                epochs=config.epochs, seed=config.seed, target_accuracy=config.target_accuracy, augment=aug,
-               engine=config.engine, device=config.device, checkpoint_dir=out / "checkpoint" if out else None,
+               engine=config.engine, device=config.device, checkpoint_dir=best_dir,
                monitor=config.monitor, patience=config.patience, max_steps=config.max_steps,
                max_seconds=config.max_seconds, probes=config.probes, progress=progress,
                keras_defaults=config.keras_defaults, checkpoint_meta={"train": config.model_dump()})
-    test_loss, test_acc = evaluate(model, data.x_test, data.y_test)
+    dev = next(model.parameters()).device
+    data = data.to(dev)
+    res = RunResult(hist, None, None, spec_to_dict(spec), config, notes, out, test_examples=len(data.y_test))
+    last = hist.epochs[-1] if hist.epochs else None
+    if hist.stopped == "diverged":
+        notes.append("the run diverged: its final model has non-finite weights, so it is neither saved nor "
+                     "measured" + (f"; the best-validation model (epoch {hist.best_epoch}) is" if hist.best_epoch
+                                   else "; it diverged before its first evaluation, so there is no best model"))
+    else:
+        test_loss, test_acc = evaluate(model, data.x_test, data.y_test)
+        res.test_loss, res.test_accuracy = _finite(test_loss), _finite(test_acc)
+        save_checkpoint(final_dir, model, preprocessing=data.preprocessing, meta={
+            **meta, "kind": "final", "epoch": last.epoch if last else None, "steps": last.steps if last else 0,
+            "stopped": hist.stopped, "val_accuracy": last.val_accuracy if last else None,
+            "val_loss": last.val_loss if last else None, "test_accuracy": res.test_accuracy,
+            "test_loss": res.test_loss})
+        res.checkpoints["final"] = final_dir.name
+        if has_batch_statistics(model):
+            _precise(model, data, config, res, notes)
+    if hist.best_epoch is not None and (best_dir / "config.json").is_file():
+        best = load_checkpoint(best_dir, device=dev).model  # the saved file: what predict / serve use
+        loss, acc = evaluate(best, data.x_test, data.y_test)
+        res.best_test_loss, res.best_test_accuracy = _finite(loss), _finite(acc)
+        update_meta(best_dir, test_accuracy=res.best_test_accuracy, test_loss=res.best_test_loss)
+        res.checkpoints["best"] = best_dir.name
     if out is not None:
         (out / "history.json").write_text(json.dumps(
-            {**hist.to_dict(), "test_loss": test_loss, "test_accuracy": test_acc, "notes": notes}, indent=2))
-    return RunResult(hist, test_loss, test_acc, spec_to_dict(spec), config, notes, out)
+            {**hist.to_dict(), "test_loss": res.test_loss, "test_accuracy": res.test_accuracy,
+             "results": res.summary(), "checkpoints": res.checkpoints, "notes": notes}, indent=2))
+    return res
+
+
+def _precise(model, data, config: TrainConfig, res: RunResult, notes: list[str]) -> None:
+    """Validation and test accuracy of the final model with precise BN statistics over the training
+    data (one extra pass over it; the model itself keeps its moving averages)."""
+    from bnlab.deploy import recalibrate
+
+    try:
+        precise = recalibrate(model, data.x_train, batch_size=config.batch_size, mode="train", seed=config.seed)
+    except ValueError as e:  # e.g. fewer training examples than one batch
+        notes.append(f"no precise BN statistics: {e}")
+        return
+    if len(data.y_val):
+        res.precise_val_accuracy = _finite(evaluate(precise, data.x_val, data.y_val)[1])
+    res.precise_test_accuracy = _finite(evaluate(precise, data.x_test, data.y_test)[1])
