@@ -160,3 +160,18 @@ def test_models_and_datasets_listing():
     assert r.exit_code == 0 and "cifar100-cnn-bn" in r.output
     r = CliRunner().invoke(app, ["datasets"])
     assert r.exit_code == 0 and "mnist-5k" in r.output and "download" in r.output
+
+
+def test_torch_default_init_is_seeded_without_the_global_rng():
+    spec = {"kind": "mlp", "input_shape": [1, 8, 8], "hidden": [16], "num_classes": 10, "bn": "none",
+            "init": "torch_default"}
+    torch.manual_seed(1)
+    a = build_model(spec, seed=5).state_dict()
+    torch.manual_seed(2)  # another global state must not change seeded weights
+    b = build_model(spec, seed=5).state_dict()
+    c = build_model(spec, seed=6).state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert not torch.equal(a["dense.weight"], c["dense.weight"])
+    # torch's own bounds: kaiming_uniform(a=sqrt(5)) gives |w| <= 1/sqrt(fan_in), bias the same
+    assert float(a["dense.weight"].abs().max()) <= 1 / 8 + 1e-7
+    assert float(a["dense.bias"].abs().max()) <= 1 / 8 + 1e-7

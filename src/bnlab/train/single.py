@@ -123,9 +123,7 @@ def train_run(spec, config: TrainConfig, *, out: str | Path | None = None, progr
     data = load_dataset(config.dataset, data_dir=config.data_dir, validation=config.validation,
                         scaling=config.scaling, seed=config.data_seed, **config.dataset_options)
     spec, notes = adapt_spec_to_data(parse_model_spec(spec), data.input_shape, data.num_classes)
-    with torch.random.fork_rng(devices=[]):  # torch_default init draws from the global RNG: seed it too
-        torch.manual_seed(config.seed)
-        model = build_model(spec, seed=config.seed)
+    model = build_model(spec, seed=config.seed)
     out = Path(out) if out is not None else None
     scratch = None
     if out is not None:
