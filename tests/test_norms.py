@@ -95,6 +95,65 @@ def test_matches_torch_builtin(case, dtype, tol):
         assert rel(p.grad, q.grad.view_as(p.grad)) <= tol
 
 
+HALF = {"float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def _half_input(shape, dtype, seed=0):
+    """std 40: over a few hundred values the float16 sum of squares (> 65504) overflows."""
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(shape, generator=g) * 40 + 5).to(dtype)
+
+
+@pytest.mark.parametrize("dtype", HALF.values(), ids=HALF.keys())
+@pytest.mark.parametrize("case", ["layer-300", "group-128"])
+def test_per_sample_norms_in_half_precision_match_float32(case, dtype):
+    ours, theirs, shape = ((LayerNorm(300, dtype=dtype), torch.nn.LayerNorm(300), (4, 300)) if case == "layer-300"
+                           else (GroupNorm(3, 6, dtype=dtype), torch.nn.GroupNorm(3, 6), (4, 6, 8, 8)))
+    x, dy = _half_input(shape, dtype), torch.randn(shape)
+    xa, xb = x.clone().requires_grad_(), x.float().requires_grad_()
+    ya, yb = ours(xa), theirs(xb)
+    ya.backward(dy.to(dtype))
+    yb.backward(dy)
+    assert ya.dtype == xa.grad.dtype == dtype
+    assert R.relative_error(ya.detach().double(), yb.detach().double()) <= 2e-2
+    assert R.relative_error(xa.grad.double(), xb.grad.double()) <= 2e-2
+
+
+@pytest.mark.parametrize("dtype", HALF.values(), ids=HALF.keys())
+def test_renorm_and_ghost_in_half_precision(dtype):
+    """Oracles: renorm with r_max = 1, d_max = 0 is torch's float32 BN; ghost BN over batches of 64 is
+    torch's BN applied to each in turn; renorm with active r, d is the float64 reference."""
+    x = _half_input((256, 6), dtype)
+    xf = x.float()
+    renorm, ghost = BatchRenorm(6, r_max=1.0, d_max=0.0, dtype=dtype), GhostBatchNorm(6, ghost_size=64, dtype=dtype)
+    t_renorm, t_ghost = torch.nn.BatchNorm1d(6), torch.nn.BatchNorm1d(6)
+    xa = x.clone().requires_grad_()
+    ya = renorm(xa)
+    ya.sum().backward()
+    assert ya.dtype == xa.grad.dtype == dtype and bool(xa.grad.isfinite().all())
+    pairs = [(ya, t_renorm(xf)), (ghost(x), torch.cat([t_ghost(part) for part in xf.split(64)]))]
+    for ours, theirs in ((renorm, t_renorm), (ghost, t_ghost)):
+        pairs += [(ours.running_mean, theirs.running_mean), (ours.running_var, theirs.running_var)]
+        assert ours.running_var.dtype == dtype
+    active = BatchRenorm(6, r_max=3.0, d_max=5.0, dtype=dtype)
+    with torch.no_grad():
+        active.running_mean.fill_(2.0)
+        active.running_var.fill_(900.0)  # r = 40/30, d = 0.1: both active
+    y_ref, _ = R.batch_renorm_forward(x.double().numpy(), None, None, np.full(6, 2.0), np.full(6, 900.0),
+                                      eps=active.eps, r_max=3.0, d_max=5.0)
+    pairs.append((active(x), torch.from_numpy(y_ref)))
+    for i, (a, b) in enumerate(pairs):
+        assert a.dtype in (dtype, torch.float32, torch.float64)
+        assert R.relative_error(a.detach().double().numpy(), b.detach().double().numpy()) <= 2e-2, i
+
+
+def test_renorm_names_the_cause_of_non_finite_statistics():
+    x = torch.randn(8, 3)
+    x[2, 1] = float("nan")
+    with pytest.raises(FloatingPointError, match=r"contains NaN or inf in channel\(s\) \[1\]"):
+        BatchRenorm(3)(x)
+
+
 def test_weight_norm_matches_torch_parametrization():
     lin = torch.nn.Linear(5, 3).double()
     ours = WeightNorm(lin)

@@ -74,3 +74,33 @@ def test_torch_momentum_1_keeps_last_batch_but_with_the_unbiased_variance(x):
     var = x.var(axis=0)
     np.testing.assert_allclose(y_eval, y_train * np.sqrt((var + eps) / (var * n / (n - 1) + eps)),
                                rtol=1e-7, atol=1e-9)
+
+
+@settings(max_examples=40, deadline=None)
+@given(batches(), st.integers(-8, 6), st.sampled_from([("torch", 1.0), ("keras", 0.0)]))
+def test_factor_1_stores_the_batch_statistics_at_any_scale_in_float32(x, exponent, rule):
+    """A factor of exactly 1 replaces the running statistics, however small the variance: the blend
+    (1 - f)·old + f·new keeps a 1e-16 variance that old + f·(new - old) would round to 0 against 1."""
+    convention, momentum = rule
+    n, c = x.shape
+    x32 = torch.from_numpy(x * 10.0**exponent).float()
+    bn = BatchNorm(c, convention=convention, momentum=momentum)
+    bn(x32)
+    xd = x32.double().numpy()
+    var = xd.var(axis=0, ddof=1 if convention == "torch" else 0)
+    np.testing.assert_allclose(bn.running_var.double().numpy(), var, rtol=1e-3)
+    np.testing.assert_allclose(bn.running_mean.double().numpy(), xd.mean(axis=0), rtol=1e-4,
+                               atol=1e-4 * np.abs(xd).max())
+
+
+@settings(max_examples=30, deadline=None)
+@given(st.lists(batches(), min_size=1, max_size=4))
+def test_momentum_none_is_the_plain_average_of_the_batch_statistics(xs):
+    """torch's cumulative average: the initial (0, 1) is forgotten at the first batch."""
+    c = min(x.shape[1] for x in xs)
+    xs = [x[:, :c] for x in xs]  # batches of different sizes, the same channels
+    bn = BatchNorm(xs[0].shape[1], momentum=None, dtype=torch.float64)
+    for x in xs:
+        bn(torch.from_numpy(x))
+    np.testing.assert_allclose(bn.running_mean.numpy(), np.mean([x.mean(0) for x in xs], axis=0), rtol=1e-9, atol=1e-9)
+    np.testing.assert_allclose(bn.running_var.numpy(), np.mean([x.var(0, ddof=1) for x in xs], axis=0), rtol=1e-9)

@@ -123,6 +123,34 @@ def test_keras_running_rule_by_hand():
     np.testing.assert_allclose(v, [0.99 * 1.0 + 0.01 * 3.5])  # biased variance stored
 
 
+@pytest.mark.parametrize("convention,momentum,correction", [("torch", 1.0, 4 / 3), ("keras", 0.0, 1.0)],
+                         ids=["torch-momentum-1", "keras-momentum-0"])
+def test_factor_1_replaces_the_running_statistics_exactly_in_float32(convention, momentum, correction):
+    """(1 - f)·old + f·new at f = 1 keeps a variance of 1e-9 that old + f·(new - old) rounds to 0."""
+    one = np.ones(1, np.float32)
+    m, v = ref.update_running_stats(one, one, np.float32([2.5]), np.float32([1e-9]), count=4, momentum=momentum,
+                                    convention=convention)
+    assert m.dtype == v.dtype == np.float32
+    np.testing.assert_allclose(v, [1e-9 * correction], rtol=1e-6)
+    np.testing.assert_array_equal(m, np.float32([2.5]))
+
+
+def test_factor_0_keeps_the_running_statistics_exactly():
+    for convention, momentum in (("torch", 0.0), ("keras", 1.0)):
+        m, v = ref.update_running_stats(np.float32([0.1]), np.float32([0.3]), [7.0], [9.0], count=4,
+                                        momentum=momentum, convention=convention)
+        np.testing.assert_array_equal(m, np.float32([0.1]))
+        np.testing.assert_array_equal(v, np.float32([0.3]))
+
+
+def test_conv_counts_values_per_channel():
+    """A conv BN's count is N·H·W: the reference's unbiased variance over (N, H, W) with m = 2·3·3."""
+    x = np.random.default_rng(1).standard_normal((2, 3, 3, 3))
+    _, cache = ref.batch_norm_forward(x, eps=1e-5)
+    _, v = ref.update_running_stats(np.zeros(3), np.ones(3), cache.mean, cache.var, count=x.size // 3, momentum=1.0)
+    np.testing.assert_allclose(v, x.transpose(1, 0, 2, 3).reshape(3, -1).var(axis=1, ddof=1), rtol=1e-12)
+
+
 @pytest.mark.parametrize("call,match", [
     (lambda: ref.batch_norm_forward(np.ones((1, 3)), eps=1e-5), "more than 1 value per channel"),
     (lambda: ref.batch_norm_forward(np.ones(5), eps=1e-5), "got 1D input"),

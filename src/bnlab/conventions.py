@@ -84,6 +84,7 @@ def running_update(convention: Convention, momentum: float | None, num_batches_t
     torch momentum 1, keras momentum 0) it stores ``new`` exactly, where ``old + f·(new - old)`` loses a
     tiny variance (1e-9) against an old value of 1 in float32.
     """
+    check_momentum(convention, momentum)
     if momentum is None:  # torch: cumulative moving average
         if num_batches_tracked < 1:
             raise ValueError(f"num_batches_tracked counts the current batch: expected >= 1 (got {num_batches_tracked})")
@@ -98,8 +99,3 @@ def running_update(convention: Convention, momentum: float | None, num_batches_t
         correction = 1.0
     return RunningUpdate(f, correction)
 
-
-def running_update_factor(convention: Convention, momentum: float | None,
-                          num_batches_tracked: int) -> float:
-    """Weight of the NEW batch statistic in the running average (``running_update(...).factor``)."""
-    return running_update(convention, momentum, num_batches_tracked, count=2).factor

@@ -42,6 +42,10 @@ class BatchNorm(nn.Module):
         track_running_stats: keep running statistics; without them eval uses batch statistics.
         axis: the channel axis (1 for NC..., -1 for channels-last).
         check_finite: raise on NaN/inf batch statistics instead of silently training on them.
+
+    float16/bfloat16 inputs: statistics are accumulated in float32 (as Keras does), the output has the
+    input's dtype, running statistics keep the layer's dtype. The running-statistics update is
+    ``bnlab.conventions.running_update``, as in every bnlab engine.
     """
 
     _allowed_ranks: tuple[int, ...] = (2, 3, 4, 5)

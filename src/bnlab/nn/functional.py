@@ -7,6 +7,11 @@ does. The maths is the compact form of ``bnlab.reference`` (see its docstring).
 Speed note: on CPU the cost of BN on a large activation is dominated by first-touch
 page faults of each freshly allocated output, not by arithmetic. So forward and backward
 each allocate exactly one full-size tensor (y, dx) and do every other pass in place.
+
+Half precision: for float16/bfloat16 inputs the statistics (mean, variance, the backward's channel
+sums) are accumulated in float32, as Keras does; outputs and gradients come back in the input's dtype
+and running statistics stay in their own dtype. (In float16 the sum of squares of 256 values of
+std 40 already exceeds 65504.)
 """
 
 from __future__ import annotations
@@ -14,7 +19,14 @@ from __future__ import annotations
 import torch
 from torch.autograd.function import once_differentiable
 
-from bnlab.conventions import Convention, check_momentum, get_convention, running_update_factor
+from bnlab.conventions import Convention, check_momentum, get_convention, running_update
+
+_HALF = (torch.float16, torch.bfloat16)
+
+
+def stats_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype BN statistics are accumulated in: float32 for half inputs, else the input's."""
+    return torch.float32 if dtype in _HALF else dtype
 
 
 def _layout(x: torch.Tensor, axis: int) -> tuple[int, tuple[int, ...], list[int]]:
@@ -33,8 +45,8 @@ class BatchNormFunction(torch.autograd.Function):
     def forward(ctx, x, weight, bias, eps: float, axis: int):
         _, dims, shape = _layout(x, axis)
         m = x.numel() // x.shape[axis]
-        mean = x.mean(dims)  # (C,)
-        y = torch.sub(x, mean.view(shape))  # the one allocation; holds x - mean for now
+        mean = x.mean(dims, dtype=stats_dtype(x.dtype))  # (C,), float32 for half x
+        y = torch.sub(x, mean.view(shape))  # the one allocation (float32 for half x); holds x - mean for now
         var = torch.linalg.vector_norm(y, 2, dim=dims).square_().div_(m)  # (C,) biased
         inv_std = torch.rsqrt(var + eps)  # eps inside the root
         scale = inv_std if weight is None else inv_std * weight
@@ -42,9 +54,9 @@ class BatchNormFunction(torch.autograd.Function):
         if bias is not None:
             y.add_(bias.view(shape))
         ctx.save_for_backward(x, weight, mean, inv_std)
-        ctx.axis = axis
+        ctx.axis, ctx.bias_dtype = axis, None if bias is None else bias.dtype
         ctx.mark_non_differentiable(mean, var)
-        return y, mean, var
+        return y.to(x.dtype), mean, var
 
     @staticmethod
     @once_differentiable
@@ -52,7 +64,7 @@ class BatchNormFunction(torch.autograd.Function):
         x, weight, mean, inv_std = ctx.saved_tensors
         _, dims, shape = _layout(x, ctx.axis)
         m = x.numel() // x.shape[ctx.axis]
-        sum_dy = dy.sum(dims)  # (C,) = dbeta
+        sum_dy = dy.sum(dims, dtype=mean.dtype)  # (C,) = dbeta, float32 for half x
         buf = torch.sub(x, mean.view(shape))  # x - mean; becomes dx below (the one allocation)
         sum_dy_xhat = buf.mul_(dy).sum(dims).mul_(inv_std)  # (C,) = dgamma
         dx = None
@@ -64,8 +76,9 @@ class BatchNormFunction(torch.autograd.Function):
             b = -k * sum_dy / m
             dx = torch.sub(x, mean.view(shape), out=buf)
             dx.mul_(a.view(shape)).add_(b.view(shape)).addcmul_(dy, k.view(shape))
-        dweight = sum_dy_xhat if weight is not None and ctx.needs_input_grad[1] else None
-        dbias = sum_dy if ctx.needs_input_grad[2] else None
+            dx = dx.to(x.dtype)
+        dweight = sum_dy_xhat.to(weight.dtype) if weight is not None and ctx.needs_input_grad[1] else None
+        dbias = sum_dy.to(ctx.bias_dtype) if ctx.needs_input_grad[2] else None
         return dx, dweight, dbias, None, None
 
 
@@ -95,15 +108,18 @@ def batch_norm(x: torch.Tensor, running_mean: torch.Tensor | None, running_var: 
              momentum=None: cumulative average with factor 1/num_batches_tracked.
       keras: running = momentum·running + (1-momentum)·batch, var stored BIASED.
     training=False: y = weight·(x - running_mean)/sqrt(running_var + eps) + bias.
+    The output has the input's dtype; for float16/bfloat16 inputs the statistics are float32.
     """
     conv, eps, momentum = resolve_defaults(convention, eps, momentum)
     ax, dims, shape = _layout(x, axis)
     use_batch_stats = training or running_mean is None
     if not use_batch_stats:
-        inv_std = torch.rsqrt(running_var + eps)
+        # scale and shift (C,) in float32 or wider: a float16 var + eps, or its rsqrt, loses digits
+        wide = torch.promote_types(stats_dtype(x.dtype), running_var.dtype)
+        inv_std = torch.rsqrt(running_var.to(wide) + eps)
         scale = inv_std if weight is None else inv_std * weight
         shift = -running_mean * scale if bias is None else torch.addcmul(bias, running_mean, scale, value=-1)
-        return torch.addcmul(shift.view(shape), x, scale.view(shape))
+        return torch.addcmul(shift.view(shape), x, scale.view(shape)).to(x.dtype)
 
     m = x.numel() // x.shape[ax]
     if m < 2:
@@ -114,15 +130,42 @@ def batch_norm(x: torch.Tensor, running_mean: torch.Tensor | None, running_var: 
         )
     y, mean, var = BatchNormFunction.apply(x, weight, bias, eps, ax)
     if check_finite and not bool(torch.isfinite(var).all()):
-        bad = torch.nonzero(~torch.isfinite(var)).flatten().tolist()
-        raise FloatingPointError(
-            f"non-finite batch statistics in channel(s) {bad[:10]}{'...' if len(bad) > 10 else ''}: "
-            "the input to this BN layer contains NaN or inf (a diverged run? lower the learning rate)"
-        )
+        raise nonfinite_error(x, var, ax)
     if training and running_mean is not None:
         update_running_stats(running_mean, running_var, num_batches_tracked, mean, var, count=m,
                              convention=conv, momentum=momentum)
     return y
+
+
+def nonfinite_error(x: torch.Tensor, batch_var: torch.Tensor, axis: int) -> FloatingPointError:
+    """Why a batch variance is NaN/inf: the input holds NaN/inf, or finite input overflowed the
+    dtype the statistics were computed in. Called only once the statistics are known to be bad."""
+    _, dims, _ = _layout(x, axis)
+    bad = torch.nonzero(~torch.isfinite(batch_var)).flatten().tolist()
+    where = f"non-finite batch statistics in channel(s) {bad[:10]}{'...' if len(bad) > 10 else ''}"
+    bad_in = torch.nonzero(~torch.isfinite(x).all(dim=dims)).flatten().tolist()
+    if bad_in:
+        return FloatingPointError(
+            f"{where}: the input to this BN layer contains NaN or inf in channel(s) "
+            f"{bad_in[:10]}{'...' if len(bad_in) > 10 else ''} (a diverged run? lower the learning rate)")
+    dt = batch_var.dtype
+    wider = {torch.float16: "float32 or bfloat16", torch.bfloat16: "float32",
+             torch.float32: "float64"}.get(dt)
+    fix = f"compute in {wider} or scale the input down" if wider else "scale the input down"
+    return FloatingPointError(
+        f"{where}: the input is finite (largest |x| = {float(x.detach().abs().amax()):.3g}) but its variance "
+        f"overflowed {str(dt).removeprefix('torch.')} (largest finite value {torch.finfo(dt).max:.3g}): {fix}")
+
+
+@torch.no_grad()
+def _blend_(running: torch.Tensor, batch: torch.Tensor, f: float) -> None:
+    """running = (1 - f)·running + f·batch in place (exact at f = 0 and 1, unlike running + f·(batch -
+    running)), computed in the wider dtype of the two; the buffer keeps its dtype."""
+    if batch.dtype == running.dtype:
+        running.mul_(1.0 - f).add_(batch, alpha=f)
+    else:
+        wide = torch.promote_types(running.dtype, batch.dtype)
+        running.copy_(running.to(wide).mul_(1.0 - f).add_(batch.to(wide), alpha=f))
 
 
 @torch.no_grad()
@@ -130,14 +173,13 @@ def update_running_stats(running_mean: torch.Tensor, running_var: torch.Tensor,
                          num_batches_tracked: torch.Tensor | None, batch_mean: torch.Tensor,
                          batch_var: torch.Tensor, *, count: int, convention: Convention,
                          momentum: float | None) -> None:
-    """In place: count this batch, then blend the batch statistics into the running ones.
-
-    batch_var is the BIASED variance; the torch convention stores it unbiased (·m/(m-1)).
-    """
+    """In place: count this batch, then blend the batch statistics into the running ones with
+    ``bnlab.conventions.running_update`` (factor, and m/(m-1) where the convention stores the
+    unbiased variance). batch_var is the BIASED variance; count is the values per channel
+    (N·H·W for (N, C, H, W))."""
     if num_batches_tracked is not None:
         num_batches_tracked.add_(1)
-    n = int(num_batches_tracked) if num_batches_tracked is not None else 1
-    f = running_update_factor(convention, momentum, n)
-    stored_var = batch_var * (count / (count - 1)) if convention.running_var_unbiased else batch_var
-    running_mean.mul_(1.0 - f).add_(batch_mean.to(running_mean.dtype), alpha=f)
-    running_var.mul_(1.0 - f).add_(stored_var.to(running_var.dtype), alpha=f)
+    n = int(num_batches_tracked) if momentum is None and num_batches_tracked is not None else 1
+    u = running_update(convention, momentum, n, count)
+    _blend_(running_mean, batch_mean, u.factor)
+    _blend_(running_var, batch_var * u.var_correction if u.var_correction != 1.0 else batch_var, u.factor)

@@ -16,30 +16,35 @@ from torch import nn
 from torch.autograd.function import once_differentiable
 
 from bnlab.nn.batchnorm import BatchNorm
-from bnlab.nn.functional import batch_norm, update_running_stats
+from bnlab.conventions import get_convention
+from bnlab.nn.functional import batch_norm, nonfinite_error, stats_dtype, update_running_stats
 
 
 class NormalizeFunction(torch.autograd.Function):
     """x_hat = (x - mean) / sqrt(var + eps) over ``dims`` (biased variance), explicit backward:
-    dx = inv/m · (m·dx_hat - Σ dx_hat - x_hat·Σ dx_hat·x_hat)."""
+    dx = inv/m · (m·dx_hat - Σ dx_hat - x_hat·Σ dx_hat·x_hat).
+    float16/bfloat16 inputs are computed in float32 (their sums of squares overflow float16) and
+    returned in their own dtype."""
 
     @staticmethod
     def forward(ctx, x, dims: tuple[int, ...], eps: float):
-        var, mean = torch.var_mean(x, dim=dims, correction=0, keepdim=True)
+        xs = x.to(stats_dtype(x.dtype))
+        var, mean = torch.var_mean(xs, dim=dims, correction=0, keepdim=True)
         inv = torch.rsqrt(var + eps)
-        xh = (x - mean) * inv
+        xh = (xs - mean) * inv
         ctx.save_for_backward(xh, inv)
-        ctx.dims = dims
-        return xh
+        ctx.dims, ctx.dtype = dims, x.dtype
+        return xh.to(x.dtype)
 
     @staticmethod
     @once_differentiable
     def backward(ctx, dxh):
         xh, inv = ctx.saved_tensors
+        dxh = dxh.to(xh.dtype)
         m = math.prod(xh.shape[d] for d in ctx.dims)
         s1 = dxh.sum(ctx.dims, keepdim=True)
         s2 = (dxh * xh).sum(ctx.dims, keepdim=True)
-        return inv / m * (m * dxh - s1 - xh * s2), None, None
+        return (inv / m * (m * dxh - s1 - xh * s2)).to(ctx.dtype), None, None
 
 
 def normalize(x: torch.Tensor, dims: tuple[int, ...], eps: float) -> torch.Tensor:
@@ -143,21 +148,19 @@ class BatchRenorm(BatchNorm):
         shape = [1] * x.dim()
         shape[ax] = -1
         r_max, d_max = self.limits()
-        with torch.no_grad():
-            var_b, mu_b = torch.var_mean(x, dim=dims, correction=0)
-            sigma = torch.sqrt(self.running_var + self.eps)
+        with torch.no_grad():  # statistics, r and d in float32 or wider (half inputs overflow)
+            var_b, mu_b = torch.var_mean(x.to(stats_dtype(x.dtype)), dim=dims, correction=0)
+            if self.check_finite and not bool(torch.isfinite(var_b).all()):
+                raise nonfinite_error(x, var_b, ax)
+            sigma = torch.sqrt(self.running_var.to(var_b.dtype) + self.eps)
             r = (torch.sqrt(var_b + self.eps) / sigma).clamp(1.0 / r_max, r_max)
             d = ((mu_b - self.running_mean) / sigma).clamp(-d_max, d_max)
-        xh = normalize(x, dims, self.eps) * r.view(shape) + d.view(shape)
+        xh = normalize(x, dims, self.eps) * r.view(shape).to(x.dtype) + d.view(shape).to(x.dtype)
         update_running_stats(self.running_mean, self.running_var, self.num_batches_tracked, mu_b, var_b,
-                             count=m, convention=self._conv(), momentum=self.momentum)
+                             count=m, convention=get_convention(self.convention), momentum=self.momentum)
         if self.weight is not None:
             xh = xh * self.weight.view(shape)
         return xh + self.bias.view(shape) if self.bias is not None else xh
-
-    def _conv(self):
-        from bnlab.conventions import get_convention
-        return get_convention(self.convention)
 
     def extra_repr(self):
         return super().extra_repr() + f", r_max={self.r_max}, d_max={self.d_max}, warmup_steps={self.warmup_steps}"

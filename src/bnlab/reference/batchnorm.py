@@ -23,7 +23,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from bnlab.conventions import check_momentum, get_convention, running_update_factor
+from bnlab.conventions import check_momentum, get_convention, running_update
 
 
 @dataclass(frozen=True)
@@ -158,7 +158,8 @@ def update_running_stats(running_mean, running_var, batch_mean, batch_var, *, co
     """One running-statistics update after a training batch. Returns ``(new_mean, new_var)``.
 
     batch_var is the BIASED batch variance (what the forward normalised with); count is m,
-    the number of values per channel in the batch.
+    the number of values per channel in the batch (N for (N, C), N·H·W for (N, C, H, W)).
+    Factor and variance correction come from ``bnlab.conventions.running_update``:
 
     torch:  new = (1 - momentum)·old + momentum·batch, storing var·m/(m-1) (unbiased);
             momentum=None: cumulative average, factor 1/num_batches_tracked (counting this batch).
@@ -166,13 +167,10 @@ def update_running_stats(running_mean, running_var, batch_mean, batch_var, *, co
     """
     conv = get_convention(convention)
     check_momentum(conv, momentum)
-    batch_mean = np.asarray(batch_mean)
-    batch_var = np.asarray(batch_var)
-    if conv.running_var_unbiased:
-        if count < 2:
-            raise ValueError(f"the unbiased variance needs count >= 2 (got count={count})")
-        batch_var = batch_var * (count / (count - 1))
-    f = running_update_factor(conv, momentum, num_batches_tracked)
-    new_mean = (1.0 - f) * np.asarray(running_mean) + f * batch_mean
+    u = running_update(conv, momentum, num_batches_tracked, count)  # the one rule (bnlab.conventions)
+    f = u.factor
+    batch_var = np.asarray(batch_var) * u.var_correction
+    # (1 - f)·old + f·new: exact at f = 0 and f = 1
+    new_mean = (1.0 - f) * np.asarray(running_mean) + f * np.asarray(batch_mean)
     new_var = (1.0 - f) * np.asarray(running_var) + f * batch_var
     return new_mean, new_var

@@ -5,8 +5,8 @@ module calls, small allocations), not arithmetic. This program runs the same mat
 through the same layers with fewer, cheaper ops:
 
 * BN through ATen's native batch-norm kernels (one op forward, one op backward; the same maths
-  as ``bnlab.nn.BatchNorm``), and the running statistics of every BN layer updated by one
-  ``foreach`` lerp;
+  as ``bnlab.nn.BatchNorm``), and the running statistics of every BN layer updated by a few
+  ``foreach`` ops with ``bnlab.conventions.running_update``;
 * the aten backward kernels autograd itself uses for the activations;
 * the loss gradient (softmax - onehot)/N by ATen's nll_loss / log_softmax backward kernels;
 * gradients written straight into each parameter's ``.grad``, so any ``torch.optim`` optimizer
@@ -14,7 +14,7 @@ through the same layers with fewer, cheaper ops:
   (``W.addmm_(dyᵀ, h, alpha=-lr)``: no dW tensor, no optimizer pass);
 * no dx for the network's input.
 
-``tests/test_train_fused.py`` proves it matches the autograd path within float tolerance.
+``tests/test_train.py`` proves it matches the autograd path within float tolerance.
 Supported: an ``nn.Sequential`` of Flatten, Linear, bnlab BatchNorm on (N, C), the activations of
 the model specs, and Dropout, ending in Linear. Anything else takes the autograd path.
 """
@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from bnlab.conventions import get_convention, running_update_factor
+from bnlab.conventions import RunningUpdate, get_convention, running_update
 from bnlab.nn import BatchNorm
 
 aten = torch.ops.aten
@@ -108,16 +108,20 @@ class _BatchNorm:
         self.h = h
         y, self.mean, self.invstd = torch.native_batch_norm(h, m.weight, m.bias, None, None, True, 0.0, m.eps)
         self.stats = training and m.track_running_stats
+        if self.stats:
+            # the biased variance itself: rebuilt as invstd⁻² - eps it loses its digits when var << eps
+            hs = h.float() if h.dtype in (torch.float16, torch.bfloat16) else h
+            self.var = torch.var(hs, 0, correction=0)
         return y
 
-    def running_update(self) -> tuple[float, BatchNorm] | None:
-        """(weight of the new statistic, module) if this step updates running statistics."""
+    def running_update(self) -> RunningUpdate | None:
+        """This step's factor and variance correction, if it updates running statistics."""
         if not self.stats:
             return None
         m = self.m
-        n_tracked = int(m.num_batches_tracked) + 1 if m.momentum is None else 1
+        n_tracked = int(m.num_batches_tracked) + 1 if m.momentum is None else 1  # counting this batch
         self.stats = None
-        return running_update_factor(self.conv, m.momentum, n_tracked), m
+        return running_update(self.conv, m.momentum, n_tracked, self.h.shape[0])
 
     def backward(self, dy, need_dx, upd):
         m = self.m
@@ -237,25 +241,23 @@ class FusedMLPStep:
         self.one = torch.ones((), dtype=out.weight.dtype, device=out.weight.device)
 
     def _update_running_stats(self) -> None:
-        """All BN layers at once, in a few foreach ops: biased var = invstd⁻² - eps (times
-        n/(n-1) where the convention stores it unbiased), then running += f·(batch - running)."""
-        active = [(bn, *u) for bn in self.bns if (u := bn.running_update()) is not None]
+        """All BN layers at once, in a few foreach ops, by ``running_update``: var ·= its correction,
+        then running = (1 - f)·running + f·batch (exact at f = 0 and 1)."""
+        active = [(bn, u) for bn in self.bns if (u := bn.running_update()) is not None]
         if not active:
             return
-        var = torch._foreach_pow([bn.invstd for bn, _, _ in active], -2)
-        torch._foreach_sub_(var, [bn.m.eps for bn, _, _ in active])
-        torch._foreach_mul_(var, [(bn.h.shape[0] / (bn.h.shape[0] - 1)) if bn.conv.running_var_unbiased else 1.0
-                                  for bn, _, _ in active])
-        counters = [m.num_batches_tracked for _, _, m in active if m.num_batches_tracked is not None]
+        torch._foreach_mul_([bn.var for bn, _ in active], [u.var_correction for _, u in active])
+        counters = [bn.m.num_batches_tracked for bn, _ in active if bn.m.num_batches_tracked is not None]
         if counters:
             torch._foreach_add_(counters, 1)
         groups: dict[float, tuple[list, list]] = {}
-        for (bn, f, m), v in zip(active, var):
-            dst, src = groups.setdefault(f, ([], []))
-            dst += [m.running_mean, m.running_var]
-            src += [bn.mean, v]
+        for bn, u in active:
+            dst, src = groups.setdefault(u.factor, ([], []))
+            dst += [bn.m.running_mean, bn.m.running_var]
+            src += [bn.mean.to(bn.m.running_mean.dtype), bn.var.to(bn.m.running_var.dtype)]
         for f, (dst, src) in groups.items():
-            torch._foreach_lerp_(dst, src, f)
+            torch._foreach_mul_(dst, 1.0 - f)
+            torch._foreach_add_(dst, src, alpha=f)
 
     @torch.no_grad()
     def __call__(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

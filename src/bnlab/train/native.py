@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from bnlab.conventions import get_convention, running_update_factor
+from bnlab.conventions import get_convention, running_update
 from bnlab.nn import BatchNorm
 
 SOURCE = Path(__file__).with_name("native") / "mlp_step.cpp"
@@ -214,6 +214,8 @@ class NativeMLPStep:
         self.observer = None  # callable(module, pre_activation), set by probes: called after each step
         self.activations: list[tuple[int, nn.Module]] = []  # (op index, activation module)
         self.grads: list[tuple[torch.Tensor, torch.Tensor]] = []  # (parameter, the tensor its gradient goes to)
+        self.bns: list[tuple[int, BatchNorm]] = []  # (op index, module)
+        self.batch_size = None  # the running-statistics scalars below are set for this batch size
         codes: list[int] = []
         tensors: list[torch.Tensor | None] = []
         scalars: list[float] = []
@@ -228,13 +230,12 @@ class NativeMLPStep:
                 slots[:4] = [mod.weight, mod.bias, self._grad(mod.weight), self._grad(mod.bias)]
             elif isinstance(mod, BatchNorm):
                 code = (_BATCHNORM, 0)
-                conv = get_convention(mod.convention)
                 slots[:4] = [mod.weight, mod.bias, self._grad(mod.weight), self._grad(mod.bias)]
                 if mod.track_running_stats:
                     slots[4:7] = [mod.running_mean, mod.running_var, mod.num_batches_tracked]
-                # the weight of the new batch statistic; -1: cumulative average, 1 / num_batches_tracked
-                new_weight = -1.0 if mod.momentum is None else running_update_factor(conv, mod.momentum, 1)
-                values[:4] = [mod.eps, new_weight, float(conv.running_var_unbiased), float(mod.track_running_stats)]
+                    self.bns.append((len(codes) // 2, mod))
+                # factor and variance correction: set per batch size by _set_running_updates
+                values[:4] = [mod.eps, 0.0, 1.0, float(mod.track_running_stats)]
             else:
                 code = (_ACTIVATION, _ACTIVATIONS[type(mod)])
                 self.activations.append((len(codes) // 2, mod))
@@ -243,7 +244,19 @@ class NativeMLPStep:
             tensors += slots
             scalars += values
         self.has_bn = _BATCHNORM in codes[::2]
+        self.scalars = scalars
         self.program = self.ops.MLPProgram(tensors, codes, scalars)
+
+    def _set_running_updates(self, batch_size: int) -> None:
+        """Each BN's factor and variance correction for this batch size, from ``running_update`` (the
+        one rule). momentum=None's factor 1/num_batches_tracked changes every step: the C++ applies it
+        (factor -1), and tests/test_running_stats.py checks it against the rule."""
+        for o, mod in self.bns:
+            u = running_update(get_convention(mod.convention), mod.momentum, 1, batch_size)
+            self.scalars[o * SLOTS + 1] = -1.0 if mod.momentum is None else u.factor
+            self.scalars[o * SLOTS + 2] = u.var_correction
+        self.program.set_scalars(self.scalars)
+        self.batch_size = batch_size
 
     def _grad(self, p: torch.Tensor | None) -> torch.Tensor | None:
         """The tensor the step writes p's gradient into (None: plain SGD, or p frozen)."""
@@ -258,6 +271,8 @@ class NativeMLPStep:
         """Forward + backward (+ SGD) on one batch. Returns (mean loss, number correct), 0-d tensors."""
         if x.shape[0] < 2 and self.has_bn:
             raise ValueError(f"BatchNorm needs more than one value per channel in training (got a batch of {x.shape[0]})")
+        if x.shape[0] != self.batch_size and self.bns:
+            self._set_running_updates(x.shape[0])
         loss, correct = self.program.step(x, y, self.lr)
         for p, g in self.grads:  # someone (zero_grad(set_to_none=True), probes) may have unset .grad
             if p.grad is not g:

@@ -14,13 +14,17 @@
 //     Linear:    weight, bias, weight grad, bias grad
 //     BatchNorm: weight, bias, weight grad, bias grad, running mean, running var, num_batches_tracked
 //   scalars: per op, SLOTS doubles
-//     BatchNorm: eps, new-statistic weight (< 0: cumulative average 1/n), running var unbiased (0/1),
-//                update running statistics (0/1)
+//     BatchNorm: eps, factor f (weight of the new statistic; < 0: cumulative average 1/n), the
+//                variance correction (m/(m-1) or 1), update running statistics (0/1). native.py sets
+//                f and the correction from bnlab.conventions.running_update per batch size
+//                (set_scalars); only momentum=None's 1/n is computed here, tested against that rule.
 //     activation: its parameter (negative slope, alpha)
 // Gradients go to the grad tensors when given (an optimizer steps later), else plain SGD with
 // learning rate `lr` is applied in place (weight matrices inside the backward GEMM: W.addmm_(dyᵀ, h)).
-// Running statistics are updated in the forward pass from the batch's own biased variance (not
-// rebuilt from 1/sqrt(var + eps), which loses digits when var << eps).
+// Running statistics are updated in the forward pass from the batch's own mean and biased variance
+// in double (not rebuilt from 1/sqrt(var + eps), which loses digits when var << eps), blended as
+// (1 - f)·old + f·new: exact at f = 0 and 1, where old + f·(new - old) in float32 stores 0 for a
+// variance of 1e-9 against an old value of 1.
 // Intermediates live in buffers kept across steps. The loops are written to auto-vectorise; the
 // library is built with -march=native (see native.py).
 
@@ -40,16 +44,18 @@ enum Kind : int64_t { LINEAR = 0, BATCHNORM = 1, ACTIVATION = 2 };
 enum Act : int64_t { RELU = 0, SIGMOID, TANH, LEAKY_RELU, ELU, SELU, IDENTITY };
 constexpr double SELU_ALPHA = 1.6732632423543772, SELU_SCALE = 1.0507009873554805;
 
-enum Buf : int64_t { OUT = 0, MEAN, INVSTD, VAR, DX, BUFS_PER_OP };  // per op, then one for d loss / d logits
+enum Buf : int64_t { OUT = 0, MEAN, INVSTD, DX, BUFS_PER_OP };  // per op, then one for d loss / d logits
 
 struct Saved {  // what the backward pass needs from the forward pass, per op
   at::Tensor in, out, mean, invstd;
 };
 
+// sum and sq (c doubles each) return the batch mean and biased variance
 template <typename T>
-void bn_forward(const T* x, T* y, const T* gamma, const T* beta, T* mean_out, T* invstd_out, T* var_out,
-                int64_t n, int64_t c, double eps) {
-  std::vector<double> sum(c, 0.0), sq(c, 0.0);
+void bn_forward(const T* x, T* y, const T* gamma, const T* beta, T* mean_out, T* invstd_out,
+                std::vector<double>& sum, std::vector<double>& sq, int64_t n, int64_t c, double eps) {
+  sum.assign(c, 0.0);
+  sq.assign(c, 0.0);
   for (int64_t i = 0; i < n; ++i) {
     const T* row = x + i * c;
     for (int64_t j = 0; j < c; ++j) sum[j] += row[j];
@@ -68,7 +74,7 @@ void bn_forward(const T* x, T* y, const T* gamma, const T* beta, T* mean_out, T*
     T mean = static_cast<T>(sum[j]);
     mean_out[j] = mean;
     invstd_out[j] = invstd;
-    var_out[j] = static_cast<T>(sq[j] / n);  // biased
+    sq[j] /= n;  // now the biased variance
     T g = gamma ? gamma[j] : T(1), b = beta ? beta[j] : T(0);
     scale[j] = invstd * g;
     shift[j] = b - mean * invstd * g;
@@ -184,22 +190,23 @@ void sgd_or_grad(const at::Tensor& param, const at::Tensor& grad_slot, const T* 
   }
 }
 
+// running = (1 - f)·running + f·batch, in double; mean and var (biased) in double
 template <typename T>
-void update_running(const at::Tensor* t, const double* s, const T* mean, const T* var, int64_t n, int64_t c) {
+void update_running(const at::Tensor* t, const double* s, const double* mean, const double* var, int64_t c) {
   const at::Tensor &rm = t[4], &rv = t[5], &nbt = t[6];
   if (!s[3] || !rm.defined()) return;
   double f = s[1];
   if (nbt.defined()) {
     int64_t* count = nbt.data_ptr<int64_t>();
     *count += 1;
-    if (f < 0) f = 1.0 / static_cast<double>(*count);
+    if (f < 0) f = 1.0 / static_cast<double>(*count);  // momentum=None (rule: bnlab.conventions.running_update)
   }
-  double unbias = s[2] ? static_cast<double>(n) / (n - 1) : 1.0;
+  const double keep = 1.0 - f, correction = s[2];
   T* m = rm.data_ptr<T>();
   T* v = rv.data_ptr<T>();
   for (int64_t j = 0; j < c; ++j) {
-    m[j] += T(f) * (mean[j] - m[j]);
-    v[j] += T(f) * (static_cast<T>(var[j] * unbias) - v[j]);
+    m[j] = static_cast<T>(keep * m[j] + f * mean[j]);
+    v[j] = static_cast<T>(keep * v[j] + f * (var[j] * correction));
   }
 }
 
@@ -212,6 +219,7 @@ struct MLPProgram : torch::CustomClassHolder {
   at::ScalarType dtype = at::kFloat;
   int64_t in_features = -1, classes = -1;  // -1: not known (checked by ATen instead)
   std::vector<Saved> saved;
+  std::vector<double> stat_mean, stat_var;  // a BN's batch mean and biased variance, in double
   // every intermediate lives in a buffer kept across steps: a fresh ~1 MB tensor per step would be
   // mmap'ed, page-faulted and unmapped each time, which costs more than the GEMM that fills it
   std::vector<at::Tensor> bufs;
@@ -273,11 +281,10 @@ struct MLPProgram : torch::CustomClassHolder {
         at::Tensor& out = buffer(BUFS_PER_OP * o + OUT, h.sizes(), opts);
         sv.mean = buffer(BUFS_PER_OP * o + MEAN, {c}, opts);
         sv.invstd = buffer(BUFS_PER_OP * o + INVSTD, {c}, opts);
-        at::Tensor& var = buffer(BUFS_PER_OP * o + VAR, {c}, opts);
         bn_forward<T>(h.data_ptr<T>(), out.data_ptr<T>(), ts[0].defined() ? ts[0].data_ptr<T>() : nullptr,
                       ts[1].defined() ? ts[1].data_ptr<T>() : nullptr, sv.mean.data_ptr<T>(),
-                      sv.invstd.data_ptr<T>(), var.data_ptr<T>(), n, c, s[0]);
-        update_running<T>(ts, s, sv.mean.data_ptr<T>(), var.data_ptr<T>(), n, c);
+                      sv.invstd.data_ptr<T>(), stat_mean, stat_var, n, c, s[0]);
+        update_running<T>(ts, s, stat_mean.data(), stat_var.data(), c);
         h = out;
       } else {
         at::Tensor& out = buffer(BUFS_PER_OP * o + OUT, h.sizes(), opts);
@@ -338,6 +345,12 @@ struct MLPProgram : torch::CustomClassHolder {
     return saved[o].in;
   }
 
+  // replaces the per-op scalars (native.py sets each BN's factor and variance correction per batch size)
+  void set_scalars(std::vector<double> scalars_) {
+    TORCH_CHECK(scalars_.size() == scalars.size(), "expected ", scalars.size(), " scalars (got ", scalars_.size(), ")");
+    scalars = std::move(scalars_);
+  }
+
   std::vector<at::Tensor> step(at::Tensor x, at::Tensor y, double lr) {
     TORCH_CHECK(x.device().is_cpu(), "the native MLP step runs on the CPU (got ", x.device(), ")");
     TORCH_CHECK(y.scalar_type() == at::kLong && y.dim() == 1 && y.size(0) == x.size(0),
@@ -364,5 +377,6 @@ TORCH_LIBRARY(bnlab_native, m) {
   m.class_<MLPProgram>("MLPProgram")
       .def(torch::init<c10::List<std::optional<at::Tensor>>, std::vector<int64_t>, std::vector<double>>())
       .def("step", &MLPProgram::step)
+      .def("set_scalars", &MLPProgram::set_scalars)
       .def("input_of", &MLPProgram::input_of);
 }
