@@ -134,12 +134,10 @@ class _BatchNorm:
 
 
 class _Activation:
-    def __init__(self, module, owner):
-        self.kind, self.module, self.owner = type(module), module, owner
+    def __init__(self, module):
+        self.kind, self.module = type(module), module
 
     def forward(self, h, training):
-        if self.owner.observer is not None:  # probes see each activation's input
-            self.owner.observer(self.module, h)
         k = self.kind
         if k is nn.ReLU:
             out = torch.relu(h)
@@ -221,7 +219,6 @@ class FusedMLPStep:
         if bad:
             raise ValueError("the fused MLP step does not support: " + ", ".join(bad))
         self.model = model
-        self.observer = None  # callable(module, pre_activation), set by probes
         self.update = _Update(sgd_lr)
         self.applies_update = sgd_lr is not None
         self.ops, self.bns = [], []
@@ -236,7 +233,7 @@ class FusedMLPStep:
             elif isinstance(mod, nn.Dropout):
                 self.ops.append(_Dropout(mod, generator))
             else:
-                self.ops.append(_Activation(mod, self))
+                self.ops.append(_Activation(mod))
         out = list(model.children())[-1]
         self.one = torch.ones((), dtype=out.weight.dtype, device=out.weight.device)
 

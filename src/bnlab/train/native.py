@@ -201,7 +201,7 @@ class NativeMLPStep:
 
     ``sgd_lr=None``: gradients land in ``.grad`` for an optimizer (overwritten by each step, so no
     zero_grad is needed); else plain SGD in place. The step holds the model's tensors: build it
-    after ``model.to(...)``. ``observer`` (probes) sees each activation's input after the step.
+    after ``model.to(...)``.
     """
 
     def __init__(self, model: nn.Sequential, *, sgd_lr: float | None = None):
@@ -211,8 +211,6 @@ class NativeMLPStep:
         self.model = model
         self.applies_update = sgd_lr is not None
         self.lr = 0.0 if sgd_lr is None else float(sgd_lr)
-        self.observer = None  # callable(module, pre_activation), set by probes: called after each step
-        self.activations: list[tuple[int, nn.Module]] = []  # (op index, activation module)
         self.grads: list[tuple[torch.Tensor, torch.Tensor]] = []  # (parameter, the tensor its gradient goes to)
         self.bns: list[tuple[int, BatchNorm]] = []  # (op index, module)
         self.batch_size = None  # the running-statistics scalars below are set for this batch size
@@ -238,7 +236,6 @@ class NativeMLPStep:
                 values[:4] = [mod.eps, 0.0, 1.0, float(mod.track_running_stats)]
             else:
                 code = (_ACTIVATION, _ACTIVATIONS[type(mod)])
-                self.activations.append((len(codes) // 2, mod))
                 values[0] = float(getattr(mod, "negative_slope", getattr(mod, "alpha", 0.0)))
             codes += code
             tensors += slots
@@ -277,7 +274,4 @@ class NativeMLPStep:
         for p, g in self.grads:  # someone (zero_grad(set_to_none=True), probes) may have unset .grad
             if p.grad is not g:
                 p.grad = g
-        if self.observer is not None:
-            for o, mod in self.activations:
-                self.observer(mod, self.program.input_of(o))
         return loss, correct

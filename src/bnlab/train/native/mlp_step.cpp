@@ -338,13 +338,6 @@ struct MLPProgram : torch::CustomClassHolder {
     return {at::scalar_tensor(loss, opts), at::scalar_tensor(correct, at::kLong)};
   }
 
-  // the input op o saw in the last step (for probes: an activation's pre-activations); valid until
-  // the next step overwrites the buffer
-  at::Tensor input_of(int64_t o) {
-    TORCH_CHECK(o >= 0 && o < static_cast<int64_t>(saved.size()), "no op ", o, " in the last step");
-    return saved[o].in;
-  }
-
   // replaces the per-op scalars (native.py sets each BN's factor and variance correction per batch size)
   void set_scalars(std::vector<double> scalars_) {
     TORCH_CHECK(scalars_.size() == scalars.size(), "expected ", scalars.size(), " scalars (got ", scalars_.size(), ")");
@@ -377,6 +370,5 @@ TORCH_LIBRARY(bnlab_native, m) {
   m.class_<MLPProgram>("MLPProgram")
       .def(torch::init<c10::List<std::optional<at::Tensor>>, std::vector<int64_t>, std::vector<double>>())
       .def("step", &MLPProgram::step)
-      .def("set_scalars", &MLPProgram::set_scalars)
-      .def("input_of", &MLPProgram::input_of);
+      .def("set_scalars", &MLPProgram::set_scalars);
 }
