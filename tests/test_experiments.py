@@ -18,7 +18,8 @@ from typer.testing import CliRunner
 from bnlab.cli import app
 from bnlab.experiments import (RunStore, SpecError, StoreError, apply_quick, expand, load_experiment, load_results,
                                parse_experiment, plan_workers, preset_names, run_experiment)
-from bnlab.experiments.stats import compare, holm, mean_ci, welch_p
+from bnlab.experiments.stats import compare, mean_ci
+from bnlab.report import build_report
 
 TINY = {
     "name": "tiny", "seeds": 2, "target_accuracy": 0.5,
@@ -124,6 +125,10 @@ def test_diverged_runs_are_recorded_not_failed(tmp_path):
     run_experiment(spec, tmp_path / "e", workers=1)
     runs = load_results(tmp_path / "e")[1]
     assert {r["status"] for r in runs} <= {"diverged", "done"} and any(r["status"] == "diverged" for r in runs)
+    # a diverged run is an outcome: counted in the table, never a winner on what survived
+    assert not any(c.significant for c in compare(runs, list(spec.variants), target=spec.target_accuracy))
+    md = build_report(tmp_path / "e").markdown.read_text()
+    assert "diverged" in md.split("## Statistics")[1].split("## Comparisons")[0]
 
 
 def test_kill_9_then_resume_loses_nothing_and_duplicates_nothing(tmp_path):
@@ -217,13 +222,7 @@ def test_mean_ci_matches_the_t_interval():
     lo, hi = st.t.interval(0.95, len(x) - 1, loc=np.mean(x), scale=st.sem(x))
     assert math.isclose(e.low, lo) and math.isclose(e.high, hi) and e.n == 5
     assert math.isnan(mean_ci([0.5]).low) and mean_ci([]).n == 0
-
-
-def test_welch_and_holm():
-    a, b = [0.90, 0.91, 0.92], [0.50, 0.55, 0.45]
-    assert math.isclose(welch_p(a, b), st.ttest_ind(a, b, equal_var=False).pvalue)
-    assert holm([0.01, 0.04, 0.03]) == pytest.approx([0.03, 0.06, 0.06])
-    assert math.isnan(welch_p([1.0], [2.0, 3.0]))
+    assert math.isnan(mean_ci([0.5, 0.6]).low)  # fewer than 3 runs: no interval (more in test_stats.py)
 
 
 def _runs(values: dict[str, list[float]]):
@@ -236,14 +235,32 @@ def test_verdict_only_when_significant():
     comps = {(c.metric, c.a, c.b): c for c in compare(runs, ["bn", "no-bn", "bn2"])}
     sig = comps[("final_val_accuracy", "bn", "no-bn")]
     assert sig.significant and sig.sentence.startswith("bn reaches a higher final validation accuracy than no-bn")
+    assert "difference +0.3" in sig.sentence and "95% CI" in sig.sentence and "paired t-test over 4 seeds" in sig.sentence
     same = comps[("final_val_accuracy", "bn", "bn2")]
     assert not same.significant and same.sentence.startswith("These runs do not separate bn and bn2")
+    assert not comps[("final_val_loss", "bn", "no-bn")].significant  # exploratory: never a verdict
 
 
 def test_one_run_each_gives_no_verdict():
     """The seeds' mistake: a conclusion from one run each. bnlab refuses to draw one."""
     comps = compare(_runs({"a": [0.9], "b": [0.8]}), ["a", "b"])
-    assert all(not c.significant and "Not enough runs" in c.sentence for c in comps)
+    assert all(not c.significant and "fewer than 3 runs per variant" in c.sentence for c in comps)
+
+
+def test_primary_metric_is_validated():
+    assert parse_experiment(TINY).primary_metric == "final_val_accuracy"
+    assert parse_experiment({**TINY, "primary_metric": "steps_to_target"}).primary_metric == "steps_to_target"
+    with pytest.raises(SpecError, match="primary_metric.*one of final_val_accuracy"):
+        parse_experiment({**TINY, "primary_metric": "accuracy"})
+    with pytest.raises(SpecError, match="info field"):
+        parse_experiment({**TINY, "primary_metric": "mean_epoch_seconds"})
+    with pytest.raises(SpecError, match="needs target_accuracy"):
+        parse_experiment({**TINY, "target_accuracy": None, "primary_metric": "steps_to_target"})
+
+
+def test_quick_marks_a_smoke_test():
+    spec = parse_experiment(TINY)
+    assert not spec.smoke_test and apply_quick(spec).smoke_test
 
 
 # ---------------------------------------------------------------- CLI and report
@@ -255,7 +272,8 @@ def test_cli_run_quick_report_compare_list(tmp_path):
     r = CliRunner().invoke(app, ["run", str(spec_file), "--out", str(tmp_path / "e"), "--workers", "1"])
     assert r.exit_code == 0, r.output
     assert "report:" in r.output and (tmp_path / "e" / "report.html").is_file()
-    assert (tmp_path / "e" / "report.md").read_text().count("| bn |") == 1
+    table = (tmp_path / "e" / "report.md").read_text().split("## Statistics")[1].split("\n## ")[0]
+    assert table.count("| bn | 2: 2 done |") == 1 and table.count("| no-bn | 2: 2 done |") == 1
     r = CliRunner().invoke(app, ["compare", str(tmp_path / "e")])
     assert r.exit_code == 0 and "final validation accuracy" in r.output.replace("\n", " ")
     r = CliRunner().invoke(app, ["report", str(tmp_path / "e")])
@@ -278,6 +296,9 @@ def test_demo_quick_as_a_user(tmp_path):
                          capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stdout + out.stderr
     assert "no-bn" in out.stdout and "report:" in out.stdout
+    text = " ".join(out.stdout.split())
+    assert "Smoke test (--quick): demo" in text and "3 variants × 3 seeds (0, 1, 2) = 9 runs" in text
+    assert "reaches a" not in text and "p =" not in text and "a smoke test report: no verdicts" in text
     _, runs, _ = load_results(tmp_path / "demo")
     assert len(runs) == 9 and all(r["status"] == "done" for r in runs)
 

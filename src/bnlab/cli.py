@@ -177,7 +177,8 @@ def train(
     max_steps: int = typer.Option(None, "--max-steps"),
     engine: str = typer.Option("auto", help="auto | native (C++ MLP step) | fused (Python MLP step) | autograd."),
     device: str = typer.Option("auto", help="auto | cpu | cuda."),
-    out: Path = typer.Option(None, help="Folder for run.json, history.json and the best checkpoint."),
+    out: Path = typer.Option(None, help="Folder for run.json, history.json, checkpoint/ (the best-validation "
+                             "model) and checkpoint-final/ (the final model)."),
 ) -> None:
     """Train one model on one dataset and print the per-epoch metrics and the test result.
 
@@ -221,13 +222,28 @@ def train(
                       "-" if e.val_loss is None else f"{e.val_loss:.4f}",
                       "-" if e.val_accuracy is None else f"{e.val_accuracy:.4f}", f"{e.seconds:.2f}")
     console.print(table)
-    console.print(f"test loss {result.test_loss:.4f}, test accuracy {result.test_accuracy:.4f}; "
-                  f"stopped: {h.stopped}{' (' + h.message + ')' if h.message else ''}")
+
+    def fmt(x):
+        return "-" if x is None else f"{x:.4f}"
+
+    last = h.epochs[-1].epoch if h.epochs else None
+    console.print(f"stopped: {h.stopped}{' (' + h.message + ')' if h.message else ''}; test set: "
+                  f"{result.test_examples:,} examples")
+    console.print(f"final model (epoch {last}): test loss {fmt(result.test_loss)}, test accuracy "
+                  f"{fmt(result.test_accuracy)}" + (f"; with precise BN statistics: validation accuracy "
+                                                     f"{fmt(result.precise_val_accuracy)}, test accuracy "
+                                                     f"{fmt(result.precise_test_accuracy)}"
+                                                     if result.precise_test_accuracy is not None else ""))
+    console.print(f"best-validation model (epoch {result.best_epoch}, by {config.monitor}): test loss "
+                  f"{fmt(result.best_test_loss)}, test accuracy {fmt(result.best_test_accuracy)}")
     if h.target_accuracy is not None:
         console.print(f"target {h.target_accuracy}: " + (f"reached at epoch {h.epochs_to_target}, step "
                       f"{h.steps_to_target}, {h.seconds_to_target:.1f} s" if h.steps_to_target else "not reached"))
     if out is not None:
-        console.print(f"results in {out}/ (run.json, history.json, checkpoint/)")
+        what = {"best": "the best-validation model, used by predict / serve / export by default",
+                "final": "the final model"}
+        saved = [f"{result.checkpoints[k]}/ ({what[k]})" for k in ("best", "final") if k in result.checkpoints]
+        console.print(f"results in {out}/: run.json, history.json" + "".join(", " + s for s in saved))
     if h.stopped == "diverged":
         raise typer.Exit(code=3)
 
@@ -253,19 +269,36 @@ def list_cmd() -> None:
 
 
 def _stats_table(folder: Path) -> None:
-    from bnlab.experiments.runner import load_results
-    from bnlab.report.build import COMPACT_METRICS, compare_for, stats_rows
+    """The experiment's statistics in the terminal (bnlab run's closing table, bnlab compare)."""
+    from rich.markup import escape
+
+    from bnlab.experiments.read import load_results
+    from bnlab.report.build import COMPACT_METRICS, texts
 
     spec, runs, _ = load_results(folder)
-    header, rows = stats_rows(runs, list(spec.variants), spec.target_accuracy, COMPACT_METRICS)
-    table = Table(title=f"{spec.name}: mean ± 95% CI half-width over seeds", title_justify="left")
-    for h in header:
-        table.add_column(h, justify="left" if h == "variant" else "right")
-    for r in rows:
-        table.add_row(*r)
+    t = texts(spec, runs, COMPACT_METRICS, compared=COMPACT_METRICS, short=True)
+    if spec.smoke_test:
+        console.print(f"[bold yellow]{escape(t.title)}[/]")
+        for p in t.intro:
+            console.print(escape(p))
+    else:
+        console.print(f"[bold]{escape(t.title)}[/]: {escape(t.budget)}")
+    table = Table(title="mean ± 95% CI half-width over seeds (no ± with fewer than 3 runs); "
+                        "times to target: Kaplan-Meier median [95% CI], unreached runs censored", title_justify="left")
+    for h in t.header:
+        table.add_column(escape(h), justify="left" if h == "variant" else "right")
+    for r in t.rows:
+        table.add_row(*(escape(c) for c in r))
     console.print(table)
-    for c in compare_for(spec, runs):
-        console.print(("[bold]" if c.significant else "") + c.sentence + ("[/]" if c.significant else ""))
+    for s in t.precise_sentences:
+        console.print(escape(s))
+    console.print(escape(t.comparisons_note))
+    for c in t.primary:
+        console.print(("[bold]" if c.significant else "") + escape(c.sentence) + ("[/]" if c.significant else ""))
+    for c in t.exploratory_comparisons:
+        console.print(escape(c.sentence), style="dim")
+    for rid, what in t.failures:
+        console.print(f"{escape(rid)}: {escape(what)}", style="red" if what.startswith("failed") else "yellow")
 
 
 @app.command()
@@ -323,7 +356,8 @@ def run(
         _fail(str(e))
     _stats_table(folder)
     report = build_report(folder)
-    console.print(f"report: {report.html} (and {report.markdown.name})")
+    console.print(f"report: {report.html} (and {report.markdown.name})"
+                  + (" - a smoke test report: no verdicts" if report.smoke_test else ""))
     if progress.failed:
         console.print(f"[red]{progress.failed} run(s) failed[/]; their errors are in the report")
         raise typer.Exit(code=1)
@@ -342,7 +376,8 @@ def report(folder: Path = typer.Argument(..., help="An experiment folder made by
         r = build_report(folder)
     except StoreError as e:
         _fail(str(e))
-    console.print(f"wrote {r.html} and {r.markdown} ({len(r.figures)} figures in {r.html.parent / 'figures'})")
+    console.print(f"wrote {r.html} and {r.markdown} ({len(r.figures)} figures in {r.html.parent / 'figures'})"
+                  + ("; a smoke test (--quick) report: no verdicts" if r.smoke_test else ""))
 
 
 @app.command()
@@ -389,34 +424,52 @@ def recalibrate(
     out: Path = typer.Option(..., help="Folder for the recalibrated checkpoint."),
     dataset: str = typer.Option(None, help="Default: the dataset the checkpoint was trained on."),
     data_dir: str = typer.Option(None, "--data-dir"),
-    batch_size: int = typer.Option(32, "--batch-size", help="Mini-batch size m for the statistics."),
+    batch_size: int = typer.Option(32, "--batch-size", help="Samples per forward pass (mode train: the batch whose "
+                                   "statistics earlier BN layers normalize with)."),
+    mode: str = typer.Option("both", help="train: earlier BN layers use batch statistics, as in training (fvcore's "
+                             "PreciseBN) | inference: layer by layer, earlier layers with their new statistics | "
+                             "both: compute and print both, write train."),
+    seed: int = typer.Option(0, help="Seed of the shuffle into batches (mode train depends on it)."),
 ) -> None:
-    """Replace BN's moving averages by precise population statistics over the training data
-    (weights fixed), write a new checkpoint, and compare validation accuracy.
+    """Replace BN's moving averages by precise population statistics over the training data (per channel, the
+    mean and variance over all values each BN layer sees, with the weights fixed), print validation loss and
+    accuracy with the moving averages and with each mode, and write the checkpoint of the chosen mode
+    (--mode both writes mode train).
 
-    Example: bnlab recalibrate runs/one/checkpoint --out runs/one/precise
+    Example: bnlab recalibrate runs/one/checkpoint --out runs/one/precise --mode both
     """
     from bnlab.checkpoint import save_checkpoint
+    from bnlab.data import ChecksumError, CorruptFileError, DatasetUnavailable
     from bnlab.deploy import recalibrate as recal
     from bnlab.train import evaluate
 
+    modes = {"train": ["train"], "inference": ["inference"], "both": ["train", "inference"]}
+    if mode not in modes:
+        _fail(f"--mode must be one of train, inference, both (got {mode!r})")
+    written = modes[mode][0]
     ck = _checkpoint(checkpoint)
+    new = {}
     try:
         data = _checkpoint_data(ck, dataset, data_dir)
-        new = recal(ck.model, data.x_train, batch_size=batch_size)
-    except ValueError as e:
+        for m in modes[mode]:
+            new[m] = recal(ck.model, data.x_train, batch_size=batch_size, mode=m, seed=seed)
+    except (DatasetUnavailable, ChecksumError, CorruptFileError, ValueError, FloatingPointError) as e:
         _fail(str(e))
-    before = evaluate(ck.model, data.x_val, data.y_val)
-    after = evaluate(new, data.x_val, data.y_val)
-    save_checkpoint(out, new, preprocessing=ck.preprocessing,
-                    meta={**ck.meta, "recalibrated": {"batch_size": batch_size, "examples": len(data.x_train)}})
-    table = Table(title=f"validation on {data.name} ({len(data.y_val)} examples)", title_justify="left")
+    table = Table(title=f"validation on {data.name} ({len(data.y_val)} examples); statistics over "
+                        f"{len(data.x_train)} training examples", title_justify="left")
     for col in ("BN statistics", "val loss", "val accuracy"):
         table.add_column(col)
-    table.add_row("moving averages", f"{before[0]:.4f}", f"{before[1]:.4f}")
-    table.add_row(f"precise (m={batch_size})", f"{after[0]:.4f}", f"{after[1]:.4f}")
+    loss, acc = evaluate(ck.model, data.x_val, data.y_val)
+    table.add_row("moving averages", f"{loss:.4f}", f"{acc:.4f}")
+    for m, model in new.items():
+        loss, acc = evaluate(model, data.x_val, data.y_val)
+        label = f"precise, mode {m}" + (f" (batch {batch_size})" if m == "train" else "")
+        table.add_row(label, f"{loss:.4f}", f"{acc:.4f}")
+    save_checkpoint(out, new[written], preprocessing=ck.preprocessing,
+                    meta={**ck.meta, "recalibrated": {"mode": written, "batch_size": batch_size, "seed": seed,
+                                                      "examples": len(data.x_train)}})
     console.print(table)
-    console.print(f"wrote {out}")
+    console.print(f"wrote {out} (precise statistics, mode {written})")
 
 
 @app.command("fold")
@@ -450,37 +503,48 @@ def fold_cmd(
     console.print(f"max relative output difference on random inputs: {err:.2e}; wrote {out}")
 
 
+_MODEL_HELP = ("Which model of a run folder: best (the best-validation model, checkpoint/; the default, as Keras's "
+               "save_best_only) or final (checkpoint-final/). With a checkpoint folder it must match that checkpoint.")
+
+
+def _chosen_checkpoint(path: Path, which: str | None):
+    """The checkpoint at ``path`` (a checkpoint folder, or a run folder and --model), or a clean exit."""
+    from bnlab.checkpoint import CheckpointError, load_checkpoint
+
+    try:
+        return load_checkpoint(path, which=which)
+    except CheckpointError as e:
+        _fail(str(e))
+
+
 @app.command("predict")
 def predict_cmd(
-    checkpoint: Path = typer.Argument(..., help="A checkpoint folder."),
+    checkpoint: Path = typer.Argument(..., help="A checkpoint folder, or a run folder (then --model picks which)."),
     inputs: list[Path] = typer.Argument(..., help="PNG/JPEG images or .npy arrays (one sample or a batch)."),
     as_json: bool = typer.Option(False, "--json", help="Print JSON."),
     prescaled: bool = typer.Option(False, "--prescaled", help="Inputs are already scaled like the training data."),
+    which: str = typer.Option(None, "--model", help=_MODEL_HELP),
 ) -> None:
     """Predict the class of images or arrays; single samples work (eval mode).
 
     Inputs are raw values as in the dataset files (pixels 0..255); the checkpoint's preprocessing
-    (fitted on its training split) is applied unless --prescaled.
+    (fitted on its training split) is applied unless --prescaled. Says which model it used (best or
+    final, its epoch); with --json, each prediction's "model" and "epoch".
 
-    Example: bnlab predict runs/one/checkpoint digit.png --json
+    Example: bnlab predict runs/one digit.png --model best --json
     """
-    from bnlab.deploy import InputError, predict, read_input
+    from bnlab.checkpoint import CheckpointError
+    from bnlab.deploy import InputError
+    from bnlab.deploy.predict import predict_files
 
-    ck = _checkpoint(checkpoint)
-    shape = tuple(ck.model.spec.input_shape)
-    results = []
-    for path in inputs:
-        try:
-            batch = read_input(path, shape)
-        except InputError as e:
-            _fail(str(e))
-        for i, p in enumerate(predict(ck.model, batch, ck.preprocessing, ck.meta.get("classes"),
-                                      prescaled=prescaled)):
-            results.append({"input": str(path) + (f"[{i}]" if len(batch) > 1 else ""), "class": p.label,
-                            "name": p.name, "probabilities": [round(q, 6) for q in p.probabilities]})
+    try:
+        ck, results = predict_files(checkpoint, inputs, which=which, prescaled=prescaled)
+    except (CheckpointError, InputError) as e:
+        _fail(str(e))
     if as_json:
         print(json.dumps(results, indent=2))
         return
+    console.print(f"model: {ck.describe()}")
     for r in results:
         top = sorted(range(len(r["probabilities"])), key=lambda k: -r["probabilities"][k])[:3]
         console.print(f"{r['input']}: class {r['class']} ({r['name']}), p = {r['probabilities'][r['class']]:.4f}; "
@@ -489,15 +553,17 @@ def predict_cmd(
 
 @app.command()
 def export(
-    checkpoint: Path = typer.Argument(..., help="A checkpoint folder."),
+    checkpoint: Path = typer.Argument(..., help="A checkpoint folder, or a run folder (then --model picks which)."),
     onnx: Path = typer.Option(..., "--onnx", help="Output .onnx file."),
     no_fold: bool = typer.Option(False, "--no-fold", help="Export without folding BN first."),
+    which: str = typer.Option(None, "--model", help=_MODEL_HELP),
 ) -> None:
     """Export a checkpoint to ONNX (BN folded first), and check onnxruntime against PyTorch.
 
-    Needs the optional extra: pip install 'bnlab[onnx]'.
+    Says which model it exported (best or final, its epoch) and records it in the ONNX file's
+    metadata (bnlab.model, bnlab.epoch). Needs the optional extra: pip install 'bnlab[onnx]'.
 
-    Example: bnlab export runs/one/checkpoint --onnx model.onnx
+    Example: bnlab export runs/one --model best --onnx model.onnx
     """
     import numpy as np
     import torch
@@ -505,11 +571,12 @@ def export(
     from bnlab.deploy import fold
     from bnlab.deploy.export import export_onnx, onnx_predict
 
-    ck = _checkpoint(checkpoint)
+    ck = _chosen_checkpoint(checkpoint, which)
     model = ck.model if no_fold else fold(ck.model)[0]
     shape = tuple(ck.model.spec.input_shape)
     try:
-        export_onnx(model, shape, onnx)
+        export_onnx(model, shape, onnx, metadata={"bnlab.model": ck.kind, "bnlab.epoch": ck.meta.get("epoch"),
+                                                  "bnlab.checkpoint": str(ck.path), "bnlab.folded": not no_fold})
     except ImportError as e:
         _fail(str(e))
     x = torch.randn(4, *shape)
@@ -517,21 +584,24 @@ def export(
         ref = ck.model(x).numpy()
     got = onnx_predict(onnx, x.numpy())
     err = float(np.abs(got - ref).max() / max(np.abs(ref).max(), 1e-30))
+    console.print(f"exported the {ck.describe()}")
     console.print(f"wrote {onnx}; onnxruntime vs PyTorch max relative difference {err:.2e}")
 
 
 @app.command()
 def serve(
-    checkpoint: Path = typer.Argument(..., help="A checkpoint folder."),
+    checkpoint: Path = typer.Argument(..., help="A checkpoint folder, or a run folder (then --model picks which)."),
     host: str = typer.Option("127.0.0.1"),
     port: int = typer.Option(8000),
     max_body_bytes: int = typer.Option(4 * 1024 * 1024, "--max-body-bytes"),
+    which: str = typer.Option(None, "--model", help=_MODEL_HELP),
 ) -> None:
     """Serve a checkpoint over REST: POST /predict, GET /health, GET /model, /docs.
 
+    Says which model it serves (best or final, its epoch), at start and in every answer.
     Needs the optional extra: pip install 'bnlab[serve]'.
 
-    Example: bnlab serve runs/one/checkpoint --port 8000
+    Example: bnlab serve runs/one --model best --port 8000
     """
     try:
         import uvicorn
@@ -539,9 +609,9 @@ def serve(
         from bnlab.deploy.serve import create_app
     except ImportError:
         _fail("serving needs the optional extra: pip install 'bnlab[serve]'")
-    _checkpoint(checkpoint)  # a clear error before the server starts
-    uvicorn.run(create_app(checkpoint, max_body_bytes=max_body_bytes), host=host, port=port)
-
+    ck = _chosen_checkpoint(checkpoint, which)  # a clear error before the server starts
+    console.print(f"serving the {ck.describe()}")
+    uvicorn.run(create_app(checkpoint, which=which, max_body_bytes=max_body_bytes), host=host, port=port)
 
 if __name__ == "__main__":
     app()

@@ -1,8 +1,8 @@
 """The result of one run: a typed record defined once.
 
-The store's result columns, the statistics' metrics and the report's table all derive from
+The store's result columns, the statistics' metrics and the report's tables all derive from
 ``RESULT_FIELDS``; adding a result means adding one ``ResultField`` here (and computing it in the
-runner), nothing else.
+runner), nothing else. The order of ``RESULT_FIELDS`` is the order of the report's columns.
 
 Kinds:
   outcome         a number per finished run, compared between variants (accuracy, loss)
@@ -29,34 +29,71 @@ class ResultField:
     higher_is_better: bool | None = None  # None: not compared
     censor_at: str | None = None  # time_to_target: the field holding where the run stopped
     digits: int = 4  # shown with this many decimals
+    table: bool = False  # a column of the report's statistics table
+    compact: bool = False  # also a column of the terminal's table (bnlab run / compare)
+    explored: bool = False  # compared between variants as an exploratory metric (when not the primary)
+    moving_average: str | None = None  # precise-statistics fields: the moving-average field they replace
+    short: str = ""  # a column header where space is short (the terminal); default: label
+
+    @property
+    def header(self) -> str:
+        return self.short or self.label
+
+    @property
+    def comparable(self) -> bool:
+        """Can be a spec's primary metric and a comparison between variants."""
+        return self.kind in ("outcome", "time_to_target") and self.higher_is_better is not None
+
+    @property
+    def numeric(self) -> bool:
+        return self.sql in ("REAL", "INTEGER")
+
+
+def _f(name, label, sql, kind, higher=None, censor_at=None, digits=4, **show) -> ResultField:
+    return ResultField(name, label, sql, kind, higher, censor_at, digits, **show)
 
 
 RESULT_FIELDS: tuple[ResultField, ...] = (
-    ResultField("final_val_accuracy", "final validation accuracy", "REAL", "outcome", True),
-    ResultField("best_val_accuracy", "best validation accuracy", "REAL", "outcome", True),
-    ResultField("final_val_loss", "final validation loss", "REAL", "outcome", False),
-    ResultField("best_val_loss", "best validation loss", "REAL", "outcome", False),
-    # the model at the end of training
-    ResultField("test_accuracy", "test accuracy (final model)", "REAL", "outcome", True),
-    ResultField("test_loss", "test loss (final model)", "REAL", "outcome", False),
-    # the best-validation model: the one a run saves and predict / serve / export use by default
-    ResultField("best_epoch", "best epoch", "INTEGER", "info", digits=0),
-    ResultField("best_test_accuracy", "test accuracy (best model)", "REAL", "outcome", True),
-    ResultField("best_test_loss", "test loss (best model)", "REAL", "outcome", False),
+    _f("final_val_accuracy", "final validation accuracy", "REAL", "outcome", True,
+       short="val acc", table=True, compact=True, explored=True),
     # the final model with precise BN statistics (bnlab.deploy.recalibrate) instead of the moving
     # averages; None for models without batch-statistics normalization
-    ResultField("precise_val_accuracy", "validation accuracy, precise BN statistics", "REAL", "outcome", True),
-    ResultField("precise_test_accuracy", "test accuracy, precise BN statistics", "REAL", "outcome", True),
-    ResultField("epochs_to_target", "epochs to target", "INTEGER", "time_to_target", False, "epochs_run", 1),
-    ResultField("steps_to_target", "steps to target", "INTEGER", "time_to_target", False, "steps_run", 0),
-    ResultField("seconds_to_target", "seconds to target", "REAL", "time_to_target", False, "train_seconds", 2),
+    _f("precise_val_accuracy", "validation accuracy, precise BN statistics", "REAL", "outcome", True,
+       short="val acc, precise BN", table=True, compact=True, explored=True, moving_average="final_val_accuracy"),
+    _f("best_val_accuracy", "best validation accuracy", "REAL", "outcome", True, short="best val acc", table=True),
+    _f("final_val_loss", "final validation loss", "REAL", "outcome", False,
+       short="val loss", table=True, compact=True, explored=True),
+    _f("best_val_loss", "best validation loss", "REAL", "outcome", False, short="best val loss"),
+    # the model at the end of training
+    _f("test_accuracy", "test accuracy (final model)", "REAL", "outcome", True,
+       short="test acc", table=True, explored=True),
+    _f("precise_test_accuracy", "test accuracy, precise BN statistics", "REAL", "outcome", True,
+       short="test acc, precise BN", table=True, explored=True, moving_average="test_accuracy"),
+    _f("test_loss", "test loss (final model)", "REAL", "outcome", False, short="test loss"),
+    # the best-validation model: the one a run saves and predict / serve / export use by default
+    _f("best_epoch", "best epoch", "INTEGER", "info", digits=1),
+    _f("best_test_accuracy", "test accuracy (best model)", "REAL", "outcome", True,
+       short="test acc, best model", table=True, explored=True),
+    _f("best_test_loss", "test loss (best model)", "REAL", "outcome", False, short="test loss, best model"),
+    _f("epochs_to_target", "epochs to target", "INTEGER", "time_to_target", False, "epochs_run", 0, table=True),
+    _f("steps_to_target", "steps to target", "INTEGER", "time_to_target", False, "steps_run", 0,
+       table=True, compact=True, explored=True),
+    _f("seconds_to_target", "seconds to target", "REAL", "time_to_target", False, "train_seconds", 1,
+       table=True, explored=True),
     # where the run stopped (the censoring times of the time-to-target fields)
-    ResultField("epochs_run", "epochs run", "INTEGER", "info", digits=0),
-    ResultField("steps_run", "steps run", "INTEGER", "info", digits=0),
-    ResultField("train_seconds", "training seconds", "REAL", "info", digits=1),
-    ResultField("mean_epoch_seconds", "seconds per epoch", "REAL", "info", False, digits=2),
-    ResultField("stopped", "stopped by", "TEXT", "info"),
+    _f("epochs_run", "epochs run", "INTEGER", "info", digits=1, short="epochs"),
+    _f("steps_run", "steps run", "INTEGER", "info", digits=0, short="steps"),
+    _f("train_seconds", "training seconds", "REAL", "info", digits=1, short="train s"),
+    _f("mean_epoch_seconds", "seconds per epoch", "REAL", "info", False, digits=2,
+       short="s/epoch", table=True, compact=True),
+    _f("stopped", "stopped by", "TEXT", "info"),
 )
 
 FIELDS: dict[str, ResultField] = {f.name: f for f in RESULT_FIELDS}
 RESULT_COLUMNS: tuple[str, ...] = tuple(f.name for f in RESULT_FIELDS)
+TABLE_FIELDS: tuple[str, ...] = tuple(f.name for f in RESULT_FIELDS if f.table)
+COMPACT_FIELDS: tuple[str, ...] = tuple(f.name for f in RESULT_FIELDS if f.compact)
+EXPLORED_FIELDS: tuple[str, ...] = tuple(f.name for f in RESULT_FIELDS if f.explored)
+COMPARABLE_FIELDS: tuple[str, ...] = tuple(f.name for f in RESULT_FIELDS if f.comparable)
+DEFAULT_PRIMARY = "final_val_accuracy"
+

@@ -19,7 +19,7 @@ from multiprocessing import get_context
 from pathlib import Path
 from typing import Callable
 
-from bnlab.experiments.spec import ExperimentSpec, RunPlan, SpecError, apply_quick, expand
+from bnlab.experiments.spec import ExperimentSpec, RunPlan, apply_quick, expand
 from bnlab.experiments.store import FINISHED, RunStore, StoreError
 
 STORE = "runs.sqlite"
@@ -56,10 +56,15 @@ def _init_worker(threads: int) -> None:
 
 
 def execute_run(plan: dict, out_dir: str) -> dict:
-    """One run, in a worker. Never raises: a crash becomes a 'failed' result with its traceback."""
+    """One run, in a worker. Never raises: a crash becomes a 'failed' result with its traceback.
+
+    The result carries every field of ``bnlab.experiments.results.RESULT_FIELDS`` (taken by name
+    from ``RunResult.summary()``; a field without a value there fails the run loudly rather than
+    being stored empty)."""
     import torch
 
     from bnlab.environment import environment
+    from bnlab.experiments.results import RESULT_FIELDS
     from bnlab.train.config import TrainConfig
     from bnlab.train.single import train_run
 
@@ -68,22 +73,22 @@ def execute_run(plan: dict, out_dir: str) -> dict:
     try:
         res = train_run(plan["model"], TrainConfig(**plan["train"]), out=run_dir, progress=False)
         h = res.history
-        vals = [e.val_accuracy for e in h.epochs if e.val_accuracy is not None]
-        losses = [e.val_loss for e in h.epochs if e.val_loss is not None]
+        summary = res.summary()
+        missing = [f.name for f in RESULT_FIELDS if f.name not in summary]
+        if missing:
+            raise KeyError(f"the run computes no value for the result field(s) {missing}: add them to "
+                           "RunResult.summary() in bnlab/train/single.py")
         return {
             "status": "diverged" if h.stopped == "diverged" else "done",
             "error": h.message if h.stopped == "diverged" else None,
             "seconds": time.time() - t0, "history": h.to_dict(),
             "environment": environment(device="cuda" if torch.cuda.is_available() and
                                        plan["train"].get("device") in ("auto", "cuda") else "cpu"),
-            "final_val_accuracy": vals[-1] if vals else None, "best_val_accuracy": max(vals) if vals else None,
-            "final_val_loss": losses[-1] if losses else None, "best_val_loss": min(losses) if losses else None,
-            "test_accuracy": res.test_accuracy, "test_loss": res.test_loss,
-            "epochs_to_target": h.epochs_to_target, "steps_to_target": h.steps_to_target,
-            "seconds_to_target": h.seconds_to_target,
-            "mean_epoch_seconds": sum(e.seconds for e in h.epochs) / len(h.epochs) if h.epochs else None,
-            "artefacts": {"folder": str(run_dir.relative_to(out_dir)), "checkpoint": "checkpoint",
-                          "history": "history.json"},
+            **{f.name: summary[f.name] for f in RESULT_FIELDS},
+            "artefacts": {"folder": str(run_dir.relative_to(out_dir)), "history": "history.json",
+                          # best: the best-validation model (predict / serve / export's default); final: the
+                          # model at the end (absent when the run diverged)
+                          "checkpoint": res.checkpoints.get("best"), "checkpoint_final": res.checkpoints.get("final")},
         }
     except Exception as e:  # recorded, so the other runs go on
         return {"status": "failed", "seconds": time.time() - t0,
@@ -224,31 +229,4 @@ def _run_pool(pending: list[RunPlan], out: Path, store: RunStore, n_workers: int
             raise
 
 
-def load_probes(out: str | Path) -> list[dict]:
-    store = RunStore(Path(out) / STORE)
-    try:
-        return store.probes()
-    finally:
-        store.close()
-
-
-def load_results(out: str | Path) -> tuple[ExperimentSpec, list[dict], list[dict]]:
-    """(spec, runs, epochs) of an experiment folder, for statistics and reports."""
-    out = Path(out)
-    if not (out / STORE).is_file():
-        raise StoreError(f"{out}: no experiment here (expected {STORE}; run 'bnlab run' first)")
-    store = RunStore(out / STORE)
-    try:
-        spec_json = store.get_meta("spec")
-        if spec_json is None:
-            raise StoreError(f"{out / STORE}: no experiment spec stored")
-        try:
-            spec = ExperimentSpec(**json.loads(spec_json))
-        except (ValueError, SpecError) as e:
-            raise StoreError(f"{out / STORE}: the stored spec does not validate: {e}") from e
-        return spec, store.runs(), store.epochs()
-    finally:
-        store.close()
-
-
-__all__ = ["FINISHED", "Progress", "load_results", "plan_workers", "run_experiment"]
+__all__ = ["FINISHED", "Progress", "plan_workers", "run_experiment"]

@@ -3,6 +3,7 @@
     name = "demo"
     seeds = 5                       # a count (0..n-1) or a list
     target_accuracy = 0.9           # for epochs / steps / seconds to target
+    primary_metric = "final_val_accuracy"   # the one metric verdicts are drawn on (Holm over its pairs)
     [data]    dataset = "mnist-5k"  # + validation, scaling, data_dir, options
     [model]   preset = "paper-mnist-mlp"   # and/or inline model-spec keys
     [train]   optimizer = "sgd" ...        # TrainConfig keys (not dataset/seed)
@@ -23,8 +24,9 @@ from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from bnlab.experiments.results import COMPARABLE_FIELDS, DEFAULT_PRIMARY, FIELDS
 from bnlab.models import load_model_spec, parse_model_spec
 from bnlab.models.spec import spec_to_dict
 from bnlab.train.config import TrainConfig
@@ -72,6 +74,20 @@ class ExperimentSpec(BaseModel):
     variants: dict[str, Variant] = Field(min_length=1)
     quick: QuickSection = QuickSection()
     probes: dict = {}  # a bnlab.probes.ProbeConfig for every run; empty: no probes
+    # the metric the experiment is about: verdicts are drawn on it alone (Holm's correction over
+    # its pairs of variants); every other metric is reported as exploratory
+    primary_metric: str = DEFAULT_PRIMARY
+    # set by apply_quick: a --quick run checks that the experiment runs; its report draws no verdicts
+    smoke_test: bool = False
+
+    @field_validator("primary_metric")
+    @classmethod
+    def _primary(cls, v):
+        if v not in COMPARABLE_FIELDS:
+            what = "not a result field" if v not in FIELDS else f"an {FIELDS[v].kind} field, never compared"
+            raise ValueError(f"must be a result field compared between variants: one of "
+                             f"{', '.join(COMPARABLE_FIELDS)}; {v!r} is {what}")
+        return v
 
     @field_validator("seeds")
     @classmethod
@@ -89,6 +105,12 @@ class ExperimentSpec(BaseModel):
         if bad:
             raise ValueError(f"{sorted(bad)} belong in [data] or seeds, not [train]")
         return v
+
+    @model_validator(mode="after")
+    def _primary_needs_target(self):
+        if FIELDS[self.primary_metric].kind == "time_to_target" and self.target_accuracy is None:
+            raise ValueError(f"primary_metric {self.primary_metric!r} needs target_accuracy")
+        return self
 
     def seed_list(self) -> list[int]:
         return list(range(self.seeds)) if isinstance(self.seeds, int) else list(self.seeds)
@@ -126,10 +148,12 @@ def _format(e: ValidationError, where: str) -> str:
 
 
 def apply_quick(spec: ExperimentSpec) -> ExperimentSpec:
-    """The spec at its --quick scale (minutes, for smoke tests and CI)."""
+    """The spec at its --quick scale (minutes, for smoke tests and CI), marked as a smoke test: its
+    store and report say so, state the budget really run, and draw no verdicts."""
     q = spec.quick
     data = _merge(spec.data.model_dump(), q.data)
     return spec.model_copy(update={
+        "smoke_test": True,
         "seeds": q.seeds if q.seeds is not None else spec.seeds,
         "data": DataSection(**data), "model": _merge(spec.model, q.model), "train": _merge(spec.train, q.train),
         "probes": _merge(spec.probes, q.probes) if spec.probes else {}})

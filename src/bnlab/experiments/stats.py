@@ -1,9 +1,60 @@
-"""Statistics over seeds: mean and 95% CI per variant, Welch t-tests between variants.
+"""Statistics over seeds that a statistician would sign, on scipy.stats, lifelines and statsmodels.
 
-A verdict sentence is written only where a difference is significant after Holm's correction
-over all pairs of variants for that metric; otherwise the sentence says these runs do not
-separate the variants. Runs that failed are left out; runs that never reached the target are
-counted, not averaged into time-to-target.
+The metrics are the numeric fields of ``bnlab.experiments.results.RESULT_FIELDS``.
+
+What is estimated (``variant_stats``)
+  * An outcome (accuracy, loss): mean and 95% CI (t distribution) over the runs of the variant
+    that finished without diverging. Every cell carries its n and, when that is fewer than the
+    planned runs, why the others are missing (diverged, failed, not finished, no value). With
+    fewer than ``MIN_N`` = 3 runs no interval is given; the same value in every seed is reported
+    as "no variation between seeds" (there is no replication variance to build an interval on).
+  * A time to target is censored data: a run that never reached the target is censored where it
+    stopped (its budget, or where it diverged: the field's ``censor_at``), never dropped. The
+    Kaplan-Meier median with its 95% CI (lifelines: exponential Greenwood bands) and the reach
+    rate describe each variant.
+
+How variants are compared (``compare``)
+  * The spec names a primary metric (default: final validation accuracy). Verdicts are drawn on it
+    alone, with Holm's correction over its pairs of variants (statsmodels ``multipletests``).
+    Every other metric is exploratory: its differences, intervals and unadjusted p-values are
+    shown, never a verdict.
+  * Paired design: runs of different variants with the same seed share data order and initial
+    weights. Where both variants ran the same seeds the test is paired (paired t-test with the CI
+    of the mean difference, ``scipy.stats.ttest_rel``; exact sign-flip permutation test);
+    otherwise Welch's t-test (CI of the difference of means, ``ttest_ind(equal_var=False)``) and
+    an exact permutation test of the difference of means. The sentence names the test.
+  * Small samples: the exact permutation test (``scipy.stats.permutation_test``, every
+    permutation enumerated up to ``EXACT_LIMIT``) is shown alongside the t-test. The verdict's p
+    and CI both come from the t-test, so the interval and the p-value never contradict each
+    other; at n <= ``EXACT_N`` = 5 per variant a verdict also needs the exact test to agree:
+    p < 0.05, or, where n is too small for an exact test ever to reach 0.05 (5 pairs: smallest
+    p = 2/32), its most extreme attainable value (every seed pointing the same way).
+  * Identical values in every seed: there is no t statistic and no evidence beyond one run; the
+    comparison says "no variation between seeds" and gives no p-value (never p = 0).
+  * Time to target: the log-rank test (``scipy.stats.logrank``, over every finished run,
+    censored ones included) decides; Fisher's exact test on the reach rate and the difference of
+    reach rates with Newcombe's 95% CI (statsmodels) are stated with both Kaplan-Meier medians
+    and their CIs (a difference of medians has no standard interval under censoring).
+  * Fewer than ``MIN_N`` runs per variant: no test, no verdict.
+
+Every planned run is accounted for (the choice, and why)
+  * A run that failed (a crash: it produced no outcome) or has not finished leaves the
+    comparison incomplete: pairs with such a variant get no test, and the sentence names the
+    missing runs. Rerunning them (``--retry-failed``) is the remedy; guessing their outcome is not.
+  * A run that diverged has an outcome - it diverged - but no final accuracy or loss (its last
+    finite numbers predate the blow-up). A mean over the survivors would let a variant that
+    diverged in 3 of 5 seeds win on its 2 best; ranking diverged runs as worst would make the
+    stated difference depend on a made-up value. So an accuracy or loss comparison that contains
+    diverged runs gives no test and says so, and the divergence itself is compared instead: the
+    divergence rates over all finished runs, Fisher's exact test (exploratory).
+  * In time to target a diverged run is censored where it stopped. That treats divergence as
+    uninformative, which favours the diverging variant (its runs leave the risk set instead of
+    counting as never reaching the target), so a variant with diverged runs can lose a
+    time-to-target comparison but never win one.
+  Hence a variant never wins on its survivors.
+
+Smoke tests (``spec.smoke_test``, set by ``--quick``) are described, never tested: ``compare``
+returns descriptive lines without p-values or verdicts.
 """
 
 from __future__ import annotations
@@ -12,153 +63,616 @@ import itertools
 import math
 import warnings
 from dataclasses import dataclass, field
+from math import comb
 
 import numpy as np
 from scipy import stats as st
 
-# (column, label, higher is better)
-METRICS = [
-    ("final_val_accuracy", "final validation accuracy", True),
-    ("best_val_accuracy", "best validation accuracy", True),
-    ("final_val_loss", "final validation loss", False),
-    ("best_val_loss", "best validation loss", False),
-    ("test_accuracy", "test accuracy", True),
-    ("epochs_to_target", "epochs to target", False),
-    ("steps_to_target", "steps to target", False),
-    ("seconds_to_target", "seconds to target", False),
-    ("mean_epoch_seconds", "seconds per epoch", False),
-]
-TESTED = ("final_val_accuracy", "final_val_loss", "epochs_to_target")
+from bnlab.experiments.results import DEFAULT_PRIMARY, EXPLORED_FIELDS, FIELDS, RESULT_FIELDS, ResultField
+
 ALPHA = 0.05
+LEVEL = 0.95
+MIN_N = 3  # fewer runs per variant: no interval, no test
+EXACT_N = 5  # at most this many runs per variant: a verdict needs the exact test to agree
+EXACT_LIMIT = 100_000  # permutation tests enumerate every permutation up to this many
+MC_RESAMPLES = 20_000  # beyond: this many seeded random permutations
+
+# the statistics' metrics: every numeric result field
+METRICS: tuple[ResultField, ...] = tuple(f for f in RESULT_FIELDS if f.numeric)
+UNFINISHED = ("pending", "running")
+
+
+# ------------------------------------------------------------------------------------------ estimates
+
+
+def _constant(v: np.ndarray) -> bool:
+    """The same value in every seed (up to float rounding)."""
+    return v.size >= 2 and float(np.ptp(v)) <= 1e-12 * float(np.abs(v).max())
+
+
+def _note(n: int, planned: int | None, missing: dict[str, int]) -> str:
+    """' (n=3; 2 diverged)' when a cell has fewer than the planned runs, else ''."""
+    if planned is None or n >= planned:
+        return ""
+    why = ", ".join(f"{k} {reason}" for reason, k in missing.items() if k)
+    return f" (n={n}" + (f"; {why}" if why else "") + ")"
 
 
 @dataclass
 class Estimate:
+    """Mean and 95% CI over seeds of one cell; ``low``/``high`` are nan without an interval."""
     mean: float
-    low: float  # 95% CI (t distribution); nan with fewer than 2 values
+    low: float
     high: float
     n: int
+    constant: bool = False  # the same value in every seed: no variation, no interval
+    planned: int | None = None  # runs planned for this cell's variant (None: not known)
+    missing: dict[str, int] = field(default_factory=dict)  # why planned runs are not in n
 
-    def text(self, digits: int = 4) -> str:
+    @property
+    def has_interval(self) -> bool:
+        return not math.isnan(self.low) and not self.constant
+
+    def note(self) -> str:
+        return _note(self.n, self.planned, self.missing)
+
+    def value(self, digits: int = 4) -> str:
         if self.n == 0:
             return "-"
-        if math.isnan(self.low):
-            return f"{self.mean:.{digits}f}"
-        return f"{self.mean:.{digits}f} ± {(self.high - self.low) / 2:.{digits}f}"
+        if self.constant:
+            return f"{self.mean:.{digits}f} (no variation between seeds)"
+        if self.has_interval:
+            return f"{self.mean:.{digits}f} ± {(self.high - self.low) / 2:.{digits}f}"
+        return f"{self.mean:.{digits}f}"
+
+    def text(self, digits: int = 4) -> str:
+        return self.value(digits) + self.note()
+
+
+def mean_ci(values, level: float = LEVEL) -> Estimate:
+    """Mean and t interval of the finite values; no interval with fewer than MIN_N of them."""
+    v = np.asarray([x for x in values if x is not None and math.isfinite(x)], dtype=float)
+    if v.size == 0:
+        return Estimate(float("nan"), float("nan"), float("nan"), 0)
+    m = float(v.mean())
+    if _constant(v):
+        return Estimate(m, m, m, int(v.size), constant=True)
+    if v.size < MIN_N:
+        return Estimate(m, float("nan"), float("nan"), int(v.size))
+    low, high = st.t.interval(level, v.size - 1, loc=m, scale=st.sem(v))
+    return Estimate(m, float(low), float(high), int(v.size))
+
+
+@dataclass
+class TimeToTarget:
+    """Kaplan-Meier summary of one time-to-target field for one variant."""
+    field: str
+    n: int  # runs in the analysis (finished or diverged, with a time or a censoring time)
+    reached: int  # of which reached the target (events); the others are censored
+    median: float  # inf: the curve never fell to one half (the median is not reached)
+    low: float  # 95% CI of the median (nan: no interval)
+    high: float
+    longest: float  # the longest time observed, reached or censored
+    constant: bool = False
+    planned: int | None = None
+    missing: dict[str, int] = field(default_factory=dict)
+
+    def value(self, digits: int = 0) -> str:
+        def fmt(x):
+            return "∞" if math.isinf(x) else "undefined" if math.isnan(x) else f"{x:.{digits}f}"
+        if self.n == 0:
+            return "-"
+        if self.reached == 0:
+            return f"not reached (> {fmt(self.longest)})"
+        if math.isinf(self.median):
+            text = f"median not reached (> {fmt(self.longest)})"
+        else:
+            text = fmt(self.median)
+        if self.constant:
+            text += " (no variation between seeds)"
+        elif self.n >= MIN_N and not (math.isnan(self.low) and math.isnan(self.high)):
+            text += f" [{fmt(self.low)}, {fmt(self.high)}]"
+        return text
+
+    def note(self) -> str:
+        return _note(self.n, self.planned, self.missing)
+
+    def text(self, digits: int = 0) -> str:
+        return self.value(digits) + self.note()
+
+
+def kaplan_meier(times, reached, level: float = LEVEL) -> tuple[float, float, float]:
+    """(median, CI low, CI high) of the time to the event, from lifelines' Kaplan-Meier estimator
+    and its exponential Greenwood (log-log) pointwise bands: the median is the first time the
+    curve is at or below one half, the interval's ends the first times each band is.
+
+    inf: the curve (or the upper band) never falls to one half - the median, or the interval's
+    upper end, is not reached. Where the curve is 0 the log-log band is undefined (lifelines
+    reports 0 there; scipy.stats.ecdf and R's survfit leave it undefined), so a band that falls to
+    one half only there does not end the interval: it stays open (inf), as in R; a lower end that
+    only such a point would give is undefined (nan)."""
+    from lifelines import KaplanMeierFitter
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # lifelines/pandas deprecation chatter; the numbers are checked in tests
+        kmf = KaplanMeierFitter(alpha=1 - level).fit(np.asarray(times, float), np.asarray(reached, bool))
+    t = kmf.survival_function_.index.to_numpy(float)
+    curve = kmf.survival_function_.iloc[:, 0].to_numpy(float)
+    lower, upper = (kmf.confidence_interval_.iloc[:, i].to_numpy(float) for i in (0, 1))
+    defined = curve > 0
+
+    def first_at_or_below_half(band):
+        idx = np.nonzero(defined & (band <= 0.5))[0]
+        return float(t[idx[0]]) if idx.size else math.inf
+
+    median = float(kmf.median_survival_time_)
+    low, high = first_at_or_below_half(lower), first_at_or_below_half(upper)
+    if math.isinf(low) and not math.isinf(median):
+        low = math.nan
+    return median, low, high
+
+
+# ------------------------------------------------------------------------------------------ runs
+
+
+def _counts(mine: list[dict]) -> dict[str, int]:
+    return {"done": sum(r["status"] == "done" for r in mine),
+            "diverged": sum(r["status"] == "diverged" for r in mine),
+            "failed": sum(r["status"] == "failed" for r in mine),
+            "not finished": sum(r["status"] in UNFINISHED for r in mine)}
+
+
+def _outcome_values(mine: list[dict], name: str) -> tuple[dict[int, float], dict[str, int]]:
+    """{seed: value} over runs that finished without diverging; why the other planned runs are missing."""
+    c = _counts(mine)
+    vals = {r["seed"]: float(r[name]) for r in mine if r["status"] == "done" and r.get(name) is not None
+            and math.isfinite(r[name])}
+    missing = {"diverged": c["diverged"], "failed": c["failed"], "not finished": c["not finished"],
+               "without a value": c["done"] - len(vals)}
+    return vals, missing
+
+
+def _time_values(mine: list[dict], f: ResultField) -> tuple[dict[int, tuple[float, bool]], dict[str, int]]:
+    """{seed: (time, reached)} over finished and diverged runs: the time to target where reached,
+    else the time where the run stopped (censored)."""
+    c = _counts(mine)
+    out = {}
+    for r in mine:
+        if r["status"] not in ("done", "diverged"):
+            continue
+        if r.get(f.name) is not None:
+            out[r["seed"]] = (float(r[f.name]), True)
+        elif r.get(f.censor_at) is not None:
+            out[r["seed"]] = (float(r[f.censor_at]), False)
+    missing = {"failed": c["failed"], "not finished": c["not finished"],
+               "without a stopping point": c["done"] + c["diverged"] - len(out)}
+    return out, missing
+
+
+def time_to_target(mine: list[dict], f: ResultField) -> TimeToTarget:
+    data, missing = _time_values(mine, f)
+    planned = len(mine)
+    if not data:
+        return TimeToTarget(f.name, 0, 0, math.nan, math.nan, math.nan, math.nan, planned=planned, missing=missing)
+    times = np.array([t for t, _ in data.values()])
+    reached = np.array([e for _, e in data.values()])
+    median, low, high = kaplan_meier(times, reached)
+    constant = len(set(data.values())) == 1 and len(data) >= 2
+    return TimeToTarget(f.name, len(data), int(reached.sum()), median, low, high, float(times.max()),
+                        constant=constant, planned=planned, missing=missing)
 
 
 @dataclass
 class VariantStats:
     variant: str
-    runs: int
-    failed: int
+    planned: int  # runs planned (every seed), whatever their status
+    done: int
     diverged: int
-    reached_target: int
-    metrics: dict[str, Estimate] = field(default_factory=dict)
-
-
-@dataclass
-class Comparison:
-    metric: str
-    a: str
-    b: str
-    mean_a: float
-    mean_b: float
-    n_a: int
-    n_b: int
-    p: float
-    p_holm: float = float("nan")
-    sentence: str = ""
+    failed: int
+    unfinished: int
+    reached_target: int  # finished or diverged runs that reached the target
+    metrics: dict[str, Estimate] = field(default_factory=dict)  # outcome and info fields
+    times: dict[str, TimeToTarget] = field(default_factory=dict)  # time-to-target fields (with a target)
 
     @property
-    def significant(self) -> bool:
-        return not math.isnan(self.p_holm) and self.p_holm < ALPHA
+    def runs(self) -> int:
+        return self.planned
+
+    def runs_text(self) -> str:
+        """'5: 3 done, 2 diverged' - every planned run and what became of it."""
+        parts = [f"{k} {w}" for k, w in ((self.done, "done"), (self.diverged, "diverged"), (self.failed, "failed"),
+                                         (self.unfinished, "not finished")) if k]
+        return f"{self.planned}: " + ", ".join(parts) if parts else f"{self.planned}"
 
 
-def mean_ci(values, level: float = 0.95) -> Estimate:
-    v = np.asarray([x for x in values if x is not None and not math.isnan(x)], dtype=float)
-    if v.size == 0:
-        return Estimate(float("nan"), float("nan"), float("nan"), 0)
-    m = float(v.mean())
-    if v.size < 2:
-        return Estimate(m, float("nan"), float("nan"), 1)
-    half = float(st.t.ppf(0.5 + level / 2, v.size - 1) * v.std(ddof=1) / math.sqrt(v.size))
-    return Estimate(m, m - half, m + half, int(v.size))
-
-
-def welch_p(a, b) -> float:
-    a, b = np.asarray(a, float), np.asarray(b, float)
-    if a.size < 2 or b.size < 2:
-        return float("nan")
-    scale = max(abs(a.mean()), abs(b.mean()), 1e-300)
-    if a.std(ddof=1) + b.std(ddof=1) <= 1e-12 * scale:  # (nearly) constant over seeds: no t statistic
-        return 1.0 if abs(a.mean() - b.mean()) <= 1e-12 * scale else 0.0
-    with warnings.catch_warnings():  # near-constant samples: scipy warns, the p-value stands
-        warnings.simplefilter("ignore", RuntimeWarning)
-        return float(st.ttest_ind(a, b, equal_var=False).pvalue)
-
-
-def holm(ps: list[float]) -> list[float]:
-    """Holm-Bonferroni adjusted p-values (nan stays nan)."""
-    idx = [i for i, p in enumerate(ps) if not math.isnan(p)]
-    order = sorted(idx, key=lambda i: ps[i])
-    out = [float("nan")] * len(ps)
-    running = 0.0
-    for rank, i in enumerate(order):
-        running = max(running, min(1.0, (len(order) - rank) * ps[i]))
-        out[i] = running
-    return out
-
-
-def _values(runs: list[dict], variant: str, col: str) -> list[float]:
-    return [r[col] for r in runs if r["variant"] == variant and r["status"] in ("done", "diverged")
-            and r.get(col) is not None]
-
-
-def variant_stats(runs: list[dict], variants: list[str]) -> list[VariantStats]:
+def variant_stats(runs: list[dict], variants: list[str], target: float | None = None) -> list[VariantStats]:
+    """Per variant: every numeric result field (times to target only when there is a target)."""
     out = []
     for v in variants:
         mine = [r for r in runs if r["variant"] == v]
-        vs = VariantStats(v, len(mine), sum(r["status"] == "failed" for r in mine),
-                          sum(r["status"] == "diverged" for r in mine),
-                          sum(r.get("epochs_to_target") is not None for r in mine))
-        for col, _, _ in METRICS:
-            vs.metrics[col] = mean_ci(_values(runs, v, col))
+        c = _counts(mine)
+        reached = sum(any(r.get(f.name) is not None for f in METRICS if f.kind == "time_to_target")
+                      for r in mine if r["status"] in ("done", "diverged"))
+        vs = VariantStats(v, len(mine), c["done"], c["diverged"], c["failed"], c["not finished"], reached)
+        for f in METRICS:
+            if f.kind == "time_to_target":
+                if target is not None:
+                    vs.times[f.name] = time_to_target(mine, f)
+                continue
+            vals, missing = _outcome_values(mine, f.name)
+            est = mean_ci(vals.values())
+            est.planned, est.missing = len(mine), missing
+            vs.metrics[f.name] = est
         out.append(vs)
     return out
 
 
-def compare(runs: list[dict], variants: list[str], metrics=TESTED, pairs=None) -> list[Comparison]:
-    """Welch tests between ``pairs`` of variants (default: all pairs), Holm-adjusted per metric."""
-    labels = {c: (label, higher) for c, label, higher in METRICS}
+# ------------------------------------------------------------------------------------------ comparisons
+
+
+@dataclass
+class Comparison:
+    metric: str  # a result field, or "diverged" (the divergence rate)
+    a: str
+    b: str
+    role: str  # "primary" (verdicts, Holm-adjusted) | "exploratory" | "smoke test"
+    label: str = ""
+    n_a: int = 0
+    n_b: int = 0
+    value_a: str = ""  # each variant's value as shown (mean ± CI, or KM median [CI])
+    value_b: str = ""
+    mean_a: float = math.nan  # (a KM median for a time to target; a rate for "diverged")
+    mean_b: float = math.nan
+    diff: float = math.nan  # a - b (for a time to target and "diverged": the difference of the rates)
+    diff_low: float = math.nan  # 95% CI of diff
+    diff_high: float = math.nan
+    test: str = ""  # the test behind p, in words
+    p: float | None = None
+    p_holm: float | None = None  # primary only
+    exact_test: str = ""
+    p_exact: float | None = None
+    p_exact_min: float | None = None  # the smallest p the exact test can give at these n
+    extra: str = ""  # a second test stated alongside (Fisher's exact test on a reach rate)
+    better: str | None = None  # the variant the data favour (direction only, whatever p)
+    winner: str | None = None  # the verdict: only for the primary metric, when every rule is met
+    reason: str = ""  # why there is no test, or no verdict
+    sentence: str = ""
+
+    @property
+    def significant(self) -> bool:
+        return self.winner is not None
+
+    @property
+    def diff_text(self) -> str:
+        if math.isnan(self.diff):
+            return "-"
+        rate = {"diverged": "divergence rate "}.get(self.metric, "")
+        if not rate and FIELDS[self.metric].kind == "time_to_target":
+            rate = "reach rate "
+        fmt = (lambda x: f"{x * 100:+.0f} pp") if rate else (lambda x: f"{x:+.4f}")
+        if math.isnan(self.diff_low):
+            return rate + fmt(self.diff)
+        return f"{rate}{fmt(self.diff)} (95% CI {fmt(self.diff_low)} to {fmt(self.diff_high)})"
+
+
+def _p(p: float) -> str:
+    return "< 0.0001" if p < 1e-4 else f"= {p:.2g}"
+
+
+def _missing_text(name: str, missing: dict[str, int], keys=("failed", "not finished")) -> str:
+    parts = [f"{k} {why}" for why, k in missing.items() if k and why in keys]
+    return f"{name}: " + ", ".join(parts) if parts else ""
+
+
+def _permutation(x: np.ndarray, y: np.ndarray, paired: bool) -> tuple[float, float, str]:
+    """(p, smallest attainable p, name) of the two-sided permutation test of the mean difference:
+    the share of permutations (sign flips of the paired differences, or relabellings of the pooled
+    runs) whose |mean difference| is at least the observed one (the observed one included)."""
+    if paired:
+        count, kind, name = 2 ** x.size, "samples", "sign-flip permutation test"
+        smallest = 2 / count  # the observed signs and their mirror image
+
+        def stat(a, b, axis):
+            return np.abs(np.mean(a - b, axis=axis))
+    else:
+        count, kind, name = comb(x.size + y.size, x.size), "independent", "permutation test"
+        smallest = (2 if x.size == y.size else 1) / count
+
+        def stat(a, b, axis):
+            return np.abs(np.mean(a, axis=axis) - np.mean(b, axis=axis))
+    exact = count <= EXACT_LIMIT
+    res = st.permutation_test((x, y), stat, permutation_type=kind, vectorized=True, alternative="greater",
+                              n_resamples=count if exact else MC_RESAMPLES, rng=np.random.default_rng(0))
+    name = f"exact {name}" if exact else f"{name} ({MC_RESAMPLES} random permutations)"
+    return float(res.pvalue), min(1.0, smallest), name
+
+
+def _outcome_pair(c: Comparison, f: ResultField, ra: list[dict], rb: list[dict]) -> None:
+    va, ma = _outcome_values(ra, f.name)
+    vb, mb = _outcome_values(rb, f.name)
+    ea, eb = mean_ci(va.values()), mean_ci(vb.values())
+    c.n_a, c.n_b, c.mean_a, c.mean_b = ea.n, eb.n, ea.mean, eb.mean
+    c.value_a, c.value_b = ea.value(f.digits), eb.value(f.digits)
+    if ea.n and eb.n:
+        c.diff = ea.mean - eb.mean
+        c.better = c.a if (c.diff > 0) == bool(f.higher_is_better) else c.b
+        if c.diff == 0:
+            c.better = None
+    incomplete = "; ".join(t for t in (_missing_text(c.a, ma), _missing_text(c.b, mb)) if t)
+    if incomplete:
+        c.reason = f"incomplete ({incomplete}); a test needs every planned run"
+        return
+    div = [f"{v} diverged in {m['diverged']} of {len(r)} seeds" for v, m, r in ((c.a, ma, ra), (c.b, mb, rb))
+           if m["diverged"]]
+    if div:
+        c.reason = (f"{' and '.join(div)}; a diverged run has no {f.label} of its own (its last numbers predate "
+                    "the blow-up) and the runs that survived are not a fair sample of the variant, so the divergence "
+                    "rates are compared instead")
+        return
+    for v, m in ((c.a, ma), (c.b, mb)):
+        if m["without a value"]:
+            c.reason = f"{m['without a value']} finished run(s) of {v} have no {f.label}"
+            return
+    if min(ea.n, eb.n) < MIN_N:
+        c.reason = f"fewer than {MIN_N} runs per variant (n = {ea.n} vs {eb.n})"
+        return
+    paired = set(va) == set(vb)
+    seeds = sorted(va)
+    x = np.array([va[s] for s in seeds]) if paired else np.array(list(va.values()))
+    y = np.array([vb[s] for s in seeds]) if paired else np.array(list(vb.values()))
+    if (paired and _constant(x - y)) or (not paired and _constant(x) and _constant(y)):
+        c.reason = ("no variation between seeds: every seed gives the same "
+                    + ("difference" if paired else "value in each variant") + f" ({c.diff:+.4g}); "
+                    "the seeds replicate nothing, so there is no test")
+        return
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # near-constant samples: the numbers stand
+        res = st.ttest_rel(x, y) if paired else st.ttest_ind(x, y, equal_var=False)
+        ci = res.confidence_interval(LEVEL)
+    if not math.isfinite(res.pvalue):
+        c.reason = "the t statistic is undefined for these values; no test"
+        return
+    c.test = f"paired t-test over {x.size} seeds" if paired else "Welch's t-test"
+    c.p, c.diff_low, c.diff_high = float(res.pvalue), float(ci.low), float(ci.high)
+    c.p_exact, c.p_exact_min, c.exact_test = _permutation(x, y, paired)
+
+
+def _time_pair(c: Comparison, f: ResultField, ra: list[dict], rb: list[dict]) -> None:
+    from statsmodels.stats.proportion import confint_proportions_2indep
+
+    ta, tb = time_to_target(ra, f), time_to_target(rb, f)
+    c.n_a, c.n_b, c.mean_a, c.mean_b = ta.n, tb.n, ta.median, tb.median
+    c.value_a = f"{ta.value(f.digits)}, reached in {ta.reached}/{ta.n}"
+    c.value_b = f"{tb.value(f.digits)}, reached in {tb.reached}/{tb.n}"
+    da, ma = _time_values(ra, f)
+    db, mb = _time_values(rb, f)
+    incomplete = "; ".join(t for t in (_missing_text(c.a, ma, ("failed", "not finished", "without a stopping point")),
+                                       _missing_text(c.b, mb, ("failed", "not finished", "without a stopping point")))
+                           if t)
+    if ta.n and tb.n:
+        c.diff = ta.reached / ta.n - tb.reached / tb.n
+        low, high = confint_proportions_2indep(ta.reached, ta.n, tb.reached, tb.n, method="newcomb",
+                                               compare="diff", alpha=1 - LEVEL)
+        c.diff_low, c.diff_high = float(low), float(high)
+        fisher = st.fisher_exact([[ta.reached, ta.n - ta.reached], [tb.reached, tb.n - tb.reached]])
+        c.extra = f"Fisher's exact test on the reach rate p {_p(float(fisher.pvalue))}"
+    if incomplete:
+        c.reason = f"incomplete ({incomplete}); a test needs every planned run"
+        return
+    if min(ta.n, tb.n) < MIN_N:
+        c.reason = f"fewer than {MIN_N} runs per variant (n = {ta.n} vs {tb.n})"
+        return
+    if ta.reached + tb.reached == 0:
+        c.reason = "no run of either variant reached the target; no test"
+        return
+    if len(set(da.values())) == 1 and len(set(db.values())) == 1:
+        c.reason = "no variation between seeds: every seed of each variant gives the same time; no test"
+        return
+
+    def censored(d):
+        return st.CensoredData(uncensored=[t for t, e in d.values() if e], right=[t for t, e in d.values() if not e])
+    res = st.logrank(censored(da), censored(db))
+    if not math.isfinite(res.pvalue):
+        c.reason = "the log-rank statistic is undefined for these times; no test"
+        return
+    c.test, c.p = "log-rank test", float(res.pvalue)
+    if res.statistic != 0:  # > 0: a reached the target more often than expected under no difference
+        c.better = c.a if res.statistic > 0 else c.b
+        k = sum(r["status"] == "diverged" for r in (ra if c.better == c.a else rb))
+        if k:
+            c.reason = (f"{c.better}'s {k} diverged run(s) are censored where they stopped, which favours it: "
+                        "a variant with diverged runs wins nothing")
+
+
+def _divergence_pair(c: Comparison, ra: list[dict], rb: list[dict]) -> None:
+    from statsmodels.stats.proportion import confint_proportions_2indep
+
+    ka, na = sum(r["status"] == "diverged" for r in ra), sum(r["status"] in ("done", "diverged") for r in ra)
+    kb, nb = sum(r["status"] == "diverged" for r in rb), sum(r["status"] in ("done", "diverged") for r in rb)
+    c.n_a, c.n_b, c.value_a, c.value_b = na, nb, f"{ka}/{na}", f"{kb}/{nb}"
+    if not (na and nb):
+        c.reason = "no finished runs"
+        return
+    c.mean_a, c.mean_b, c.diff = ka / na, kb / nb, ka / na - kb / nb
+    low, high = confint_proportions_2indep(ka, na, kb, nb, method="newcomb", compare="diff", alpha=1 - LEVEL)
+    c.diff_low, c.diff_high = float(low), float(high)
+    c.test, c.p = "Fisher's exact test", float(st.fisher_exact([[ka, na - ka], [kb, nb - kb]]).pvalue)
+    c.better = None if ka * nb == kb * na else (c.a if ka / na < kb / nb else c.b)
+
+
+def holm(ps: list[float | None]) -> list[float | None]:
+    """Holm-Bonferroni adjusted p-values over the given family (None stays None): statsmodels' multipletests."""
+    from statsmodels.stats.multitest import multipletests
+
+    idx = [i for i, p in enumerate(ps) if p is not None and not math.isnan(p)]
+    out: list[float | None] = [None] * len(ps)
+    if idx:
+        adjusted = multipletests([ps[i] for i in idx], alpha=ALPHA, method="holm")[1]
+        for i, p in zip(idx, adjusted):
+            out[i] = float(p)
+    return out
+
+
+def _applicable(f: ResultField, ra: list[dict], rb: list[dict], target) -> bool:
+    """False where a variant records no such value at all (precise statistics without BN; times
+    without a target)."""
+    if f.kind == "time_to_target":
+        return target is not None
+    for group in (ra, rb):
+        done = [r for r in group if r["status"] == "done"]
+        if done and all(r.get(f.name) is None for r in done):
+            return False
+    return True
+
+
+def compare(runs: list[dict], variants: list[str], *, primary: str = DEFAULT_PRIMARY, target: float | None = None,
+            metrics=None, pairs=None, smoke_test: bool = False) -> list[Comparison]:
+    """Comparisons between ``pairs`` of variants (default: all pairs): the primary metric first
+    (Holm-adjusted over its pairs; the only verdicts), then the exploratory ``metrics`` (default:
+    the result fields marked ``explored``), then divergence rates where some run diverged."""
     pairs = list(pairs) if pairs is not None else list(itertools.combinations(variants, 2))
-    result = []
-    for col in metrics:
-        label, higher = labels[col]
-        comps = []
+    names = [primary] + [m for m in (EXPLORED_FIELDS if metrics is None else metrics)
+                         if m != primary and FIELDS[m].comparable]  # info fields are shown, never tested
+    by_variant = {v: [r for r in runs if r["variant"] == v] for v in variants}
+    out: list[Comparison] = []
+    for name in names:
+        f = FIELDS[name]
+        role = "smoke test" if smoke_test else ("primary" if name == primary else "exploratory")
         for a, b in pairs:
-            va, vb = _values(runs, a, col), _values(runs, b, col)
-            comps.append(Comparison(col, a, b, float(np.mean(va)) if va else float("nan"),
-                                    float(np.mean(vb)) if vb else float("nan"), len(va), len(vb), welch_p(va, vb)))
-        for c, p in zip(comps, holm([c.p for c in comps])):
-            c.p_holm = p
-            c.sentence = _sentence(c, label, higher)
-        result += comps
-    return result
+            ra, rb = by_variant[a], by_variant[b]
+            if not _applicable(f, ra, rb, target):
+                if name == primary:
+                    out.append(Comparison(name, a, b, role, f.label, reason=f"not applicable ({f.label} is "
+                                                                           "recorded for only one of them)"))
+                continue
+            c = Comparison(name, a, b, role, f.label)
+            (_time_pair if f.kind == "time_to_target" else _outcome_pair)(c, f, ra, rb)
+            out.append(c)
+    for a, b in pairs:
+        ra, rb = by_variant[a], by_variant[b]
+        if any(r["status"] == "diverged" for r in ra + rb):
+            c = Comparison("diverged", a, b, "smoke test" if smoke_test else "exploratory", "divergence rate")
+            _divergence_pair(c, ra, rb)
+            out.append(c)
+    if smoke_test:
+        for c in out:  # described, never tested
+            c.p = c.p_exact = c.p_exact_min = None
+            c.test = c.exact_test = c.extra = ""
+            c.diff_low = c.diff_high = math.nan
+            c.reason = "a smoke test (--quick) draws no conclusions"
+    prim = [c for c in out if c.role == "primary"]
+    for c, p in zip(prim, holm([c.p for c in prim])):
+        c.p_holm = p
+        _verdict(c, by_variant)
+    for c in out:
+        c.sentence = _sentence(c, target)
+    return out
 
 
-def _sentence(c: Comparison, label: str, higher_is_better: bool) -> str:
-    fmt = (lambda x: f"{x:.4f}") if "accuracy" in label or "loss" in label else (lambda x: f"{x:.1f}")
-    if math.isnan(c.p_holm):
-        return (f"Not enough runs to compare {c.a} and {c.b} on {label} "
-                f"(n = {c.n_a} vs {c.n_b}; at least 2 each are needed).")
-    if not c.significant:
-        return (f"These runs do not separate {c.a} and {c.b} on {label} "
-                f"({fmt(c.mean_a)} vs {fmt(c.mean_b)}, Holm-adjusted p = {c.p_holm:.3g}, n = {c.n_a} vs {c.n_b}).")
-    a_better = (c.mean_a > c.mean_b) == higher_is_better
-    winner, loser = (c.a, c.b) if a_better else (c.b, c.a)
-    mw, ml = (c.mean_a, c.mean_b) if a_better else (c.mean_b, c.mean_a)
-    word = {"final validation accuracy": "a higher", "final validation loss": "a lower",
-            "epochs to target": "fewer"}.get(label, "a better")
-    return (f"{winner} reaches {word} {label} than {loser}: {fmt(mw)} vs {fmt(ml)} "
-            f"(Welch t-test, Holm-adjusted p = {c.p_holm:.2g}, n = {c.n_a} vs {c.n_b}).")
+def _verdict(c: Comparison, by_variant: dict[str, list[dict]]) -> None:
+    if c.p_holm is None or c.better is None:
+        return
+    if c.p_holm >= ALPHA:
+        return
+    if min(c.n_a, c.n_b) <= EXACT_N and c.p_exact is not None:
+        if c.p_exact > max(ALPHA, c.p_exact_min) * (1 + 1e-9):
+            c.reason = (f"the {c.exact_test} does not agree (p {_p(c.p_exact)}), and at n <= {EXACT_N} per "
+                        "variant a verdict needs it to")
+            return
+    if any(r["status"] == "diverged" for r in by_variant[c.better]):
+        c.reason = f"{c.better} diverged in some seeds, and a variant with diverged runs wins nothing"
+        return
+    c.winner = c.better
+
+
+def _sentence(c: Comparison, target) -> str:
+    loser = (c.b if c.winner == c.a else c.a) if c.winner else None
+    pair = f"{c.a} ({c.value_a}) vs {c.b} ({c.value_b})" if c.value_a or c.value_b else f"{c.a} vs {c.b}"
+    if c.role == "smoke test":
+        return f"Smoke test, {c.label}: {pair}; no test, no verdict."
+    exact = ""
+    if c.p_exact is not None:
+        exact = f"; {c.exact_test} p {_p(c.p_exact)}"
+        if c.p_exact_min is not None and c.p_exact <= c.p_exact_min * (1 + 1e-9):
+            exact += " (the smallest possible at these n)"
+    extra = f"; {c.extra}" if c.extra else ""
+    ns = f"n = {c.n_a} vs {c.n_b}"
+    if c.metric == "diverged":
+        if c.p is None:
+            return f"Exploratory, divergence: {c.a} vs {c.b}: {c.reason}."
+        return (f"Exploratory, divergence rate: {c.a} diverged in {c.value_a} finished runs, {c.b} in {c.value_b} "
+                f"({c.diff_text}; {c.test} p {_p(c.p)}).")
+    tt = FIELDS[c.metric].kind == "time_to_target"
+    what = (f"{c.label} (target {target}; runs that never reached it are censored where they stopped)" if tt
+            else c.label)
+    if c.p is None:
+        head = "No verdict on" if c.role == "primary" else "Exploratory, no test of"
+        return f"{head} {what}: {pair}; {c.reason}{extra}."
+    diff = "" if math.isnan(c.diff) else (f", {c.diff_text}" if tt else f", difference {c.diff_text}")
+    if c.role == "exploratory":
+        note = f" Note: {c.reason}." if c.reason else ""
+        return (f"Exploratory, {what}: {pair}{diff}; {c.test} p {_p(c.p)} (not adjusted for multiple comparisons)"
+                f"{exact}{extra}; {ns}.{note}")
+    stats_text = f"{c.test}, Holm-adjusted p {_p(c.p_holm)}{exact}{extra}; {ns}"
+    if c.winner:
+        w_first = c.winner == c.a
+        vw, vl = (c.value_a, c.value_b) if w_first else (c.value_b, c.value_a)
+        d = Comparison(c.metric, "", "", "", diff=c.diff if w_first else -c.diff,  # winner - loser
+                       diff_low=c.diff_low if w_first else -c.diff_high,
+                       diff_high=c.diff_high if w_first else -c.diff_low)
+        if tt:
+            return (f"{c.winner} reaches the target {target} sooner than {loser} ({c.label}; runs that never reached "
+                    f"it are censored where they stopped): {vw} vs {vl}, {d.diff_text}; {stats_text}.")
+        word = "a higher" if FIELDS[c.metric].higher_is_better else "a lower"
+        return (f"{c.winner} reaches {word} {c.label} than {loser}: {vw} vs {vl}, difference {d.diff_text}; "
+                f"{stats_text}.")
+    why = f" No verdict: {c.reason}." if c.reason else ""
+    return f"These runs do not separate {c.a} and {c.b} on {what}: {pair}{diff}; {stats_text}.{why}"
+
+
+# ------------------------------------------------------------------------------------------ BN at test time
+
+
+@dataclass
+class PreciseNote:
+    """Precise BN statistics against the moving averages, paired over the runs of one variant."""
+    variant: str
+    field: str  # the precise-statistics field
+    moving: str  # the moving-average field it replaces
+    moving_value: Estimate
+    precise_value: Estimate
+    diff: Estimate  # precise - moving, per run
+    disagree: bool  # the 95% CI of the difference excludes 0 (or every seed differs by the same amount)
+    sentence: str = ""
+
+
+def precise_vs_moving(runs: list[dict], variants: list[str]) -> list[PreciseNote]:
+    """For every variant with precise-statistics results: both accuracies, their paired difference
+    with its 95% CI, and whether they disagree beyond it."""
+    notes = []
+    for f in RESULT_FIELDS:
+        if f.moving_average is None:
+            continue
+        mv = FIELDS[f.moving_average]
+        for v in variants:
+            both = [(r[f.name], r[mv.name]) for r in runs if r["variant"] == v and r["status"] == "done"
+                    and r.get(f.name) is not None and r.get(mv.name) is not None]
+            if not both:
+                continue
+            p, m = np.array(both, dtype=float).T
+            d = mean_ci(p - m)
+            disagree = d.n >= MIN_N and ((d.constant and d.mean != 0) or (d.has_interval and (d.low > 0 or d.high < 0)))
+            note = PreciseNote(v, f.name, mv.name, mean_ci(m), mean_ci(p), d, disagree)
+            if disagree:
+                note.sentence = (f"{v}: precise BN statistics change the {mv.label} by {d.mean:+.4f} "
+                                 f"({'the same in every seed' if d.constant else f'95% CI {d.low:+.4f} to {d.high:+.4f}'}"
+                                 f", paired over {d.n} runs): the moving averages do not match the population "
+                                 "statistics the network sees.")
+            elif d.n < MIN_N:
+                note.sentence = (f"{v}: precise BN statistics change the {mv.label} by {d.mean:+.4f} on average "
+                                 f"(n = {d.n}: too few runs for an interval).")
+            else:
+                note.sentence = (f"{v}: precise statistics and moving averages agree on the {mv.label} within the "
+                                 f"95% CI of their difference ({d.mean:+.4f} ± {(d.high - d.low) / 2:.4f}).")
+            notes.append(note)
+    return notes

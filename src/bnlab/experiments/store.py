@@ -14,9 +14,10 @@ import time
 from contextlib import contextmanager
 from pathlib import Path
 
-SCHEMA = """
-CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
-CREATE TABLE IF NOT EXISTS runs (
+from bnlab.experiments.results import RESULT_COLUMNS, RESULT_FIELDS
+
+# the run's identity and bookkeeping; its results are the columns of bnlab.experiments.results
+_RUN_COLUMNS = """
     run_id TEXT PRIMARY KEY,
     variant TEXT NOT NULL,
     seed INTEGER NOT NULL,
@@ -25,10 +26,12 @@ CREATE TABLE IF NOT EXISTS runs (
     status TEXT NOT NULL CHECK (status IN ('pending', 'running', 'done', 'diverged', 'failed')),
     started REAL, finished REAL, seconds REAL,
     error TEXT, environment TEXT, engine TEXT,
-    final_val_accuracy REAL, best_val_accuracy REAL, final_val_loss REAL, best_val_loss REAL,
-    test_accuracy REAL, test_loss REAL,
-    epochs_to_target INTEGER, steps_to_target INTEGER, seconds_to_target REAL,
-    mean_epoch_seconds REAL, step_loss TEXT, artefacts TEXT
+    step_loss TEXT, artefacts TEXT"""
+
+SCHEMA = f"""
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS runs ({_RUN_COLUMNS},
+    {", ".join(f"{f.name} {f.sql}" for f in RESULT_FIELDS)}
 );
 CREATE TABLE IF NOT EXISTS probes (
     run_id TEXT NOT NULL REFERENCES runs(run_id), step INTEGER NOT NULL, layer TEXT NOT NULL,
@@ -43,8 +46,6 @@ CREATE TABLE IF NOT EXISTS epochs (
 """
 
 FINISHED = ("done", "diverged", "failed")
-RESULT_COLUMNS = ("final_val_accuracy", "best_val_accuracy", "final_val_loss", "best_val_loss", "test_accuracy",
-                  "test_loss", "epochs_to_target", "steps_to_target", "seconds_to_target", "mean_epoch_seconds")
 
 
 class StoreError(RuntimeError):
@@ -64,8 +65,20 @@ class RunStore:
             if ok != "ok":
                 raise StoreError(f"{self.path}: the run store is corrupt ({ok})")
             self.db.executescript(SCHEMA)
+            self._add_missing_columns()
         except sqlite3.DatabaseError as e:
             raise StoreError(f"{self.path}: not a readable bnlab run store ({e})") from e
+
+    def _add_missing_columns(self) -> None:
+        """A store written by an older bnlab lacks the newer result columns: add them (NULL for its runs)."""
+        have = {row[1] for row in self.db.execute("PRAGMA table_info(runs)")}
+        for f in RESULT_FIELDS:
+            if f.name not in have:
+                try:
+                    self.db.execute(f"ALTER TABLE runs ADD COLUMN {f.name} {f.sql}")
+                except sqlite3.OperationalError as e:  # another process added it just now
+                    if "duplicate column" not in str(e):
+                        raise
 
     def close(self) -> None:
         self.db.close()

@@ -9,12 +9,13 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from bnlab.experiments.runner import load_probes, load_results
-from bnlab.experiments.stats import METRICS, compare, variant_stats
+from bnlab.experiments.read import load_probes, load_results
+from bnlab.experiments.results import COMPACT_FIELDS, FIELDS, TABLE_FIELDS
+from bnlab.experiments.stats import ALPHA, EXACT_N, MIN_N, Comparison, compare, precise_vs_moving, variant_stats
 from bnlab.report import plots
 
-TABLE_METRICS = ("final_val_accuracy", "best_val_accuracy", "final_val_loss", "test_accuracy", "epochs_to_target",
-                 "steps_to_target", "seconds_to_target", "mean_epoch_seconds")
+TABLE_METRICS = TABLE_FIELDS  # the report's statistics table: the result fields marked table=True
+COMPACT_METRICS = COMPACT_FIELDS  # the terminal's (bnlab run / compare)
 
 
 @dataclass
@@ -22,41 +23,157 @@ class Report:
     html: Path
     markdown: Path
     figures: list[Path]
+    smoke_test: bool = False  # a --quick run's report: titled as a smoke test, no verdicts
 
 
-COMPACT_METRICS = ("final_val_accuracy", "final_val_loss", "epochs_to_target", "mean_epoch_seconds")
-
-
-def stats_rows(runs, variants, target, metrics=TABLE_METRICS):
-    labels = {c: label for c, label, _ in METRICS}
-    vstats = variant_stats(runs, variants)
-    header = ["variant", "runs (failed/diverged)"] + [labels[c] for c in metrics] + (
-        [f"reached {target}"] if target else [])
+def stats_rows(runs, variants, target, metrics=TABLE_METRICS, short: bool = False):
+    """(header, rows) of the statistics table: per variant, every planned run and what became of it,
+    then one cell per result field (columns no run has a value for are left out); ``short``: the
+    fields' short headers, for the terminal."""
+    vstats = variant_stats(runs, variants, target)
+    cols = [m for m in metrics if (FIELDS[m].kind == "time_to_target" and target is not None)
+            or (FIELDS[m].kind != "time_to_target" and any(r.get(m) is not None for r in runs))]
+    header = ["variant", "runs"] + [
+        FIELDS[c].header if short else FIELDS[c].label + (" (KM median [95% CI])"
+                                                          if FIELDS[c].kind == "time_to_target" else "")
+        for c in cols]
+    header += [f"reached {target}"] if target is not None else []
     rows = []
     for v in vstats:
-        cells = [v.variant, f"{v.runs} ({v.failed}/{v.diverged})"]
-        for c in metrics:
-            digits = 4 if ("accuracy" in c or "loss" in c) else 2
-            cells.append(v.metrics[c].text(digits))
-        if target:
-            cells.append(f"{v.reached_target}/{v.runs}")
+        cells = [v.variant, v.runs_text()]
+        for c in cols:
+            f = FIELDS[c]
+            if f.kind == "time_to_target":
+                cells.append(v.times[c].text(f.digits))
+                continue
+            e = v.metrics[c]
+            if e.n == 0 and v.done and e.missing.get("without a value") == v.done:
+                cells.append("n/a")  # not recorded for this variant (precise statistics without BN)
+            else:
+                cells.append(e.text(f.digits))
+        if target is not None:
+            cells.append(f"{v.reached_target}/{v.done + v.diverged}")
         rows.append(cells)
     return header, rows
 
 
-def compare_for(spec, runs):
-    """All pairs, or for a grouped study (methods x settings) the methods at equal settings."""
+def compare_for(spec, runs, metrics=None):
+    """All pairs, or for a grouped study (methods x settings) the methods at equal settings (then
+    the primary metric only)."""
     import itertools
-    import json
 
     variants = list(spec.variants)
+    kw = dict(primary=spec.primary_metric, target=spec.target_accuracy, smoke_test=spec.smoke_test)
     if not any(v.group for v in spec.variants.values()):
-        return compare(runs, variants)
+        return compare(runs, variants, metrics=metrics, **kw)
     train = {r["variant"]: json.dumps({k: v for k, v in json.loads(r["config"])["train"].items()
                                        if k not in ("seed", "lr")}, sort_keys=True) for r in runs}
     pairs = [(a, b) for a, b in itertools.combinations(variants, 2)
              if spec.variants[a].group != spec.variants[b].group and train.get(a) == train.get(b)]
-    return compare(runs, variants, metrics=("final_val_accuracy",), pairs=pairs)
+    return compare(runs, variants, metrics=(), pairs=pairs, **kw)
+
+
+def _seq(values) -> str:
+    values = sorted(values)
+    return str(values[0]) if len(values) == 1 else f"{values[0]} to {values[-1]}"
+
+
+def budget_text(spec, runs) -> str:
+    """The budget really run: variants, seeds, epochs and optimizer steps per run (from the runs)."""
+    seeds = sorted({r["seed"] for r in runs}) or spec.seed_list()
+    train = [json.loads(r["config"])["train"] for r in runs if r.get("config")]
+    epochs = {t.get("epochs") for t in train if t.get("epochs") is not None}
+    batches = {t.get("batch_size") for t in train if t.get("batch_size") is not None}
+    steps = {r["steps_run"] for r in runs if r["status"] in ("done", "diverged") and r.get("steps_run") is not None}
+    caps = {t.get("max_steps") for t in train if t.get("max_steps")}
+    text = (f"{len(spec.variants)} variant{'s' if len(spec.variants) != 1 else ''} × {len(seeds)} "
+            f"seed{'s' if len(seeds) != 1 else ''} ({', '.join(map(str, seeds))}) = {len(runs)} runs")
+    if epochs:
+        text += f", {_seq(epochs)} epoch{'s' if max(epochs) != 1 else ''} each"
+    if steps:
+        text += f", {_seq(steps)} optimizer steps per run"
+    elif caps:
+        text += f", at most {_seq(caps)} optimizer steps per run"
+    if batches:
+        text += f" (batch {_seq(batches)})"
+    return text
+
+
+def report_title(spec) -> str:
+    return f"Smoke test (--quick): {spec.name}" if spec.smoke_test else spec.name
+
+
+def intro(spec, runs) -> list[str]:
+    """The paragraphs under the title: the description, or for a smoke test what was really run."""
+    if spec.smoke_test:
+        return [f"A smoke test, not an experiment: {budget_text(spec, runs)}. It checks that every variant runs end "
+                f"to end; its numbers are not results, and it draws no verdicts. Run `bnlab run` without --quick for "
+                f"the experiment itself."]
+    return [p for p in (spec.description, f"Budget run: {budget_text(spec, runs)}.") if p]
+
+
+STATS_NOTE = (f"Outcomes: mean ± half-width of the 95% confidence interval over seeds (t distribution; no interval "
+              f"with fewer than {MIN_N} runs), over the runs that finished without diverging; '(n=k; ...)' marks a "
+              "cell with fewer than the planned runs and says what became of the others. Times to target: "
+              "Kaplan-Meier median [95% CI]; a run that never reached the target is censored where it stopped "
+              "(its budget, or where it diverged), not dropped.")
+
+
+def comparisons_note(spec, comps) -> str:
+    if spec.smoke_test:
+        return "None: a smoke test (--quick) draws no conclusions, so no test is run."
+    label = FIELDS[spec.primary_metric].label
+    m = sum(c.p is not None for c in comps if c.role == "primary")
+    return (f"Primary metric: {label}. Verdicts are drawn on it alone: Holm-adjusted p < {ALPHA} over its {m} tested "
+            f"pair{'s' if m != 1 else ''} of variants, from a paired t-test where both variants ran the same seeds "
+            f"(Welch's t-test otherwise), with an exact permutation test alongside that must agree at n <= {EXACT_N} "
+            f"per variant; a test needs every planned run, at least {MIN_N} per variant, and variation between "
+            "seeds; a variant with diverged runs wins nothing. Every other metric is exploratory: differences, "
+            "intervals and unadjusted p-values, no verdicts.")
+
+
+EXPLORATORY_HEADER = ["metric", "variants", "values", "difference a - b (95% CI)", "test", "p (unadjusted)", "note"]
+
+
+def exploratory_rows(comps: list[Comparison]) -> list[list[str]]:
+    rows = []
+    for c in comps:
+        if c.role != "exploratory":
+            continue
+        p = "-" if c.p is None else (f"{c.p:.2g}" + (f"; {c.exact_test} {c.p_exact:.2g}" if c.p_exact is not None
+                                                    else ""))
+        note = "; ".join(t for t in (c.extra, c.reason) if t)
+        rows.append([c.label, f"{c.a} vs {c.b}", f"{c.value_a} vs {c.value_b}", c.diff_text, c.test or "none", p,
+                     note])
+    return rows
+
+
+PRECISE_HEADER = ["variant", "accuracy", "moving averages", "precise statistics", "difference (precise - moving)",
+                  "agree?"]
+
+
+def precise_rows(notes) -> list[list[str]]:
+    rows = []
+    for n in notes:
+        d = n.diff
+        diff = f"{d.mean:+.4f}" + (f" ± {(d.high - d.low) / 2:.4f}" if d.has_interval else
+                                    " (no variation between seeds)" if d.constant else "")
+        verdict = ("no: they disagree beyond the 95% CI" if n.disagree
+                   else f"n = {d.n}: too few runs to tell" if d.n < MIN_N else "yes, within the 95% CI")
+        rows.append([n.variant, FIELDS[n.moving].label, n.moving_value.value(4), n.precise_value.value(4), diff,
+                     verdict])
+    return rows
+
+
+def failure_lines(runs) -> list[tuple[str, str]]:
+    """(run_id, what happened) for every planned run that has no regular result."""
+    out = []
+    for r in runs:
+        if r["status"] in ("failed", "diverged"):
+            out.append((r["run_id"], f"{r['status']}: {(r.get('error') or 'no message').splitlines()[0]}"))
+        elif r["status"] in ("pending", "running"):
+            out.append((r["run_id"], f"not finished ({r['status']})"))
+    return out
 
 
 def build_report(folder: str | Path) -> Report:
@@ -64,68 +181,137 @@ def build_report(folder: str | Path) -> Report:
     spec, runs, epochs = load_results(folder)
     variants = list(spec.variants)
     finished = [r for r in runs if r["status"] in ("done", "diverged")]
-    figs = {}
+    figs = {}  # name -> (png, caption): every figure the report shows has a caption sentence
     if finished:
-        figs["learning_curves"] = plots.to_png(plots.learning_curves(runs, epochs, variants, spec.name))
-        figs["final_accuracy"] = plots.to_png(plots.final_accuracy(runs, variants))
-        figs["epoch_time"] = plots.to_png(plots.epoch_time(runs, variants))
+        figs["learning_curves"] = _png(plots.learning_curves(runs, epochs, variants, spec.name))
+        figs["final_accuracy"] = _png(plots.final_accuracy(runs, variants))
+        figs["epoch_time"] = _png(plots.epoch_time(runs, variants))
         if any(v.group for v in spec.variants.values()):
-            fig = plots.error_vs_batch_size(runs, spec)
-            if fig is not None:
-                figs = {"error_vs_batch_size": plots.to_png(fig), **figs}
+            made = plots.error_vs_batch_size(runs, spec)
+            if made is not None:
+                figs = {"error_vs_batch_size": _png(made), **figs}
         probes = load_probes(folder)
         if probes:
             for name, make in (("probe_percentiles", plots.percentile_panels),
                                ("probe_gradient_norms", plots.gradient_norm_panels),
                                ("probe_saturation", plots.saturation_panel),
                                ("probe_landscape", plots.landscape_panels)):
-                fig = make(probes, runs, variants)
-                if fig is not None:
-                    figs[name] = plots.to_png(fig)
-    header, rows = stats_rows(runs, variants, spec.target_accuracy)
-    comps = compare_for(spec, runs)
+                made = make(probes, runs, variants)
+                if made is not None:
+                    figs[name] = _png(made)
+    t = texts(spec, runs)
     env = next((json.loads(r["environment"]) for r in runs if r.get("environment")), {})
-    failures = [(r["run_id"], (r["error"] or "").splitlines()[0]) for r in runs if r["status"] in ("failed", "diverged")]
-    counts = {s: sum(r["status"] == s for r in runs) for s in ("done", "diverged", "failed", "pending", "running")}
 
     fig_dir = folder / "figures"
     fig_dir.mkdir(exist_ok=True)
     paths = []
-    for name, png in figs.items():
+    for name, (png, _) in figs.items():
         (fig_dir / f"{name}.png").write_bytes(png)
         paths.append(fig_dir / f"{name}.png")
 
-    md = [f"# {spec.name}", "", spec.description, "",
-          f"Runs: {counts['done']} done, {counts['diverged']} diverged, {counts['failed']} failed, "
-          f"{counts['pending'] + counts['running']} not finished.", "",
-          "## Statistics (mean ± half-width of the 95% CI over seeds)", "",
-          "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    md += ["| " + " | ".join(r) + " |" for r in rows]
-    md += ["", "## Comparisons", ""] + [f"- {c.sentence}" for c in comps]
-    if failures:
-        md += ["", "## Failed or diverged runs", ""] + [f"- {rid}: {err}" for rid, err in failures]
-    md += ["", "## Figures", ""] + [f"![{p.stem}](figures/{p.name})" for p in paths]
+    md = _markdown(t)
+    md += ["", "## Figures", ""] + [line for p in paths for line in (
+        f"![{p.stem.replace('_', ' ')}](figures/{p.name})", "", f"*{figs[p.stem][1]}*", "")]
     md += ["", "## Environment", "", "```json", json.dumps(env, indent=2), "```"]
     md_path = folder / "report.md"
     md_path.write_text("\n".join(md) + "\n")
 
     html_path = folder / "report.html"
-    html_path.write_text(_html(spec, header, rows, comps, figs, env, failures, counts))
-    return Report(html_path, md_path, paths)
+    html_path.write_text(_html(spec, t, figs, env))
+    return Report(html_path, md_path, paths, spec.smoke_test)
 
 
-def _html(spec, header, rows, comps, figs, env, failures, counts) -> str:
+@dataclass
+class Texts:
+    """What the report says in words and tables (the figures aside), shared by Markdown, HTML and the terminal."""
+    title: str
+    intro: list[str]
+    budget: str
+    runs_line: str
+    header: list[str]
+    rows: list[list[str]]
+    precise: list[list[str]]  # rows under PRECISE_HEADER
+    precise_sentences: list[str]  # where precise statistics and moving averages disagree
+    comparisons_note: str
+    primary: list[Comparison]
+    exploratory: list[list[str]]  # rows under EXPLORATORY_HEADER
+    failures: list[tuple[str, str]]
+    exploratory_comparisons: list[Comparison]
+
+
+def texts(spec, runs, metrics=TABLE_METRICS, compared=None, short: bool = False) -> Texts:
+    variants = list(spec.variants)
+    header, rows = stats_rows(runs, variants, spec.target_accuracy, metrics, short)
+    comps = compare_for(spec, runs, compared)
+    notes = precise_vs_moving(runs, variants)
+    counts = {s: sum(r["status"] == s for r in runs) for s in ("done", "diverged", "failed", "pending", "running")}
+    runs_line = (f"Runs: {len(runs)} planned: {counts['done']} done, {counts['diverged']} diverged, "
+                 f"{counts['failed']} failed, {counts['pending'] + counts['running']} not finished.")
+    precise = precise_rows(notes)
+    if spec.smoke_test:  # numbers only: a smoke test judges nothing
+        precise = [r[:-1] + ["not judged (smoke test)"] for r in precise]
+    return Texts(report_title(spec), intro(spec, runs), budget_text(spec, runs), runs_line, header, rows, precise,
+                 [] if spec.smoke_test else [n.sentence for n in notes if n.disagree], comparisons_note(spec, comps),
+                 [c for c in comps if c.role == "primary"], exploratory_rows(comps), failure_lines(runs),
+                 [c for c in comps if c.role == "exploratory"])
+
+
+def _md_table(header, rows) -> list[str]:
+    return ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)] + [
+        "| " + " | ".join(c.replace("|", "\\|") for c in r) + " |" for r in rows]
+
+
+def _markdown(t: Texts) -> list[str]:
+    md = [f"# {t.title}", ""]
+    for p in t.intro:
+        md += [p, ""]
+    md += [t.runs_line, "", "## Statistics", "", STATS_NOTE, ""] + _md_table(t.header, t.rows)
+    if t.precise:
+        md += ["", "## BN statistics at test time", "",
+               "Accuracy of the final model with BN's moving averages and with precise population statistics "
+               "(bnlab.deploy.recalibrate), and their difference paired over the runs.", ""]
+        md += _md_table(PRECISE_HEADER, t.precise)
+        md += [""] + [f"**{s}**" for s in t.precise_sentences]
+    md += ["", "## Comparisons", "", t.comparisons_note, ""] + [f"- {c.sentence}" for c in t.primary]
+    if t.exploratory:
+        md += ["", "### Exploratory comparisons (no verdicts)", ""] + _md_table(EXPLORATORY_HEADER, t.exploratory)
+    if t.failures:
+        md += ["", "## Runs without a regular result", ""] + [f"- {rid}: {what}" for rid, what in t.failures]
+    return md
+
+
+def _png(made) -> tuple[bytes, str]:
+    """(figure, caption) from ``bnlab.report.plots`` -> (PNG bytes, caption)."""
+    fig, caption = made
+    return plots.to_png(fig), caption
+
+
+def _html_table(header, rows) -> str:
     e = html.escape
-    table = "<table><thead><tr>" + "".join(f"<th>{e(h)}</th>" for h in header) + "</tr></thead><tbody>" + "".join(
+    return "<table><thead><tr>" + "".join(f"<th>{e(h)}</th>" for h in header) + "</tr></thead><tbody>" + "".join(
         "<tr>" + "".join(f"<td>{e(c)}</td>" for c in r) + "</tr>" for r in rows) + "</tbody></table>"
-    verdicts = "".join(f"<li class='{'sig' if c.significant else 'nosig'}'>{e(c.sentence)}</li>" for c in comps)
+
+
+def _html(spec, t: Texts, figs, env) -> str:
+    e = html.escape
+    table = _html_table(t.header, t.rows)
+    verdicts = "".join(f"<li class='{'sig' if c.significant else 'nosig'}'>{e(c.sentence)}</li>" for c in t.primary)
+    precise = ("<h2>BN statistics at test time</h2><p>Accuracy of the final model with BN's moving averages and with "
+               "precise population statistics (bnlab.deploy.recalibrate), and their difference paired over the runs."
+               "</p>" + _html_table(PRECISE_HEADER, t.precise) + "".join(f"<p><strong>{e(s)}</strong></p>"
+                                                                         for s in t.precise_sentences)
+               ) if t.precise else ""
+    exploratory = ("<h3>Exploratory comparisons (no verdicts)</h3>" + _html_table(EXPLORATORY_HEADER, t.exploratory)
+                   ) if t.exploratory else ""
+    intro = "".join(f"<p>{e(p)}</p>" for p in t.intro)
     images = "".join(
-        f"<figure><img alt='{e(name)}' src='data:image/png;base64,{base64.b64encode(png).decode()}'>"
-        f"<figcaption>{e(name.replace('_', ' '))}</figcaption></figure>" for name, png in figs.items())
-    fails = ("<h2>Failed or diverged runs</h2><ul>" + "".join(f"<li><code>{e(r)}</code>: {e(m)}</li>"
-                                                               for r, m in failures) + "</ul>") if failures else ""
+        f"<figure><img alt='{e(name.replace('_', ' '))}' src='data:image/png;base64,{base64.b64encode(png).decode()}'>"
+        f"<figcaption>{e(caption)}</figcaption></figure>" for name, (png, caption) in figs.items())
+    fails = ("<h2>Runs without a regular result</h2><ul>" + "".join(f"<li><code>{e(r)}</code>: {e(m)}</li>"
+                                                                     for r, m in t.failures) + "</ul>"
+             ) if t.failures else ""
     return f"""<!doctype html>
-<html lang="en"><head><meta charset="utf-8"><title>bnlab report: {e(spec.name)}</title>
+<html lang="en"><head><meta charset="utf-8"><title>bnlab report: {e(t.title)}</title>
 <style>
 body {{ font-family: system-ui, sans-serif; max-width: 1150px; margin: 2em auto; padding: 0 1em; color: #222; }}
 table {{ border-collapse: collapse; font-size: 0.9em; }} th, td {{ border: 1px solid #ccc; padding: 4px 8px; }}
@@ -133,14 +319,14 @@ th {{ background: #f3f3f3; }} td {{ text-align: right; }} td:first-child {{ text
 li.sig {{ font-weight: 600; }} li.nosig {{ color: #555; }} figure {{ margin: 1em 0; }} img {{ max-width: 100%; }}
 pre {{ background: #f7f7f7; padding: 1em; overflow-x: auto; font-size: 0.85em; }}
 </style></head><body>
-<h1>{e(spec.name)}</h1>
-<p>{e(spec.description)}</p>
-<p>Runs: {counts['done']} done, {counts['diverged']} diverged, {counts['failed']} failed,
-{counts['pending'] + counts['running']} not finished.</p>
-<h2>Statistics</h2><p>Mean ± half-width of the 95% confidence interval over seeds (t distribution).</p>
+<h1>{e(t.title)}</h1>
+{intro}
+<p>{e(t.runs_line)}</p>
+<h2>Statistics</h2><p>{e(STATS_NOTE)}</p>
 {table}
-<h2>Comparisons</h2><p>Welch t-tests between variants, Holm-adjusted over the pairs of each metric; a verdict only
-where p &lt; 0.05.</p><ul>{verdicts}</ul>
+{precise}
+<h2>Comparisons</h2><p>{e(t.comparisons_note)}</p><ul>{verdicts}</ul>
+{exploratory}
 {fails}
 <h2>Figures</h2>{images or '<p>No finished runs yet.</p>'}
 <h2>Resolved spec</h2><pre>{e(json.dumps(spec.model_dump(mode='json'), indent=2))}</pre>
