@@ -110,6 +110,28 @@ def test_folder_with_another_experiment_is_refused(tmp_path):
         run_experiment(other, tmp_path / "e", workers=1)
 
 
+def test_a_spec_stored_before_new_fields_existed_still_resumes(tmp_path):
+    spec = parse_experiment(TINY)
+    run_experiment(spec, tmp_path / "e", workers=1)
+    store = RunStore(tmp_path / "e" / "runs.sqlite")
+    old = json.loads(store.get_meta("spec"))
+    del old["primary_metric"], old["smoke_test"]  # as an earlier bnlab stored it
+    store.set_meta(spec=json.dumps(old))
+    store.close()
+    assert run_experiment(spec, tmp_path / "e", workers=1).skipped == 4
+
+
+def test_a_folder_of_an_earlier_results_version_is_not_resumed(tmp_path):
+    spec = parse_experiment(TINY)
+    run_experiment(spec, tmp_path / "e", workers=1)
+    store = RunStore(tmp_path / "e" / "runs.sqlite")
+    store.db.execute("DELETE FROM meta WHERE key = 'results_version'")
+    store.close()
+    with pytest.raises(StoreError, match="not comparable"):
+        run_experiment(spec, tmp_path / "e", workers=1)
+    assert build_report(tmp_path / "e").markdown.is_file()  # still readable
+
+
 def test_a_crashing_run_is_recorded_and_the_others_go_on(tmp_path):
     # valid as a spec, fails only when run: a device this torch build does not have
     bad = {**TINY, "variants": {**TINY["variants"], "broken": {"train": {"device": "xpu"}}}}

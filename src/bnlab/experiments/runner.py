@@ -23,6 +23,10 @@ from bnlab.experiments.spec import ExperimentSpec, RunPlan, apply_quick, expand
 from bnlab.experiments.store import FINISHED, RunStore, StoreError
 
 STORE = "runs.sqlite"
+# bumped when runs of the same spec stop being comparable; a folder of another version is not resumed
+RESULTS_VERSION = 2
+RESULTS_VERSION_CHANGES = ("mnist-5k tests on the 10,000 real MNIST test digits, data order paired across "
+                           "variants, final and best models both recorded")
 
 
 @dataclass
@@ -123,13 +127,26 @@ def open_experiment(out: Path, spec: ExperimentSpec) -> RunStore:
     spec_json = json.dumps(spec.model_dump(mode="json"))  # in order: variants keep the spec's order
 
     def canonical(text: str) -> str:
-        return json.dumps(json.loads(text), sort_keys=True)
+        """The spec with today's defaults filled in, so a field added since does not count as a change."""
+        data = json.loads(text)
+        try:
+            data = ExperimentSpec(**data).model_dump(mode="json")
+        except ValueError:
+            pass  # compared as stored: it differs from any valid spec
+        return json.dumps(data, sort_keys=True)
 
     stored = store.get_meta("spec")
     if stored is None:
         from bnlab import __version__
-        store.set_meta(spec=spec_json, name=spec.name, created=str(time.time()), bnlab=__version__)
+        store.set_meta(spec=spec_json, name=spec.name, created=str(time.time()), bnlab=__version__,
+                       results_version=str(RESULTS_VERSION))
         (out / "spec.json").write_text(json.dumps(spec.model_dump(mode="json"), indent=2))
+    elif (version := store.get_meta("results_version")) != str(RESULTS_VERSION):
+        store.close()
+        raise StoreError(f"{out} holds runs made by an earlier bnlab whose results are not comparable with "
+                         f"new ones (results version {version or 1}, now "
+                         f"{RESULTS_VERSION}: {RESULTS_VERSION_CHANGES}); 'bnlab report' still reads it, but "
+                         "to run use another --out folder")
     elif canonical(stored) != canonical(spec_json):
         store.close()
         raise StoreError(f"{out} holds experiment {json.loads(stored)['name']!r} with a different spec "
