@@ -238,7 +238,7 @@ def test_logrank_fisher_and_newcombe_match_lifelines_and_hand_formulas():
             time_runs("b", [t if e else None for t, e in b], 800))
     c = by(compare(runs, ["a", "b"], target=0.9), "steps_to_target")
     ll = logrank_test([t for t, _ in a], [t for t, _ in b], [e for _, e in a], [e for _, e in b])
-    assert c.test == "log-rank test" and c.p == pytest.approx(ll.p_value, rel=1e-9)
+    assert c.test == "log-rank test (asymptotic)" and c.p == pytest.approx(ll.p_value, rel=1e-9)
     assert c.p == pytest.approx(logrank_hand(a, b)[1], rel=1e-9)
     assert c.better == "a"
     assert f"p = {fisher_hand(3, 5, 2, 5):.2g}" in c.extra
@@ -260,7 +260,7 @@ def test_zero_of_five_against_five_of_five_is_a_censored_test_not_missing_data()
     chi2, p = logrank_hand([(1500, False)] * 5, [(t, True) for t in (300, 420, 360, 480, 540)])
     assert c.p == pytest.approx(p) and c.p == pytest.approx(0.0018, abs=2e-4)  # the "≈ 0.002"
     assert "Fisher's exact test on the reach rate p = 0.0079" in c.extra  # 2 / C(10, 5)
-    assert "not enough" not in c.sentence.lower() and "log-rank test p = 0.0018" in c.sentence
+    assert "not enough" not in c.sentence.lower() and "log-rank test (asymptotic) p = 0.0018" in c.sentence
     assert "reached in 0/5" in c.sentence and "reached in 5/5" in c.sentence
     # as the primary metric it is a verdict, with both medians and the reach-rate difference's CI
     c = by(compare(demo_like(), ["no-bn", "bn"], target=0.9, primary="steps_to_target"), "steps_to_target")
@@ -369,7 +369,8 @@ def test_at_small_n_the_exact_test_must_agree():
     c = by(compare(outcome_runs({"a": list(a), "b": list(b)}), ["a", "b"]), "final_val_accuracy")
     assert c.p < ALPHA and c.p == pytest.approx(st.ttest_rel(a, b).pvalue)
     assert c.p_exact == pytest.approx(4 / 32) and c.winner is None
-    assert "does not agree" in c.sentence
+    assert "does not agree" in c.sentence and c.sentence.startswith("No verdict on a vs b")
+    assert "do not separate" not in c.sentence  # significant by the t-test: withheld, not "not separated"
     # every pair the same way: the exact test is at its most extreme (2/32), the verdict stands
     c = by(compare(outcome_runs({"a": [1.0, 1.1, 0.9, 1.05, 0.8], "b": list(b)}), ["a", "b"]), "final_val_accuracy")
     assert c.p_exact == pytest.approx(2 / 32) and c.winner == "a" and "smallest possible" in c.sentence
@@ -518,7 +519,7 @@ def test_report_shows_the_new_columns_tests_and_censored_time_to_target(tmp_path
     r = CliRunner().invoke(app, ["compare", str(folder)])
     assert r.exit_code == 0, r.output
     out = " ".join(r.output.split())
-    assert "log-rank test p = 0.0018" in out and "Fisher's exact test on the reach rate p = 0.0079" in out
+    assert "log-rank test (asymptotic) p = 0.0018" in out and "Fisher's exact test on the reach rate p = 0.0079" in out
     assert "bn reaches a higher final validation accuracy than no-bn" in out
 
 

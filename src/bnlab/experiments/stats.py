@@ -475,7 +475,7 @@ def _time_pair(c: Comparison, f: ResultField, ra: list[dict], rb: list[dict]) ->
     if not math.isfinite(res.pvalue):
         c.reason = "the log-rank statistic is undefined for these times; no test"
         return
-    c.test, c.p = "log-rank test", float(res.pvalue)
+    c.test, c.p = "log-rank test (asymptotic)", float(res.pvalue)
     if res.statistic != 0:  # > 0: a reached the target more often than expected under no difference
         c.better = c.a if res.statistic > 0 else c.b
         k = sum(r["status"] == "diverged" for r in (ra if c.better == c.a else rb))
@@ -594,7 +594,7 @@ def _sentence(c: Comparison, target) -> str:
     if c.p_exact is not None:
         exact = f"; {c.exact_test} p {_p(c.p_exact)}"
         if c.p_exact_min is not None and c.p_exact <= c.p_exact_min * (1 + 1e-9):
-            exact += " (the smallest possible at these n)"
+            exact += " (two-sided; the smallest possible at these n: every seed points the same way)"
     extra = f"; {c.extra}" if c.extra else ""
     ns = f"n = {c.n_a} vs {c.n_b}"
     if c.metric == "diverged":
@@ -626,8 +626,9 @@ def _sentence(c: Comparison, target) -> str:
         word = "a higher" if FIELDS[c.metric].higher_is_better else "a lower"
         return (f"{c.winner} reaches {word} {c.label} than {loser}: {vw} vs {vl}, difference {d.diff_text}; "
                 f"{stats_text}.")
-    why = f" No verdict: {c.reason}." if c.reason else ""
-    return f"These runs do not separate {c.a} and {c.b} on {what}: {pair}{diff}; {stats_text}.{why}"
+    if c.reason:  # significant by the t-test, yet the pre-set rule withholds the verdict: say exactly that
+        return f"No verdict on {c.a} vs {c.b} on {what} under the pre-set rule ({c.reason}): {pair}{diff}; {stats_text}."
+    return f"These runs do not separate {c.a} and {c.b} on {what}: {pair}{diff}; {stats_text}."
 
 
 # ------------------------------------------------------------------------------------------ BN at test time

@@ -116,20 +116,31 @@ STATS_NOTE = (f"Outcomes: mean ± half-width of the 95% confidence interval over
               f"with fewer than {MIN_N} runs), over the runs that finished without diverging; '(n=k; ...)' marks a "
               "cell with fewer than the planned runs and says what became of the others. Times to target: "
               "Kaplan-Meier median [95% CI]; a run that never reached the target is censored where it stopped "
-              "(its budget, or where it diverged), not dropped.")
+              "(its budget, or where it diverged), not dropped. The median's interval is the log-log (exponential "
+              "Greenwood) one, as R's survfit(conf.type = 'log-log'); ∞ means its upper end is undefined: the "
+              "band does not cross 0.5 before the last observed time, as is common with 5 runs.")
+
+PRECISE_NOTE = ("Accuracy of the final model with BN's moving averages and with precise population statistics "
+                "(bnlab.deploy.recalibrate, mode 'train': every BN layer's mean and variance over all the values it "
+                "sees across the training data, earlier layers normalising with batch statistics of the run's batch "
+                "size, as in training), and their difference paired over the runs. A CI that contains 0 means no "
+                "difference was detected at this resolution, not that the two are equal.")
 
 
 def comparisons_note(spec, comps) -> str:
     if spec.smoke_test:
-        return "None: a smoke test (--quick) draws no conclusions, so no test is run."
+        return "No comparisons: a smoke test (--quick) draws no conclusions, so no test is run."
     label = FIELDS[spec.primary_metric].label
     m = sum(c.p is not None for c in comps if c.role == "primary")
     return (f"Primary metric: {label}. Verdicts are drawn on it alone: Holm-adjusted p < {ALPHA} over its {m} tested "
             f"pair{'s' if m != 1 else ''} of variants, from a paired t-test where both variants ran the same seeds "
             f"(Welch's t-test otherwise), with an exact permutation test alongside that must agree at n <= {EXACT_N} "
-            f"per variant; a test needs every planned run, at least {MIN_N} per variant, and variation between "
-            "seeds; a variant with diverged runs wins nothing. Every other metric is exploratory: differences, "
-            "intervals and unadjusted p-values, no verdicts.")
+            f"per variant (two-sided p < {ALPHA}, or, where n is too small for that, its smallest attainable value: "
+            "with 5 pairs 2/32 = 0.0625, every seed pointing the same way, a tie counting against); a test needs "
+            f"every planned run, at least {MIN_N} per variant, and variation between seeds; a variant with diverged "
+            "runs wins nothing. Every other metric is exploratory: differences, intervals and unadjusted p-values "
+            "(log-rank p-values are asymptotic: with 5 vs 5 runs no exact test goes below 2/252 = 0.0079), no "
+            "verdicts.")
 
 
 EXPLORATORY_HEADER = ["metric", "variants", "values", "difference a - b (95% CI)", "test", "p (unadjusted)", "note"]
@@ -149,7 +160,7 @@ def exploratory_rows(comps: list[Comparison]) -> list[list[str]]:
 
 
 PRECISE_HEADER = ["variant", "accuracy", "moving averages", "precise statistics", "difference (precise - moving)",
-                  "agree?"]
+                  "difference detected?"]
 
 
 def precise_rows(notes) -> list[list[str]]:
@@ -158,8 +169,8 @@ def precise_rows(notes) -> list[list[str]]:
         d = n.diff
         diff = f"{d.mean:+.4f}" + (f" ± {(d.high - d.low) / 2:.4f}" if d.has_interval else
                                     " (no variation between seeds)" if d.constant else "")
-        verdict = ("no: they disagree beyond the 95% CI" if n.disagree
-                   else f"n = {d.n}: too few runs to tell" if d.n < MIN_N else "yes, within the 95% CI")
+        verdict = ("yes: they disagree beyond the 95% CI" if n.disagree
+                   else f"n = {d.n}: too few runs to tell" if d.n < MIN_N else "no: the 95% CI of the difference contains 0")
         rows.append([n.variant, FIELDS[n.moving].label, n.moving_value.value(4), n.precise_value.value(4), diff,
                      verdict])
     return rows
@@ -267,9 +278,7 @@ def _markdown(t: Texts) -> list[str]:
         md += [p, ""]
     md += [t.runs_line, "", "## Statistics", "", STATS_NOTE, ""] + _md_table(t.header, t.rows)
     if t.precise:
-        md += ["", "## BN statistics at test time", "",
-               "Accuracy of the final model with BN's moving averages and with precise population statistics "
-               "(bnlab.deploy.recalibrate), and their difference paired over the runs.", ""]
+        md += ["", "## BN statistics at test time", "", PRECISE_NOTE, ""]
         md += _md_table(PRECISE_HEADER, t.precise)
         md += [""] + [f"**{s}**" for s in t.precise_sentences]
     md += ["", "## Comparisons", "", t.comparisons_note, ""] + [f"- {c.sentence}" for c in t.primary]
@@ -296,9 +305,7 @@ def _html(spec, t: Texts, figs, env) -> str:
     e = html.escape
     table = _html_table(t.header, t.rows)
     verdicts = "".join(f"<li class='{'sig' if c.significant else 'nosig'}'>{e(c.sentence)}</li>" for c in t.primary)
-    precise = ("<h2>BN statistics at test time</h2><p>Accuracy of the final model with BN's moving averages and with "
-               "precise population statistics (bnlab.deploy.recalibrate), and their difference paired over the runs."
-               "</p>" + _html_table(PRECISE_HEADER, t.precise) + "".join(f"<p><strong>{e(s)}</strong></p>"
+    precise = (f"<h2>BN statistics at test time</h2><p>{e(PRECISE_NOTE)}</p>" + _html_table(PRECISE_HEADER, t.precise) + "".join(f"<p><strong>{e(s)}</strong></p>"
                                                                          for s in t.precise_sentences)
                ) if t.precise else ""
     exploratory = ("<h3>Exploratory comparisons (no verdicts)</h3>" + _html_table(EXPLORATORY_HEADER, t.exploratory)
