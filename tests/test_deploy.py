@@ -228,6 +228,12 @@ def test_predict_and_export_say_which_model(trained, tmp_path):
         np.testing.assert_allclose(probs, expect, atol=1e-6)
     r = CliRunner().invoke(app, ["predict", str(trained), str(tmp_path / "d.npy"), "--model", "final"])
     assert r.exit_code == 2 and "is the best-validation model, not the final model" in " ".join(r.output.split())
+    # a lone checkpoint folder (copied out of its run): no hint at a sibling that does not exist
+    import shutil
+    lone = shutil.copytree(trained, tmp_path / "lone" / "checkpoint")
+    r = CliRunner().invoke(app, ["predict", str(lone), str(tmp_path / "d.npy"), "--model", "final"])
+    text = " ".join(r.output.split())
+    assert r.exit_code == 2 and "holds only that model" in text and "checkpoint-final" not in text, r.output
     r = CliRunner().invoke(app, ["predict", str(run), str(tmp_path / "d.npy"), "--model", "last"])
     assert r.exit_code == 2 and "unknown model choice 'last'" in r.output
     pytest.importorskip("onnxruntime")

@@ -14,10 +14,11 @@ from torch import nn
 from typer.testing import CliRunner
 
 from bnlab.checkpoint import load_checkpoint
-from bnlab.cli import app
+from bnlab.cli import _checkpoint_data, app
 from bnlab.deploy import recalibrate
 from bnlab.deploy.precise import batch_indices
 from bnlab.models import build_model
+from bnlab.train import evaluate
 from bnlab.nn import BatchNorm, BatchRenorm, GhostBatchNorm
 
 TOL = 1e-5  # float32 model against a float64 reference; measured ~1e-7
@@ -431,14 +432,29 @@ def test_cli_recalibrate(trained, tmp_path):
     assert f"wrote {tmp_path / 'p'} (precise statistics, mode train)" in r.output.replace("\n", "")
     ck, src = load_checkpoint(tmp_path / "p"), load_checkpoint(trained)
     assert ck.meta["recalibrated"]["mode"] == "train" and ck.meta["recalibrated"]["seed"] == 4
-    from bnlab.cli import _checkpoint_data
     expect = recalibrate(src.model, _checkpoint_data(src, None, None).x_train, batch_size=64, seed=4)
     assert all(torch.equal(a.running_var, b.running_var) for a, b in zip(bns(ck.model), bns(expect)))
 
     r = CliRunner().invoke(app, ["recalibrate", str(trained), "--out", str(tmp_path / "i"), "--mode", "inference"],
                            terminal_width=200)
     assert r.exit_code == 0 and "mode inference" in r.output and "mode train" not in r.output, r.output
-    assert json.loads((tmp_path / "i" / "config.json").read_text())["meta"]["recalibrated"]["mode"] == "inference"
+    meta = json.loads((tmp_path / "i" / "config.json").read_text())["meta"]
+    assert meta["recalibrated"]["mode"] == "inference"
+    # numbers measured with the moving averages do not travel to the new weights; its own val accuracy does
+    assert "test_accuracy" not in meta and "test_loss" not in meta
+    new = load_checkpoint(tmp_path / "i")
+    data = _checkpoint_data(new, None, None)
+    assert meta["val_accuracy"] == pytest.approx(evaluate(new.model, data.x_val, data.y_val)[1])
+    assert "model: best-validation model" in r.output
+
+
+def test_cli_recalibrate_defaults_to_the_training_batch_size(trained, tmp_path):
+    train_batch = load_checkpoint(trained).meta["train"]["batch_size"]
+    r = CliRunner().invoke(app, ["recalibrate", str(trained.parent), "--out", str(tmp_path / "d"), "--mode", "train"],
+                           terminal_width=200)
+    assert r.exit_code == 0, r.output
+    assert f"precise, mode train (batch {train_batch})" in r.output
+    assert load_checkpoint(tmp_path / "d").meta["recalibrated"]["batch_size"] == train_batch
 
 
 @pytest.mark.parametrize("args,match", [

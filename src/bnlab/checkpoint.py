@@ -105,9 +105,12 @@ def resolve_checkpoint(path: str | Path, which: str | None = None) -> Path:
             except json.JSONDecodeError:
                 kind = None  # load_checkpoint reports the corrupt file
             if kind is not None and kind != which:
+                sibling = path.parent / RUN_CHECKPOINTS[which]
+                hint = (f"pass the run folder {path.parent} to choose, or the checkpoint folder {sibling}"
+                        if (sibling / CONFIG).is_file() else
+                        "this folder holds only that model; leave out --model to use it")
                 raise CheckpointError(f"{path} is the {KIND_NAMES.get(kind, kind)}, not the {KIND_NAMES[which]}: "
-                                      f"pass the run folder {path.parent} to choose, or the checkpoint folder "
-                                      f"{path.parent / RUN_CHECKPOINTS[which]}")
+                                      + hint)
         return path
     subs = {k: path / sub for k, sub in RUN_CHECKPOINTS.items()}
     if any((p / CONFIG).is_file() for p in subs.values()):

@@ -420,12 +420,14 @@ def _checkpoint_data(ck, dataset: str | None, data_dir: str | None):
 
 @app.command()
 def recalibrate(
-    checkpoint: Path = typer.Argument(..., help="A checkpoint folder (model.safetensors + config.json)."),
+    checkpoint: Path = typer.Argument(..., help="A checkpoint folder (model.safetensors + config.json), or a run "
+                                      "folder (its best-validation model)."),
     out: Path = typer.Option(..., help="Folder for the recalibrated checkpoint."),
     dataset: str = typer.Option(None, help="Default: the dataset the checkpoint was trained on."),
     data_dir: str = typer.Option(None, "--data-dir"),
-    batch_size: int = typer.Option(32, "--batch-size", help="Samples per forward pass (mode train: the batch whose "
-                                   "statistics earlier BN layers normalize with)."),
+    batch_size: int = typer.Option(None, "--batch-size", help="Samples per forward pass (mode train: the batch whose "
+                                   "statistics earlier BN layers normalize with). Default: the checkpoint's "
+                                   "training batch size, else 32."),
     mode: str = typer.Option("both", help="train: earlier BN layers use batch statistics, as in training (fvcore's "
                              "PreciseBN) | inference: layer by layer, earlier layers with their new statistics | "
                              "both: compute and print both, write train."),
@@ -448,6 +450,9 @@ def recalibrate(
         _fail(f"--mode must be one of train, inference, both (got {mode!r})")
     written = modes[mode][0]
     ck = _checkpoint(checkpoint)
+    console.print(f"model: {ck.describe()}")
+    if batch_size is None:
+        batch_size = int((ck.meta.get("train") or {}).get("batch_size") or 32)
     new = {}
     try:
         data = _checkpoint_data(ck, dataset, data_dir)
@@ -465,9 +470,14 @@ def recalibrate(
         loss, acc = evaluate(model, data.x_val, data.y_val)
         label = f"precise, mode {m}" + (f" (batch {batch_size})" if m == "train" else "")
         table.add_row(label, f"{loss:.4f}", f"{acc:.4f}")
+    # accuracies measured with the old statistics no longer describe these weights: drop them
+    measured = {k for k in ck.meta if k.endswith(("_accuracy", "_loss"))}
+    new_loss, new_acc = evaluate(new[written], data.x_val, data.y_val)
     save_checkpoint(out, new[written], preprocessing=ck.preprocessing,
-                    meta={**ck.meta, "recalibrated": {"mode": written, "batch_size": batch_size, "seed": seed,
-                                                      "examples": len(data.x_train)}})
+                    meta={**{k: v for k, v in ck.meta.items() if k not in measured},
+                          "val_accuracy": new_acc, "val_loss": new_loss,
+                          "recalibrated": {"mode": written, "batch_size": batch_size, "seed": seed,
+                                           "examples": len(data.x_train)}})
     console.print(table)
     console.print(f"wrote {out} (precise statistics, mode {written})")
 
@@ -561,7 +571,7 @@ def export(
     """Export a checkpoint to ONNX (BN folded first), and check onnxruntime against PyTorch.
 
     Says which model it exported (best or final, its epoch) and records it in the ONNX file's
-    metadata (bnlab.model, bnlab.epoch). Needs the optional extra: pip install 'bnlab[onnx]'.
+    metadata (bnlab.model, bnlab.epoch). Needs the optional extra: pip install 'bnlab\\[onnx]'.
 
     Example: bnlab export runs/one --model best --onnx model.onnx
     """
@@ -599,7 +609,7 @@ def serve(
     """Serve a checkpoint over REST: POST /predict, GET /health, GET /model, /docs.
 
     Says which model it serves (best or final, its epoch), at start and in every answer.
-    Needs the optional extra: pip install 'bnlab[serve]'.
+    Needs the optional extra: pip install 'bnlab\\[serve]'.
 
     Example: bnlab serve runs/one --model best --port 8000
     """
