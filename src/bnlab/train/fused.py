@@ -109,9 +109,13 @@ class _BatchNorm:
         y, self.mean, self.invstd = torch.native_batch_norm(h, m.weight, m.bias, None, None, True, 0.0, m.eps)
         self.stats = training and m.track_running_stats
         if self.stats:
-            # the biased variance itself: rebuilt as invstd⁻² - eps it loses its digits when var << eps
+            # the biased variance itself: rebuilt as invstd⁻² - eps it loses its digits when var << eps.
+            # Corrected two-pass (mean(d²) - mean(d)², d = h - mean): as exact as torch.var, but torch.var
+            # over dim 0 takes its slow strided path (~100 µs at (32, 300) against ~25 µs)
             hs = h.float() if h.dtype in (torch.float16, torch.bfloat16) else h
-            self.var = torch.var(hs, 0, correction=0)
+            d = torch.sub(hs, self.mean.to(hs.dtype))
+            drift = d.mean(0)
+            self.var = d.square_().mean(0).sub_(drift.square_())
         return y
 
     def running_update(self) -> RunningUpdate | None:
