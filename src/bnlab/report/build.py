@@ -121,9 +121,9 @@ STATS_NOTE = (f"Outcomes: mean ± half-width of the 95% confidence interval over
               "band does not cross 0.5 before the last observed time, as is common with 5 runs.")
 
 PRECISE_NOTE = ("Accuracy of the final model with BN's moving averages and with precise population statistics "
-                "(bnlab.deploy.recalibrate, mode 'train': every BN layer's mean and variance over all the values it "
-                "sees across the training data, earlier layers normalising with batch statistics of the run's batch "
-                "size, as in training), and their difference paired over the runs. A CI that contains 0 means no "
+                "(bnlab.deploy.recalibrate, mode 'inference': every BN layer's mean and variance over all the values it "
+                "sees across the training data, with the layers before it already on their new statistics, i.e. "
+                "the statistics of the network as deployed), and their difference paired over the runs. A CI that contains 0 means no "
                 "difference was detected at this resolution, not that the two are equal.")
 
 

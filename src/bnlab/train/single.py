@@ -189,13 +189,23 @@ def _train(model, spec, config, data, notes, out, folder: Path, progress: bool) 
     return res
 
 
+PRECISE_BATCH = 512  # examples per forward pass of the precise-statistics pass (any size gives the same result)
+
+
 def _precise(model, data, config: TrainConfig, res: RunResult, notes: list[str]) -> None:
     """Validation and test accuracy of the final model with precise BN statistics over the training
-    data (one extra pass over it; the model itself keeps its moving averages)."""
+    data (the model itself keeps its moving averages).
+
+    Mode "inference": the population statistics of the network as deployed (each layer's, with the
+    layers before it already on their new statistics). Mode "train" would measure each layer under
+    batch-statistics inputs, which for Batch Renorm are corrected toward the OLD running statistics:
+    measured on a small-batch renorm run, 0.856 validation accuracy against 0.969 in this mode. In
+    inference mode the batch size does not change the result, so a large one keeps it cheap."""
     from bnlab.deploy import recalibrate
 
     try:
-        precise = recalibrate(model, data.x_train, batch_size=config.batch_size, mode="train", seed=config.seed)
+        precise = recalibrate(model, data.x_train, batch_size=max(config.batch_size, PRECISE_BATCH),
+                              mode="inference", seed=config.seed)
     except ValueError as e:  # e.g. fewer training examples than one batch
         notes.append(f"no precise BN statistics: {e}")
         return
