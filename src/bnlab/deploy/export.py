@@ -17,7 +17,7 @@ def export_onnx(model: nn.Module, input_shape: tuple[int, ...], path: str | Path
     if model.training:
         raise ValueError("export_onnx() needs a model in eval mode: call model.eval() first")
     try:
-        import onnx  # noqa: F401
+        import onnx
     except ImportError:
         raise ImportError("ONNX export needs the optional extra: pip install 'bnlab[onnx]'") from None
     path = Path(path)
@@ -29,8 +29,6 @@ def export_onnx(model: nn.Module, input_shape: tuple[int, ...], path: str | Path
         torch.onnx.export(model, (dummy,), str(path), dynamo=False, opset_version=opset, input_names=["x"],
                           output_names=["logits"], dynamic_axes={"x": {0: "batch"}, "logits": {0: "batch"}})
     if metadata:
-        import onnx
-
         proto = onnx.load(str(path))
         onnx.helper.set_model_props(proto, {str(k): str(v) for k, v in metadata.items()})
         onnx.save(proto, str(path))

@@ -74,6 +74,12 @@ def _recalibrated(m: nn.Module) -> bool:
     return _is_batch_stat_norm(m) and getattr(m, "running_mean", None) is not None
 
 
+def can_recalibrate(model: nn.Module) -> bool:
+    """Whether ``model`` has batch-statistics normalization with running statistics that
+    ``recalibrate`` can replace (bnlab BN, renorm, ghost; torch's BatchNorm*d)."""
+    return any(_recalibrated(m) for m in model.modules())
+
+
 def _axis(m: nn.Module) -> int:
     return m.axis if isinstance(m, BatchNorm) else 1  # torch's BatchNorm*d: channels on axis 1
 
@@ -185,7 +191,7 @@ def recalibrate(model: nn.Module, x: torch.Tensor, *, batch_size: int = 32, mode
         generator: a torch.Generator to shuffle with instead of ``seed`` (kept for older callers).
     """
     x = _check_args(model, x, batch_size, mode, max_batches)
-    if not any(_recalibrated(m) for m in model.modules()):
+    if not can_recalibrate(model):
         if any(_is_batch_stat_norm(m) for m in model.modules()):
             raise ValueError("the model's batch norm layers keep no running statistics (track_running_stats=False): "
                              "they always use batch statistics and there is nothing to recalibrate")

@@ -16,7 +16,6 @@ import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import torch
 
 from bnlab.checkpoint import RUN_CHECKPOINTS, load_checkpoint, save_checkpoint, update_meta
 from bnlab.data import load_dataset
@@ -69,6 +68,7 @@ class RunResult:
         vals = [e.val_accuracy for e in h.epochs if e.val_accuracy is not None]
         losses = [e.val_loss for e in h.epochs if e.val_loss is not None]
         last = h.epochs[-1] if h.epochs else None
+        seconds = sum(e.seconds for e in h.epochs)
         return {
             "final_val_accuracy": None if diverged or last is None else last.val_accuracy,
             "best_val_accuracy": max(vals) if vals else None,
@@ -86,8 +86,8 @@ class RunResult:
             sum(e.seconds for e in h.epochs[:h.epochs_to_target]),
             "epochs_run": last.epoch if last else 0,
             "steps_run": last.steps if last else 0,
-            "train_seconds": sum(e.seconds for e in h.epochs),
-            "mean_epoch_seconds": sum(e.seconds for e in h.epochs) / len(h.epochs) if h.epochs else None,
+            "train_seconds": seconds,
+            "mean_epoch_seconds": seconds / len(h.epochs) if h.epochs else None,
             "stopped": h.stopped,
         }
 
@@ -103,14 +103,6 @@ def adapt_spec_to_data(spec, input_shape: tuple[int, ...], num_classes: int):
         notes.append(f"num_classes {spec.num_classes} -> {num_classes} to fit the dataset")
         changes["num_classes"] = num_classes
     return (spec.model_copy(update=changes) if changes else spec), notes
-
-
-def has_batch_statistics(model) -> bool:
-    """Whether ``model`` normalizes with batch statistics at training time (bnlab BatchNorm and its
-    subclasses: renorm, ghost), i.e. has moving averages that precise statistics can replace."""
-    from bnlab.nn import BatchNorm
-
-    return any(isinstance(m, BatchNorm) for m in model.modules())
 
 
 def _finite(x: float) -> float | None:
@@ -174,7 +166,9 @@ def _train(model, spec, config, data, notes, out, folder: Path, progress: bool) 
             "val_loss": last.val_loss if last else None, "test_accuracy": res.test_accuracy,
             "test_loss": res.test_loss})
         res.checkpoints["final"] = final_dir.name
-        if has_batch_statistics(model):
+        from bnlab.deploy.precise import can_recalibrate
+
+        if can_recalibrate(model):
             _precise(model, data, config, res, notes)
     if hist.best_epoch is not None and (best_dir / "config.json").is_file():
         best = load_checkpoint(best_dir, device=dev).model  # the saved file: what predict / serve use
