@@ -1,0 +1,81 @@
+"""What bnlab knows: datasets, model presets, experiment presets, model summaries."""
+
+from __future__ import annotations
+
+import typer
+from rich.table import Table
+
+from bnlab.cli.app import _fail, app, console
+
+
+@app.command("datasets")
+def datasets_cmd() -> None:
+    """List the datasets bnlab knows, and where downloads are cached.
+
+    Example: bnlab datasets
+    """
+    from bnlab.data import cache_dir, list_datasets
+
+    table = Table(title=f"datasets (cache: {cache_dir()})", title_justify="left")
+    for col in ("name", "offline", "default validation", "default scaling", "description"):
+        table.add_column(col)
+    for d in list_datasets():
+        table.add_row(d.name, "yes" if d.embedded else "download", str(d.validation), d.scaling, d.description)
+    console.print(table)
+
+
+@app.command("models")
+def models_cmd() -> None:
+    """List the named model presets (the seed notebooks' networks).
+
+    Example: bnlab models
+    """
+    from bnlab.models import list_model_presets
+
+    table = Table(title="model presets", title_justify="left")
+    table.add_column("name")
+    table.add_column("description")
+    for name, desc in list_model_presets().items():
+        table.add_row(name, desc)
+    console.print(table)
+
+
+@app.command()
+def summary(model: str = typer.Argument(..., help="A model preset name or a .toml/.json spec file.")) -> None:
+    """Print a Keras-style summary: layers, output shapes, parameter counts.
+
+    A BN layer over C channels counts 2C trainable (gamma, beta) and 2C non-trainable
+    (moving mean and variance) parameters, as in Keras.
+
+    Example: bnlab summary fashion-mlp-bn-after
+    """
+    from pydantic import ValidationError
+
+    from bnlab.models import build_model, load_model_spec, summarize
+
+    try:
+        spec = load_model_spec(model)
+        built = build_model(spec)
+    except (ValueError, ValidationError) as e:
+        _fail(str(e))
+    print(summarize(built, tuple(spec.input_shape), name=model).to_text())
+
+
+@app.command("list")
+def list_cmd() -> None:
+    """List the experiment presets (bnlab run PRESET), then the model presets and datasets.
+
+    Example: bnlab list
+    """
+    from bnlab.experiments import load_experiment, preset_names
+
+    table = Table(title="experiment presets (bnlab run NAME [--quick])", title_justify="left")
+    for col in ("name", "dataset", "variants", "seeds", "description"):
+        table.add_column(col)
+    for name in preset_names():
+        spec = load_experiment(name)
+        table.add_row(name, spec.data.dataset, ", ".join(spec.variants), str(len(spec.seed_list())),
+                      spec.description.split("\n")[0])
+    console.print(table)
+    models_cmd()
+    datasets_cmd()

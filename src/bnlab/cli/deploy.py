@@ -1,0 +1,241 @@
+"""Inference tools: recalibrate, fold, predict, export, serve."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import typer
+from rich.table import Table
+
+from bnlab.cli.app import _fail, app, console
+
+
+def _checkpoint(path: Path):
+    from bnlab.checkpoint import CheckpointError, load_checkpoint
+
+    try:
+        return load_checkpoint(path)
+    except CheckpointError as e:
+        _fail(str(e))
+
+
+def _checkpoint_data(ck, dataset: str | None, data_dir: str | None):
+    """The dataset a checkpoint was trained on (same split and scaling), or another one."""
+    from bnlab.data import load_dataset
+
+    train = ck.meta.get("train", {})
+    name = dataset or ck.meta.get("dataset") or train.get("dataset")
+    if not name:
+        _fail("the checkpoint does not say which dataset it was trained on: pass --dataset")
+    same = name == train.get("dataset")
+    return load_dataset(name, data_dir=data_dir or train.get("data_dir"),
+                        validation=train.get("validation") if same else None,
+                        scaling=train.get("scaling") if same else None, seed=train.get("data_seed", 0),
+                        **(train.get("dataset_options", {}) if same else {}))
+
+
+@app.command()
+def recalibrate(
+    checkpoint: Path = typer.Argument(..., help="A checkpoint folder (model.safetensors + config.json), or a run "
+                                      "folder (its best-validation model)."),
+    out: Path = typer.Option(..., help="Folder for the recalibrated checkpoint."),
+    dataset: str = typer.Option(None, help="Default: the dataset the checkpoint was trained on."),
+    data_dir: str = typer.Option(None, "--data-dir"),
+    batch_size: int = typer.Option(None, "--batch-size", help="Samples per forward pass (mode train: the batch whose "
+                                   "statistics earlier BN layers normalize with). Default: the checkpoint's "
+                                   "training batch size, else 32."),
+    mode: str = typer.Option("both", help="train: earlier BN layers use batch statistics, as in training (fvcore's "
+                             "PreciseBN) | inference: layer by layer, earlier layers with their new statistics | "
+                             "both: compute and print both, write train."),
+    seed: int = typer.Option(0, help="Seed of the shuffle into batches (mode train depends on it)."),
+) -> None:
+    """Replace BN's moving averages by precise population statistics over the training data (per channel, the
+    mean and variance over all values each BN layer sees, with the weights fixed), print validation loss and
+    accuracy with the moving averages and with each mode, and write the checkpoint of the chosen mode
+    (--mode both writes mode train).
+
+    Example: bnlab recalibrate runs/one/checkpoint --out runs/one/precise --mode both
+    """
+    from bnlab.checkpoint import save_checkpoint
+    from bnlab.data import ChecksumError, CorruptFileError, DatasetUnavailable
+    from bnlab.deploy import recalibrate as recal
+    from bnlab.train import evaluate
+
+    modes = {"train": ["train"], "inference": ["inference"], "both": ["train", "inference"]}
+    if mode not in modes:
+        _fail(f"--mode must be one of train, inference, both (got {mode!r})")
+    written = modes[mode][0]
+    ck = _checkpoint(checkpoint)
+    console.print(f"model: {ck.describe()}")
+    if batch_size is None:
+        batch_size = int((ck.meta.get("train") or {}).get("batch_size") or 32)
+    new = {}
+    try:
+        data = _checkpoint_data(ck, dataset, data_dir)
+        for m in modes[mode]:
+            new[m] = recal(ck.model, data.x_train, batch_size=batch_size, mode=m, seed=seed)
+    except (DatasetUnavailable, ChecksumError, CorruptFileError, ValueError, FloatingPointError) as e:
+        _fail(str(e))
+    table = Table(title=f"validation on {data.name} ({len(data.y_val)} examples); statistics over "
+                        f"{len(data.x_train)} training examples", title_justify="left")
+    for col in ("BN statistics", "val loss", "val accuracy"):
+        table.add_column(col)
+    loss, acc = evaluate(ck.model, data.x_val, data.y_val)
+    table.add_row("moving averages", f"{loss:.4f}", f"{acc:.4f}")
+    for m, model in new.items():
+        loss, acc = evaluate(model, data.x_val, data.y_val)
+        label = f"precise, mode {m}" + (f" (batch {batch_size})" if m == "train" else "")
+        table.add_row(label, f"{loss:.4f}", f"{acc:.4f}")
+    # accuracies measured with the old statistics no longer describe these weights: drop them
+    measured = {k for k in ck.meta if k.endswith(("_accuracy", "_loss"))}
+    new_loss, new_acc = evaluate(new[written], data.x_val, data.y_val)
+    save_checkpoint(out, new[written], preprocessing=ck.preprocessing,
+                    meta={**{k: v for k, v in ck.meta.items() if k not in measured},
+                          "val_accuracy": new_acc, "val_loss": new_loss,
+                          "recalibrated": {"mode": written, "batch_size": batch_size, "seed": seed,
+                                           "examples": len(data.x_train)}})
+    console.print(table)
+    console.print(f"wrote {out} (precise statistics, mode {written})")
+
+
+@app.command("fold")
+def fold_cmd(
+    checkpoint: Path = typer.Argument(..., help="A checkpoint folder."),
+    out: Path = typer.Option(..., help="Folder for the folded checkpoint."),
+) -> None:
+    """Fold every foldable BN into its neighbouring Linear/Conv and print the fold report
+    (which BN went where, and why any stayed).
+
+    Example: bnlab fold runs/one/checkpoint --out runs/one/folded
+    """
+    import torch
+
+    from bnlab.checkpoint import save_checkpoint
+    from bnlab.deploy import describe, fold
+    from bnlab.models import build_model
+
+    ck = _checkpoint(checkpoint)
+    folded, rep = fold(ck.model)
+    spec = ck.model.spec
+    rebuilt = build_model(describe(folded, input_shape=spec.input_shape, num_classes=spec.num_classes))
+    rebuilt.load_state_dict(folded.state_dict())
+    rebuilt.eval()
+    x = torch.randn(16, *spec.input_shape)
+    with torch.no_grad():
+        a, b = ck.model(x), rebuilt(x)
+    err = float((a - b).abs().max() / a.abs().max().clamp_min(1e-30))
+    save_checkpoint(out, rebuilt, preprocessing=ck.preprocessing, meta={**ck.meta, "folded": rep.to_text()})
+    console.print(rep.to_text())
+    console.print(f"max relative output difference on random inputs: {err:.2e}; wrote {out}")
+
+
+_MODEL_HELP = ("Which model of a run folder: best (the best-validation model, checkpoint/; the default, as Keras's "
+               "save_best_only) or final (checkpoint-final/). With a checkpoint folder it must match that checkpoint.")
+
+
+def _chosen_checkpoint(path: Path, which: str | None):
+    """The checkpoint at ``path`` (a checkpoint folder, or a run folder and --model), or a clean exit."""
+    from bnlab.checkpoint import CheckpointError, load_checkpoint
+
+    try:
+        return load_checkpoint(path, which=which)
+    except CheckpointError as e:
+        _fail(str(e))
+
+
+@app.command("predict")
+def predict_cmd(
+    checkpoint: Path = typer.Argument(..., help="A checkpoint folder, or a run folder (then --model picks which)."),
+    inputs: list[Path] = typer.Argument(..., help="PNG/JPEG images or .npy arrays (one sample or a batch)."),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON."),
+    prescaled: bool = typer.Option(False, "--prescaled", help="Inputs are already scaled like the training data."),
+    which: str = typer.Option(None, "--model", help=_MODEL_HELP),
+) -> None:
+    """Predict the class of images or arrays; single samples work (eval mode).
+
+    Inputs are raw values as in the dataset files (pixels 0..255); the checkpoint's preprocessing
+    (fitted on its training split) is applied unless --prescaled. Says which model it used (best or
+    final, its epoch); with --json, each prediction's "model" and "epoch".
+
+    Example: bnlab predict runs/one digit.png --model best --json
+    """
+    from bnlab.checkpoint import CheckpointError
+    from bnlab.deploy import InputError
+    from bnlab.deploy.predict import predict_files
+
+    try:
+        ck, results = predict_files(checkpoint, inputs, which=which, prescaled=prescaled)
+    except (CheckpointError, InputError) as e:
+        _fail(str(e))
+    if as_json:
+        print(json.dumps(results, indent=2))
+        return
+    console.print(f"model: {ck.describe()}")
+    for r in results:
+        top = sorted(range(len(r["probabilities"])), key=lambda k: -r["probabilities"][k])[:3]
+        console.print(f"{r['input']}: class {r['class']} ({r['name']}), p = {r['probabilities'][r['class']]:.4f}; "
+                      "top 3: " + ", ".join(f"{k}: {r['probabilities'][k]:.3f}" for k in top))
+
+
+@app.command()
+def export(
+    checkpoint: Path = typer.Argument(..., help="A checkpoint folder, or a run folder (then --model picks which)."),
+    onnx: Path = typer.Option(..., "--onnx", help="Output .onnx file."),
+    no_fold: bool = typer.Option(False, "--no-fold", help="Export without folding BN first."),
+    which: str = typer.Option(None, "--model", help=_MODEL_HELP),
+) -> None:
+    """Export a checkpoint to ONNX (BN folded first), and check onnxruntime against PyTorch.
+
+    Says which model it exported (best or final, its epoch) and records it in the ONNX file's
+    metadata (bnlab.model, bnlab.epoch). Needs the optional extra: pip install 'bnlab\\[onnx]'.
+
+    Example: bnlab export runs/one --model best --onnx model.onnx
+    """
+    import numpy as np
+    import torch
+
+    from bnlab.deploy import fold
+    from bnlab.deploy.export import export_onnx, onnx_predict
+
+    ck = _chosen_checkpoint(checkpoint, which)
+    model = ck.model if no_fold else fold(ck.model)[0]
+    shape = tuple(ck.model.spec.input_shape)
+    try:
+        export_onnx(model, shape, onnx, metadata={"bnlab.model": ck.kind, "bnlab.epoch": ck.meta.get("epoch"),
+                                                  "bnlab.checkpoint": str(ck.path), "bnlab.folded": not no_fold})
+    except ImportError as e:
+        _fail(str(e))
+    x = torch.randn(4, *shape)
+    with torch.no_grad():
+        ref = ck.model(x).numpy()
+    got = onnx_predict(onnx, x.numpy())
+    err = float(np.abs(got - ref).max() / max(np.abs(ref).max(), 1e-30))
+    console.print(f"exported the {ck.describe()}")
+    console.print(f"wrote {onnx}; onnxruntime vs PyTorch max relative difference {err:.2e}")
+
+
+@app.command()
+def serve(
+    checkpoint: Path = typer.Argument(..., help="A checkpoint folder, or a run folder (then --model picks which)."),
+    host: str = typer.Option("127.0.0.1"),
+    port: int = typer.Option(8000),
+    max_body_bytes: int = typer.Option(4 * 1024 * 1024, "--max-body-bytes"),
+    which: str = typer.Option(None, "--model", help=_MODEL_HELP),
+) -> None:
+    """Serve a checkpoint over REST: POST /predict, GET /health, GET /model, /docs.
+
+    Says which model it serves (best or final, its epoch), at start and in every answer.
+    Needs the optional extra: pip install 'bnlab\\[serve]'.
+
+    Example: bnlab serve runs/one --model best --port 8000
+    """
+    try:
+        import uvicorn
+
+        from bnlab.deploy.serve import create_app
+    except ImportError:
+        _fail("serving needs the optional extra: pip install 'bnlab[serve]'")
+    ck = _chosen_checkpoint(checkpoint, which)  # a clear error before the server starts
+    console.print(f"serving the {ck.describe()}")
+    uvicorn.run(create_app(checkpoint, which=which, max_body_bytes=max_body_bytes), host=host, port=port)

@@ -1,0 +1,136 @@
+"""Experiments: bnlab run, report, compare."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+from rich.table import Table
+
+from bnlab.cli.app import _fail, app, console
+
+
+def _stats_table(folder: Path) -> None:
+    """The experiment's statistics in the terminal (bnlab run's closing table, bnlab compare)."""
+    from rich.markup import escape
+
+    from bnlab.experiments.read import load_results
+    from bnlab.report.build import COMPACT_METRICS, texts
+
+    spec, runs, _ = load_results(folder)
+    t = texts(spec, runs, COMPACT_METRICS, compared=COMPACT_METRICS, short=True)
+    if spec.smoke_test:
+        console.print(f"[bold yellow]{escape(t.title)}[/]")
+        for p in t.intro:
+            console.print(escape(p))
+    else:
+        console.print(f"[bold]{escape(t.title)}[/]: {escape(t.budget)}")
+    table = Table(title="mean ± 95% CI half-width over seeds (no ± with fewer than 3 runs); "
+                        "times to target: Kaplan-Meier median [95% CI], unreached runs censored", title_justify="left")
+    for h in t.header:
+        table.add_column(escape(h), justify="left" if h == "variant" else "right")
+    for r in t.rows:
+        table.add_row(*(escape(c) for c in r))
+    console.print(table)
+    for s in t.precise_sentences:
+        console.print(escape(s))
+    console.print(escape(t.comparisons_note))
+    for c in t.primary:
+        console.print(("[bold]" if c.significant else "") + escape(c.sentence) + ("[/]" if c.significant else ""))
+    for c in t.exploratory_comparisons:
+        console.print(escape(c.sentence), style="dim")
+    for rid, what in t.failures:
+        console.print(f"{escape(rid)}: {escape(what)}", style="red" if what.startswith("failed") else "yellow")
+
+
+@app.command()
+def run(
+    experiment: str = typer.Argument(..., help="An experiment preset (see bnlab list) or a TOML spec file."),
+    seeds: int = typer.Option(None, help="Number of seeds per variant (overrides the spec)."),
+    quick: bool = typer.Option(False, "--quick", help="The preset's quick scale (minutes; smoke tests, CI)."),
+    out: Path = typer.Option(None, help="Experiment folder (default: runs/NAME or runs/NAME-quick)."),
+    data_dir: str = typer.Option(None, "--data-dir", help="Folder with dataset files placed by hand."),
+    workers: int = typer.Option(None, help="Worker processes (default: one per core)."),
+    retry_failed: bool = typer.Option(False, "--retry-failed", help="Run failed runs again."),
+) -> None:
+    """Run an experiment (variants x seeds) resumably into a folder, then print its statistics
+    and write the HTML report.
+
+    Interrupted? Run the same command again: finished runs are skipped.
+
+    Example: bnlab run demo --quick
+    """
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from bnlab.data import ChecksumError, CorruptFileError, DatasetUnavailable
+    from bnlab.experiments import SpecError, StoreError, load_experiment, run_experiment
+    from bnlab.report import build_report
+
+    try:
+        spec = load_experiment(experiment)
+    except SpecError as e:
+        _fail(str(e))
+    folder = out or Path("runs") / (spec.name + ("-quick" if quick else ""))
+    bar = Progress(TextColumn("[bold]{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
+                   TextColumn("{task.fields[status]}"), TimeElapsedColumn(), console=console, transient=False,
+                   disable=not console.is_terminal)
+    task = None
+
+    def on_progress(p, message):
+        nonlocal task
+        eta = p.eta()
+        status = (f"done {p.done} · running {p.running} · failed {p.failed}"
+                  + (f" · eta {eta:.0f}s" if eta is not None else ""))
+        if task is None:
+            task = bar.add_task(spec.name, total=p.total, completed=p.skipped, status=status)
+        bar.update(task, completed=p.skipped + p.done + p.failed, status=status)
+        if not console.is_terminal or "failed" in message or "to do" in message or "nothing" in message:
+            bar.console.print(f"[{p.skipped + p.done + p.failed}/{p.total}] {message} ({status})")
+
+    try:
+        with bar:
+            progress = run_experiment(spec, folder, quick=quick, workers=workers, data_dir=data_dir, seeds=seeds,
+                                      retry_failed=retry_failed, on_progress=on_progress)
+    except KeyboardInterrupt:
+        console.print(f"[yellow]interrupted[/]: finished runs are saved in {folder}; run the same command to resume")
+        raise typer.Exit(code=130)
+    except (SpecError, StoreError, DatasetUnavailable, ChecksumError, CorruptFileError, ValueError) as e:
+        _fail(str(e))
+    _stats_table(folder)
+    report = build_report(folder)
+    console.print(f"report: {report.html} (and {report.markdown.name})"
+                  + (" - a smoke test report: no verdicts" if report.smoke_test else ""))
+    if progress.failed:
+        console.print(f"[red]{progress.failed} run(s) failed[/]; their errors are in the report")
+        raise typer.Exit(code=1)
+
+
+@app.command()
+def report(folder: Path = typer.Argument(..., help="An experiment folder made by bnlab run.")) -> None:
+    """Write report.html (self-contained, opens offline) and report.md for an experiment folder.
+
+    Example: bnlab report runs/demo
+    """
+    from bnlab.experiments import StoreError
+    from bnlab.report import build_report
+
+    try:
+        r = build_report(folder)
+    except StoreError as e:
+        _fail(str(e))
+    console.print(f"wrote {r.html} and {r.markdown} ({len(r.figures)} figures in {r.html.parent / 'figures'})"
+                  + ("; a smoke test (--quick) report: no verdicts" if r.smoke_test else ""))
+
+
+@app.command()
+def compare(folder: Path = typer.Argument(..., help="An experiment folder made by bnlab run.")) -> None:
+    """Print an experiment's statistics table and the comparisons between its variants.
+
+    Example: bnlab compare runs/demo
+    """
+    from bnlab.experiments import StoreError
+
+    try:
+        _stats_table(folder)
+    except StoreError as e:
+        _fail(str(e))

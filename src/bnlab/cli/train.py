@@ -1,0 +1,99 @@
+"""bnlab train: one model on one dataset."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+from rich.table import Table
+
+from bnlab.cli.app import _fail, app, console
+
+
+@app.command()
+def train(
+    model: str = typer.Argument(..., help="A model preset name or a .toml/.json spec file."),
+    dataset: str = typer.Option(None, help="Dataset name (see bnlab datasets); default: the preset's."),
+    data_dir: str = typer.Option(None, "--data-dir", help="Folder with dataset files placed by hand."),
+    epochs: int = typer.Option(None, help="Epochs (default: the preset's recipe, else 10)."),
+    batch_size: int = typer.Option(None, "--batch-size"),
+    lr: float = typer.Option(None, help="Learning rate."),
+    optimizer: str = typer.Option(None, help="sgd | rmsprop | adam."),
+    momentum: float = typer.Option(None),
+    nesterov: bool = typer.Option(None, "--nesterov/--no-nesterov"),
+    seed: int = typer.Option(0),
+    validation: float = typer.Option(None, help="Validation: an integer count (the first N) or a fraction."),
+    target: float = typer.Option(None, "--target", help="Target validation accuracy for time-to-target."),
+    patience: int = typer.Option(None, help="Early stopping patience in epochs."),
+    max_steps: int = typer.Option(None, "--max-steps"),
+    engine: str = typer.Option("auto", help="auto | native (C++ MLP step) | fused (Python MLP step) | autograd."),
+    device: str = typer.Option("auto", help="auto | cpu | cuda."),
+    out: Path = typer.Option(None, help="Folder for run.json, history.json, checkpoint/ (the best-validation "
+                             "model) and checkpoint-final/ (the final model)."),
+) -> None:
+    """Train one model on one dataset and print the per-epoch metrics and the test result.
+
+    Settings come from the model preset's recipe (the seed notebook's), overridden by options.
+
+    Example: bnlab train fashion-mlp-bn-before --dataset mnist-5k --epochs 3 --out runs/one
+    """
+    from pydantic import ValidationError
+
+    from bnlab.data import ChecksumError, CorruptFileError, DatasetUnavailable
+    from bnlab.models import load_model_spec
+    from bnlab.train.config import TrainConfig, recipe_for
+    from bnlab.train.single import train_run
+
+    given = {"dataset": dataset, "data_dir": data_dir, "epochs": epochs, "batch_size": batch_size, "lr": lr,
+             "optimizer": optimizer, "momentum": momentum, "nesterov": nesterov, "seed": seed,
+             "target_accuracy": target, "patience": patience, "max_steps": max_steps, "engine": engine,
+             "device": device}
+    if validation is not None:
+        given["validation"] = int(validation) if float(validation).is_integer() and validation >= 1 else validation
+    try:
+        spec = load_model_spec(model)
+        settings = recipe_for(model)
+        if dataset is not None and dataset != settings.get("dataset"):
+            settings.pop("validation", None)  # the recipe's split fits its own dataset only
+        settings.update({k: v for k, v in given.items() if v is not None})
+        config = TrainConfig(**settings)
+        result = train_run(spec, config, out=out)
+    except ValidationError as e:
+        _fail(str(e))
+    except (DatasetUnavailable, ChecksumError, CorruptFileError, ValueError) as e:
+        _fail(str(e))
+    for note in result.notes:
+        console.print(f"note: {note}")
+    h = result.history
+    table = Table(title=f"{model} on {config.dataset} ({h.engine} engine)", title_justify="left")
+    for col in ("epoch", "loss", "acc", "val_loss", "val_acc", "seconds"):
+        table.add_column(col, justify="right")
+    for e in h.epochs:
+        table.add_row(str(e.epoch), f"{e.train_loss:.4f}", f"{e.train_accuracy:.4f}",
+                      "-" if e.val_loss is None else f"{e.val_loss:.4f}",
+                      "-" if e.val_accuracy is None else f"{e.val_accuracy:.4f}", f"{e.seconds:.2f}")
+    console.print(table)
+
+    def fmt(x):
+        return "-" if x is None else f"{x:.4f}"
+
+    last = h.epochs[-1].epoch if h.epochs else None
+    console.print(f"stopped: {h.stopped}{' (' + h.message + ')' if h.message else ''}; test set: "
+                  f"{result.test_examples:,} examples")
+    console.print(f"final model (epoch {last}): test loss {fmt(result.test_loss)}, test accuracy "
+                  f"{fmt(result.test_accuracy)}" + (f"; with precise BN statistics: validation accuracy "
+                                                     f"{fmt(result.precise_val_accuracy)}, test accuracy "
+                                                     f"{fmt(result.precise_test_accuracy)}"
+                                                     if result.precise_test_accuracy is not None else ""))
+    console.print(f"best-validation model (epoch {result.best_epoch}, by {config.monitor}): test loss "
+                  f"{fmt(result.best_test_loss)}, test accuracy {fmt(result.best_test_accuracy)}")
+    if h.target_accuracy is not None:
+        console.print(f"target {h.target_accuracy}: " + (f"reached at epoch {h.epochs_to_target}, step "
+                      f"{h.steps_to_target}, {h.seconds_to_target:.1f} s" if h.steps_to_target else "not reached"))
+    if out is not None:
+        what = {"best": "the best-validation model, used by predict / serve / export by default",
+                "final": "the final model"}
+        saved = [f"{result.checkpoints[k]}/ ({what[k]})" for k in ("best", "final") if k in result.checkpoints]
+        console.print(f"results in {out}/: run.json, history.json" + "".join(", " + s for s in saved))
+    if h.stopped == "diverged":
+        raise typer.Exit(code=3)
