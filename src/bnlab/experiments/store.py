@@ -2,8 +2,10 @@
 
 Durability: WAL journal with synchronous=FULL, and each run's results (its row, its epochs)
 written in one transaction, so Ctrl-C, kill -9 or power loss can lose only runs still in
-progress, never a committed one, and never leave half a run. Readers (report, compare) may read
-while a runner writes; a busy timeout makes concurrent writers wait instead of failing.
+progress, never a committed one, and never leave half a run. Readers (report, compare) open it
+read-only and may read while a runner writes; a busy timeout makes concurrent writers wait
+instead of failing. A damaged store is refused with the reason, never repaired by recreating
+what is missing (see RunStore).
 """
 
 from __future__ import annotations
@@ -46,39 +48,95 @@ CREATE TABLE IF NOT EXISTS epochs (
 """
 
 FINISHED = ("done", "diverged", "failed")
+RESULT_FIELD_SQL = {f.name: f.sql for f in RESULT_FIELDS}
+BUSY_TIMEOUT = 60.0  # seconds a writer waits for a store another process holds locked
+REQUIRED_TABLES = {"meta": ("key", "value"),
+                   "runs": ("run_id", "variant", "seed", "config_hash", "config", "status"),
+                   "epochs": ("run_id", "epoch")}
+LATER_TABLES = ("probes",)  # added by a later bnlab: older stores lack it (no probes); writers create it
 
 
 class StoreError(RuntimeError):
-    """A run store that is corrupt or belongs to another experiment."""
+    """A run store that is corrupt, damaged, locked, or belongs to another experiment."""
 
 
 class RunStore:
-    def __init__(self, path: str | Path):
+    """One experiment's store. ``readonly=True`` (report, compare, notebooks) opens the file with
+    SQLite's ``mode=ro``: it never creates, alters or writes anything, and reads while a runner
+    writes (WAL). A writer creates the schema only in a new, empty database; a store missing one
+    of its tables is refused by both, never recreated (an empty ``runs`` would make ``bnlab run``
+    redo every finished run). Every failure to open is a StoreError with the reason."""
+
+    def __init__(self, path: str | Path, *, readonly: bool = False, timeout: float | None = None):
         self.path = Path(path)
+        timeout = BUSY_TIMEOUT if timeout is None else timeout
+        self.readonly = readonly
+        self._absent_columns: list[str] = []  # result columns an older store lacks (readers: None)
+        self._has_probes = True
         try:
-            self.db = sqlite3.connect(self.path, timeout=60, isolation_level=None)
+            if readonly:
+                self.db = sqlite3.connect(self.path.resolve().as_uri() + "?mode=ro", uri=True, timeout=timeout,
+                                          isolation_level=None)
+            else:
+                self.db = sqlite3.connect(self.path, timeout=timeout, isolation_level=None)
+        except sqlite3.Error as e:
+            raise StoreError(f"{self.path}: cannot open the run store ({e})") from e
+        try:
             self.db.row_factory = sqlite3.Row
-            self.db.execute("PRAGMA busy_timeout = 60000")
-            self.db.execute("PRAGMA journal_mode = WAL")
-            self.db.execute("PRAGMA synchronous = FULL")
+            self.db.execute(f"PRAGMA busy_timeout = {int(timeout * 1000)}")
+            if not readonly:
+                self.db.execute("PRAGMA journal_mode = WAL")
+                self.db.execute("PRAGMA synchronous = FULL")
             ok = self.db.execute("PRAGMA quick_check").fetchone()[0]
             if ok != "ok":
-                raise StoreError(f"{self.path}: the run store is corrupt ({ok})")
-            self.db.executescript(SCHEMA)
-            self._add_missing_columns()
-        except sqlite3.DatabaseError as e:
+                raise StoreError(f"{self.path}: the run store is corrupt (SQLite's quick_check: {ok})")
+            self._check_schema()
+        except sqlite3.Error as e:
+            self.db.close()
+            if "locked" in str(e) or "busy" in str(e):
+                raise StoreError(f"{self.path}: the run store is locked by another process (waited {timeout:g} s; "
+                                 f"{e}); try again when it is done") from e
             raise StoreError(f"{self.path}: not a readable bnlab run store ({e})") from e
+        except StoreError:
+            self.db.close()
+            raise
+
+    def _check_schema(self) -> None:
+        """Refuse a damaged or foreign schema; create it in a new database (writers only)."""
+        tables = {r[0] for r in self.db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+        if not tables:
+            if self.readonly:
+                raise StoreError(f"{self.path}: an empty database, not a bnlab run store (it has no tables)")
+            self.db.executescript(SCHEMA)
+            return
+        missing = [t for t in REQUIRED_TABLES if t not in tables]
+        if missing and not tables & {*REQUIRED_TABLES, *LATER_TABLES}:
+            raise StoreError(f"{self.path}: not a bnlab run store (its tables: {', '.join(sorted(tables))})")
+        if missing:
+            raise StoreError(f"{self.path}: the run store is damaged: table(s) {', '.join(missing)} missing. bnlab "
+                             "does not recreate them (an empty 'runs' would make 'bnlab run' redo every finished "
+                             "run); restore the file from a backup, or run the experiment into a new folder (--out)")
+        for table, needed in REQUIRED_TABLES.items():
+            have = {row[1] for row in self.db.execute(f"PRAGMA table_info({table})")}
+            if absent := [c for c in needed if c not in have]:
+                raise StoreError(f"{self.path}: not the schema of a bnlab run store: table {table} has no column(s) "
+                                 f"{', '.join(absent)}")
+        have = {row[1] for row in self.db.execute("PRAGMA table_info(runs)")}
+        self._absent_columns = [f.name for f in RESULT_FIELDS if f.name not in have]
+        self._has_probes = "probes" in tables
+        if not self.readonly:
+            self.db.executescript(SCHEMA)  # IF NOT EXISTS: only the tables of later versions
+            self._add_missing_columns()
+            self._absent_columns, self._has_probes = [], True
 
     def _add_missing_columns(self) -> None:
         """A store written by an older bnlab lacks the newer result columns: add them (NULL for its runs)."""
-        have = {row[1] for row in self.db.execute("PRAGMA table_info(runs)")}
-        for f in RESULT_FIELDS:
-            if f.name not in have:
-                try:
-                    self.db.execute(f"ALTER TABLE runs ADD COLUMN {f.name} {f.sql}")
-                except sqlite3.OperationalError as e:  # another process added it just now
-                    if "duplicate column" not in str(e):
-                        raise
+        for name in self._absent_columns:
+            try:
+                self.db.execute(f"ALTER TABLE runs ADD COLUMN {name} {RESULT_FIELD_SQL[name]}")
+            except sqlite3.OperationalError as e:  # another process added it just now
+                if "duplicate column" not in str(e):
+                    raise
 
     def close(self) -> None:
         self.db.close()
@@ -155,7 +213,10 @@ class RunStore:
         if status:
             q += f" WHERE status IN ({','.join('?' * len(status))})"
             args = status
-        return [dict(r) for r in self.db.execute(q + " ORDER BY variant, seed", args)]
+        rows = [dict(r) for r in self.db.execute(q + " ORDER BY variant, seed", args)]
+        for r in rows:  # an older store read as it is: its missing result columns are None
+            r.update({c: None for c in self._absent_columns})
+        return rows
 
     def epochs(self, run_id: str | None = None) -> list[dict]:
         if run_id is None:
@@ -163,4 +224,6 @@ class RunStore:
         return [dict(r) for r in self.db.execute("SELECT * FROM epochs WHERE run_id = ? ORDER BY epoch", (run_id,))]
 
     def probes(self) -> list[dict]:
+        if not self._has_probes:
+            return []
         return [dict(r) for r in self.db.execute("SELECT * FROM probes ORDER BY run_id, step")]
