@@ -16,6 +16,7 @@ from bnlab.models import build_model
 from bnlab.train import engine
 from bnlab.train.config import TrainConfig
 from bnlab.train.engine import fit
+from bnlab.train.resume import discard_state
 from bnlab.train.single import train_run
 
 SYNTH = {"n_train": 300, "n_test": 400}
@@ -105,9 +106,10 @@ def test_best_and_final_model_are_reported_separately(tmp_path):
 
 
 def test_models_without_batch_statistics_get_no_precise_values(tmp_path):
-    for model in ({"input_shape": [10], "hidden": [16]}, {"input_shape": [10], "hidden": [16], "bn": "after",
-                                                         "norm": "layer"}):
-        res = execute_run(_plan(model, dataset="synthetic", dataset_options=SYNTH, epochs=1), str(tmp_path / "x"))
+    for i, model in enumerate(({"input_shape": [10], "hidden": [16]},
+                               {"input_shape": [10], "hidden": [16], "bn": "after", "norm": "layer"})):
+        # a folder of its own each: a run folder holding another model's run is refused
+        res = execute_run(_plan(model, dataset="synthetic", dataset_options=SYNTH, epochs=1), str(tmp_path / f"x{i}"))
         assert res["status"] == "done" and res["test_accuracy"] is not None
         assert res["precise_val_accuracy"] is None and res["precise_test_accuracy"] is None
 
@@ -175,6 +177,7 @@ def test_a_redone_run_never_keeps_an_earlier_attempts_model(tmp_path, monkeypatc
     cfg = TrainConfig(dataset="synthetic", dataset_options=SYNTH, epochs=1)
     train_run(MLP_BN, cfg, out=tmp_path, progress=False)
     assert (tmp_path / "checkpoint").is_dir() and (tmp_path / "checkpoint-final").is_dir()
+    discard_state(tmp_path)  # as the runner does once the result is stored: a redo starts from zero
     _diverge_at(monkeypatch, 1)
     res = train_run(MLP_BN, cfg, out=tmp_path, progress=False)
     assert res.checkpoints == {} and not (tmp_path / "checkpoint").exists()

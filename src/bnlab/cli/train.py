@@ -29,19 +29,26 @@ def train(
     engine: str = typer.Option("auto", help="auto | native (C++ MLP step) | fused (Python MLP step) | autograd."),
     device: str = typer.Option("auto", help="auto | cpu | cuda."),
     out: Path = typer.Option(None, help="Folder for run.json, history.json, checkpoint/ (the best-validation "
-                             "model) and checkpoint-final/ (the final model)."),
+                             "model) and checkpoint-final/ (the final model); an interrupted run continues "
+                             "from its last completed epoch when the same command is run again."),
+    restart: bool = typer.Option(False, "--restart", help="Start from zero even if --out holds a run (of other "
+                                 "settings, or an interrupted one), discarding it."),
 ) -> None:
     """Train one model on one dataset and print the per-epoch metrics and the test result.
 
     Settings come from the model preset's recipe (the seed notebook's), overridden by options.
 
     Example: bnlab train fashion-mlp-bn-before --dataset mnist-5k --epochs 3 --out runs/one
+
+    Interrupted (Ctrl-C, kill), the same command continues from the last completed epoch with the
+    results an uninterrupted run gives; a folder holding a run of other settings is refused.
     """
     from pydantic import ValidationError
 
     from bnlab.data import ChecksumError, CorruptFileError, DatasetUnavailable
     from bnlab.models import load_model_spec
     from bnlab.train.config import TrainConfig, recipe_for
+    from bnlab.train.resume import RunInterrupted, SettingsChanged, discard_state
     from bnlab.train.single import train_run
 
     given = {"dataset": dataset, "data_dir": data_dir, "epochs": epochs, "batch_size": batch_size, "lr": lr,
@@ -57,11 +64,18 @@ def train(
             settings.pop("validation", None)  # the recipe's split fits its own dataset only
         settings.update({k: v for k, v in given.items() if v is not None})
         config = TrainConfig(**settings)
-        result = train_run(spec, config, out=out)
+        result = train_run(spec, config, out=out, restart=restart)
+    except RunInterrupted as e:
+        console.print(_how_to_resume(out, e.epoch), markup=False, highlight=False)
+        raise typer.Exit(code=130)
+    except SettingsChanged as e:
+        _fail(f"{e}: choose another --out, or add --restart to discard that run and start from zero")
     except ValidationError as e:
         _fail(str(e))
     except (DatasetUnavailable, ChecksumError, CorruptFileError, ValueError) as e:
         _fail(str(e))
+    if out is not None:  # history.json now records the run: its resumable state has done its job
+        discard_state(out)
     for note in result.notes:
         console.print(f"note: {note}")
     h = result.history
@@ -97,3 +111,15 @@ def train(
         console.print(f"results in {out}/: run.json, history.json" + "".join(", " + s for s in saved))
     if h.stopped == "diverged":
         raise typer.Exit(code=3)
+
+
+def _how_to_resume(out: Path | None, epoch: int) -> str:
+    from bnlab.train.resume import STATE_DIR
+
+    if out is None:
+        return "interrupted: nothing was saved (a run resumes only with --out); nothing was recorded"
+    if epoch == 0:
+        return (f"interrupted before the first epoch ended: nothing to resume and no result recorded in {out}; "
+                "run the same command again to start over")
+    return (f"interrupted: no result recorded; the state after epoch {epoch} is saved in {out / STATE_DIR}; "
+            f"run the same command again to continue from epoch {epoch} (or add --restart to start from zero)")

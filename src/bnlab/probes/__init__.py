@@ -160,6 +160,18 @@ class Probes:
     def close(self) -> None:
         """Nothing is left registered on the model (hooks live only during a probe forward)."""
 
+    def state(self) -> dict:
+        """What a resumed run needs to go on recording as if it had never stopped (JSON-able): the
+        records so far and each layer's tracked units (chosen at the first sampled step)."""
+        return {"records": [list(r) for r in self.records],
+                "units": {self.activations[m]: units for m, units in self._units.items()}}
+
+    def load_state(self, state: dict) -> None:
+        """Put back what ``state()`` gave."""
+        by_name = {name: m for m, name in self.activations.items()}
+        self.records = [tuple(r) for r in state["records"]]
+        self._units = {by_name[name]: list(units) for name, units in state["units"].items()}
+
     # ---- per step
     def wants(self, step: int) -> bool:
         return (step - 1) % self.config.every == 0

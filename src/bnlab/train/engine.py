@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
@@ -23,6 +23,7 @@ from bnlab.train.fused import FusedMLPStep, unsupported_layers
 from bnlab.train.history import EpochRecord, History
 from bnlab.train.optim import make_optimizer
 from bnlab.train.progress import TrainProgress
+from bnlab.train.resume import RunInterrupted, TrainState, read_state, rng_states, save_state, set_rng_states
 
 ENGINES = ("auto", "native", "fused", "autograd")
 
@@ -119,6 +120,17 @@ class _Best:
     epoch: int | None = None
 
 
+def _own_settings(model: nn.Module, data: Dataset, hyper: dict) -> dict:
+    """What a state saved by ``fit`` is keyed by when its caller gives no settings: the model's spec
+    (else its tensors' names, shapes and dtypes), the data's name and sizes, and fit's arguments."""
+    spec = getattr(model, "spec", None)
+    arch = (spec.model_dump(mode="json") if hasattr(spec, "model_dump") else
+            [[k, list(v.shape), str(v.dtype)] for k, v in model.state_dict().items()])
+    return {"model": arch, "fit": hyper,
+            "data": {"name": data.name, "input_shape": list(data.input_shape), "train": len(data.y_train),
+                     "validation": len(data.y_val)}}
+
+
 def fit(model: nn.Module, data: Dataset, *, optimizer: str = "sgd", lr: float = 1e-3, momentum: float = 0.0,
         nesterov: bool = False, weight_decay: float = 0.0, batch_size: int = 32, epochs: int = 10,
         seed: int = 0, target_accuracy: float | None = None, augment: RandomAffine | None = None,
@@ -126,7 +138,8 @@ def fit(model: nn.Module, data: Dataset, *, optimizer: str = "sgd", lr: float = 
         monitor: str = "val_accuracy", patience: int | None = None, max_steps: int | None = None,
         max_seconds: float | None = None, probes=None,
         progress: bool = True, eval_batch_size: int = 1024, keras_defaults: bool = True,
-        checkpoint_meta: dict | None = None) -> History:
+        checkpoint_meta: dict | None = None, state_dir: str | Path | None = None,
+        state_settings: dict | None = None, resume_from: TrainState | None = None) -> History:
     """Train ``model`` on ``data`` and return the History.
 
     optimizer: sgd (momentum, nesterov) | rmsprop | adam; cross-entropy on logits.
@@ -136,7 +149,23 @@ def fit(model: nn.Module, data: Dataset, *, optimizer: str = "sgd", lr: float = 
     patience: stop after this many epochs without improvement of ``monitor``.
     max_steps / max_seconds: budgets; the run ends (after evaluating) once either is used up.
     probes: a ``bnlab.probes.ProbeConfig`` (or ``Probes``) to record what happens inside the network.
-    A NaN/inf loss stops the run (history kept, ``stopped="diverged"``); so does Ctrl-C (``"interrupted"``).
+    A NaN/inf loss stops the run (history kept, ``stopped="diverged"``).
+
+    state_dir: write the resumable state (``bnlab.train.resume``) there at the end of every epoch, and
+    continue from the valid state of the same settings found there (a state that is corrupt or of
+    other settings is ignored; the first epoch saved replaces it). ``state_settings``: what the state
+    is keyed by (``train_run``: the run's model spec and TrainConfig; default: fit's own arguments, the
+    model's spec and the data's name and sizes). ``resume_from``: a state already read
+    (``resume.read_state``) to continue from instead of reading ``state_dir``. A state of a finished
+    training (all epochs, early stopping, a budget) gives back its model and History at once.
+    Continuing gives what an uninterrupted run gives, bit for bit on a CPU with the same thread count
+    (History, weights, the best checkpoint), except wall-clock values (each epoch's ``seconds``,
+    ``seconds_to_target``) and runs with a ``max_seconds`` budget, whose stopping point follows the
+    clock (the training seconds before the interruption count towards the budget).
+
+    Ctrl-C (any KeyboardInterrupt) ends training: without ``state_dir`` the History so far comes back
+    with ``stopped="interrupted"`` (never a finished run); with one, ``RunInterrupted`` is raised,
+    carrying the last epoch whose state is saved.
     """
     if batch_size < 1 or epochs < 1:
         raise ValueError(f"batch_size and epochs must be >= 1 (got batch_size={batch_size}, epochs={epochs})")
@@ -145,6 +174,17 @@ def fit(model: nn.Module, data: Dataset, *, optimizer: str = "sgd", lr: float = 
     if tuple(data.input_shape) != tuple(getattr(getattr(model, "spec", None), "input_shape", data.input_shape)):
         raise ValueError(f"the model expects inputs of shape {tuple(model.spec.input_shape)} but dataset "
                          f"{data.name!r} has {data.input_shape}")
+    if state_dir is not None and state_settings is None:
+        state_settings = _own_settings(model, data, {
+            "optimizer": optimizer, "lr": lr, "momentum": momentum, "nesterov": nesterov,
+            "weight_decay": weight_decay, "batch_size": batch_size, "epochs": epochs, "seed": seed,
+            "target_accuracy": target_accuracy, "augment": None if augment is None else asdict(augment),
+            "engine": engine, "device": device, "monitor": monitor, "patience": patience, "max_steps": max_steps,
+            "max_seconds": max_seconds, "eval_batch_size": eval_batch_size, "keras_defaults": keras_defaults,
+            "probes": None if probes is None else getattr(probes, "config", probes).model_dump(mode="json")})
+    not_resumed = None  # why a state found in state_dir is not continued from
+    if state_dir is not None and resume_from is None:
+        resume_from, not_resumed = read_state(state_dir, state_settings)
     dev = resolve_device(device)
     torch.manual_seed(seed)  # nn.Dropout in the autograd path draws from the global RNG
     # paired design: the data order has a generator of its own, seeded by the run seed only, so runs
@@ -152,6 +192,7 @@ def fit(model: nn.Module, data: Dataset, *, optimizer: str = "sgd", lr: float = 
     # or augmentation the variants draw from ``gen``; different seeds give different orders
     order_gen = torch.Generator().manual_seed(seed)
     gen = torch.Generator().manual_seed(stream_seed(seed, "noise"))  # dropout masks, augmentation
+    generators = {"order": order_gen, "noise": gen}
     model.to(dev).train()
     data = data.to(dev)
     plain_sgd = optimizer == "sgd" and momentum == 0 and weight_decay == 0
@@ -177,11 +218,26 @@ def fit(model: nn.Module, data: Dataset, *, optimizer: str = "sgd", lr: float = 
     best = _Best()
     since_best = 0
     steps_done = 0
+    done_before, elapsed_before, finished = 0, 0.0, False
+    if resume_from is not None:
+        _restore(resume_from, model, opt, generators, dev, probes)
+        hist, hist.engine = resume_from.history, engine_used
+        best, since_best = _Best(resume_from.best_value, resume_from.best_epoch), resume_from.since_best
+        steps_done, done_before = resume_from.steps, resume_from.epoch
+        elapsed_before, finished = resume_from.elapsed, resume_from.finished
+    saved_epoch = done_before  # the last epoch whose state is on disk
     check_every = 1 if dev.type == "cpu" else 25  # a finiteness check syncs a GPU
-    start = time.perf_counter()
+    start = time.perf_counter() - elapsed_before  # a time budget goes on where it stopped
     with TrainProgress(epochs, len(batches), enabled=progress) as bar:
+        if resume_from is not None:
+            bar.advance(done_before * len(batches))
+            where = f" (state in {state_dir})" if state_dir is not None else ""
+            bar.epoch_done(f"training had already finished at epoch {done_before} of {epochs}{where}" if finished
+                           else f"continuing from epoch {done_before} of {epochs}{where}")
+        elif not_resumed:
+            bar.epoch_done(f"not resumed: {not_resumed}; starting from zero")
         try:
-            for epoch in range(1, epochs + 1):
+            for epoch in range(done_before + 1, (done_before if finished else epochs) + 1):
                 t0 = time.perf_counter()
                 perm = epoch_order(n, order_gen).to(dev)
                 losses, corrects = [], []  # 0-d tensors, stacked once per epoch
@@ -243,20 +299,43 @@ def fit(model: nn.Module, data: Dataset, *, optimizer: str = "sgd", lr: float = 
                 if patience is not None and since_best >= patience:
                     hist.stopped = "early_stopping"
                     hist.message = f"no improvement of {monitor} for {patience} epochs"
-                    break
-                if max_steps is not None and steps_done >= max_steps:
+                elif max_steps is not None and steps_done >= max_steps:
                     hist.stopped, hist.message = "budget", f"step budget of {max_steps} used"
-                    break
-                if max_seconds is not None and time.perf_counter() - start >= max_seconds:
+                elif max_seconds is not None and time.perf_counter() - start >= max_seconds:
                     hist.stopped, hist.message = "budget", f"time budget of {max_seconds} s used"
+                finished = hist.stopped != "completed" or epoch == epochs
+                if state_dir is not None:  # after the best checkpoint, so the state never runs ahead of it
+                    save_state(state_dir, TrainState(
+                        epoch, steps_done, time.perf_counter() - start, finished, hist, best.value, best.epoch,
+                        since_best, engine_used, model.state_dict(),
+                        None if opt is None else opt.state_dict()["state"], rng_states(generators, dev),
+                        None if probes is None else probes.state()), state_settings)
+                    saved_epoch = epoch
+                if finished:
                     break
         except Diverged as e:
             hist.stopped, hist.message = "diverged", str(e)
             bar.epoch_done(f"[diverged] {e}")
-        except KeyboardInterrupt:
+        except KeyboardInterrupt as e:
+            if state_dir is not None:
+                raise RunInterrupted(saved_epoch) from e
             hist.stopped, hist.message = "interrupted", "stopped by the user (Ctrl-C)"
     hist.best_epoch = best.epoch
     if probes is not None:
         hist.probes = [list(r) for r in probes.records]
         probes.close()
     return hist
+
+
+def _restore(state: TrainState, model: nn.Module, opt, generators: dict[str, torch.Generator],
+             dev: torch.device, probes) -> None:
+    """Put a saved state back into the objects ``fit`` trains with, in place (the steps hold the
+    model's tensors and the generators)."""
+    model.load_state_dict(state.model)  # copies into the existing tensors
+    if opt is not None and state.optimizer is not None:
+        saved = opt.state_dict()
+        saved["state"] = state.optimizer  # this optimizer's own param_groups: the same settings
+        opt.load_state_dict(saved)
+    set_rng_states(state.rng, generators, dev)
+    if probes is not None and state.probes is not None:
+        probes.load_state(state.probes)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 
 
 @dataclass
@@ -43,7 +43,13 @@ class History:
         return self.epochs[-1] if self.epochs else None
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        """As ``dataclasses.asdict`` gives it, without its deep copy of every float (~20 ms for
+        17,000 step losses, paid at every epoch's resumable state)."""
+        d = {f.name: getattr(self, f.name) for f in fields(self)}
+        d["epochs"] = [asdict(e) for e in self.epochs]
+        d["step_loss"] = list(self.step_loss)
+        d["probes"] = [list(r) for r in self.probes]
+        return d
 
     @classmethod
     def from_dict(cls, d: dict) -> "History":

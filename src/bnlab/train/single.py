@@ -1,10 +1,12 @@
 """One training run from a model spec and a TrainConfig, with its results written to a folder.
 
-A run folder holds ``run.json`` (the resolved config, written before training), ``history.json``
-(epochs and the run's results), ``checkpoint/`` (the best-validation model, as Keras's
-``save_best_only``: what predict / serve / export use by default) and ``checkpoint-final/`` (the
-model at the end of training; absent when the run diverged). Both models are evaluated on the
-test set, each from its saved file, so the numbers reported are those of the models saved.
+A run folder holds ``run.json`` (the resolved config, written before training), ``resume/`` (the
+resumable state of the last completed epoch, ``bnlab.train.resume``), ``history.json`` (epochs and
+the run's results; written last, only for a run that ended), ``checkpoint/`` (the best-validation
+model, as Keras's ``save_best_only``: what predict / serve / export use by default) and
+``checkpoint-final/`` (the model at the end of training; absent when the run diverged). Both models
+are evaluated on the test set, each from its saved file, so the numbers reported are those of the
+models saved.
 """
 
 from __future__ import annotations
@@ -25,6 +27,10 @@ from bnlab.models.spec import spec_to_dict
 from bnlab.train.config import TrainConfig
 from bnlab.train.engine import evaluate, fit
 from bnlab.train.history import History
+from bnlab.train.resume import (RUN_JSON, STATE_DIR, RunInterrupted, SettingsChanged, TrainState, canonical,
+                                discard_state, read_state, resume_point, setting_differences, write_atomic)
+
+HISTORY = "history.json"
 
 
 @dataclass
@@ -46,6 +52,7 @@ class RunResult:
     precise_test_accuracy: float | None = None
     checkpoints: dict[str, str] = field(default_factory=dict)  # "best" / "final" -> folder name in out
     test_examples: int = 0
+    resumed_from: int | None = None  # the saved epoch this run continued from (None: it started from zero)
 
     @property
     def best_epoch(self) -> int | None:
@@ -109,35 +116,96 @@ def _finite(x: float) -> float | None:
     return x if x is not None and math.isfinite(x) else None
 
 
-def train_run(spec, config: TrainConfig, *, out: str | Path | None = None, progress: bool = True) -> RunResult:
+def run_settings(spec, config: TrainConfig) -> dict:
+    """A run's settings as ``run.json`` holds them and its resumable state is keyed by: the resolved
+    model spec and the TrainConfig."""
+    return canonical({"model": spec_to_dict(spec), "train": config.model_dump(mode="json")})
+
+
+def _previous_settings(out: Path) -> dict | None:
+    """The settings of the run ``out/run.json`` describes, with today's defaults filled in (so a field
+    added since is no change); None where there is no readable run.json."""
+    try:
+        saved = json.loads((out / RUN_JSON).read_text())
+        model, train = saved["model"], saved["train"]
+    except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError):
+        return None
+    try:
+        return run_settings(parse_model_spec(model), TrainConfig(**train))
+    except (ValueError, TypeError):  # not valid today: compared as stored, it differs
+        return canonical({"model": model, "train": train})
+
+
+def train_run(spec, config: TrainConfig, *, out: str | Path | None = None, progress: bool = True,
+              restart: bool = False) -> RunResult:
     """Load the data, build the model (adapted to the data), fit, save the best and the final
-    model, evaluate both on test (and the final one with precise BN statistics)."""
+    model, evaluate both on test (and the final one with precise BN statistics).
+
+    With a run folder ``out``, training writes its resumable state to ``out/resume`` at the end of
+    every epoch, and a run on a folder holding a valid state of the same settings continues from it
+    (``resumed_from`` and a note say from which epoch) with the results an uninterrupted run gives
+    (see ``fit``); a state of finished training leaves only the evaluation to redo. A state that is
+    corrupt or of other settings is never resumed (a note says why). A folder whose ``run.json``
+    holds other settings is refused with ``SettingsChanged`` (naming them) unless ``restart``, which
+    starts from zero. Starting from zero removes the folder's state, checkpoints and history;
+    continuing keeps the best checkpoint (the resumed run goes on updating it). The state stays after
+    the run: the caller removes it (``resume.discard_state``) once the result is recorded.
+
+    Interrupted (any KeyboardInterrupt), it raises ``RunInterrupted`` whose ``epoch`` is the one a
+    rerun continues from (0: none); it never returns a result nor writes history.json then.
+    """
+    out = Path(out) if out is not None else None
+    try:
+        return _run(spec, config, out, progress, restart)
+    except KeyboardInterrupt as e:  # a RunInterrupted too: its epoch is re-read from what is on disk
+        raise RunInterrupted((resume_point(out) or 0) if out is not None else 0) from e
+
+
+def _run(spec, config: TrainConfig, out: Path | None, progress: bool, restart: bool) -> RunResult:
     data = load_dataset(config.dataset, data_dir=config.data_dir, validation=config.validation,
                         scaling=config.scaling, seed=config.data_seed, **config.dataset_options)
     spec, notes = adapt_spec_to_data(parse_model_spec(spec), data.input_shape, data.num_classes)
     model = build_model(spec, seed=config.seed)
-    out = Path(out) if out is not None else None
-    scratch = None
+    settings = run_settings(spec, config)
+    scratch, state = None, None
     if out is not None:
-        out.mkdir(parents=True, exist_ok=True)
-        for sub in RUN_CHECKPOINTS.values():  # a redone run must not report an earlier attempt's model
-            if (out / sub).is_dir():
-                shutil.rmtree(out / sub)
-        # the resolved config goes next to the results before training, so a crash keeps it
-        (out / "run.json").write_text(json.dumps({"model": spec_to_dict(spec), "train": config.model_dump()},
-                                                 indent=2))
+        state = _prepare_folder(out, settings, config, notes, restart)
         folder = out
     else:  # the best model still goes through a checkpoint, so it is measured as it would be saved
         scratch = tempfile.TemporaryDirectory(prefix="bnlab-run-")
         folder = Path(scratch.name)
     try:
-        return _train(model, spec, config, data, notes, out, folder, progress)
+        return _train(model, spec, config, data, notes, out, folder, progress, settings, state)
     finally:
         if scratch is not None:
             scratch.cleanup()
 
 
-def _train(model, spec, config, data, notes, out, folder: Path, progress: bool) -> RunResult:
+def _prepare_folder(out: Path, settings: dict, config: TrainConfig, notes: list[str], restart: bool) -> TrainState | None:
+    """Make ``out`` ready for the run and return the state to continue from (None: from zero)."""
+    out.mkdir(parents=True, exist_ok=True)
+    previous = _previous_settings(out)
+    if previous is not None and previous != settings and not restart:
+        raise SettingsChanged(out, setting_differences(previous, settings))
+    state, why = (None, None) if restart else read_state(out / STATE_DIR, settings)
+    if why:
+        notes.append(f"not resumed: {why}; started from zero")
+    if state is None:  # a redone run must not report an earlier attempt's model
+        discard_state(out)
+        for sub in RUN_CHECKPOINTS.values():
+            shutil.rmtree(out / sub, ignore_errors=True)
+    else:  # the best checkpoint so far stays: the resumed run goes on from it
+        shutil.rmtree(out / RUN_CHECKPOINTS["final"], ignore_errors=True)
+        notes.append(f"training had finished at epoch {state.epoch}; only the evaluation was redone" if state.finished
+                     else f"continued from epoch {state.epoch} of {config.epochs} (the state saved in {STATE_DIR}/)")
+    (out / HISTORY).unlink(missing_ok=True)  # history.json says a run ended: not until this one has
+    # the resolved config goes next to the results before training, so a crash keeps it
+    write_atomic(out / RUN_JSON, json.dumps(settings, indent=2).encode())
+    return state
+
+
+def _train(model, spec, config, data, notes, out, folder: Path, progress: bool, settings: dict,
+           state: TrainState | None) -> RunResult:
     best_dir, final_dir = folder / RUN_CHECKPOINTS["best"], folder / RUN_CHECKPOINTS["final"]
     meta = {"train": config.model_dump(), "dataset": data.name,
             "classes": list(data.classes) if data.classes else None}
@@ -148,10 +216,14 @@ def _train(model, spec, config, data, notes, out, folder: Path, progress: bool) 
                engine=config.engine, device=config.device, checkpoint_dir=best_dir,
                monitor=config.monitor, patience=config.patience, max_steps=config.max_steps,
                max_seconds=config.max_seconds, probes=config.probes, progress=progress,
-               keras_defaults=config.keras_defaults, checkpoint_meta={"train": config.model_dump()})
+               keras_defaults=config.keras_defaults, checkpoint_meta={"train": config.model_dump()},
+               state_dir=None if out is None else out / STATE_DIR, state_settings=settings, resume_from=state)
+    if hist.stopped == "interrupted":  # only without a state folder; an interrupted run has no result
+        raise RunInterrupted(0)
     dev = next(model.parameters()).device
     data = data.to(dev)
-    res = RunResult(hist, None, None, spec_to_dict(spec), config, notes, out, test_examples=len(data.y_test))
+    res = RunResult(hist, None, None, spec_to_dict(spec), config, notes, out, test_examples=len(data.y_test),
+                    resumed_from=None if state is None else state.epoch)
     last = hist.epochs[-1] if hist.epochs else None
     if hist.stopped == "diverged":
         notes.append("the run diverged: its final model has non-finite weights, so it is neither saved nor "
@@ -177,9 +249,10 @@ def _train(model, spec, config, data, notes, out, folder: Path, progress: bool) 
         update_meta(best_dir, test_accuracy=res.best_test_accuracy, test_loss=res.best_test_loss)
         res.checkpoints["best"] = best_dir.name
     if out is not None:
-        (out / "history.json").write_text(json.dumps(
+        write_atomic(out / HISTORY, json.dumps(
             {**hist.to_dict(), "test_loss": res.test_loss, "test_accuracy": res.test_accuracy,
-             "results": res.summary(), "checkpoints": res.checkpoints, "notes": notes}, indent=2))
+             "results": res.summary(), "checkpoints": res.checkpoints, "notes": notes,
+             "resumed_from": res.resumed_from}, indent=2).encode())
     return res
 
 
