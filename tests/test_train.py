@@ -303,7 +303,7 @@ def test_checkpoint_round_trip_and_corruption(tmp_path):
     w.write_bytes(w.read_bytes()[:-10])
     with pytest.raises(CheckpointError, match="checksum mismatch"):
         load_checkpoint(tmp_path / "ck")
-    with pytest.raises(CheckpointError, match="not a bnlab checkpoint"):
+    with pytest.raises(CheckpointError, match="no such folder"):
         load_checkpoint(tmp_path / "nothing")
 
 
