@@ -266,7 +266,7 @@ def _free_port() -> int:
 def server(trained):
     port = _free_port()
     proc = subprocess.Popen([sys.executable, "-m", "bnlab", "serve", str(trained.parent), "--port", str(port),
-                             "--max-body-bytes", "200000"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+                             "--max-body-bytes", "200000"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     base = f"http://127.0.0.1:{port}"
     deadline = time.time() + 60
     while time.time() < deadline:
@@ -277,7 +277,7 @@ def server(trained):
             time.sleep(0.2)
     else:
         proc.kill()
-        raise RuntimeError("server did not start: " + proc.stdout.read().decode())
+        raise RuntimeError("server did not start")
     yield base
     proc.terminate()
     proc.wait(timeout=10)
@@ -307,23 +307,4 @@ def test_server_predicts_json_and_image(server):
     assert r.status_code == 200 and r.json()["predictions"][0]["class"] == int(raw.y_test[1])
 
 
-@pytest.mark.parametrize("kwargs,status,match", [
-    ({"json": {"inputs": [[1, 2], [3, 4]]}}, 422, "expected shape"),
-    ({"json": {"inputs": "lots"}}, 422, "numbers"),
-    ({"json": {"inputs": [[1, 2], [3]]}}, 422, "rectangular"),
-    ({"json": {"wrong": 1}}, 422, "inputs"),
-    ({"content": ('{"inputs": [' + ",".join(["[" + ",".join(["1"] * 27 + ["Infinity"]) + "]"] * 28) + "]}").encode(),
-      "headers": {"content-type": "application/json"}}, 422, "NaN or infinite"),
-    ({"content": b"{not json", "headers": {"content-type": "application/json"}}, 422, "not valid JSON"),
-    ({"files": {"file": ("x.png", b"these bytes are not an image", "image/png")}}, 422, "not an image"),
-    ({"content": b"x" * 300_000, "headers": {"content-type": "application/json"}}, 413, "larger than"),
-    ({"content": b"hello", "headers": {"content-type": "text/plain"}}, 415, "expected application/json"),
-    ({"json": {"inputs": [[[0.0] * 28] * 28] * 1025}}, 413, None),
-], ids=["shape", "strings", "ragged", "no-inputs", "inf", "bad-json", "not-image", "too-big", "media-type",
-        "batch-too-big"])
-def test_server_rejects_bad_input_and_survives(server, kwargs, status, match):
-    r = httpx.post(server + "/predict", timeout=30, **kwargs)
-    assert r.status_code in ((status,) if status != 413 else (413, 422)), r.text
-    if match:
-        assert match in r.json()["detail"]
-    assert httpx.get(server + "/health").status_code == 200  # still up
+# bad, hostile and oversized input, keep-alive, limits, the fuzz, stopping: tests/test_serve.py

@@ -12,19 +12,15 @@ from bnlab.cli.app import _fail, app, console
 
 
 def _checkpoint(path: Path):
-    from bnlab.checkpoint import CheckpointError, load_checkpoint
-
-    try:
-        return load_checkpoint(path)
-    except CheckpointError as e:
-        _fail(str(e))
+    """The checkpoint at ``path`` (a checkpoint folder, or a run folder's best model), or a clean exit."""
+    return _chosen_checkpoint(path, None)
 
 
 def _checkpoint_data(ck, dataset: str | None, data_dir: str | None):
     """The dataset a checkpoint was trained on (same split and scaling), or another one."""
     from bnlab.data import load_dataset
 
-    train = ck.meta.get("train", {})
+    train = ck.meta.get("train") or {}
     name = dataset or ck.meta.get("dataset") or train.get("dataset")
     if not name:
         _fail("the checkpoint does not say which dataset it was trained on: pass --dataset")
@@ -57,7 +53,7 @@ def recalibrate(
 
     Example: bnlab recalibrate runs/one/checkpoint --out runs/one/precise --mode both
     """
-    from bnlab.checkpoint import save_checkpoint
+    from bnlab.checkpoint import CheckpointError, save_checkpoint
     from bnlab.data import ChecksumError, CorruptFileError, DatasetUnavailable
     from bnlab.deploy import recalibrate as recal
     from bnlab.train import evaluate
@@ -90,11 +86,14 @@ def recalibrate(
     # accuracies measured with the old statistics no longer describe these weights: drop them
     measured = {k for k in ck.meta if k.endswith(("_accuracy", "_loss"))}
     new_loss, new_acc = evaluate(new[written], data.x_val, data.y_val)
-    save_checkpoint(out, new[written], preprocessing=ck.preprocessing,
-                    meta={**{k: v for k, v in ck.meta.items() if k not in measured},
-                          "val_accuracy": new_acc, "val_loss": new_loss,
-                          "recalibrated": {"mode": written, "batch_size": batch_size, "seed": seed,
-                                           "examples": len(data.x_train)}})
+    try:
+        save_checkpoint(out, new[written], preprocessing=ck.preprocessing,
+                        meta={**{k: v for k, v in ck.meta.items() if k not in measured},
+                              "val_accuracy": new_acc, "val_loss": new_loss,
+                              "recalibrated": {"mode": written, "batch_size": batch_size, "seed": seed,
+                                               "examples": len(data.x_train)}})
+    except CheckpointError as e:
+        _fail(str(e))
     console.print(table)
     console.print(f"wrote {out} (precise statistics, mode {written})")
 
@@ -111,7 +110,7 @@ def fold_cmd(
     """
     import torch
 
-    from bnlab.checkpoint import save_checkpoint
+    from bnlab.checkpoint import CheckpointError, save_checkpoint
     from bnlab.deploy import describe, fold
     from bnlab.models import build_model
 
@@ -125,7 +124,10 @@ def fold_cmd(
     with torch.no_grad():
         a, b = ck.model(x), rebuilt(x)
     err = float((a - b).abs().max() / a.abs().max().clamp_min(1e-30))
-    save_checkpoint(out, rebuilt, preprocessing=ck.preprocessing, meta={**ck.meta, "folded": rep.to_text()})
+    try:
+        save_checkpoint(out, rebuilt, preprocessing=ck.preprocessing, meta={**ck.meta, "folded": rep.to_text()})
+    except CheckpointError as e:  # e.g. folding overflowed float32: refused, not written
+        _fail(str(e))
     console.print(rep.to_text())
     console.print(f"max relative output difference on random inputs: {err:.2e}; wrote {out}")
 
@@ -160,16 +162,14 @@ def predict_cmd(
 
     Example: bnlab predict runs/one digit.png --model best --json
     """
-    from bnlab.checkpoint import CheckpointError
-    from bnlab.deploy import InputError
     from bnlab.deploy.predict import predict_files
 
-    try:
+    try:  # CheckpointError, InputError (non-finite outputs included: never 'p = nan'), both ValueErrors
         ck, results = predict_files(checkpoint, inputs, which=which, prescaled=prescaled)
-    except (CheckpointError, InputError) as e:
+    except ValueError as e:
         _fail(str(e))
     if as_json:
-        print(json.dumps(results, indent=2))
+        print(json.dumps(results, indent=2, allow_nan=False))  # strict JSON: predict() refused NaN above
         return
     console.print(f"model: {ck.describe()}")
     for r in results:
@@ -219,17 +219,27 @@ def export(
 def serve(
     checkpoint: Path = typer.Argument(..., help="A checkpoint folder, or a run folder (then --model picks which)."),
     host: str = typer.Option("127.0.0.1"),
-    port: int = typer.Option(8000),
-    max_body_bytes: int = typer.Option(4 * 1024 * 1024, "--max-body-bytes"),
+    port: int = typer.Option(8000, help="0: any free port (the start message says which)."),
+    max_body_bytes: int = typer.Option(None, "--max-body-bytes", help="Larger bodies get 413. Default: 4 MiB, "
+                                       "enough for a full batch (1024 samples) of MNIST as JSON."),
+    max_image_pixels: int = typer.Option(None, "--max-image-pixels", help="Larger images get 413, read from "
+                                         "their header before decoding. Default: 4096x4096 (a phone photo), or "
+                                         "256 times the model's input area if larger."),
+    decoders: int = typer.Option(None, "--decoders", help="Processes that decode request bodies (JSON, "
+                                 "images) off the event loop. Default: 2."),
     which: str = typer.Option(None, "--model", help=_MODEL_HELP),
 ) -> None:
     """Serve a checkpoint over REST: POST /predict, GET /health, GET /model, /docs.
 
-    Says which model it serves (best or final, its epoch), at start and in every answer.
+    Says which model it serves (best or final, its epoch), at start and in every answer. Bad input
+    gets a 4xx with a message, never a 5xx; the limits are in /openapi.json and /docs. SIGINT
+    (Ctrl-C) or SIGTERM stops it gracefully: requests in flight are answered, then it exits 0.
     Needs the optional extra: pip install 'bnlab\\[serve]'.
 
     Example: bnlab serve runs/one --model best --port 8000
     """
+    import signal
+
     try:
         import uvicorn
 
@@ -237,5 +247,24 @@ def serve(
     except ImportError:
         _fail("serving needs the optional extra: pip install 'bnlab[serve]'")
     ck = _chosen_checkpoint(checkpoint, which)  # a clear error before the server starts
-    console.print(f"serving the {ck.describe()}")
-    uvicorn.run(create_app(checkpoint, which=which, max_body_bytes=max_body_bytes), host=host, port=port)
+    limits = {k: v for k, v in {"max_body_bytes": max_body_bytes, "max_image_pixels": max_image_pixels,
+                                "decoders": decoders}.items() if v is not None}
+    try:
+        application = create_app(ck, **limits)
+    except ValueError as e:
+        _fail(str(e))
+    server = uvicorn.Server(uvicorn.Config(application, host=host, port=port, timeout_graceful_shutdown=30))
+
+    # uvicorn answers SIGINT/SIGTERM with a graceful shutdown, then restores the handlers it found and
+    # raises the signal again, which would kill the process after a clean stop; these handlers make
+    # that a no-op (and stop the server if a signal comes before uvicorn installs its own).
+    def stop(signum, frame):
+        server.should_exit = True
+
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, stop)
+    console.print(f"serving the {ck.describe()}", markup=False)
+    server.run()
+    if not server.started:
+        _fail(f"the server did not start on {host}:{port} (uvicorn's message above says why)")
+    console.print("stopped: every request in flight was answered", markup=False)

@@ -8,7 +8,6 @@ by default, as Keras's ``save_best_only``; or "final"); every prediction says wh
 
 from __future__ import annotations
 
-import io
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -17,12 +16,10 @@ import torch
 from torch import nn
 
 from bnlab.data.dataset import apply_scaling
+from bnlab.payload import IMAGE_SUFFIXES, InputError, as_batch, image_to_array
 
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp")
-
-
-class InputError(ValueError):
-    """An input that does not fit the model; the message says what was expected and what arrived."""
+__all__ = ["IMAGE_SUFFIXES", "InputError", "Prediction", "as_batch", "image_to_array", "predict", "predict_files",
+           "read_input"]
 
 
 @dataclass
@@ -30,25 +27,6 @@ class Prediction:
     label: int
     name: str
     probabilities: list[float]
-
-
-def image_to_array(data: bytes, input_shape: tuple[int, ...]) -> np.ndarray:
-    """Image bytes -> (C, H, W) float array of raw pixel values, resized to the model's input."""
-    from PIL import Image, UnidentifiedImageError
-
-    if len(input_shape) != 3:
-        raise InputError(f"this model takes feature vectors of shape {input_shape}, not images")
-    c, h, w = input_shape
-    try:
-        img = Image.open(io.BytesIO(data))
-        img.load()
-    except (UnidentifiedImageError, OSError) as e:
-        raise InputError(f"the bytes are not an image PIL can read ({e})") from None
-    img = img.convert("L" if c == 1 else "RGB")
-    if img.size != (w, h):
-        img = img.resize((w, h))
-    arr = np.asarray(img, dtype=np.float32)
-    return arr[None] if c == 1 else arr.transpose(2, 0, 1)
 
 
 def read_input(path: str | Path, input_shape: tuple[int, ...]) -> np.ndarray:
@@ -67,35 +45,25 @@ def read_input(path: str | Path, input_shape: tuple[int, ...]) -> np.ndarray:
     raise InputError(f"{path}: expected an image ({', '.join(IMAGE_SUFFIXES)}) or a .npy array")
 
 
-def as_batch(arr, input_shape: tuple[int, ...], where: str = "input") -> np.ndarray:
-    """Accept one sample (input_shape, or (H, W) for one-channel images) or a batch (N, *input_shape)."""
-    arr = np.asarray(arr)
-    if arr.dtype.kind not in "biuf":
-        raise InputError(f"{where}: expected numbers (got dtype {arr.dtype})")
-    arr = arr.astype(np.float32)
-    shape = tuple(input_shape)
-    if arr.shape == shape:
-        arr = arr[None]
-    elif len(shape) == 3 and shape[0] == 1 and arr.shape == shape[1:]:
-        arr = arr[None, None]
-    elif arr.shape[1:] != shape or arr.shape[0] == 0:
-        raise InputError(f"{where}: expected shape {shape} or (N, {', '.join(map(str, shape))}) "
-                         f"(got {tuple(arr.shape)})")
-    if not np.isfinite(arr).all():
-        raise InputError(f"{where}: contains NaN or infinite values")
-    return arr
-
-
 @torch.no_grad()
 def predict(model: nn.Module, batch: np.ndarray, preprocessing: dict, classes=None, *,
             prescaled: bool = False) -> list[Prediction]:
-    """Class and probabilities for each row of ``batch`` (raw values unless ``prescaled``)."""
+    """Class and probabilities for each row of ``batch`` (raw values unless ``prescaled``).
+
+    Refuses (InputError) a batch whose outputs are not finite: large finite inputs can overflow the
+    logits, and a NaN probability is no answer (nor valid JSON)."""
     if model.training:
         raise ValueError("predict() needs a model in eval mode: call model.eval() first (in training mode BN "
                          "would normalise with the statistics of this batch, and a batch of one has none)")
     x = batch if prescaled or not preprocessing else apply_scaling(batch, preprocessing)
     p = next(model.parameters())
-    probs = torch.softmax(model(torch.as_tensor(np.ascontiguousarray(x), dtype=p.dtype, device=p.device)), 1)
+    logits = model(torch.as_tensor(np.ascontiguousarray(x), dtype=p.dtype, device=p.device))
+    bad = (~torch.isfinite(logits).all(1)).nonzero().flatten().tolist()
+    if bad:
+        raise InputError(f"the model's output is not finite for sample(s) {', '.join(map(str, bad[:10]))}"
+                         f"{' ...' if len(bad) > 10 else ''} of {len(batch)} (inputs far outside the training "
+                         "range overflow it)")
+    probs = torch.softmax(logits, 1)
     out = []
     for row in probs.cpu().tolist():
         k = int(np.argmax(row))

@@ -1,143 +1,333 @@
 """The REST server (optional extra ``bnlab[serve]``): FastAPI under uvicorn.
 
-    POST /predict   JSON {"inputs": one sample or a batch, "prescaled": false} or a multipart image upload
+    POST /predict   JSON {"inputs": one sample or a batch, "prescaled": false}, or a multipart form
+                    with one image in the field "file"
     GET  /health    liveness
     GET  /model     which model (best-validation or final, its epoch), summary, spec, classes, preprocessing
     GET  /openapi.json, /docs
 
-Input is validated and answered with 4xx and a message (shape, dtype, size, non-finite numbers,
-bytes that are not an image); bodies over ``max_body_bytes`` get 413 before they are read whole.
-No input crashes the server: anything unexpected is a 500 with a message, and the server goes on.
+What it promises:
+
+- **No input gets a 5xx.** Every refusal is a 4xx with ``{"detail": message}`` (what was expected,
+  what arrived), and every 4xx of a route is in its OpenAPI schema: 400 an unreadable body (not
+  UTF-8, not JSON, a broken multipart form); 413 over a size limit (body bytes, samples, JSON
+  values, image pixels); 415 another media type; 422 a readable input that does not fit (shape,
+  types, nesting depth, number length, non-finite values or outputs, not an image). The limits are
+  ``bnlab.payload``'s, plus ``max_body_bytes`` and ``MAX_BATCH`` samples per request.
+- **An error never costs the client its keep-alive connection**: every error is a complete
+  response, and nothing raised inside reaches uvicorn (which closes the connection of an
+  application that raised after it began to answer).
+- **The event loop only moves bytes**, so /health answers in milliseconds under load. Decoding
+  (JSON parsing, images) runs in ``decoders`` worker processes: a full batch's JSON parse holds the
+  GIL for ~0.1 s, which a thread would take from every other request. Inference runs in one
+  thread (torch uses every core itself, and releases the GIL). At most ``2 × decoders`` requests
+  are admitted at a time; the others wait with their bodies unread, so a flood costs sockets, not
+  memory.
+- **Stopping** (the end of the ASGI lifespan; ``bnlab serve`` on SIGINT or SIGTERM) comes after the
+  requests in flight are answered, then the decoder processes stop.
 
 Given a run folder it serves the best-validation model (``checkpoint/``) unless ``which="final"``;
 /model and every /predict answer say which model it is.
 """
 
-
+import asyncio
 import json
+import logging
+import multiprocessing
+import os
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
+from contextlib import asynccontextmanager
 from pathlib import Path
 
-from bnlab.checkpoint import load_checkpoint
-from bnlab.deploy.predict import InputError, as_batch, image_to_array, predict
+import anyio
+from pydantic import BaseModel, ConfigDict, Field
+
+from bnlab import payload
+from bnlab.checkpoint import Checkpoint, load_checkpoint
+from bnlab.deploy.predict import InputError, predict
+from bnlab.payload import InputTooLarge, UnreadableInput
 
 MAX_BATCH = 1024
+MAX_BODY_BYTES = 4 * 1024 * 1024  # a full batch of 1024 MNIST images written as JSON takes ~3.7 MB
+DECODERS = 2
+
+log = logging.getLogger("uvicorn.error")
 
 
-class BodyLimit:
-    """ASGI middleware: refuse request bodies larger than ``limit`` bytes with 413."""
+def error_status(e: InputError) -> int:
+    """The HTTP status of a refused input: 400 unreadable, 413 too large, 422 does not fit."""
+    return 400 if isinstance(e, UnreadableInput) else 413 if isinstance(e, InputTooLarge) else 422
+
+
+# ---------------------------------------------------------------- the ASGI edge
+
+class BodyTooLarge(Exception):
+    """Raised by Guard's ``receive`` once a body passes the limit; the app answers it with 413."""
+
+
+async def _send_json(send, status: int, content: dict) -> None:
+    body = json.dumps(content).encode()
+    await send({"type": "http.response.start", "status": status,
+                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
+    await send({"type": "http.response.body", "body": body})
+
+
+class Guard:
+    """The outermost ASGI layer.
+
+    - Bodies over ``limit`` bytes get 413: at once when Content-Length says so, otherwise (chunked)
+      as soon as the bytes read pass it; the rest is never buffered.
+    - No exception leaves it: an error the app could not answer is answered here (500, logged),
+      and one raised after the answer began is only logged. uvicorn would close the connection.
+    """
 
     def __init__(self, app, limit: int):
         self.app, self.limit = app, limit
+        self.too_large = f"request body larger than {limit} bytes"
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
-        headers = dict(scope.get("headers") or [])
-        declared = headers.get(b"content-length")
+        declared = dict(scope.get("headers") or []).get(b"content-length")
         if declared is not None and declared.isdigit() and int(declared) > self.limit:
-            return await self._too_large(send)
-        seen = 0
+            return await _send_json(send, 413, {"detail": self.too_large})
+        seen, started = 0, False
 
-        async def limited():
+        async def counted_receive():
             nonlocal seen
-            msg = await receive()
-            if msg["type"] == "http.request":
-                seen += len(msg.get("body", b""))
+            message = await receive()
+            if message["type"] == "http.request":
+                seen += len(message.get("body", b""))
                 if seen > self.limit:
-                    raise _TooLarge()
-            return msg
+                    raise BodyTooLarge(self.too_large)
+            return message
+
+        async def tracked_send(message):
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
 
         try:
-            await self.app(scope, limited, send)
-        except _TooLarge:
-            await self._too_large(send)
-
-    async def _too_large(self, send):
-        body = json.dumps({"detail": f"request body larger than {self.limit} bytes"}).encode()
-        await send({"type": "http.response.start", "status": 413,
-                    "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
-        await send({"type": "http.response.body", "body": body})
-
-
-class _TooLarge(Exception):
-    pass
+            await self.app(scope, counted_receive, tracked_send)
+        except Exception as e:  # noqa: BLE001 - the last line of defence, by design
+            if not isinstance(e, BodyTooLarge):
+                log.error("error while answering %s %s", scope.get("method"), scope.get("path"), exc_info=e)
+            if not started:
+                status, detail = (413, self.too_large) if isinstance(e, BodyTooLarge) else (
+                    500, f"internal error: {type(e).__name__}")
+                await _send_json(send, status, {"detail": detail})
 
 
-def create_app(checkpoint: "str | Path", *, which: "str | None" = None, max_body_bytes: int = 4 * 1024 * 1024):
+# ---------------------------------------------------------------- decoding off the event loop
+
+class Decoders:
+    """Worker processes that turn request bytes into batches (``bnlab.payload``), started lazily or
+    by ``start()``; ``close()`` waits for the tasks in flight.
+
+    A decoder that dies (a crash in an image library) breaks the pool for every task in it: each
+    of those is retried once in a fresh pool, so only the input that crashed it twice is refused."""
+
+    def __init__(self, count: int, max_image_pixels: int):
+        self.count, self.max_image_pixels = count, max_image_pixels
+        self._pool: ProcessPoolExecutor | None = None
+
+    def _current(self) -> ProcessPoolExecutor:
+        if self._pool is None:
+            self._pool = ProcessPoolExecutor(self.count, mp_context=multiprocessing.get_context("spawn"),
+                                             initializer=payload.decoder_setup,
+                                             initargs=(os.getpid(), self.max_image_pixels))
+        return self._pool
+
+    async def start(self) -> None:
+        pool = self._current()
+        await asyncio.gather(*(asyncio.wrap_future(pool.submit(payload.decoder_ready)) for _ in range(self.count)))
+
+    async def run(self, fn, *args):
+        for _ in range(2):
+            pool = self._current()
+            try:
+                return await asyncio.wrap_future(pool.submit(fn, *args))
+            except BrokenProcessPool:
+                if self._pool is pool:
+                    self._pool = None
+                    pool.shutdown(wait=False, cancel_futures=True)
+        raise InputError("decoding this input crashed a decoder process twice")
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=True, cancel_futures=True)
+            self._pool = None
+
+
+# ---------------------------------------------------------------- the schema of answers
+
+class ErrorBody(BaseModel):
+    detail: str = Field(description="what was expected and what arrived")
+
+
+class ModelUsed(BaseModel):
+    kind: str = Field(description='"best" (best-validation), "final" or "unknown"')
+    epoch: int | None
+
+
+class PredictionOut(BaseModel):
+    model_config = ConfigDict(populate_by_name=True)
+    class_: int = Field(alias="class")
+    name: str
+    probabilities: list[float]
+
+
+class PredictAnswer(BaseModel):
+    model: ModelUsed
+    predictions: list[PredictionOut]
+
+
+class Health(BaseModel):
+    status: str
+
+
+_WHY = {400: "An unreadable body: not UTF-8, not JSON, or a broken multipart form.",
+        413: f"Over a size limit: body bytes, samples per request (at most {MAX_BATCH}), JSON values, "
+             "image pixels.",
+        415: "A media type other than application/json or multipart/form-data.",
+        422: "A readable input that does not fit the model: shape, types, keys, nesting depth "
+             f"(at most {payload.MAX_JSON_DEPTH}), number length (at most {payload.MAX_NUMBER_CHARS} "
+             "characters), NaN or values beyond float32, outputs that overflow, bytes that are no image."}
+
+
+def _errors(*codes: int) -> dict:
+    return {code: {"model": ErrorBody, "description": _WHY[code]} for code in codes}
+
+
+def _request_body_schema(shape: tuple[int, ...]) -> dict:
+    """The OpenAPI request body of /predict: nested arrays of exactly the model's input shape."""
+    sample: dict = {"type": "number"}
+    for n in reversed(shape):
+        sample = {"type": "array", "items": sample, "minItems": n, "maxItems": n}
+    forms = [sample, {"type": "array", "items": sample, "minItems": 1, "maxItems": MAX_BATCH}]
+    if len(shape) == 3 and shape[0] == 1:
+        forms.append(sample["items"])  # one (H, W) grey image
+    inputs = {"anyOf": forms, "description": f"one sample of shape {list(shape)} or a batch of at most "
+                                             f"{MAX_BATCH}; raw values as in the dataset (pixels 0..255)"}
+    return {"required": True, "content": {
+        "application/json": {"schema": {
+            "type": "object", "required": ["inputs"], "additionalProperties": False,
+            "properties": {"inputs": inputs, "prescaled": {"type": "boolean", "default": False}}}},
+        "multipart/form-data": {"schema": {
+            "type": "object", "required": ["file"], "additionalProperties": False,
+            "properties": {"file": {"type": "string", "format": "binary",
+                                    "description": f"a {', '.join(payload.IMAGE_FORMATS)} image"}}}}}}
+
+
+# ---------------------------------------------------------------- the app
+
+def create_app(checkpoint: "str | Path | Checkpoint", *, which: str | None = None,
+               max_body_bytes: int = MAX_BODY_BYTES, max_image_pixels: int | None = None,
+               decoders: int = DECODERS):
+    """The ASGI app serving a checkpoint (a folder, a run folder and ``which``, or a loaded Checkpoint).
+
+    ``max_image_pixels`` defaults to ``bnlab.payload.default_max_image_pixels`` of the model's input;
+    ``decoders`` is the number of decoding processes. Limits out of range raise ValueError."""
     from fastapi import FastAPI, HTTPException, Request
-    from fastapi.responses import JSONResponse
+    from fastapi.responses import JSONResponse, Response
+    from starlette.requests import ClientDisconnect
 
     from bnlab.models import summarize
 
-    ck = load_checkpoint(checkpoint, which=which)
+    ck = checkpoint if isinstance(checkpoint, Checkpoint) else load_checkpoint(checkpoint, which=which)
     model, spec = ck.model.eval(), ck.model.spec
     shape = tuple(spec.input_shape)
+    if max_image_pixels is None and len(shape) == 3:
+        max_image_pixels = payload.default_max_image_pixels(shape)
+    least_pixels = shape[-1] * shape[-2] if len(shape) == 3 else 1
+    if max_image_pixels is not None and max_image_pixels < least_pixels:
+        raise ValueError(f"max_image_pixels must be at least the model's input area, {least_pixels} "
+                         f"(got {max_image_pixels})")
+    if max_body_bytes < 1 or decoders < 1:
+        raise ValueError(f"max_body_bytes and decoders must be at least 1 (got {max_body_bytes} and {decoders})")
     classes = ck.meta.get("classes")
-    summary_text = summarize(model, shape, name=Path(ck.path).name).to_text()
-    used = {"kind": ck.kind, "epoch": ck.meta.get("epoch"), "path": str(ck.path), "description": ck.describe()}
+    used = {"kind": ck.kind, "epoch": ck.meta.get("epoch")}
+    info = {"model": {**used, "path": str(ck.path), "description": ck.describe()}, "input_shape": list(shape),
+            "num_classes": spec.num_classes, "classes": classes, "spec": ck.spec,
+            "preprocessing": ck.preprocessing,
+            "summary": summarize(model, shape, name=Path(ck.path or "model").name).to_text()}
+    decoding = Decoders(decoders, max_image_pixels or payload.MIN_IMAGE_PIXEL_LIMIT)
+    admission = anyio.Semaphore(2 * decoders)
+    inference = anyio.CapacityLimiter(1)
 
-    app = FastAPI(title="bnlab model server", version="1",
-                  description=f"Predictions of the bnlab {ck.describe()}; input shape {shape}.")
+    @asynccontextmanager
+    async def lifespan(app):
+        await decoding.start()
+        try:
+            yield
+        finally:
+            await anyio.to_thread.run_sync(decoding.close)
+
+    app = FastAPI(title="bnlab model server", version="1", lifespan=lifespan,
+                  description=f"Predictions of the bnlab {ck.describe()}; input shape {shape}. Limits: body "
+                              f"{max_body_bytes} bytes, {MAX_BATCH} samples per request, JSON nested at most "
+                              f"{payload.MAX_JSON_DEPTH} deep, numbers of at most {payload.MAX_NUMBER_CHARS} "
+                              f"characters, images of at most {max_image_pixels} pixels.")
     app.state.checkpoint = ck
 
-    @app.exception_handler(_TooLarge)
+    @app.exception_handler(BodyTooLarge)
     async def _too_large(request, exc):
-        return JSONResponse(status_code=413, content={"detail": f"request body larger than {max_body_bytes} bytes"})
+        return JSONResponse(status_code=413, content={"detail": str(exc)})
+
+    @app.exception_handler(ClientDisconnect)
+    async def _gone(request, exc):  # nobody reads this answer; it only ends the request quietly
+        return JSONResponse(status_code=400, content={"detail": "the client disconnected"})
 
     @app.exception_handler(Exception)
-    async def _any(request, exc):  # the server goes on whatever happens
-        return JSONResponse(status_code=500, content={"detail": f"internal error: {type(exc).__name__}: {exc}"})
+    async def _bug(request, exc):  # a bug, never an input's doing; Guard logs it and keeps the connection
+        return JSONResponse(status_code=500, content={"detail": f"internal error: {type(exc).__name__}"})
 
-    @app.get("/health")
-    def health():
+    @app.get("/health", response_model=Health, responses=_errors(413))
+    async def health():
         return {"status": "ok"}
 
-    @app.get("/model")
-    def model_info():
-        return {"model": used, "input_shape": list(shape), "num_classes": spec.num_classes, "classes": classes,
-                "spec": ck.spec, "preprocessing": ck.preprocessing, "summary": summary_text}
+    @app.get("/model", responses=_errors(413))
+    async def model_info():
+        return info
 
-    @app.post("/predict", openapi_extra={"requestBody": {"content": {
-        "application/json": {"schema": {"type": "object", "required": ["inputs"], "properties": {
-            "inputs": {"description": f"one sample of shape {list(shape)} or a batch"},
-            "prescaled": {"type": "boolean", "default": False}}}},
-        "multipart/form-data": {"schema": {"type": "object", "properties": {
-            "file": {"type": "string", "format": "binary"}}}}}, "required": True}})
+    def answer(batch, prescaled: bool) -> bytes:
+        preds = predict(model, batch, ck.preprocessing, classes, prescaled=prescaled)
+        return json.dumps({"model": used, "predictions": [
+            {"class": p.label, "name": p.name, "probabilities": p.probabilities} for p in preds]}).encode()
+
+    async def image_upload(request: Request) -> bytes:
+        async with request.form(max_files=1, max_fields=1) as form:
+            extra = sorted(set(form.keys()) - {"file"})
+            if extra:
+                raise InputError(f"unexpected form field(s) {', '.join(map(json.dumps, extra))[:200]}: the form "
+                                 'takes one image file in the field "file"')
+            upload = form.get("file")
+            if upload is None or isinstance(upload, str):
+                raise InputError('expected an image file in the form field "file" (got ' +
+                                 ("nothing" if upload is None else "a text field") + ")")
+            return await upload.read()
+
+    @app.post("/predict", response_model=PredictAnswer, responses=_errors(400, 413, 415, 422),
+              openapi_extra={"requestBody": _request_body_schema(shape)})
     async def predict_endpoint(request: Request):
         ctype = request.headers.get("content-type", "")
-        try:
-            if ctype.startswith("application/json"):
-                try:
-                    body = json.loads(await request.body())
-                except (json.JSONDecodeError, UnicodeDecodeError) as e:
-                    raise InputError(f"the body is not valid JSON ({e})") from None
-                if not isinstance(body, dict) or "inputs" not in body:
-                    raise InputError('expected a JSON object {"inputs": [...]}')
-                prescaled = body.get("prescaled", False)
-                if not isinstance(prescaled, bool):
-                    raise InputError(f"prescaled must be true or false (got {prescaled!r})")
-                try:
-                    import numpy as np
-                    arr = np.array(body["inputs"], dtype=float)
-                except (ValueError, TypeError):
-                    raise InputError("inputs must be a (nested) list of numbers of one rectangular shape") from None
-                batch = as_batch(arr, shape, "inputs")
-            elif ctype.startswith("multipart/form-data"):
-                form = await request.form()
-                upload = form.get("file")
-                if upload is None or not hasattr(upload, "read"):
-                    raise InputError("expected an image upload in the form field 'file'")
-                batch = image_to_array(await upload.read(), shape)[None]
-                prescaled = False
-            else:
-                raise HTTPException(415, f"expected application/json or multipart/form-data (got {ctype or 'none'})")
-            if len(batch) > MAX_BATCH:
-                raise InputError(f"at most {MAX_BATCH} samples per request (got {len(batch)})")
-        except InputError as e:
-            raise HTTPException(422, str(e)) from None
-        preds = predict(model, batch, ck.preprocessing, classes, prescaled=prescaled)
-        return {"model": {"kind": used["kind"], "epoch": used["epoch"]},
-                "predictions": [{"class": p.label, "name": p.name, "probabilities": p.probabilities}
-                                for p in preds]}
+        media = ctype.split(";", 1)[0].strip().lower()
+        if media not in ("application/json", "multipart/form-data"):
+            raise HTTPException(415, f"expected application/json or multipart/form-data (got "
+                                     f"{ctype[:80] or 'no content-type'})")
+        async with admission:  # bodies of requests beyond it stay unread in their sockets
+            try:
+                if media == "application/json":
+                    batch, prescaled = await decoding.run(payload.json_to_batch, await request.body(), shape,
+                                                          MAX_BATCH)
+                else:
+                    batch, prescaled = await decoding.run(payload.image_to_batch, await image_upload(request),
+                                                          shape, max_image_pixels)
+                body = await anyio.to_thread.run_sync(answer, batch, prescaled, limiter=inference)
+            except InputError as e:
+                raise HTTPException(error_status(e), str(e)) from None
+        return Response(body, media_type="application/json")
 
-    return BodyLimit(app, max_body_bytes) if max_body_bytes else app
+    return Guard(app, max_body_bytes)
+
