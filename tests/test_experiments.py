@@ -3,11 +3,8 @@
 import json
 import math
 import os
-import signal
-import sqlite3
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -105,8 +102,8 @@ def test_run_store_report_and_resume(tmp_path):
 
 def test_folder_with_another_experiment_is_refused(tmp_path):
     run_experiment(parse_experiment(TINY), tmp_path / "e", workers=1)
-    other = parse_experiment({**TINY, "seeds": 3})
-    with pytest.raises(StoreError, match="different spec"):
+    other = parse_experiment({**TINY, "train": {**TINY["train"], "lr": 0.01}})  # more seeds would be growth
+    with pytest.raises(StoreError, match=r"other settings(.|\n)*train\.lr 0\.05 -> 0\.01"):
         run_experiment(other, tmp_path / "e", workers=1)
 
 
@@ -151,57 +148,6 @@ def test_diverged_runs_are_recorded_not_failed(tmp_path):
     assert not any(c.significant for c in compare(runs, list(spec.variants), target=spec.target_accuracy))
     md = build_report(tmp_path / "e").markdown.read_text()
     assert "diverged" in md.split("## Statistics")[1].split("## Comparisons")[0]
-
-
-def test_kill_9_then_resume_loses_nothing_and_duplicates_nothing(tmp_path):
-    spec_file = tmp_path / "slow.toml"
-    spec_file.write_text("""
-name = "slow"
-seeds = 6
-[data]
-dataset = "mnist-5k"
-[model]
-preset = "paper-mnist-mlp"
-[train]
-lr = 0.1
-batch_size = 60
-epochs = 6
-[variants.a]
-model = { bn = "before" }
-""")
-    out = tmp_path / "e"
-    cmd = [sys.executable, "-m", "bnlab", "run", str(spec_file), "--out", str(out), "--workers", "1"]
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    db = out / "runs.sqlite"
-    deadline = time.time() + 120
-    done = 0
-    while time.time() < deadline:  # wait until some, not all, runs are committed
-        if db.exists():
-            try:
-                con = sqlite3.connect(db, timeout=5)
-                done = con.execute("SELECT COUNT(*) FROM runs WHERE status = 'done'").fetchone()[0]
-                con.close()
-            except sqlite3.OperationalError:
-                pass
-        if done >= 2:
-            break
-        time.sleep(0.2)
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
-    assert 2 <= done < 6
-    store = RunStore(db)
-    committed = {r["run_id"]: r["finished"] for r in store.runs(("done",))}
-    store.close()
-    out2 = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
-    assert out2.returncode == 0, out2.stdout + out2.stderr
-    store = RunStore(db)
-    runs = store.runs()
-    epochs = store.epochs()
-    store.close()
-    assert len(runs) == 6 and all(r["status"] == "done" for r in runs)
-    for rid, finished in committed.items():  # committed runs were skipped, not redone
-        assert next(r for r in runs if r["run_id"] == rid)["finished"] == finished
-    assert len(epochs) == 6 * 6  # nothing duplicated
 
 
 def test_corrupt_store_is_detected(tmp_path):

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import shlex
+import signal
 from pathlib import Path
 
 import typer
@@ -56,14 +58,27 @@ def run(
     """Run an experiment (variants x seeds) resumably into a folder, then print its statistics
     and write the HTML report.
 
-    Interrupted? Run the same command again: finished runs are skipped.
+    Interrupted (Ctrl-C, SIGTERM: exit 130 / 143)? Run the same command again: finished runs are
+    skipped and interrupted ones continue from their last completed epoch. A finished experiment
+    grows: more seeds (--seeds) or added variants in its spec run only the new runs.
 
     Example: bnlab run demo --quick
     """
+    try:
+        _run(experiment, seeds, quick, out, data_dir, workers, retry_failed)
+    except KeyboardInterrupt:  # Ctrl-C while bnlab loads, before the experiment starts: nothing written yet
+        console.print("interrupted before the experiment started; nothing was written", style="yellow")
+        raise typer.Exit(code=130) from None
+
+
+def _run(experiment: str, seeds: int | None, quick: bool, out: Path | None, data_dir: str | None,
+         workers: int | None, retry_failed: bool) -> None:
+    from rich.markup import escape
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
     from bnlab.data import ChecksumError, CorruptFileError, DatasetUnavailable
-    from bnlab.experiments import SpecError, StoreError, load_experiment, run_experiment
+    from bnlab.experiments import ExperimentInterrupted, SpecError, StoreError, load_experiment, run_experiment
+    from bnlab.experiments.runner import StopSignals
     from bnlab.report import build_report
 
     try:
@@ -84,20 +99,34 @@ def run(
         if task is None:
             task = bar.add_task(spec.name, total=p.total, completed=p.skipped, status=status)
         bar.update(task, completed=p.skipped + p.done + p.failed, status=status)
-        if not console.is_terminal or "failed" in message or "to do" in message or "nothing" in message:
-            bar.console.print(f"[{p.skipped + p.done + p.failed}/{p.total}] {message} ({status})")
+        routine = message.endswith(" started") or " done: val_acc " in message  # what the bar shows
+        if not console.is_terminal or not routine:
+            bar.console.print(escape(f"[{p.skipped + p.done + p.failed}/{p.total}] {message} ({status})"),
+                              soft_wrap=True)
 
     try:
         with bar:
             progress = run_experiment(spec, folder, quick=quick, workers=workers, data_dir=data_dir, seeds=seeds,
                                       retry_failed=retry_failed, on_progress=on_progress)
-    except KeyboardInterrupt:
-        console.print(f"[yellow]interrupted[/]: finished runs are saved in {folder}; run the same command to resume")
-        raise typer.Exit(code=130)
+    except ExperimentInterrupted as e:
+        for line in e.lines():
+            console.print(escape(line), style="yellow", soft_wrap=True)
+        same = ["bnlab", "run", experiment, "--out", str(folder)] + (["--quick"] if quick else []) + \
+               (["--seeds", str(seeds)] if seeds is not None else []) + \
+               (["--data-dir", data_dir] if data_dir is not None else []) + \
+               (["--workers", str(workers)] if workers is not None else []) + (["--retry-failed"] if retry_failed else [])
+        console.print(escape(f"to resume, run the same command: {shlex.join(same)}"), soft_wrap=True)
+        raise typer.Exit(code=128 + e.signal)
     except (SpecError, StoreError, DatasetUnavailable, ChecksumError, CorruptFileError, ValueError) as e:
         _fail(str(e))
-    _stats_table(folder)
-    report = build_report(folder)
+    with StopSignals() as stop:  # the runs are all saved: a signal now only stops the report
+        try:
+            _stats_table(folder)
+            report = build_report(folder)
+        except KeyboardInterrupt:
+            console.print(escape(f"interrupted while writing the report; every run is saved in {folder}: "
+                                 f"'bnlab report {folder}' writes it"), style="yellow", soft_wrap=True)
+            raise typer.Exit(code=128 + (stop.received or signal.SIGINT))
     console.print(f"report: {report.html} (and {report.markdown.name})"
                   + (" - a smoke test report: no verdicts" if report.smoke_test else ""))
     if progress.failed:

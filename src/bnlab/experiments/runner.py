@@ -1,9 +1,21 @@
 """Run an experiment: variants x seeds in worker processes, every result into the SQLite store.
 
 Resumable: the spec is stored with the runs; running the same spec on the same folder skips
-finished runs and redoes only runs that were pending or interrupted. A run that crashes or
-diverges is recorded (with its error) and the others go on. One runner per folder at a time
-(a lock file); the parent process is the only writer of the store.
+finished runs and does the others, each continuing from its saved resume state
+(``bnlab.train.resume``: written at every epoch's end) where it has one. A run that crashes or
+diverges is recorded (with its error) and the others go on. One runner per folder at a time (a
+lock file); the parent process is the only writer of the store. A folder grows: a spec that only
+adds seeds or variants adds only their runs (``bnlab.experiments.grow``).
+
+Interruption. SIGINT (Ctrl-C: a terminal sends it to the whole process group) and SIGTERM (sent to
+the parent alone) stop the experiment: the parent stops and reaps its workers
+(``bnlab.experiments.pool``: they ignore SIGINT and leave the decision to it), records every result
+that had fully arrived, puts the runs in progress back to pending (their resume state kept: nothing
+partial is ever recorded as finished), releases the folder lock only when no worker is left, and
+raises ExperimentInterrupted. A parent killed by SIGKILL takes its workers with it (they die with
+their parent) and its lock (the kernel drops it); the runs it left "running" go back to pending on
+the next start. A run's resume state is discarded only once the store has committed its result,
+so a run killed after its training ended but before its result was stored is not trained again.
 """
 
 from __future__ import annotations
@@ -11,22 +23,30 @@ from __future__ import annotations
 import fcntl
 import json
 import os
+import signal
+import threading
 import time
 import traceback
-from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+from contextlib import contextmanager
 from dataclasses import dataclass
-from multiprocessing import get_context
 from pathlib import Path
 from typing import Callable
 
+from bnlab.experiments.grow import Growth, SpecChanged, grow
+from bnlab.experiments.pool import WorkerDied, WorkerPool
 from bnlab.experiments.spec import ExperimentSpec, RunPlan, apply_quick, expand
 from bnlab.experiments.store import FINISHED, RunStore, StoreError
+from bnlab.train.resume import discard_state, resume_point
 
 STORE = "runs.sqlite"
 # bumped when runs of the same spec stop being comparable; a folder of another version is not resumed
 RESULTS_VERSION = 2
 RESULTS_VERSION_CHANGES = ("mnist-5k tests on the 10,000 real MNIST test digits, data order paired across "
                            "variants, final and best models both recorded")
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+# a worker killed by one of these was stopped by whoever is shutting the experiment down (systemd
+# and docker signal every process), not by its run: the experiment stops, the run stays pending
+_SHUTDOWN_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 
 
 @dataclass
@@ -46,6 +66,36 @@ class Progress:
         return (time.time() - self.started) / finished * todo
 
 
+class ExperimentInterrupted(KeyboardInterrupt):
+    """The experiment was stopped by ``signal`` (SIGINT or SIGTERM). Raised once every worker is gone
+    and the folder's lock is released. ``unfinished``: the runs asked for that have no result;
+    ``continue_from``: those of them with a saved state, run id -> (last saved epoch, epochs);
+    the others start from the beginning. Running the same command again resumes."""
+
+    def __init__(self, signum: int, folder: str | Path, unfinished: list[str] | None = None,
+                 continue_from: dict[str, tuple[int, int]] | None = None):
+        self.signal = signal.Signals(signum)
+        self.folder = Path(folder)
+        self.unfinished = list(unfinished or [])
+        self.continue_from = dict(continue_from or {})
+        super().__init__(self.lines()[0])
+
+    def lines(self) -> list[str]:
+        """What to tell the user, one line each."""
+        out = [f"interrupted by {self.signal.name}: finished runs are saved in {self.folder}"
+               + (f"; {len(self.unfinished)} run(s) unfinished, none recorded as finished" if self.unfinished else "")]
+        out += [f"{rid} will continue from epoch {k} of {n}" for rid, (k, n) in self.continue_from.items()]
+        fresh = [rid for rid in self.unfinished if rid not in self.continue_from]
+        if fresh:
+            out.append(f"{len(fresh)} run(s) will start from the beginning: {', '.join(fresh)}")
+        return out
+
+
+def continuing(run_id: str, epoch: int, epochs: int) -> str:
+    """The line that says a run continues from a saved state (printed before it starts)."""
+    return f"{run_id}: continuing from epoch {epoch} of {epochs}"
+
+
 def plan_workers(n_runs: int, workers: int | None = None, cores: int | None = None) -> tuple[int, int]:
     """(worker processes, torch threads per worker) so that workers x threads <= cores."""
     cores = cores or os.cpu_count() or 1
@@ -53,14 +103,9 @@ def plan_workers(n_runs: int, workers: int | None = None, cores: int | None = No
     return w, max(1, cores // w)
 
 
-def _init_worker(threads: int) -> None:
-    import torch
-
-    torch.set_num_threads(threads)
-
-
 def execute_run(plan: dict, out_dir: str) -> dict:
-    """One run, in a worker. Never raises: a crash becomes a 'failed' result with its traceback.
+    """One run (in a worker, or in-process). Raises only KeyboardInterrupt (interrupted: there is no
+    result); a crash becomes a 'failed' result with its traceback.
 
     The result carries every field of ``bnlab.experiments.results.RESULT_FIELDS`` (taken by name
     from ``RunResult.summary()``; a field without a value there fails the run loudly rather than
@@ -77,6 +122,8 @@ def execute_run(plan: dict, out_dir: str) -> dict:
     try:
         res = train_run(plan["model"], TrainConfig(**plan["train"]), out=run_dir, progress=False)
         h = res.history
+        if h.stopped == "interrupted":  # train_run raises instead; this keeps the rule whatever it does
+            raise KeyboardInterrupt(f"{plan['run_id']} was interrupted")
         summary = res.summary()
         missing = [f.name for f in RESULT_FIELDS if f.name not in summary]
         if missing:
@@ -120,44 +167,111 @@ class FolderLock:
         return False
 
 
-def open_experiment(out: Path, spec: ExperimentSpec) -> RunStore:
-    """Create or reopen the folder's store; refuse a folder holding a different experiment."""
+class _Signalled(KeyboardInterrupt):
+    """SIGINT or SIGTERM reached the runner's parent."""
+
+
+class StopSignals:
+    """SIGINT and SIGTERM in a process running an experiment (the runner's parent; the CLI around it):
+    the first raises a KeyboardInterrupt where the process is (waiting on its workers, or training
+    in-process), except inside ``held()`` (a store write), where it waits for the block's end; a later one asks the shutdown to hurry (``hurry``: kill the
+    workers now rather than after their grace period). Installed only in the main thread (the only
+    one Python delivers signals to), and not over a signal the process was started ignoring."""
+
+    def __init__(self):
+        self.received: int | None = None
+        self.hurry = False
+        self._raised = False
+        self._held = 0
+        self._previous: dict[int, object] = {}
+
+    def __enter__(self) -> StopSignals:
+        if threading.current_thread() is threading.main_thread():
+            for s in STOP_SIGNALS:
+                if signal.getsignal(s) is not signal.SIG_IGN:
+                    self._previous[s] = signal.signal(s, self._handle)
+        return self
+
+    def __exit__(self, *exc) -> bool:
+        for s, handler in self._previous.items():
+            signal.signal(s, handler)
+        return False
+
+    def _handle(self, signum, frame) -> None:
+        if self.received is not None:
+            self.hurry = True
+            return
+        self.received = signum
+        if not self._held:
+            self._raise()
+
+    def _raise(self) -> None:
+        self._raised = True
+        raise _Signalled(f"stopped by {signal.Signals(self.received).name}")
+
+    def stop(self, signum: int) -> None:
+        """Stop as if ``signum`` had arrived (a worker stopped by it)."""
+        self._handle(signum, None)
+
+    @contextmanager
+    def held(self):
+        self._held += 1
+        try:
+            yield
+        finally:
+            self._held -= 1
+        if not self._held and self.received is not None and not self._raised:
+            self._raise()
+
+
+def open_experiment(out: Path, spec: ExperimentSpec) -> tuple[RunStore, Growth | None]:
+    """Create or reopen the folder's store. A folder holding this experiment, or one this spec only adds
+    seeds or variants to, is reopened and its stored spec becomes the union (``Growth``; None for a new
+    folder); any other difference is refused with the settings that differ."""
     out.mkdir(parents=True, exist_ok=True)
     store = RunStore(out / STORE)
-    spec_json = json.dumps(spec.model_dump(mode="json"))  # in order: variants keep the spec's order
-
-    def canonical(text: str) -> str:
-        """The spec with today's defaults filled in, so a field added since does not count as a change."""
-        data = json.loads(text)
-        try:
-            data = ExperimentSpec(**data).model_dump(mode="json")
-        except ValueError:
-            pass  # compared as stored: it differs from any valid spec
-        return json.dumps(data, sort_keys=True)
-
     stored = store.get_meta("spec")
-    if stored is None:
-        from bnlab import __version__
-        store.set_meta(spec=spec_json, name=spec.name, created=str(time.time()), bnlab=__version__,
-                       results_version=str(RESULTS_VERSION))
-        (out / "spec.json").write_text(json.dumps(spec.model_dump(mode="json"), indent=2))
-    elif (version := store.get_meta("results_version")) != str(RESULTS_VERSION):
+    try:
+        if stored is None:
+            from bnlab import __version__
+            _store_spec(store, out, spec, name=spec.name, created=str(time.time()), bnlab=__version__,
+                        results_version=str(RESULTS_VERSION))
+            return store, None
+        if (version := store.get_meta("results_version")) != str(RESULTS_VERSION):
+            raise StoreError(f"{out} holds runs made by an earlier bnlab whose results are not comparable with "
+                             f"new ones (results version {version or 1}, now "
+                             f"{RESULTS_VERSION}: {RESULTS_VERSION_CHANGES}); 'bnlab report' still reads it, but "
+                             "to run use another --out folder")
+        try:
+            growth = grow(json.loads(stored), spec)
+        except SpecChanged as e:
+            raise StoreError(f"{out} holds experiment {json.loads(stored).get('name')!r} with other settings; only "
+                             "more seeds or added variants can join an experiment folder, and this spec changes "
+                             "(stored -> now):\n" + "\n".join(f"  {d}" for d in e.differences)
+                             + "\nuse another --out folder for these settings") from None
+        except ValueError as e:
+            raise StoreError(f"{out / STORE}: {e}") from None
+        if growth.grew:
+            _store_spec(store, out, growth.union)
+        return store, growth
+    except BaseException:
         store.close()
-        raise StoreError(f"{out} holds runs made by an earlier bnlab whose results are not comparable with "
-                         f"new ones (results version {version or 1}, now "
-                         f"{RESULTS_VERSION}: {RESULTS_VERSION_CHANGES}); 'bnlab report' still reads it, but "
-                         "to run use another --out folder")
-    elif canonical(stored) != canonical(spec_json):
-        store.close()
-        raise StoreError(f"{out} holds experiment {json.loads(stored)['name']!r} with a different spec "
-                         "(another preset, --quick or --seeds?); use another --out folder")
-    return store
+        raise
+
+
+def _store_spec(store: RunStore, out: Path, spec: ExperimentSpec, **meta: str) -> None:
+    data = spec.model_dump(mode="json")  # in order: variants keep the spec's order
+    store.set_meta(spec=json.dumps(data), **meta)  # one transaction
+    (out / "spec.json").write_text(json.dumps(data, indent=2))
 
 
 def run_experiment(spec: ExperimentSpec, out: str | Path, *, quick: bool = False, workers: int | None = None,
                    data_dir: str | None = None, seeds: int | None = None, retry_failed: bool = False,
                    on_progress: Callable[[Progress, str], None] | None = None) -> Progress:
-    """Run every pending run of ``spec`` into ``out``; return the final progress counts."""
+    """Run every pending run of ``spec`` into ``out``; return the final progress counts.
+
+    Raises ExperimentInterrupted (after the workers are gone and the lock released) on SIGINT or
+    SIGTERM, or on a KeyboardInterrupt; see the module's docstring."""
     if quick:
         spec = apply_quick(spec)
     if seeds is not None:
@@ -166,27 +280,77 @@ def run_experiment(spec: ExperimentSpec, out: str | Path, *, quick: bool = False
         spec = spec.model_copy(update={"data": spec.data.model_copy(update={"data_dir": data_dir})})
     plans = expand(spec)
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    with FolderLock(out):
-        store = open_experiment(out, spec)
+    notify = on_progress or (lambda p, msg: None)
+    left: tuple[list[str], dict[str, tuple[int, int]]] = ([], {})
+    with StopSignals() as signals:
         try:
-            store.add_runs(plans)
-            store.reset_interrupted(retry_failed)
-            by_id = {p.run_id: p for p in plans}
-            pending = [by_id[r["run_id"]] for r in store.runs(("pending",))]
-            prog = Progress(total=len(plans), skipped=len(plans) - len(pending), started=time.time())
-            notify = on_progress or (lambda p, msg: None)
-            if not pending:
-                notify(prog, "nothing to do: every run is finished")
-                return prog
-            _prefetch_data(spec)
-            n_workers, threads = plan_workers(len(pending), workers)
-            notify(prog, f"{len(pending)} runs to do ({prog.skipped} already finished), "
-                         f"{n_workers} worker(s) x {threads} thread(s)")
-            _run_pool(pending, out, store, n_workers, threads, prog, notify)
-            return prog
-        finally:
-            store.close()
+            out.mkdir(parents=True, exist_ok=True)
+            with FolderLock(out):
+                store = None
+                try:
+                    with signals.held():
+                        store, growth = open_experiment(out, spec)
+                    return _run(spec, plans, out, store, growth, workers, retry_failed, notify, signals)
+                except KeyboardInterrupt:
+                    if store is not None:
+                        left = _after_interrupt(store, plans, out)
+                    raise
+                finally:
+                    if store is not None:
+                        store.close()
+        except ExperimentInterrupted:
+            raise
+        except KeyboardInterrupt:
+            raise ExperimentInterrupted(signals.received or signal.SIGINT, out, *left) from None
+
+
+def _after_interrupt(store: RunStore, plans: list[RunPlan], out: Path) -> tuple[list[str], dict[str, tuple[int, int]]]:
+    """Runs left in progress go back to pending; (the runs asked for without a result, those of them
+    that will continue from a saved state)."""
+    store.reset_interrupted()
+    finished = {r["run_id"] for r in store.runs(FINISHED)}
+    unfinished = [p for p in plans if p.run_id not in finished]
+    resumable = {p.run_id: (k, p.train["epochs"]) for p in unfinished
+                 if (k := resume_point(out / "runs" / p.run_id))}
+    return [p.run_id for p in unfinished], resumable
+
+
+def _run(spec: ExperimentSpec, plans: list[RunPlan], out: Path, store: RunStore, growth: Growth | None,
+         workers: int | None, retry_failed: bool, notify, signals: StopSignals) -> Progress:
+    with signals.held():
+        store.add_runs(plans)
+        store.reset_interrupted(retry_failed)
+        for r in store.runs(FINISHED):  # a state left by a runner killed between commit and discard
+            discard_state(out / "runs" / r["run_id"])
+    pending_ids = {r["run_id"] for r in store.runs(("pending",))}
+    pending = [p for p in plans if p.run_id in pending_ids]  # in the spec's order
+    prog = Progress(total=len(plans), skipped=len(plans) - len(pending), started=time.time())
+    for note in growth.notes() if growth else []:
+        notify(prog, note)
+    if not pending:
+        notify(prog, "nothing to do: every run is finished")
+        return prog
+    _prefetch_data(spec)
+    # threads per run as if no run had finished yet: a resumed or continued run computes with the thread
+    # count an uninterrupted experiment gives it (results can depend on it in the last bits)
+    n_workers, threads = plan_workers(len(plans), workers)
+    n_workers = min(n_workers, len(pending))
+    notify(prog, f"{len(pending)} runs to do ({prog.skipped} already finished), "
+                 f"{n_workers} worker(s) x {threads} thread(s)")
+    runs = _Runs(out, store, prog, notify, signals)
+    if n_workers == 1:  # in-process: simpler to debug, no spawn cost
+        import torch
+
+        torch.set_num_threads(threads)
+        for plan in pending:
+            runs.start(plan)
+            runs.finish(plan, execute_run(plan.__dict__, str(out)))
+        return prog
+    if any(plan.model.get("kind", "mlp") != "cnn" for plan in pending):  # a run that may take the native step
+        from bnlab.train import native
+        native.load()  # build it here, once, rather than in every worker at the same time
+    _run_pool(pending, out, runs, n_workers, threads, signals)
+    return prog
 
 
 def _prefetch_data(spec: ExperimentSpec) -> None:
@@ -197,53 +361,60 @@ def _prefetch_data(spec: ExperimentSpec) -> None:
                  scaling=spec.data.scaling, **spec.data.options)
 
 
-def _run_pool(pending: list[RunPlan], out: Path, store: RunStore, n_workers: int, threads: int,
-              prog: Progress, notify) -> None:
-    def finish(plan: RunPlan, result: dict) -> None:
-        store.record(plan.run_id, result)
-        prog.running -= 1
-        if result["status"] == "failed":
-            prog.failed += 1
-            first = (result.get("error") or "").splitlines()[0]
-            notify(prog, f"{plan.run_id} failed: {first}")
-        else:
-            prog.done += 1
-            notify(prog, f"{plan.run_id} {result['status']}: val_acc {result.get('final_val_accuracy') or 0:.4f}")
+class _Runs:
+    """The parent's bookkeeping of runs starting and finishing (store writes held against signals)."""
 
-    if n_workers == 1:  # in-process: simpler to debug, no spawn cost
-        _init_worker(threads)
-        for plan in pending:
-            store.mark_running(plan.run_id)
-            prog.running += 1
-            notify(prog, f"{plan.run_id} started")
-            finish(plan, execute_run(plan.__dict__, str(out)))
-        return
+    def __init__(self, out: Path, store: RunStore, prog: Progress, notify, signals: StopSignals):
+        self.out, self.store, self.prog, self.notify, self.signals = out, store, prog, notify, signals
+
+    def start(self, plan: RunPlan) -> None:
+        with self.signals.held():
+            self.store.mark_running(plan.run_id)
+            self.prog.running += 1
+            k = resume_point(self.out / "runs" / plan.run_id)
+            self.notify(self.prog, continuing(plan.run_id, k, plan.train["epochs"]) if k else f"{plan.run_id} started")
+
+    def finish(self, plan: RunPlan, result: dict) -> None:
+        with self.signals.held():
+            self.store.record(plan.run_id, result)
+            discard_state(self.out / "runs" / plan.run_id)  # only now: the result is committed
+            self.prog.running -= 1
+            if result["status"] == "failed":
+                self.prog.failed += 1
+                first = (result.get("error") or "").splitlines()[0]
+                self.notify(self.prog, f"{plan.run_id} failed: {first}")
+            else:
+                self.prog.done += 1
+                self.notify(self.prog, f"{plan.run_id} {result['status']}: "
+                                       f"val_acc {result.get('final_val_accuracy') or 0:.4f}")
+
+
+def _run_pool(pending: list[RunPlan], out: Path, runs: _Runs, n_workers: int, threads: int,
+              signals: StopSignals) -> None:
     queue = list(pending)
-    if any(plan.model.get("kind", "mlp") != "cnn" for plan in pending):  # a run that may take the native step
-        from bnlab.train import native
-        native.load()  # build it here, once, rather than in every worker at the same time
-    with ProcessPoolExecutor(n_workers, mp_context=get_context("spawn"), initializer=_init_worker,
-                             initargs=(threads,)) as pool:
-        futures = {}
+    with WorkerPool(n_workers, threads, "bnlab.experiments.runner:execute_run", guard=signals.held) as pool:
         try:
-            while queue or futures:
-                while queue and len(futures) < n_workers:
+            while queue or pool.busy():
+                for worker in pool.idle():
+                    if not queue:
+                        break
                     plan = queue.pop(0)
-                    store.mark_running(plan.run_id)
-                    prog.running += 1
-                    futures[pool.submit(execute_run, plan.__dict__, str(out))] = plan
-                    notify(prog, f"{plan.run_id} started")
-                done, _ = wait(futures, return_when=FIRST_COMPLETED)
-                for fut in done:
-                    plan = futures.pop(fut)
-                    try:
-                        result = fut.result()
-                    except Exception as e:  # the worker process itself died
-                        result = {"status": "failed", "error": f"worker died: {type(e).__name__}: {e}"}
-                    finish(plan, result)
+                    runs.start(plan)
+                    pool.submit(worker, plan, (plan.__dict__, str(out)))
+                ready = pool.ready()
+                with signals.held():  # answers read are recorded before a signal may stop the loop
+                    for plan, answer in pool.collect(ready):
+                        if isinstance(answer, WorkerDied) and answer.signal in _SHUTDOWN_SIGNALS:
+                            signals.stop(answer.signal)  # the run is not failed: it goes back to pending
+                            continue
+                        if isinstance(answer, WorkerDied):
+                            answer = {"status": "failed", "error": str(answer)}
+                        runs.finish(plan, answer)
         except KeyboardInterrupt:
-            pool.shutdown(wait=False, cancel_futures=True)
+            for plan, answer in pool.stop(hurry=lambda: signals.hurry):  # results that had fully arrived count
+                runs.finish(plan, answer)
             raise
 
 
-__all__ = ["FINISHED", "Progress", "plan_workers", "run_experiment"]
+__all__ = ["FINISHED", "ExperimentInterrupted", "Progress", "StopSignals", "continuing", "plan_workers",
+           "run_experiment"]
