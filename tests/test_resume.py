@@ -471,18 +471,20 @@ def test_bnlab_train_killed_with_sigkill_resumes_to_the_uninterrupted_result(tmp
     assert _files(run / "checkpoint") == _files(tmp_path / "ref" / "checkpoint")
 
 
-def test_bnlab_train_interrupted_with_sigint_says_how_to_resume_and_exits_130(tmp_path):
+@pytest.mark.parametrize("stop, code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)], ids=["SIGINT", "SIGTERM"])
+def test_bnlab_train_stopped_by_a_signal_says_how_to_resume_and_exits_128_plus_it(tmp_path, stop, code):
     run = tmp_path / "run"
     proc = _bnlab(*TRAIN, "--epochs", "12", "--out", str(run))
+    expected = code
     try:
         _wait_for_epoch(proc, run, 1)
-        proc.send_signal(signal.SIGINT)
+        proc.send_signal(stop)
         code, out = _finish(proc, timeout=60)
     finally:
         if proc.poll() is None:
             proc.kill()
     point = resume_point(run)
-    assert code == 130, out
+    assert code == expected, out
     assert "Traceback" not in out
     assert (f"interrupted: no result recorded; the state after epoch {point} is saved in {run / STATE_DIR}; run the "
             f"same command again to continue from epoch {point}") in " ".join(out.split())

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import shlex
-import signal
 from pathlib import Path
 
 import typer
@@ -78,7 +77,7 @@ def _run(experiment: str, seeds: int | None, quick: bool, out: Path | None, data
 
     from bnlab.data import ChecksumError, CorruptFileError, DatasetUnavailable
     from bnlab.experiments import ExperimentInterrupted, SpecError, StoreError, load_experiment, run_experiment
-    from bnlab.experiments.runner import StopSignals
+    from bnlab.signals import StopSignals, exit_code
     from bnlab.report import build_report
 
     try:
@@ -116,7 +115,7 @@ def _run(experiment: str, seeds: int | None, quick: bool, out: Path | None, data
                (["--data-dir", data_dir] if data_dir is not None else []) + \
                (["--workers", str(workers)] if workers is not None else []) + (["--retry-failed"] if retry_failed else [])
         console.print(escape(f"to resume, run the same command: {shlex.join(same)}"), soft_wrap=True)
-        raise typer.Exit(code=128 + e.signal)
+        raise typer.Exit(code=exit_code(e.signal))
     except (SpecError, StoreError, DatasetUnavailable, ChecksumError, CorruptFileError, ValueError) as e:
         _fail(str(e))
     with StopSignals() as stop:  # the runs are all saved: a signal now only stops the report
@@ -126,7 +125,7 @@ def _run(experiment: str, seeds: int | None, quick: bool, out: Path | None, data
         except KeyboardInterrupt:
             console.print(escape(f"interrupted while writing the report; every run is saved in {folder}: "
                                  f"'bnlab report {folder}' writes it"), style="yellow", soft_wrap=True)
-            raise typer.Exit(code=128 + (stop.received or signal.SIGINT))
+            raise typer.Exit(code=exit_code(stop.received))
     console.print(f"report: {report.html} (and {report.markdown.name})"
                   + (" - a smoke test report: no verdicts" if report.smoke_test else ""))
     if progress.failed:

@@ -24,10 +24,8 @@ import fcntl
 import json
 import os
 import signal
-import threading
 import time
 import traceback
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -36,6 +34,7 @@ from bnlab.experiments.grow import Growth, SpecChanged, grow
 from bnlab.experiments.pool import WorkerDied, WorkerPool
 from bnlab.experiments.spec import ExperimentSpec, RunPlan, apply_quick, expand
 from bnlab.experiments.store import FINISHED, RunStore, StoreError
+from bnlab.signals import StopSignals
 from bnlab.train.resume import discard_state, resume_point
 
 STORE = "runs.sqlite"
@@ -43,7 +42,6 @@ STORE = "runs.sqlite"
 RESULTS_VERSION = 2
 RESULTS_VERSION_CHANGES = ("mnist-5k tests on the 10,000 real MNIST test digits, data order paired across "
                            "variants, final and best models both recorded")
-STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 # a worker killed by one of these was stopped by whoever is shutting the experiment down (systemd
 # and docker signal every process), not by its run: the experiment stops, the run stays pending
 _SHUTDOWN_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
@@ -165,63 +163,6 @@ class FolderLock:
         fcntl.flock(self.fh, fcntl.LOCK_UN)
         self.fh.close()
         return False
-
-
-class _Signalled(KeyboardInterrupt):
-    """SIGINT or SIGTERM reached the runner's parent."""
-
-
-class StopSignals:
-    """SIGINT and SIGTERM in a process running an experiment (the runner's parent; the CLI around it):
-    the first raises a KeyboardInterrupt where the process is (waiting on its workers, or training
-    in-process), except inside ``held()`` (a store write), where it waits for the block's end; a later one asks the shutdown to hurry (``hurry``: kill the
-    workers now rather than after their grace period). Installed only in the main thread (the only
-    one Python delivers signals to), and not over a signal the process was started ignoring."""
-
-    def __init__(self):
-        self.received: int | None = None
-        self.hurry = False
-        self._raised = False
-        self._held = 0
-        self._previous: dict[int, object] = {}
-
-    def __enter__(self) -> StopSignals:
-        if threading.current_thread() is threading.main_thread():
-            for s in STOP_SIGNALS:
-                if signal.getsignal(s) is not signal.SIG_IGN:
-                    self._previous[s] = signal.signal(s, self._handle)
-        return self
-
-    def __exit__(self, *exc) -> bool:
-        for s, handler in self._previous.items():
-            signal.signal(s, handler)
-        return False
-
-    def _handle(self, signum, frame) -> None:
-        if self.received is not None:
-            self.hurry = True
-            return
-        self.received = signum
-        if not self._held:
-            self._raise()
-
-    def _raise(self) -> None:
-        self._raised = True
-        raise _Signalled(f"stopped by {signal.Signals(self.received).name}")
-
-    def stop(self, signum: int) -> None:
-        """Stop as if ``signum`` had arrived (a worker stopped by it)."""
-        self._handle(signum, None)
-
-    @contextmanager
-    def held(self):
-        self._held += 1
-        try:
-            yield
-        finally:
-            self._held -= 1
-        if not self._held and self.received is not None and not self._raised:
-            self._raise()
 
 
 def open_experiment(out: Path, spec: ExperimentSpec) -> tuple[RunStore, Growth | None]:
@@ -416,5 +357,5 @@ def _run_pool(pending: list[RunPlan], out: Path, runs: _Runs, n_workers: int, th
             raise
 
 
-__all__ = ["FINISHED", "ExperimentInterrupted", "Progress", "StopSignals", "continuing", "plan_workers",
+__all__ = ["FINISHED", "ExperimentInterrupted", "Progress", "continuing", "plan_workers",
            "run_experiment"]
