@@ -48,6 +48,7 @@ def train(
     from bnlab.data import ChecksumError, CorruptFileError, DatasetUnavailable
     from bnlab.models import load_model_spec
     from bnlab.train.config import TrainConfig, recipe_for
+    from bnlab.signals import StopSignals, exit_code
     from bnlab.train.resume import RunInterrupted, SettingsChanged, discard_state
     from bnlab.train.single import train_run
 
@@ -57,6 +58,7 @@ def train(
              "device": device}
     if validation is not None:
         given["validation"] = int(validation) if float(validation).is_integer() and validation >= 1 else validation
+    stop = StopSignals()
     try:
         spec = load_model_spec(model)
         settings = recipe_for(model)
@@ -64,10 +66,14 @@ def train(
             settings.pop("validation", None)  # the recipe's split fits its own dataset only
         settings.update({k: v for k, v in given.items() if v is not None})
         config = TrainConfig(**settings)
-        result = train_run(spec, config, out=out, restart=restart)
+        with stop:  # SIGTERM (kill, timeout, docker) stops the run as Ctrl-C does
+            result = train_run(spec, config, out=out, restart=restart)
     except RunInterrupted as e:
         console.print(_how_to_resume(out, e.epoch), markup=False, highlight=False)
-        raise typer.Exit(code=130)
+        raise typer.Exit(code=exit_code(stop.received))
+    except KeyboardInterrupt:  # before training started: nothing was written
+        console.print("interrupted before training started; nothing was written", style="yellow")
+        raise typer.Exit(code=exit_code(stop.received)) from None
     except SettingsChanged as e:
         _fail(f"{e}: choose another --out, or add --restart to discard that run and start from zero")
     except ValidationError as e:
