@@ -336,6 +336,9 @@ def test_setting_differences_name_each_setting():
     assert setting_differences(saved, now) == ['model.hidden [16] -> [32]', "train.augment null -> unset",
                                                "train.augment.zoom_range unset -> 0.1"]
     assert setting_differences(saved, saved) == []
+    # settings added inside an empty table are named once, by themselves
+    assert setting_differences({"train": {}}, {"train": {"lr": 0.01}}) == ["train.lr unset -> 0.01"]
+    assert setting_differences({"a": {}}, {}) == ["a {} -> unset"]
 
 
 # ---------------------------------------------------------------- atomic writes

@@ -115,7 +115,11 @@ def setting_differences(saved: dict, now: dict) -> list[str]:
     """Each setting that differs, as 'train.lr 0.1 -> 0.01' (saved -> now); 'unset' where absent."""
     a, b = _flat(canonical(saved)), _flat(canonical(now))
     show = lambda d, k: json.dumps(d[k]) if k in d else "unset"  # noqa: E731
-    return [f"{k} {show(a, k)} -> {show(b, k)}" for k in sorted(a.keys() | b.keys()) if a.get(k, ...) != b.get(k, ...)]
+    # an empty table on one side and settings inside it on the other is said once, by those settings
+    nested = {k for k in a.keys() | b.keys() if {} in (a.get(k), b.get(k))
+              and any(j.startswith(k + ".") for j in a.keys() | b.keys())}
+    return [f"{k} {show(a, k)} -> {show(b, k)}" for k in sorted((a.keys() | b.keys()) - nested)
+            if a.get(k, ...) != b.get(k, ...)]
 
 
 # ---------------------------------------------------------------- tensors inside nested structures
