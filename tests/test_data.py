@@ -237,7 +237,7 @@ def test_digits_and_synthetic():
     assert d.input_shape == (1, 8, 8) and float(d.x_train.max()) <= 1.0
     s = load_dataset("synthetic", n_train=200, n_test=50, features=7, classes=3)
     assert s.input_shape == (7,) and s.num_classes == 3 and len(s.y_test) == 50
-    with pytest.raises(ValueError, match="n_train must be >= 1"):
+    with pytest.raises(ValueError, match="n_train: Input should be greater than or equal to 2"):
         load_dataset("synthetic", n_train=0)
 
 

@@ -2,7 +2,7 @@
 
 import numpy as np
 import torch
-from hypothesis import given, settings
+from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
@@ -93,7 +93,7 @@ def test_factor_1_stores_the_batch_statistics_at_any_scale_in_float32(x, exponen
                                atol=1e-4 * np.abs(xd).max())
 
 
-@settings(max_examples=30, deadline=None)
+@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.filter_too_much])  # batches() filters
 @given(st.lists(batches(), min_size=1, max_size=4))
 def test_momentum_none_is_the_plain_average_of_the_batch_statistics(xs):
     """torch's cumulative average: the initial (0, 1) is forgotten at the first batch."""

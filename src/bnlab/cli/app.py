@@ -29,5 +29,15 @@ def main(version: bool = typer.Option(False, "--version", callback=_version, is_
 
 
 def _fail(message: str, code: int = 2) -> None:
-    console.print(f"[red]error:[/] {message}")
+    """The one error exit of every command: ``error: <message>``, the message printed verbatim (rich
+    markup would delete bracketed text such as ``[data]`` or pydantic's ``[type=...]``), exit 2."""
+    console.print("error:", style="red", end=" ")
+    console.print(message, markup=False, highlight=False, soft_wrap=True)
     raise typer.Exit(code=code)
+
+
+def describe_error(e: BaseException) -> str:
+    """An exception as the sentence a user reads: a file-system error as 'PATH: what went wrong'."""
+    if isinstance(e, OSError) and e.strerror:
+        return f"{e.filename}: {e.strerror}" if e.filename else e.strerror
+    return str(e)

@@ -8,7 +8,7 @@ from pathlib import Path
 import typer
 from rich.table import Table
 
-from bnlab.cli.app import _fail, app, console
+from bnlab.cli.app import _fail, app, console, describe_error
 
 
 def _stats_table(folder: Path) -> None:
@@ -47,11 +47,11 @@ def _stats_table(folder: Path) -> None:
 @app.command()
 def run(
     experiment: str = typer.Argument(..., help="An experiment preset (see bnlab list) or a TOML spec file."),
-    seeds: int = typer.Option(None, help="Number of seeds per variant (overrides the spec)."),
+    seeds: int = typer.Option(None, min=1, max=1000, help="Number of seeds per variant (overrides the spec)."),
     quick: bool = typer.Option(False, "--quick", help="The preset's quick scale (minutes; smoke tests, CI)."),
     out: Path = typer.Option(None, help="Experiment folder (default: runs/NAME or runs/NAME-quick)."),
     data_dir: str = typer.Option(None, "--data-dir", help="Folder with dataset files placed by hand."),
-    workers: int = typer.Option(None, help="Worker processes (default: one per core)."),
+    workers: int = typer.Option(None, min=1, max=256, help="Worker processes (default: one per core)."),
     retry_failed: bool = typer.Option(False, "--retry-failed", help="Run failed runs again."),
 ) -> None:
     """Run an experiment (variants x seeds) resumably into a folder, then print its statistics
@@ -116,8 +116,8 @@ def _run(experiment: str, seeds: int | None, quick: bool, out: Path | None, data
                (["--workers", str(workers)] if workers is not None else []) + (["--retry-failed"] if retry_failed else [])
         console.print(escape(f"to resume, run the same command: {shlex.join(same)}"), soft_wrap=True)
         raise typer.Exit(code=exit_code(e.signal))
-    except (SpecError, StoreError, DatasetUnavailable, ChecksumError, CorruptFileError, ValueError) as e:
-        _fail(str(e))
+    except (SpecError, StoreError, DatasetUnavailable, ChecksumError, CorruptFileError, ValueError, OSError) as e:
+        _fail(describe_error(e))
     with StopSignals() as stop:  # the runs are all saved: a signal now only stops the report
         try:
             _stats_table(folder)

@@ -7,7 +7,7 @@ from pathlib import Path
 import typer
 from rich.table import Table
 
-from bnlab.cli.app import _fail, app, console
+from bnlab.cli.app import _fail, app, console, describe_error
 
 
 @app.command()
@@ -58,6 +58,8 @@ def train(
              "device": device}
     if validation is not None:
         given["validation"] = int(validation) if float(validation).is_integer() and validation >= 1 else validation
+    if out is not None and out.exists() and not out.is_dir():
+        _fail(f"--out {out}: expected a folder for the run, but it is a file")
     stop = StopSignals()
     try:
         spec = load_model_spec(model)
@@ -77,13 +79,13 @@ def train(
     except SettingsChanged as e:
         _fail(f"{e}: choose another --out, or add --restart to discard that run and start from zero")
     except ValidationError as e:
-        _fail(str(e))
-    except (DatasetUnavailable, ChecksumError, CorruptFileError, ValueError) as e:
-        _fail(str(e))
+        _fail("the training settings are not valid:\n" + _option_errors(e))
+    except (DatasetUnavailable, ChecksumError, CorruptFileError, ValueError, OSError) as e:
+        _fail(describe_error(e))
     if out is not None:  # history.json now records the run: its resumable state has done its job
         discard_state(out)
     for note in result.notes:
-        console.print(f"note: {note}")
+        console.print(f"note: {note}", markup=False, highlight=False)
     h = result.history
     table = Table(title=f"{model} on {config.dataset} ({h.engine} engine)", title_justify="left")
     for col in ("epoch", "loss", "acc", "val_loss", "val_acc", "seconds"):
@@ -129,3 +131,21 @@ def _how_to_resume(out: Path | None, epoch: int) -> str:
                 "run the same command again to start over")
     return (f"interrupted: no result recorded; the state after epoch {epoch} is saved in {out / STATE_DIR}; "
             f"run the same command again to continue from epoch {epoch} (or add --restart to start from zero)")
+
+
+# TrainConfig's fields as the options that set them, so an error names what the user typed
+_OPTIONS = {"target_accuracy": "--target", "batch_size": "--batch-size", "max_steps": "--max-steps",
+            "data_dir": "--data-dir", "dataset_options": "--dataset"}
+
+
+def _option_errors(e) -> str:
+    """One line per invalid setting, named by its option (a setting from the preset's recipe or a spec
+    file keeps its own name)."""
+    from bnlab.experiments.spec import format_errors
+
+    lines = []
+    for line in format_errors(e).splitlines():
+        key, _, rest = line.strip().partition(": ")
+        field = key.split(".")[0]
+        lines.append(f"  {_OPTIONS.get(field, '--' + field.replace('_', '-'))}{key[len(field):]}: {rest}")
+    return "\n".join(lines)

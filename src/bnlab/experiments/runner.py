@@ -32,7 +32,8 @@ from typing import Callable
 
 from bnlab.experiments.grow import Growth, SpecChanged, grow
 from bnlab.experiments.pool import WorkerDied, WorkerPool
-from bnlab.experiments.spec import ExperimentSpec, RunPlan, apply_quick, expand
+from bnlab.experiments.spec import ExperimentSpec, RunPlan, SpecError, apply_quick, expand, parse_experiment
+from bnlab.experiments.validate import check_models_fit
 from bnlab.experiments.store import FINISHED, RunStore, StoreError
 from bnlab.signals import StopSignals
 from bnlab.train.resume import discard_state, resume_point
@@ -215,12 +216,15 @@ def run_experiment(spec: ExperimentSpec, out: str | Path, *, quick: bool = False
     SIGTERM, or on a KeyboardInterrupt; see the module's docstring."""
     if quick:
         spec = apply_quick(spec)
-    if seeds is not None:
-        spec = spec.model_copy(update={"seeds": seeds})
-    if data_dir is not None:
-        spec = spec.model_copy(update={"data": spec.data.model_copy(update={"data_dir": data_dir})})
+    if seeds is not None or data_dir is not None:  # validated like the spec itself (--seeds 0 is refused)
+        data = {**spec.data.model_dump(), **({"data_dir": data_dir} if data_dir is not None else {})}
+        spec = parse_experiment({**spec.model_dump(), "data": data, **({"seeds": seeds} if seeds is not None else {})},
+                                "the spec with the command's options")
     plans = expand(spec)
     out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise SpecError(f"--out {out}: expected a folder for the experiment, but it is a file")
+    check_models_fit(plans, _prefetch_data(spec))  # before anything is stored or spawned
     notify = on_progress or (lambda p, msg: None)
     left: tuple[list[str], dict[str, tuple[int, int]]] = ([], {})
     with StopSignals() as signals:
@@ -271,7 +275,6 @@ def _run(spec: ExperimentSpec, plans: list[RunPlan], out: Path, store: RunStore,
     if not pending:
         notify(prog, "nothing to do: every run is finished")
         return prog
-    _prefetch_data(spec)
     # threads per run as if no run had finished yet: a resumed or continued run computes with the thread
     # count an uninterrupted experiment gives it (results can depend on it in the last bits)
     n_workers, threads = plan_workers(len(plans), workers)
@@ -294,11 +297,11 @@ def _run(spec: ExperimentSpec, plans: list[RunPlan], out: Path, store: RunStore,
     return prog
 
 
-def _prefetch_data(spec: ExperimentSpec) -> None:
-    """Load (download, parse, cache) the dataset once here, not once per worker."""
+def _prefetch_data(spec: ExperimentSpec):
+    """Load (download, parse, cache) the dataset once here, not once per worker; return it."""
     from bnlab.data import load_dataset
 
-    load_dataset(spec.data.dataset, data_dir=spec.data.data_dir, validation=spec.data.validation,
+    return load_dataset(spec.data.dataset, data_dir=spec.data.data_dir, validation=spec.data.validation,
                  scaling=spec.data.scaling, **spec.data.options)
 
 

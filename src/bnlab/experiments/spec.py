@@ -17,6 +17,7 @@ Validation errors name the key, the bad value and what is allowed.
 from __future__ import annotations
 
 import copy
+import re
 import hashlib
 import json
 import tomllib
@@ -24,7 +25,9 @@ from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from typing import Annotated
+
+from pydantic import BaseModel, ConfigDict, Field, StrictInt, ValidationError, field_validator, model_validator
 
 from bnlab.experiments.results import COMPARABLE_FIELDS, DEFAULT_PRIMARY, FIELDS
 from bnlab.models import load_model_spec, parse_model_spec
@@ -36,13 +39,36 @@ class SpecError(ValueError):
     """An experiment spec that does not validate; the message lists every problem."""
 
 
+# a variant's name is a folder name under runs/: a safe slug, never a path
+VARIANT_NAME = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"
+MAX_SEEDS = 1000  # runs per variant
+MAX_VARIANTS = 256
+MAX_SEED = 2**31 - 1
+MAX_SPEC_BYTES = 1 << 20
+
+
 class DataSection(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
     dataset: str = "mnist-5k"
     data_dir: str | None = None
-    validation: int | float | None = None
-    scaling: str | None = None
+    validation: TrainConfig.model_fields["validation"].annotation = None  # as TrainConfig: a count or a fraction
+    scaling: TrainConfig.model_fields["scaling"].annotation = None
     options: dict = {}
+
+    @field_validator("dataset")
+    @classmethod
+    def _known(cls, v):
+        from bnlab.data import dataset_info
+
+        dataset_info(v)  # unknown: a ValueError listing the known ones
+        return v
+
+    @model_validator(mode="after")
+    def _options(self):
+        from bnlab.data import check_dataset_options
+
+        check_dataset_options(self.dataset, self.options)
+        return self
 
 
 class Variant(BaseModel):
@@ -62,16 +88,22 @@ class QuickSection(BaseModel):
     train: dict = {}
 
 
+Seed = Annotated[StrictInt, Field(ge=0, le=MAX_SEED)]
+
+
 class ExperimentSpec(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    name: str = Field(min_length=1)
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+    name: str = Field(min_length=1, max_length=200)
     description: str = ""
-    seeds: int | list[int] = 3
+    # a count (seeds 0..n-1) or a list of distinct seeds
+    seeds: Annotated[StrictInt, Field(ge=1, le=MAX_SEEDS)] | Annotated[list[Seed], Field(min_length=1,
+                                                                                        max_length=MAX_SEEDS)] = 3
     target_accuracy: float | None = Field(None, gt=0, le=1)
     data: DataSection = DataSection()
     model: dict = {}
     train: dict = {}
-    variants: dict[str, Variant] = Field(min_length=1)
+    variants: dict[Annotated[str, Field(pattern=VARIANT_NAME)], Variant] = Field(min_length=1,
+                                                                                 max_length=MAX_VARIANTS)
     quick: QuickSection = QuickSection()
     probes: dict = {}  # a bnlab.probes.ProbeConfig for every run; empty: no probes
     # the metric the experiment is about: verdicts are drawn on it alone (Holm's correction over
@@ -89,13 +121,28 @@ class ExperimentSpec(BaseModel):
                              f"{', '.join(COMPARABLE_FIELDS)}; {v!r} is {what}")
         return v
 
-    @field_validator("seeds")
+    @field_validator("seeds", mode="before")
     @classmethod
     def _seeds(cls, v):
-        if isinstance(v, int) and v < 1:
-            raise ValueError(f"seeds must be a count >= 1 or a list of seeds (got {v})")
-        if isinstance(v, list) and (not v or len(set(v)) != len(v)):
-            raise ValueError(f"seeds must be a non-empty list without repeats (got {v})")
+        rule = f"seeds must be a count 1..{MAX_SEEDS} or a list of 1..{MAX_SEEDS} distinct integers 0..{MAX_SEED}"
+        if isinstance(v, int) and not isinstance(v, bool):
+            if not 1 <= v <= MAX_SEEDS:
+                raise ValueError(rule)
+        elif isinstance(v, list):
+            if not 1 <= len(v) <= MAX_SEEDS or len(set(map(repr, v))) != len(v) or not all(
+                    isinstance(x, int) and not isinstance(x, bool) and 0 <= x <= MAX_SEED for x in v):
+                raise ValueError(rule)
+        else:
+            raise ValueError(rule)
+        return v
+
+    @field_validator("variants", mode="before")
+    @classmethod
+    def _variant_names(cls, v):
+        for name in v if isinstance(v, dict) else ():
+            if not isinstance(name, str) or not re.fullmatch(VARIANT_NAME, name):
+                raise ValueError(f"variant name {name!r} is not allowed: a variant is a folder under runs/, so its "
+                                 "name is 1-64 letters, digits, '.', '_' or '-', starting with a letter or digit")
         return v
 
     @field_validator("train")
@@ -137,14 +184,23 @@ def _merge(base: dict, over: dict) -> dict:
     return out
 
 
-def _format(e: ValidationError, where: str) -> str:
+def _short(value, limit: int = 80) -> str:
+    """repr of a bad value, cut to ``limit`` characters (a 10,000-item list is not echoed back)."""
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
+def format_errors(e: ValidationError, where: str = "") -> str:
+    """One line per problem: the dotted key, pydantic's message, the value that arrived."""
     lines = []
     for err in e.errors():
         # drop the model-kind tags a discriminated union puts in the path ("model.mlp.activation")
-        loc = ".".join(str(p) for p in err["loc"] if p not in ("mlp", "cnn", "layers")) or "(top level)"
-        got = f" (got {err['input']!r})" if "input" in err and not isinstance(err["input"], dict) else ""
-        lines.append(f"  {where}{loc}: {err['msg']}{got}")
-    return "\n".join(lines)
+        # drop the tags a union puts in the path ("model.mlp.activation", "seeds.constrained-int")
+        loc = ".".join(str(p) for p in err["loc"] if p not in ("mlp", "cnn", "layers")
+                       and not re.fullmatch(r"[a-z-]+\[.*\]|constrained-\w+|function-\w+", str(p))) or "(top level)"
+        got = f" (got {_short(err['input'])})" if "input" in err and not isinstance(err["input"], dict) else ""
+        lines.append(f"  {where}{loc}: {err['msg'].removeprefix('Value error, ')}{got}")
+    return "\n".join(dict.fromkeys(lines))
 
 
 def apply_quick(spec: ExperimentSpec) -> ExperimentSpec:
@@ -170,7 +226,7 @@ def expand(spec: ExperimentSpec) -> list[RunPlan]:
             mdict = _merge(base_model, variant.model)
             mspec = load_model_spec(preset, mdict) if preset else parse_model_spec(mdict)
         except ValidationError as e:
-            problems.append(_format(e, f"variants.{vname}.model."))
+            problems.append(format_errors(e, f"variants.{vname}.model."))
             continue
         except ValueError as e:
             problems.append(f"  model.preset: {e}")
@@ -186,7 +242,7 @@ def expand(spec: ExperimentSpec) -> list[RunPlan]:
                                   validation=spec.data.validation, scaling=spec.data.scaling,
                                   dataset_options=spec.data.options, seed=seed, **tdict)
             except ValidationError as e:
-                problems.append(_format(e, f"variants.{vname}.train."))
+                problems.append(format_errors(e, f"variants.{vname}.train."))
                 break
             plans.append(RunPlan(f"{vname}/seed-{seed}", vname, seed, spec_to_dict(mspec), cfg.model_dump()))
     if problems:
@@ -198,7 +254,7 @@ def parse_experiment(data: dict, where: str = "spec") -> ExperimentSpec:
     try:
         spec = ExperimentSpec(**data)
     except ValidationError as e:
-        raise SpecError(f"{where} is not a valid experiment spec:\n{_format(e, '')}") from None
+        raise SpecError(f"{where} is not a valid experiment spec:\n{format_errors(e, '')}") from None
     expand(spec)  # validates every variant's model and training settings now
     return spec
 
@@ -206,6 +262,28 @@ def parse_experiment(data: dict, where: str = "spec") -> ExperimentSpec:
 def preset_names() -> list[str]:
     folder = resources.files("bnlab.experiments") / "presets"
     return sorted(p.name.removesuffix(".toml") for p in folder.iterdir() if p.name.endswith(".toml"))
+
+
+def read_spec_text(path: Path) -> str:
+    """The text of a spec file: an existing regular file of at most 1 MiB of UTF-8, or a SpecError
+    saying which of these it is not."""
+    if not path.exists():
+        raise SpecError(f"{str(path)!r} is neither an experiment preset ({', '.join(preset_names())}) "
+                        "nor a TOML file")
+    if not path.is_file():
+        raise SpecError(f"{path}: expected a TOML file, but it is a directory or a special file")
+    try:
+        size = path.stat().st_size
+        if size > MAX_SPEC_BYTES:
+            raise SpecError(f"{path}: a spec file is at most {MAX_SPEC_BYTES:,} bytes (this one has {size:,})")
+        data = path.read_bytes()
+    except OSError as e:
+        raise SpecError(f"{path}: cannot be read ({e.strerror or e})") from None
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise SpecError(f"{path}: not UTF-8 text (byte {data[e.start]:#04x} at offset {e.start}); "
+                        "TOML files are UTF-8") from None
 
 
 def load_experiment(name_or_path: str | Path) -> ExperimentSpec:
@@ -216,10 +294,7 @@ def load_experiment(name_or_path: str | Path) -> ExperimentSpec:
         where = f"preset {name}"
     else:
         path = Path(name)
-        if not path.is_file():
-            raise SpecError(f"{name!r} is neither an experiment preset ({', '.join(preset_names())}) "
-                            "nor a TOML file")
-        text, where = path.read_text(), str(path)
+        text, where = read_spec_text(path), str(path)
     try:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as e:

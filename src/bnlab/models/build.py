@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from collections import Counter, OrderedDict
 
+import math
 import torch
 from torch import nn
 
@@ -138,7 +139,7 @@ def build_model(spec, *, seed: int | None = None) -> SpecModel:
         where = f"layer {i} ({ld.type})"
         if ld.type == "flatten":
             add("flatten", nn.Flatten())
-            shape = (int(torch.tensor(shape).prod()),)
+            shape = (math.prod(shape),)
         elif ld.type == "dense":
             if len(shape) != 1:
                 raise ValueError(f"{where}: dense needs a flat input (got shape {shape}); add a flatten layer")

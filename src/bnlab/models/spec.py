@@ -20,8 +20,18 @@ Init = Literal["he_normal", "glorot_uniform", "normal", "torch_default"]
 Bias = Literal["auto", "on", "off"]
 
 
+# bounds that keep a spec buildable: a typo such as 10**9 units is refused here, not by an
+# out-of-memory crash or a build that never ends
+MAX_WIDTH = 65536  # units of a dense layer, filters of a conv, classes
+MAX_LAYERS = 256  # entries of a list of layers, blocks or widths
+MAX_SIDE = 4096  # each dimension of the input shape
+MAX_KERNEL = 64  # kernel and pool sizes
+Width = Annotated[int, Field(ge=1, le=MAX_WIDTH)]
+Shape = Annotated[tuple[Annotated[int, Field(ge=1, le=MAX_SIDE)], ...], Field(min_length=1, max_length=3)]
+
+
 class _Spec(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
 
 NORM_PATTERN = r"^(batch|layer|instance|renorm|weight|none|group:[1-9][0-9]*|ghost:[1-9][0-9]*)$"
@@ -35,15 +45,15 @@ class NormSettings(_Spec):
 
     convention: Literal["torch", "keras"] = "torch"
     eps: float | None = Field(None, gt=0)
-    momentum: float | None | Literal["default"] = "default"
+    momentum: Annotated[float, Field(ge=0, le=1)] | None | Literal["default"] = "default"
     r_max: float = Field(3.0, ge=1, description="batch renorm")
     d_max: float = Field(5.0, ge=0, description="batch renorm")
-    warmup_steps: int = Field(0, ge=0, description="batch renorm: steps over which r_max, d_max grow from 1, 0")
+    warmup_steps: int = Field(0, ge=0, le=10**9, description="batch renorm: steps over which r_max, d_max grow from 1, 0")
 
 
 class _Common(_Spec):
-    input_shape: tuple[int, ...] = (1, 28, 28)
-    num_classes: int = Field(10, ge=2)
+    input_shape: Shape = (1, 28, 28)
+    num_classes: int = Field(10, ge=2, le=MAX_WIDTH)
     activation: Activation = "relu"
     leaky_relu_slope: float = Field(0.3, ge=0, description="Keras's LeakyReLU default 0.3 (torch's is 0.01)")
     bn: Placement = "none"  # where the normalization layer goes: none | before | after the activation
@@ -57,20 +67,20 @@ class _Common(_Spec):
 
 class MLPSpec(_Common):
     kind: Literal["mlp"] = "mlp"
-    hidden: list[Annotated[int, Field(ge=1)]] = [300, 100]
+    hidden: Annotated[list[Width], Field(max_length=MAX_LAYERS)] = [300, 100]
     input_bn: bool = False
 
 
 class CNNSpec(_Common):
     kind: Literal["cnn"] = "cnn"
-    input_shape: tuple[int, ...] = (3, 32, 32)
-    blocks: list[Annotated[int, Field(ge=1)]] = [60, 60, 60, 60]  # filters of each pooled block
-    final_block: Annotated[int, Field(ge=1)] | None = 100  # filters of the last block (no pooling)
-    convs_per_block: int = Field(2, ge=1)
-    kernel_size: int = Field(3, ge=1)
-    pool_size: int = Field(2, ge=1)
+    input_shape: Shape = (3, 32, 32)
+    blocks: Annotated[list[Width], Field(max_length=MAX_LAYERS)] = [60, 60, 60, 60]  # filters of each pooled block
+    final_block: Width | None = 100  # filters of the last block (no pooling)
+    convs_per_block: int = Field(2, ge=1, le=16)
+    kernel_size: int = Field(3, ge=1, le=MAX_KERNEL)
+    pool_size: int = Field(2, ge=1, le=MAX_KERNEL)
     head: Literal["flatten", "gap"] = "flatten"
-    dense: list[Annotated[int, Field(ge=1)]] = []  # hidden dense layers of the head
+    dense: Annotated[list[Width], Field(max_length=MAX_LAYERS)] = []  # hidden dense layers of the head
 
 
 class LayerDef(_Spec):
@@ -79,22 +89,22 @@ class LayerDef(_Spec):
     type: Literal["flatten", "dense", "conv2d", "batchnorm", "norm", "activation", "maxpool", "dropout", "gap"]
     kind: Norm | None = None  # norm: which one (batchnorm = kind "batch")
     weight_norm: bool = False  # dense / conv2d
-    units: int | None = Field(None, ge=1)  # dense
-    filters: int | None = Field(None, ge=1)  # conv2d
-    kernel_size: int = Field(3, ge=1)
+    units: int | None = Field(None, ge=1, le=MAX_WIDTH)  # dense
+    filters: int | None = Field(None, ge=1, le=MAX_WIDTH)  # conv2d
+    kernel_size: int = Field(3, ge=1, le=MAX_KERNEL)
     padding: Literal["same", "valid"] = "same"
     activation: Activation | None = None  # dense / conv2d fused activation, or the activation layer's
     use_bias: bool = True
     init: Init | None = None  # None = the model's
-    pool_size: int = Field(2, ge=1)
+    pool_size: int = Field(2, ge=1, le=MAX_KERNEL)
     rate: float = Field(0.0, ge=0, lt=1)  # dropout
 
 
 class LayersSpec(_Spec):
     kind: Literal["layers"] = "layers"
-    input_shape: tuple[int, ...] = (1, 28, 28)
-    num_classes: int = Field(10, ge=2)
-    layers: list[LayerDef]
+    input_shape: Shape = (1, 28, 28)
+    num_classes: int = Field(10, ge=2, le=MAX_WIDTH)
+    layers: Annotated[list[LayerDef], Field(max_length=MAX_LAYERS)]
     init: Init = "glorot_uniform"
     init_std: float = Field(0.01, gt=0)
     leaky_relu_slope: float = Field(0.3, ge=0)

@@ -2,15 +2,24 @@
 
 from __future__ import annotations
 
-from typing import Literal
+import re
+from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from bnlab.probes import ProbeConfig
 
 
+# bounds that keep a run possible: a typo such as 1e12 epochs is refused before anything starts
+MAX_EPOCHS = 100_000
+MAX_BATCH = 1 << 20
+MAX_STEPS = 10**9
+MAX_SEED = 2**31 - 1
+DEVICE_PATTERN = r"^(auto|cpu|cuda(:[0-9]{1,2})?)$"
+
+
 class AugmentConfig(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
     shear_range: float = Field(0.0, ge=0, description="degrees, as Keras")
     zoom_range: float = Field(0.0, ge=0, lt=1)
     horizontal_flip: bool = False
@@ -19,31 +28,48 @@ class AugmentConfig(BaseModel):
 class TrainConfig(BaseModel):
     """Everything besides the model that decides a run's result."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
     dataset: str = "mnist-5k"
     data_dir: str | None = None
-    validation: int | float | None = None  # None: the dataset's default
+    # None: the dataset's default; a count (the first N of the training split) or a fraction
+    validation: Annotated[int, Field(ge=1, le=10**8)] | Annotated[float, Field(gt=0, lt=1)] | None = None
     scaling: Literal["none", "unit", "center", "standardize"] | None = None
     dataset_options: dict = {}
     optimizer: Literal["sgd", "rmsprop", "adam"] = "sgd"
-    lr: float = Field(1e-3, gt=0)
+    lr: float = Field(1e-3, gt=0)  # finite (huge values are a way to study divergence)
     momentum: float = Field(0.0, ge=0, lt=1)
     nesterov: bool = False
     weight_decay: float = Field(0.0, ge=0)
     keras_defaults: bool = True
-    batch_size: int = Field(32, ge=1)
-    epochs: int = Field(10, ge=1)
-    seed: int = 0  # initial weights, shuffling, dropout, augmentation
-    data_seed: int = 0  # the validation split: the same for every seed, so runs differ by training only
+    batch_size: int = Field(32, ge=1, le=MAX_BATCH)
+    epochs: int = Field(10, ge=1, le=MAX_EPOCHS)
+    seed: int = Field(0, ge=0, le=MAX_SEED)  # initial weights, shuffling, dropout, augmentation
+    # the validation split: the same for every seed, so runs differ by training only
+    data_seed: int = Field(0, ge=0, le=MAX_SEED)
     target_accuracy: float | None = Field(None, gt=0, le=1)
-    patience: int | None = Field(None, ge=1)
+    patience: int | None = Field(None, ge=1, le=MAX_EPOCHS)
     monitor: Literal["val_accuracy", "val_loss"] = "val_accuracy"
-    max_steps: int | None = Field(None, ge=1)
-    max_seconds: float | None = Field(None, gt=0)
+    max_steps: int | None = Field(None, ge=1, le=MAX_STEPS)
+    max_seconds: float | None = Field(None, gt=0, le=10**8)
     augment: AugmentConfig | None = None
     engine: Literal["auto", "native", "fused", "autograd"] = "auto"
     probes: ProbeConfig | None = None
-    device: str = "auto"
+    device: str = Field("auto", description="auto | cpu | cuda | cuda:N")
+
+    @field_validator("device")
+    @classmethod
+    def _device(cls, v):
+        if not re.fullmatch(DEVICE_PATTERN, v):
+            raise ValueError(f"expected auto, cpu, cuda or cuda:N (got {v!r})")
+        return v
+
+    @field_validator("dataset_options")
+    @classmethod
+    def _options(cls, v, info):
+        from bnlab.data import check_dataset_options
+
+        dataset = info.data.get("dataset")
+        return check_dataset_options(dataset, v) if dataset is not None else v
 
 
 # the seed notebooks' settings for each model preset family
