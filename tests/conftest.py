@@ -1,4 +1,5 @@
 import os
+from pathlib import Path
 
 import pytest
 
@@ -11,3 +12,27 @@ def _isolated_cache(tmp_path_factory, monkeypatch):
     monkeypatch.setenv("BNLAB_DATA", str(shared))
     os.environ.setdefault("COLUMNS", "160")
     yield
+
+
+DIGITS_SPEC = {"kind": "mlp", "input_shape": [1, 8, 8], "num_classes": 10, "hidden": [16], "bn": "after"}
+
+
+@pytest.fixture(scope="module")
+def digits_checkpoint(tmp_path_factory) -> Path:
+    """A small checkpoint on scikit-learn's digits (embedded, fast; recalibrate reloads them), with
+    non-trivial BN running statistics."""
+    import torch
+
+    from bnlab.checkpoint import save_checkpoint
+    from bnlab.data import load_dataset
+    from bnlab.models import build_model
+
+    folder = tmp_path_factory.mktemp("ck") / "checkpoint"
+    ds = load_dataset("digits")
+    model = build_model(DIGITS_SPEC, seed=0).train()
+    with torch.no_grad():
+        model(ds.x_train[:64])
+    save_checkpoint(folder, model.eval(), preprocessing=ds.preprocessing,
+                    meta={"kind": "best", "epoch": 1, "dataset": "digits", "classes": list(ds.classes),
+                          "train": {"dataset": "digits", "batch_size": 32}, "val_accuracy": 0.5})
+    return folder

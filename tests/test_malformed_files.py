@@ -22,13 +22,12 @@ import torch
 from safetensors.torch import load_file, save_file
 from typer.testing import CliRunner
 
-from bnlab.checkpoint import CONFIG, WEIGHTS, config_digest, save_checkpoint
+from bnlab.checkpoint import CONFIG, WEIGHTS, config_digest
 from bnlab.cli import app
-from bnlab.data import download, load_dataset, sources, write_idx
+from bnlab.data import download, sources, write_idx
 from bnlab.experiments import parse_experiment, run_experiment
 from bnlab.experiments import read, store
 from bnlab.hashing import file_digest
-from bnlab.models import build_model
 
 
 def invoke(args: list[str]):
@@ -47,21 +46,9 @@ def assert_refused(args, match: str):
 
 # ================================================================ checkpoints
 
-SPEC = {"kind": "mlp", "input_shape": [1, 8, 8], "num_classes": 10, "hidden": [16], "bn": "after"}
-
-
 @pytest.fixture(scope="module")
-def good_checkpoint(tmp_path_factory) -> Path:
-    """A small checkpoint on scikit-learn's digits (recalibrate reloads them: embedded, fast)."""
-    folder = tmp_path_factory.mktemp("ck") / "checkpoint"
-    ds = load_dataset("digits")
-    model = build_model(SPEC, seed=0).train()
-    with torch.no_grad():
-        model(ds.x_train[:64])  # non-trivial running statistics
-    save_checkpoint(folder, model.eval(), preprocessing=ds.preprocessing,
-                    meta={"kind": "best", "epoch": 1, "dataset": "digits", "classes": list(ds.classes),
-                          "train": {"dataset": "digits", "batch_size": 32}, "val_accuracy": 0.5})
-    return folder
+def good_checkpoint(digits_checkpoint) -> Path:
+    return digits_checkpoint
 
 
 def _config(folder: Path) -> dict:

@@ -11,16 +11,12 @@ import re
 from pathlib import Path
 
 import pytest
-import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from typer.testing import CliRunner
 
-from bnlab.checkpoint import save_checkpoint
 from bnlab.cli import app
-from bnlab.data import load_dataset
 from bnlab.experiments.spec import SpecError, parse_experiment
-from bnlab.models import build_model
 
 GOOD = '''name = "tiny"
 seeds = 1
@@ -161,16 +157,8 @@ CLI = [
 
 
 @pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory) -> Path:
-    folder = tmp_path_factory.mktemp("ck") / "checkpoint"
-    ds = load_dataset("digits")
-    model = build_model({"kind": "mlp", "input_shape": [1, 8, 8], "hidden": [16], "bn": "after"}, seed=0).train()
-    with torch.no_grad():
-        model(ds.x_train[:64])
-    save_checkpoint(folder, model.eval(), preprocessing=ds.preprocessing,
-                    meta={"kind": "best", "epoch": 1, "dataset": "digits", "classes": list(ds.classes),
-                          "train": {"dataset": "digits", "batch_size": 32}})
-    return folder
+def checkpoint(digits_checkpoint) -> Path:
+    return digits_checkpoint
 
 
 @pytest.mark.parametrize("args, match", [c[1:] for c in CLI], ids=[c[0] for c in CLI])
