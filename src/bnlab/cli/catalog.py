@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import typer
+from rich.markup import escape
 from rich.table import Table
 
-from bnlab.cli.app import _fail, app, console
+from bnlab.cli.app import _fail, app, console, describe_error, out_of_memory
 
 
 @app.command("datasets")
@@ -16,11 +17,12 @@ def datasets_cmd() -> None:
     """
     from bnlab.data import cache_dir, list_datasets
 
-    table = Table(title=f"datasets (cache: {cache_dir()})", title_justify="left")
+    table = Table(title=f"datasets (cache: {escape(str(cache_dir()))})", title_justify="left")
     for col in ("name", "offline", "default validation", "default scaling", "description"):
         table.add_column(col)
     for d in list_datasets():
-        table.add_row(d.name, "yes" if d.embedded else "download", str(d.validation), d.scaling, d.description)
+        table.add_row(*(escape(str(c)) for c in (d.name, "yes" if d.embedded else "download", d.validation,
+                                                  d.scaling, d.description)))
     console.print(table)
 
 
@@ -36,7 +38,7 @@ def models_cmd() -> None:
     table.add_column("name")
     table.add_column("description")
     for name, desc in list_model_presets().items():
-        table.add_row(name, desc)
+        table.add_row(escape(name), escape(desc))
     console.print(table)
 
 
@@ -56,9 +58,14 @@ def summary(model: str = typer.Argument(..., help="A model preset name or a .tom
     try:
         spec = load_model_spec(model)
         built = build_model(spec)
-    except (ValueError, ValidationError) as e:
-        _fail(str(e))
-    print(summarize(built, tuple(spec.input_shape), name=model).to_text())
+        text = summarize(built, tuple(spec.input_shape), name=model).to_text()
+    except (ValueError, ValidationError, OSError, MemoryError, RecursionError) as e:
+        _fail(describe_error(e))
+    except RuntimeError as e:  # torch's allocator: a model larger than this machine's memory
+        if not out_of_memory(e):
+            raise
+        _fail(f"{model}: the model does not fit in memory ({e})")
+    print(text)
 
 
 @app.command("list")
@@ -74,8 +81,8 @@ def list_cmd() -> None:
         table.add_column(col)
     for name in preset_names():
         spec = load_experiment(name)
-        table.add_row(name, spec.data.dataset, ", ".join(spec.variants), str(len(spec.seed_list())),
-                      spec.description.split("\n")[0])
+        table.add_row(*(escape(c) for c in (name, spec.data.dataset, ", ".join(spec.variants),
+                                            str(len(spec.seed_list())), spec.description.split("\n")[0])))
     console.print(table)
     models_cmd()
     datasets_cmd()

@@ -6,6 +6,7 @@ import json
 from dataclasses import asdict
 
 import typer
+from rich.markup import escape
 from rich.table import Table
 
 from bnlab.cli.app import app, console
@@ -45,13 +46,13 @@ def check(
             f"torch.nn.BatchNorm2d {speed.torch_s * 1e3:.1f} ms, ratio [bold]{speed.ratio:.2f}x[/] "
             f"(goal <= {speed.goal}x)"
         )
-        console.print("native MLP step: " + (f"built, checked above ({native_status['build_dir']})"
+        console.print("native MLP step: " + (f"built, checked above ({escape(native_status['build_dir'])})"
                                              if native_status["available"] else
-                                             f"[yellow]unavailable[/] ({native_status['reason']}); "
+                                             f"[yellow]unavailable[/] ({escape(str(native_status['reason']))}); "
                                              "training uses the Python fused step"))
         if failed:
             console.print(f"[red]{len(failed)} of {len(rows)} checks failed:[/] "
-                          + "; ".join(f"{r.group} {r.case} {r.quantity}" for r in failed))
+                          + escape("; ".join(f"{r.group} {r.case} {r.quantity}" for r in failed)))
         else:
             console.print(f"[green]all {len(rows)} checks passed[/]")
     if failed:

@@ -6,9 +6,10 @@ import json
 from pathlib import Path
 
 import typer
+from rich.markup import escape
 from rich.table import Table
 
-from bnlab.cli.app import _fail, app, console
+from bnlab.cli.app import _fail, app, check_out_file, check_out_folder, console, describe_error, say
 
 
 def _checkpoint(path: Path):
@@ -38,13 +39,15 @@ def recalibrate(
     out: Path = typer.Option(..., help="Folder for the recalibrated checkpoint."),
     dataset: str = typer.Option(None, help="Default: the dataset the checkpoint was trained on."),
     data_dir: str = typer.Option(None, "--data-dir"),
-    batch_size: int = typer.Option(None, "--batch-size", help="Samples per forward pass (mode train: the batch whose "
+    batch_size: int = typer.Option(None, "--batch-size", min=1, max=1 << 20,  # TrainConfig's batch bounds
+                                   help="Samples per forward pass (mode train: the batch whose "
                                    "statistics earlier BN layers normalize with). Default: the checkpoint's "
                                    "training batch size, else 32."),
     mode: str = typer.Option("both", help="train: earlier BN layers use batch statistics, as in training (fvcore's "
                              "PreciseBN) | inference: layer by layer, earlier layers with their new statistics | "
                              "both: compute and print both, write train."),
-    seed: int = typer.Option(0, help="Seed of the shuffle into batches (mode train depends on it)."),
+    seed: int = typer.Option(0, min=0, max=2**31 - 1,  # the range of TrainConfig's seeds
+                             help="Seed of the shuffle into batches (mode train depends on it)."),
 ) -> None:
     """Replace BN's moving averages by precise population statistics over the training data (per channel, the
     mean and variance over all values each BN layer sees, with the weights fixed), print validation loss and
@@ -62,8 +65,9 @@ def recalibrate(
     if mode not in modes:
         _fail(f"--mode must be one of train, inference, both (got {mode!r})")
     written = modes[mode][0]
+    check_out_folder(out, "--out", "the recalibrated checkpoint")
     ck = _checkpoint(checkpoint)
-    console.print(f"model: {ck.describe()}")
+    say(f"model: {ck.describe()}")
     if batch_size is None:
         batch_size = int((ck.meta.get("train") or {}).get("batch_size") or 32)
     new = {}
@@ -71,10 +75,11 @@ def recalibrate(
         data = _checkpoint_data(ck, dataset, data_dir)
         for m in modes[mode]:
             new[m] = recal(ck.model, data.x_train, batch_size=batch_size, mode=m, seed=seed)
-    except (DatasetUnavailable, ChecksumError, CorruptFileError, ValueError, FloatingPointError) as e:
-        _fail(str(e))
-    table = Table(title=f"validation on {data.name} ({len(data.y_val)} examples); statistics over "
-                        f"{len(data.x_train)} training examples", title_justify="left")
+    except (DatasetUnavailable, ChecksumError, CorruptFileError, ValueError, FloatingPointError, OSError,
+            MemoryError) as e:
+        _fail(describe_error(e))
+    table = Table(title=escape(f"validation on {data.name} ({len(data.y_val)} examples); statistics over "
+                               f"{len(data.x_train)} training examples"), title_justify="left")
     for col in ("BN statistics", "val loss", "val accuracy"):
         table.add_column(col)
     loss, acc = evaluate(ck.model, data.x_val, data.y_val)
@@ -95,7 +100,7 @@ def recalibrate(
     except CheckpointError as e:
         _fail(str(e))
     console.print(table)
-    console.print(f"wrote {out} (precise statistics, mode {written})")
+    say(f"wrote {out} (precise statistics, mode {written})")
 
 
 @app.command("fold")
@@ -114,6 +119,7 @@ def fold_cmd(
     from bnlab.deploy import describe, fold
     from bnlab.models import build_model
 
+    check_out_folder(out, "--out", "the folded checkpoint")
     ck = _checkpoint(checkpoint)
     folded, rep = fold(ck.model)
     spec = ck.model.spec
@@ -128,8 +134,8 @@ def fold_cmd(
         save_checkpoint(out, rebuilt, preprocessing=ck.preprocessing, meta={**ck.meta, "folded": rep.to_text()})
     except CheckpointError as e:  # e.g. folding overflowed float32: refused, not written
         _fail(str(e))
-    console.print(rep.to_text())
-    console.print(f"max relative output difference on random inputs: {err:.2e}; wrote {out}")
+    say(rep.to_text())
+    say(f"max relative output difference on random inputs: {err:.2e}; wrote {out}")
 
 
 _MODEL_HELP = ("Which model of a run folder: best (the best-validation model, checkpoint/; the default, as Keras's "
@@ -171,11 +177,11 @@ def predict_cmd(
     if as_json:
         print(json.dumps(results, indent=2, allow_nan=False))  # strict JSON: predict() refused NaN above
         return
-    console.print(f"model: {ck.describe()}")
+    say(f"model: {ck.describe()}")
     for r in results:
         top = sorted(range(len(r["probabilities"])), key=lambda k: -r["probabilities"][k])[:3]
-        console.print(f"{r['input']}: class {r['class']} ({r['name']}), p = {r['probabilities'][r['class']]:.4f}; "
-                      "top 3: " + ", ".join(f"{k}: {r['probabilities'][k]:.3f}" for k in top))
+        say(f"{r['input']}: class {r['class']} ({r['name']}), p = {r['probabilities'][r['class']]:.4f}; "
+            "top 3: " + ", ".join(f"{k}: {r['probabilities'][k]:.3f}" for k in top))
 
 
 @app.command()
@@ -198,28 +204,31 @@ def export(
     from bnlab.deploy import fold
     from bnlab.deploy.export import export_onnx, onnx_predict
 
+    check_out_file(onnx, "--onnx", "the ONNX model")
     ck = _chosen_checkpoint(checkpoint, which)
     model = ck.model if no_fold else fold(ck.model)[0]
     shape = tuple(ck.model.spec.input_shape)
+    x = torch.randn(4, *shape)
     try:
         export_onnx(model, shape, onnx, metadata={"bnlab.model": ck.kind, "bnlab.epoch": ck.meta.get("epoch"),
                                                   "bnlab.checkpoint": str(ck.path), "bnlab.folded": not no_fold})
+        got = onnx_predict(onnx, x.numpy())
     except ImportError as e:
         _fail(str(e))
-    x = torch.randn(4, *shape)
+    except OSError as e:  # a folder or a file in the way, a full disk, no permission
+        _fail(f"--onnx {onnx}: cannot write it ({describe_error(e)})")
     with torch.no_grad():
         ref = ck.model(x).numpy()
-    got = onnx_predict(onnx, x.numpy())
     err = float(np.abs(got - ref).max() / max(np.abs(ref).max(), 1e-30))
-    console.print(f"exported the {ck.describe()}")
-    console.print(f"wrote {onnx}; onnxruntime vs PyTorch max relative difference {err:.2e}")
+    say(f"exported the {ck.describe()}")
+    say(f"wrote {onnx}; onnxruntime vs PyTorch max relative difference {err:.2e}")
 
 
 @app.command()
 def serve(
     checkpoint: Path = typer.Argument(..., help="A checkpoint folder, or a run folder (then --model picks which)."),
     host: str = typer.Option("127.0.0.1"),
-    port: int = typer.Option(8000, help="0: any free port (the start message says which)."),
+    port: int = typer.Option(8000, min=0, max=65535, help="0: any free port (the start message says which)."),
     max_body_bytes: int = typer.Option(None, "--max-body-bytes", help="Larger bodies get 413. Default: 4 MiB, "
                                        "enough for a full batch (1024 samples) of MNIST as JSON."),
     max_image_pixels: int = typer.Option(None, "--max-image-pixels", help="Larger images get 413, read from "
@@ -263,8 +272,8 @@ def serve(
 
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, stop)
-    console.print(f"serving the {ck.describe()}", markup=False)
+    say(f"serving the {ck.describe()}")
     server.run()
     if not server.started:
         _fail(f"the server did not start on {host}:{port} (uvicorn's message above says why)")
-    console.print("stopped: every request in flight was answered", markup=False)
+    say("stopped: every request in flight was answered")

@@ -8,7 +8,7 @@ from pathlib import Path
 import typer
 from rich.table import Table
 
-from bnlab.cli.app import _fail, app, console, describe_error
+from bnlab.cli.app import _fail, app, console, describe_error, say
 
 
 def _stats_table(folder: Path) -> None:
@@ -126,8 +126,8 @@ def _run(experiment: str, seeds: int | None, quick: bool, out: Path | None, data
             console.print(escape(f"interrupted while writing the report; every run is saved in {folder}: "
                                  f"'bnlab report {folder}' writes it"), style="yellow", soft_wrap=True)
             raise typer.Exit(code=exit_code(stop.received))
-    console.print(f"report: {report.html} (and {report.markdown.name})"
-                  + (" - a smoke test report: no verdicts" if report.smoke_test else ""))
+    say(f"report: {report.html} (and {report.markdown.name})"
+        + (" - a smoke test report: no verdicts" if report.smoke_test else ""))
     if progress.failed:
         console.print(f"[red]{progress.failed} run(s) failed[/]; their errors are in the report")
         raise typer.Exit(code=1)
@@ -147,7 +147,7 @@ def report(folder: Path = typer.Argument(..., help="An experiment folder made by
     except StoreError as e:
         _fail(str(e))
     console.print(f"wrote {r.html} and {r.markdown} ({len(r.figures)} figures in {r.html.parent / 'figures'})"
-                  + ("; a smoke test (--quick) report: no verdicts" if r.smoke_test else ""))
+                  + ("; a smoke test (--quick) report: no verdicts" if r.smoke_test else ""), markup=False, emoji=False)
 
 
 @app.command()

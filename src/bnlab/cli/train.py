@@ -5,9 +5,10 @@ from __future__ import annotations
 from pathlib import Path
 
 import typer
+from rich.markup import escape
 from rich.table import Table
 
-from bnlab.cli.app import _fail, app, console, describe_error
+from bnlab.cli.app import _fail, app, check_out_folder, console, describe_error, out_of_memory, say
 
 
 @app.command()
@@ -48,6 +49,7 @@ def train(
     from bnlab.data import ChecksumError, CorruptFileError, DatasetUnavailable
     from bnlab.models import load_model_spec
     from bnlab.train.config import TrainConfig, recipe_for
+    from bnlab.train.engine import resolve_device
     from bnlab.signals import StopSignals, exit_code
     from bnlab.train.resume import RunInterrupted, SettingsChanged, discard_state
     from bnlab.train.single import train_run
@@ -58,8 +60,7 @@ def train(
              "device": device}
     if validation is not None:
         given["validation"] = int(validation) if float(validation).is_integer() and validation >= 1 else validation
-    if out is not None and out.exists() and not out.is_dir():
-        _fail(f"--out {out}: expected a folder for the run, but it is a file")
+    check_out_folder(out, "--out", "the run")
     stop = StopSignals()
     try:
         spec = load_model_spec(model)
@@ -68,10 +69,11 @@ def train(
             settings.pop("validation", None)  # the recipe's split fits its own dataset only
         settings.update({k: v for k, v in given.items() if v is not None})
         config = TrainConfig(**settings)
+        resolve_device(config.device)  # a GPU that is not there is refused before anything is written
         with stop:  # SIGTERM (kill, timeout, docker) stops the run as Ctrl-C does
             result = train_run(spec, config, out=out, restart=restart)
     except RunInterrupted as e:
-        console.print(_how_to_resume(out, e.epoch), markup=False, highlight=False)
+        say(_how_to_resume(out, e.epoch))
         raise typer.Exit(code=exit_code(stop.received))
     except KeyboardInterrupt:  # before training started: nothing was written
         console.print("interrupted before training started; nothing was written", style="yellow")
@@ -80,14 +82,19 @@ def train(
         _fail(f"{e}: choose another --out, or add --restart to discard that run and start from zero")
     except ValidationError as e:
         _fail("the training settings are not valid:\n" + _option_errors(e))
-    except (DatasetUnavailable, ChecksumError, CorruptFileError, ValueError, OSError) as e:
+    except (DatasetUnavailable, ChecksumError, CorruptFileError, ValueError, OSError, MemoryError,
+            RecursionError) as e:
+        _fail(describe_error(e))
+    except RuntimeError as e:  # torch's allocator: a model larger than this machine's memory
+        if not out_of_memory(e):
+            raise
         _fail(describe_error(e))
     if out is not None:  # history.json now records the run: its resumable state has done its job
         discard_state(out)
     for note in result.notes:
-        console.print(f"note: {note}", markup=False, highlight=False)
+        say(f"note: {note}")
     h = result.history
-    table = Table(title=f"{model} on {config.dataset} ({h.engine} engine)", title_justify="left")
+    table = Table(title=escape(f"{model} on {config.dataset} ({h.engine} engine)"), title_justify="left")
     for col in ("epoch", "loss", "acc", "val_loss", "val_acc", "seconds"):
         table.add_column(col, justify="right")
     for e in h.epochs:
@@ -100,8 +107,8 @@ def train(
         return "-" if x is None else f"{x:.4f}"
 
     last = h.epochs[-1].epoch if h.epochs else None
-    console.print(f"stopped: {h.stopped}{' (' + h.message + ')' if h.message else ''}; test set: "
-                  f"{result.test_examples:,} examples")
+    say(f"stopped: {h.stopped}{' (' + h.message + ')' if h.message else ''}; test set: "
+        f"{result.test_examples:,} examples")
     console.print(f"final model (epoch {last}): test loss {fmt(result.test_loss)}, test accuracy "
                   f"{fmt(result.test_accuracy)}" + (f"; with precise BN statistics: validation accuracy "
                                                      f"{fmt(result.precise_val_accuracy)}, test accuracy "
@@ -116,7 +123,7 @@ def train(
         what = {"best": "the best-validation model, used by predict / serve / export by default",
                 "final": "the final model"}
         saved = [f"{result.checkpoints[k]}/ ({what[k]})" for k in ("best", "final") if k in result.checkpoints]
-        console.print(f"results in {out}/: run.json, history.json" + "".join(", " + s for s in saved))
+        say(f"results in {out}/: run.json, history.json" + "".join(", " + s for s in saved))
     if h.stopped == "diverged":
         raise typer.Exit(code=3)
 

@@ -32,6 +32,7 @@ from pydantic import BaseModel, ConfigDict, Field, StrictInt, ValidationError, f
 from bnlab.experiments.results import COMPARABLE_FIELDS, DEFAULT_PRIMARY, FIELDS
 from bnlab.models import load_model_spec, parse_model_spec
 from bnlab.models.spec import spec_to_dict
+from bnlab.textfile import TextFileError, read_text_file
 from bnlab.train.config import TrainConfig
 
 
@@ -44,7 +45,6 @@ VARIANT_NAME = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"
 MAX_SEEDS = 1000  # runs per variant
 MAX_VARIANTS = 256
 MAX_SEED = 2**31 - 1
-MAX_SPEC_BYTES = 1 << 20
 
 
 class DataSection(BaseModel):
@@ -265,25 +265,14 @@ def preset_names() -> list[str]:
 
 
 def read_spec_text(path: Path) -> str:
-    """The text of a spec file: an existing regular file of at most 1 MiB of UTF-8, or a SpecError
-    saying which of these it is not."""
+    """The text of a spec file (``bnlab.textfile.read_text_file``'s rules), or a SpecError."""
     if not path.exists():
         raise SpecError(f"{str(path)!r} is neither an experiment preset ({', '.join(preset_names())}) "
                         "nor a TOML file")
-    if not path.is_file():
-        raise SpecError(f"{path}: expected a TOML file, but it is a directory or a special file")
     try:
-        size = path.stat().st_size
-        if size > MAX_SPEC_BYTES:
-            raise SpecError(f"{path}: a spec file is at most {MAX_SPEC_BYTES:,} bytes (this one has {size:,})")
-        data = path.read_bytes()
-    except OSError as e:
-        raise SpecError(f"{path}: cannot be read ({e.strerror or e})") from None
-    try:
-        return data.decode("utf-8")
-    except UnicodeDecodeError as e:
-        raise SpecError(f"{path}: not UTF-8 text (byte {data[e.start]:#04x} at offset {e.start}); "
-                        "TOML files are UTF-8") from None
+        return read_text_file(path)
+    except TextFileError as e:
+        raise SpecError(str(e)) from None
 
 
 def load_experiment(name_or_path: str | Path) -> ExperimentSpec:

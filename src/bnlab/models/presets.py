@@ -6,6 +6,7 @@ import json
 import tomllib
 from pathlib import Path
 
+from bnlab.textfile import read_text_file
 from bnlab.models.spec import parse_model_spec
 
 _FASHION = {"kind": "mlp", "input_shape": [1, 28, 28], "num_classes": 10, "hidden": [300, 100],
@@ -51,7 +52,7 @@ def load_model_spec(name_or_path: str | Path, overrides: dict | None = None):
         if not path.is_file():
             raise ValueError(f"{name!r} is neither a model preset ({', '.join(MODEL_PRESETS)}) "
                              "nor a .toml/.json spec file")
-        text = path.read_text()
+        text = read_text_file(path, "TOML" if path.suffix == ".toml" else "JSON")
         try:
             data = tomllib.loads(text) if path.suffix == ".toml" else json.loads(text)
         except (tomllib.TOMLDecodeError, json.JSONDecodeError) as e:

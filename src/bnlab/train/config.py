@@ -60,7 +60,7 @@ class TrainConfig(BaseModel):
     @classmethod
     def _device(cls, v):
         if not re.fullmatch(DEVICE_PATTERN, v):
-            raise ValueError(f"expected auto, cpu, cuda or cuda:N (got {v!r})")
+            raise ValueError("expected auto, cpu, cuda or cuda:N")
         return v
 
     @field_validator("dataset_options")
