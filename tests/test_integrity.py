@@ -24,6 +24,7 @@ from bnlab.data import ChecksumError, download, load_dataset, sources
 from bnlab.experiments import RunStore, StoreError, parse_experiment, run_experiment
 from bnlab.experiments.read import STORE, load_probes, load_results
 from bnlab.models import build_model
+from tiny_specs import TINY
 
 SPEC = {"kind": "mlp", "input_shape": [1, 8, 8], "num_classes": 10, "hidden": [16], "bn": "after"}
 
@@ -273,12 +274,6 @@ def test_files_in_data_dir_are_verified_never_deleted(private_cache, tmp_path):
 
 # ================================================================ stores
 
-TINY = {"name": "tiny", "seeds": 1,
-        "data": {"dataset": "synthetic", "validation": 0.25,
-                 "options": {"n_train": 60, "n_test": 20, "features": 4, "classes": 2}},
-        "model": {"kind": "mlp", "input_shape": [4], "num_classes": 2, "hidden": [4], "bn": "before"},
-        "train": {"lr": 0.05, "epochs": 1, "batch_size": 16},
-        "variants": {"bn": {}}}
 
 
 @pytest.fixture(scope="module")

@@ -19,17 +19,9 @@ import torch
 from typer.testing import CliRunner
 
 from bnlab.cli import app
+from tiny_specs import TINY_TOML
 
-SPEC = '''name = "tiny"
-seeds = 1
-[data]
-dataset = "synthetic"
-options = { n_train = 60, n_test = 20, features = 4 }
-[train]
-epochs = 1
-[variants.a]
-model = { kind = "mlp", hidden = [8], bn = "before" }
-'''
+SPEC = TINY_TOML
 TRAIN = ["train", "fashion-mlp-bn-before", "--dataset", "digits", "--epochs", "1", "--out", "NEW"]
 NO_CUDA = pytest.mark.skipif(torch.cuda.is_available(), reason="CUDA is present: the device exists")
 

@@ -28,6 +28,7 @@ from bnlab.data import download, sources, write_idx
 from bnlab.experiments import parse_experiment, run_experiment
 from bnlab.experiments import read, store
 from bnlab.hashing import file_digest
+from tiny_specs import TINY
 
 
 def invoke(args: list[str]):
@@ -410,12 +411,6 @@ def test_there_are_enough_dataset_cases():
 
 # ================================================================ run stores
 
-TINY = {"name": "tiny", "seeds": 1,
-        "data": {"dataset": "synthetic", "validation": 0.25,
-                 "options": {"n_train": 60, "n_test": 20, "features": 4, "classes": 2}},
-        "model": {"kind": "mlp", "input_shape": [4], "num_classes": 2, "hidden": [4], "bn": "before"},
-        "train": {"lr": 0.05, "epochs": 1, "batch_size": 16},
-        "variants": {"bn": {}}}
 TINY_TOML = """name = "tiny"
 seeds = 1
 [data]

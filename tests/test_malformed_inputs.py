@@ -16,18 +16,10 @@ from hypothesis import strategies as st
 from typer.testing import CliRunner
 
 from bnlab.cli import app
+from tiny_specs import TINY_TOML
 from bnlab.experiments.spec import SpecError, parse_experiment
 
-GOOD = '''name = "tiny"
-seeds = 1
-[data]
-dataset = "synthetic"
-options = { n_train = 60, n_test = 20, features = 4 }
-[train]
-epochs = 1
-[variants.a]
-model = { kind = "mlp", hidden = [8], bn = "before" }
-'''
+GOOD = TINY_TOML
 
 
 def invoke(args):
