@@ -5,3 +5,14 @@ Subpackages are imported on demand so that ``import bnlab`` stays cheap and
 """
 
 __version__ = "0.1.0"
+
+_LAZY = {"convert": "bnlab.conversion", "to_torch": "bnlab.conversion", "from_torch": "bnlab.conversion"}
+
+
+def __getattr__(name: str):
+    """``bnlab.convert`` / ``to_torch`` / ``from_torch`` without importing torch at ``import bnlab``."""
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'bnlab' has no attribute {name!r}")

@@ -196,7 +196,7 @@ def format_errors(e: ValidationError, where: str = "") -> str:
     for err in e.errors():
         # drop the model-kind tags a discriminated union puts in the path ("model.mlp.activation")
         # drop the tags a union puts in the path ("model.mlp.activation", "seeds.constrained-int")
-        loc = ".".join(str(p) for p in err["loc"] if p not in ("mlp", "cnn", "layers")
+        loc = ".".join(str(p) for p in err["loc"] if p not in ("mlp", "cnn", "layers", "factory")
                        and not re.fullmatch(r"[a-z-]+\[.*\]|constrained-\w+|function-\w+", str(p))) or "(top level)"
         got = f" (got {_short(err['input'])})" if "input" in err and not isinstance(err["input"], dict) else ""
         lines.append(f"  {where}{loc}: {err['msg'].removeprefix('Value error, ')}{got}")

@@ -123,6 +123,10 @@ def build_model(spec, *, seed: int | None = None) -> SpecModel:
     """Build the model of ``spec`` (a spec object or dict). ``seed`` makes the initial weights
     reproducible without touching torch's global RNG."""
     spec = parse_model_spec(spec)
+    if spec.kind == "factory":
+        from bnlab.models.factory import build_factory_model
+
+        return build_factory_model(spec, seed=seed)
     gen = torch.Generator().manual_seed(seed) if seed is not None else None
     shape = tuple(spec.input_shape)
     names: Counter = Counter()

@@ -111,7 +111,28 @@ class LayersSpec(_Spec):
     norm_options: NormSettings = NormSettings()
 
 
-ModelSpec = Annotated[Union[MLPSpec, CNNSpec, LayersSpec], Field(discriminator="kind")]
+FACTORY_PATTERN = r"^([A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*|[^:]+\.py):[A-Za-z_][A-Za-z0-9_]*$"
+KwargValue = Union[bool, int, float, str, list[Union[bool, int, float, str]]]
+
+
+class FactorySpec(_Spec):
+    """Your own network: ``factory`` names a function returning an nn.Module, as
+    ``package.module:function`` (importable) or ``path/to/file.py:function`` (relative to the working
+    directory). It is called with ``kwargs``, plus ``num_classes`` when it takes that argument and
+    ``kwargs`` does not set it, under ``torch.manual_seed(seed)`` (global RNG restored afterwards).
+    ``norm``: convert its normalization layers (``bnlab.convert``) — ``keep`` leaves them as built."""
+
+    kind: Literal["factory"] = "factory"
+    factory: str = Field(..., pattern=FACTORY_PATTERN, max_length=500)
+    kwargs: dict[str, KwargValue] = Field(default_factory=dict, max_length=64)
+    input_shape: Shape = (3, 32, 32)
+    num_classes: int = Field(10, ge=2, le=MAX_WIDTH)
+    norm: Union[Literal["keep"], Norm] = "keep"
+    norm_options: NormSettings = NormSettings()
+    folded: bool = Field(False, description="BN folded away (bnlab fold): the built model is folded, then loaded")
+
+
+ModelSpec = Annotated[Union[MLPSpec, CNNSpec, LayersSpec, FactorySpec], Field(discriminator="kind")]
 _ADAPTER = TypeAdapter(ModelSpec)
 
 
@@ -120,7 +141,7 @@ def parse_model_spec(data: dict | BaseModel) -> MLPSpec | CNNSpec | LayersSpec:
     if isinstance(data, BaseModel):
         return data
     data = dict(data)
-    data.setdefault("kind", "mlp")
+    data.setdefault("kind", "factory" if "factory" in data else "mlp")
     return _ADAPTER.validate_python(data)
 
 

@@ -52,7 +52,10 @@ def _counts(module: nn.Module) -> tuple[int, int]:
 
 
 def summarize(model: nn.Module, input_shape: tuple[int, ...], name: str = "model") -> Summary:
-    """Summary of the top-level children of ``model`` for one sample of ``input_shape``."""
+    """Summary of the top-level children of ``model`` (any nn.Module; a ResNet's stages are one row
+    each, their layers counted in it) for one sample of ``input_shape``. A child called several times
+    shows the output shape of its last call. Parameters held directly by ``model`` (not by a child)
+    count in the totals."""
     shapes: dict[str, tuple[int, ...]] = {}
     hooks = [child.register_forward_hook(
         lambda m, i, o, n=n: shapes.__setitem__(n, tuple(o.shape[1:])))

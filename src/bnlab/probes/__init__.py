@@ -4,7 +4,9 @@ Activation probes, on ONE FIXED PROBE BATCH (``select_probe_batch``): ``probe_ba
 images (validation set; the training set only if there is none), drawn by a generator seeded with
 ``probe_seed`` alone, so every sampled step, every seed and every variant sees the same images. At
 each sampled step s, before that step's update (step 1: the initial weights), the probe runs its own
-no-grad forward of that batch with hooks on each activation layer and records, on the layer's INPUT
+no-grad forward of that batch with hooks on each activation layer (at any depth of any nn.Module;
+names are dotted module paths; a module called at several places, as the ReLU of a torchvision block,
+is probed on the inputs of all its calls of the first call's shape together) and records, on the layer's INPUT
 (the pre-activation):
   ``p15 / p50 / p85`` percentiles (linear interpolation, as ``np.percentile``), ``mean``, ``std``
   over the whole layer (all units x all probe images, x H x W for a conv layer); the same three
@@ -24,7 +26,7 @@ needs hundreds of steps), so the panel would show the lag of the averages rather
 distribution the next layer is trained on. Dropout is switched off for the probe forward (it
 would make the probe random and draw from the training's random stream); augmentation is not applied.
 
-Per Linear / Conv weight, on the training step's batch: ``grad_norm`` and ``update_ratio`` =
+Per Linear / Conv (1d, 2d, 3d) weight at any depth, on the training step's batch: ``grad_norm`` and ``update_ratio`` =
 ||W_after - W_before|| / ||W_before||.
 
 Landscape probes (Santurkar et al. 2018, "How does batch normalization help optimization?"), at
@@ -148,9 +150,10 @@ class Probes:
         self.lr = lr
         self.model = model
         self.batch, self.from_validation = batch, from_validation
-        self.activations = {m: name for name, m in model.named_children() if isinstance(m, ACTIVATIONS)}
-        self.weights = [(name, m.weight) for name, m in model.named_children()
-                        if isinstance(m, (nn.Linear, nn.Conv2d))]
+        # every activation / weight layer at any depth (a ResNet's are inside blocks); names are dotted paths
+        self.activations = {m: name for name, m in model.named_modules() if isinstance(m, ACTIVATIONS)}
+        self.weights = [(name, m.weight) for name, m in model.named_modules()
+                        if isinstance(m, (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d))]
         self.records: list[tuple[int, str, str, float]] = []
         self.armed = False
         self._before: dict[str, torch.Tensor] = {}
@@ -212,7 +215,12 @@ class Probes:
         captured: dict[nn.Module, torch.Tensor] = {}
 
         def hook(module, inputs):
-            captured[module] = inputs[0].detach()
+            # an activation called at several places (torchvision's blocks reuse one ReLU) is probed on
+            # all its inputs together; inplace activations overwrite their input, so keep a copy
+            h = inputs[0].detach().clone() if getattr(module, "inplace", False) else inputs[0].detach()
+            prev = captured.get(module)
+            if prev is None or prev.shape[1:] == h.shape[1:]:  # calls of other shapes: the first one only
+                captured[module] = h if prev is None else torch.cat([prev, h])
 
         hooks = [m.register_forward_pre_hook(hook) for m in self.activations]
         try:
