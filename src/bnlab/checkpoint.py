@@ -295,6 +295,9 @@ def load_checkpoint(directory: str | Path, *, device: str | torch.device = "cpu"
     folder, after every check in the module docstring; CheckpointError says which one failed."""
     from bnlab.models import build_model, parse_model_spec
 
+    from bnlab.keras import is_keras_file  # a Keras .h5 / .keras file is taken wherever a checkpoint is
+    if is_keras_file(directory):
+        return _load_keras_file(Path(directory), device, which)
     directory = resolve_checkpoint(directory, which)
     if not directory.is_dir():
         raise CheckpointError(f"{directory}: " + ("no such folder" if not directory.exists() else
@@ -326,6 +329,19 @@ def load_checkpoint(directory: str | Path, *, device: str | torch.device = "cpu"
     model.load_state_dict(state)  # names, shapes and dtypes checked above: cannot fail
     model.to(device).eval()
     return Checkpoint(model, config["spec"], config["preprocessing"], config["meta"], directory)
+
+
+def _load_keras_file(path: Path, device, which: str | None) -> Checkpoint:
+    from bnlab.keras import KerasFileError, load_keras
+
+    if which not in (None, "final"):
+        raise CheckpointError(f"{path}: a Keras file holds one model; --model {which} does not apply")
+    try:
+        ck = load_keras(path)
+    except (KerasFileError, OSError) as e:
+        raise CheckpointError(str(e)) from e
+    ck.model.to(device)
+    return ck
 
 
 # ---------------------------------------------------------------- the checks

@@ -43,22 +43,21 @@ def models_cmd() -> None:
 
 
 @app.command()
-def summary(model: str = typer.Argument(..., help="A model preset name or a .toml/.json spec file.")) -> None:
+def summary(model: str = typer.Argument(..., help="A model preset, a .toml/.json spec file, a checkpoint or run "
+                                                  "folder, or a Keras .h5/.keras file.")) -> None:
     """Print a Keras-style summary: layers, output shapes, parameter counts.
 
     A BN layer over C channels counts 2C trainable (gamma, beta) and 2C non-trainable
-    (moving mean and variance) parameters, as in Keras.
+    (moving mean and variance) parameters, as in Keras; a Keras file's counts are Keras's own.
 
-    Example: bnlab summary fashion-mlp-bn-after
+    Examples: bnlab summary fashion-mlp-bn-after;  bnlab summary runs/one/checkpoint;  bnlab summary model.h5
     """
     from pydantic import ValidationError
 
-    from bnlab.models import build_model, load_model_spec, summarize
+    from bnlab.deploy.summary import summary_of
 
     try:
-        spec = load_model_spec(model)
-        built = build_model(spec)
-        text = summarize(built, tuple(spec.input_shape), name=model).to_text()
+        text = summary_of(model).to_text()
     except (ValueError, ValidationError, OSError, MemoryError, RecursionError) as e:
         _fail(describe_error(e))
     except RuntimeError as e:  # torch's allocator: a model larger than this machine's memory

@@ -123,12 +123,12 @@ def fold_cmd(
     ck = _checkpoint(checkpoint)
     folded, rep = fold(ck.model)
     spec = ck.model.spec
-    if spec.kind == "factory":  # your own network: saved as "the factory's model, folded"
-        rebuilt = folded
-        rebuilt.spec = spec.model_copy(update={"folded": True})
-    else:
+    try:  # a plain layer list where one describes it; else "this spec's model, folded" (strides, factories)
         rebuilt = build_model(describe(folded, input_shape=spec.input_shape, num_classes=spec.num_classes))
         rebuilt.load_state_dict(folded.state_dict())
+    except (ValueError, TypeError, AttributeError):
+        rebuilt = folded
+        rebuilt.spec = spec.model_copy(update={"folded": True})
     rebuilt.eval()
     x = torch.randn(16, *spec.input_shape)
     with torch.no_grad():

@@ -44,9 +44,20 @@ def _hidden(kind: str, width: int, spec) -> list[LayerDef]:
     return [weight, *(norm + [act] if spec.bn == "before" else [act] + norm)]
 
 
-def make_norm(kind: str, shape: tuple[int, ...], options) -> nn.Module:
-    """The normalization module ``kind`` for features of ``shape`` ((F,) or (C, H, W))."""
+def _layer_options(ld: LayerDef, options):
+    """The model's norm settings with this layer's own eps / momentum over them."""
+    own = {k: v for k, v in (("eps", ld.eps), ("momentum", ld.momentum)) if v is not None}
+    return options.model_copy(update=own) if own else options
+
+
+def make_norm(kind: str, shape: tuple[int, ...], options, layer: LayerDef | None = None) -> nn.Module:
+    """The normalization module ``kind`` for features of ``shape`` ((F,) or (C, H, W)); ``layer``'s
+    center / scale switch a batch norm's beta / gamma off (Keras's switches)."""
     bn_opts = {"convention": options.convention, "eps": options.eps, "momentum": options.momentum}
+    if layer is not None and not (layer.center and layer.scale):
+        if kind != "batch":
+            raise ValueError(f"center / scale off is supported for batch norm only (got {kind})")
+        bn_opts.update(center=layer.center, scale=layer.scale)
     eps = options.eps if options.eps is not None else 1e-5
     c = shape[0]
     if kind == "batch":
@@ -119,14 +130,44 @@ class SpecModel(nn.Sequential):
         self.spec = spec
 
 
-def build_model(spec, *, seed: int | None = None) -> SpecModel:
-    """Build the model of ``spec`` (a spec object or dict). ``seed`` makes the initial weights
-    reproducible without touching torch's global RNG."""
+def build_model(spec, *, seed: int | None = None) -> nn.Module:
+    """Build the model of ``spec`` (a spec object or dict): a SpecModel, or a factory's own module.
+    ``seed`` makes the initial weights reproducible without touching torch's global RNG. A spec marked
+    ``folded`` gives the folded model (``bnlab.deploy.fold``), ready for a folded checkpoint's weights."""
     spec = parse_model_spec(spec)
     if spec.kind == "factory":
         from bnlab.models.factory import build_factory_model
 
-        return build_factory_model(spec, seed=seed)
+        model = build_factory_model(spec, seed=seed)
+    else:
+        model = _build_layers(spec, seed)
+    if spec.folded:  # the structure bnlab fold made: same rule, same layers, same names
+        from bnlab.deploy.fold import fold
+
+        model = fold(model.eval())[0]
+        model.spec = spec
+    return model
+
+
+class ToChannelsFirst(nn.Module):
+    """(N, H, W, C) -> (N, C, H, W): a Keras model's image input, for torch's channel-first layers."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.permute(0, 3, 1, 2)
+
+
+def keras_padding(size: int, kernel: int, stride: int, padding: str) -> tuple[int, int, int]:
+    """(pad before, pad after, output size) of one spatial axis, by Keras's rule: "valid" pads
+    nothing; "same" gives ceil(size / stride) outputs, padding the extra row at the END when the total
+    is odd (TensorFlow's convention, which torch's symmetric padding cannot express)."""
+    if padding == "valid":
+        return 0, 0, (size - kernel) // stride + 1
+    out = -(-size // stride)
+    total = max((out - 1) * stride + kernel - size, 0)
+    return total // 2, total - total // 2, out
+
+
+def _build_layers(spec, seed: int | None) -> SpecModel:
     gen = torch.Generator().manual_seed(seed) if seed is not None else None
     shape = tuple(spec.input_shape)
     names: Counter = Counter()
@@ -139,6 +180,9 @@ def build_model(spec, *, seed: int | None = None) -> SpecModel:
         modules[base if names[base] == 1 else f"{base}_{names[base] - 1}"] = module
 
     layer_defs = expand(spec)
+    if getattr(spec, "input_layout", "channels_first") == "channels_last" and len(shape) == 3:
+        add("to_channels_first", ToChannelsFirst())
+        shape = (shape[2], shape[0], shape[1])
     for i, ld in enumerate(layer_defs):
         where = f"layer {i} ({ld.type})"
         if ld.type == "flatten":
@@ -159,20 +203,25 @@ def build_model(spec, *, seed: int | None = None) -> SpecModel:
         elif ld.type == "conv2d":
             if len(shape) != 3 or not ld.filters:
                 raise ValueError(f"{where}: conv2d needs (C, H, W) input and 'filters' (got shape {shape})")
-            pad = ld.kernel_size // 2 if ld.padding == "same" else 0
-            conv = nn.Conv2d(shape[0], ld.filters, ld.kernel_size, padding=pad, bias=ld.use_bias)
+            k, stride = ld.kernel_size, ld.strides or 1
+            (t, b, h), (left, right, w) = (keras_padding(shape[1], k, stride, ld.padding),
+                                           keras_padding(shape[2], k, stride, ld.padding))
+            symmetric = t == b and left == right
+            if not symmetric:
+                add("zero_padding2d", nn.ZeroPad2d((left, right, t, b)))
+            conv = nn.Conv2d(shape[0], ld.filters, k, stride=stride, padding=(t, left) if symmetric else 0,
+                             bias=ld.use_bias)
             initialise(conv, ld.init or spec.init, std=spec.init_std, generator=gen)
             add("conv2d", WeightNorm(conv) if ld.weight_norm else conv)
-            shrink = 0 if ld.padding == "same" else ld.kernel_size - 1
-            shape = (ld.filters, shape[1] - shrink, shape[2] - shrink)
+            shape = (ld.filters, h, w)
             if ld.activation:
                 add(_KERAS_NAMES[ld.activation], activation_module(ld.activation, slope))
         elif ld.type == "batchnorm":
-            add("batch_normalization", make_norm("batch", shape, options))
+            add("batch_normalization", make_norm("batch", shape, _layer_options(ld, options), ld))
         elif ld.type == "norm":
             kind = ld.kind or "batch"
             try:
-                module = make_norm(kind, shape, options)
+                module = make_norm(kind, shape, _layer_options(ld, options), ld)
             except ValueError as e:
                 raise ValueError(f"{where}: {e}") from None
             add({"layer": "layer_normalization", "instance": "instance_normalization", "renorm": "batch_renormalization"}
@@ -181,12 +230,14 @@ def build_model(spec, *, seed: int | None = None) -> SpecModel:
         elif ld.type == "activation":
             if not ld.activation:
                 raise ValueError(f"{where}: an activation layer needs 'activation'")
-            add(_KERAS_NAMES[ld.activation], activation_module(ld.activation, slope))
-        elif ld.type == "maxpool":
+            add(_KERAS_NAMES[ld.activation], activation_module(ld.activation, slope if ld.slope is None else ld.slope))
+        elif ld.type in ("maxpool", "avgpool"):
             if len(shape) != 3:
-                raise ValueError(f"{where}: maxpool needs (C, H, W) input (got shape {shape})")
-            add("max_pooling2d", nn.MaxPool2d(ld.pool_size))
-            shape = (shape[0], shape[1] // ld.pool_size, shape[2] // ld.pool_size)
+                raise ValueError(f"{where}: {ld.type} needs (C, H, W) input (got shape {shape})")
+            p, stride = ld.pool_size, ld.strides or ld.pool_size
+            pool = nn.MaxPool2d(p, stride) if ld.type == "maxpool" else nn.AvgPool2d(p, stride)
+            add("max_pooling2d" if ld.type == "maxpool" else "average_pooling2d", pool)
+            shape = (shape[0], (shape[1] - p) // stride + 1, (shape[2] - p) // stride + 1)
         elif ld.type == "dropout":
             add("dropout", nn.Dropout(ld.rate))
         elif ld.type == "gap":

@@ -62,9 +62,5 @@ def build_factory_model(spec, *, seed: int | None = None) -> nn.Module:
         from bnlab.conversion import convert
 
         model = convert(model, spec.norm, options=spec.norm_options)
-    if spec.folded:  # the same structure bnlab fold made; a checkpoint's weights are loaded into it
-        from bnlab.deploy.fold import fold
-
-        model = fold(model.eval())[0]
     model.spec = spec  # checkpoints and runs read the spec back, as from a SpecModel
     return model

@@ -30,6 +30,9 @@ Width = Annotated[int, Field(ge=1, le=MAX_WIDTH)]
 Shape = Annotated[tuple[Annotated[int, Field(ge=1, le=MAX_SIDE)], ...], Field(min_length=1, max_length=3)]
 
 
+FOLDED_HELP = "BN folded away (bnlab fold): the model is built, folded, and a checkpoint's weights loaded into it"
+
+
 class _Spec(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
@@ -63,6 +66,7 @@ class _Common(_Spec):
     init_std: float = Field(0.01, gt=0, description="std of the 'normal' initialiser")
     dropout: float = Field(0.0, ge=0, lt=1)
     norm_options: NormSettings = NormSettings()
+    folded: bool = Field(False, description=FOLDED_HELP)
 
 
 class MLPSpec(_Common):
@@ -86,29 +90,40 @@ class CNNSpec(_Common):
 class LayerDef(_Spec):
     """One layer of an explicit list. ``type`` picks the layer; the other keys configure it."""
 
-    type: Literal["flatten", "dense", "conv2d", "batchnorm", "norm", "activation", "maxpool", "dropout", "gap"]
+    type: Literal["flatten", "dense", "conv2d", "batchnorm", "norm", "activation", "maxpool", "avgpool", "dropout",
+                  "gap"]
     kind: Norm | None = None  # norm: which one (batchnorm = kind "batch")
     weight_norm: bool = False  # dense / conv2d
     units: int | None = Field(None, ge=1, le=MAX_WIDTH)  # dense
     filters: int | None = Field(None, ge=1, le=MAX_WIDTH)  # conv2d
     kernel_size: int = Field(3, ge=1, le=MAX_KERNEL)
-    padding: Literal["same", "valid"] = "same"
+    padding: Literal["same", "valid"] = "same"  # conv2d (Keras's rule, asymmetric where Keras pads so); pools: valid
+    strides: int | None = Field(None, ge=1, le=MAX_KERNEL, description="conv2d: 1; pools: pool_size")
     activation: Activation | None = None  # dense / conv2d fused activation, or the activation layer's
     use_bias: bool = True
     init: Init | None = None  # None = the model's
     pool_size: int = Field(2, ge=1, le=MAX_KERNEL)
     rate: float = Field(0.0, ge=0, lt=1)  # dropout
+    slope: float | None = Field(None, ge=0, description="leaky_relu: this layer's slope (None: the model's)")
+    # batchnorm / norm: this layer's own settings over the model's norm_options (a Keras file's layers)
+    eps: float | None = Field(None, gt=0)
+    momentum: Annotated[float, Field(ge=0, le=1)] | None = None
+    center: bool = True  # beta
+    scale: bool = True  # gamma
 
 
 class LayersSpec(_Spec):
     kind: Literal["layers"] = "layers"
     input_shape: Shape = (1, 28, 28)
+    # channels_last: image inputs arrive as Keras has them, (H, W, C); the model moves C first itself
+    input_layout: Literal["channels_first", "channels_last"] = "channels_first"
     num_classes: int = Field(10, ge=2, le=MAX_WIDTH)
     layers: Annotated[list[LayerDef], Field(max_length=MAX_LAYERS)]
     init: Init = "glorot_uniform"
     init_std: float = Field(0.01, gt=0)
     leaky_relu_slope: float = Field(0.3, ge=0)
     norm_options: NormSettings = NormSettings()
+    folded: bool = Field(False, description=FOLDED_HELP)
 
 
 FACTORY_PATTERN = r"^([A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*|[^:]+\.py):[A-Za-z_][A-Za-z0-9_]*$"
@@ -129,7 +144,7 @@ class FactorySpec(_Spec):
     num_classes: int = Field(10, ge=2, le=MAX_WIDTH)
     norm: Union[Literal["keep"], Norm] = "keep"
     norm_options: NormSettings = NormSettings()
-    folded: bool = Field(False, description="BN folded away (bnlab fold): the built model is folded, then loaded")
+    folded: bool = Field(False, description=FOLDED_HELP)
 
 
 ModelSpec = Annotated[Union[MLPSpec, CNNSpec, LayersSpec, FactorySpec], Field(discriminator="kind")]

@@ -1,0 +1,38 @@
+"""``bnlab summary`` of anything that names a model: a preset, a spec file, a checkpoint folder (or a
+run folder), or a Keras .h5 / .keras file."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from bnlab.models import Summary, build_model, load_model_spec, summarize
+
+
+def _is_checkpoint(path: Path) -> bool:
+    from bnlab.checkpoint import CONFIG, RUN_CHECKPOINTS
+    from bnlab.keras import is_keras_file
+
+    return is_keras_file(path) or (path / CONFIG).is_file() or any(
+        (path / sub / CONFIG).is_file() for sub in RUN_CHECKPOINTS.values())
+
+
+def summary_of(target: str | Path) -> Summary:
+    """The Keras-style summary of ``target``; a checkpoint is read with every integrity check, and a Keras
+    file's counts are checked against the counts of its own arrays (a ValueError if they differ)."""
+    path = Path(target)
+    if not _is_checkpoint(path):
+        spec = load_model_spec(str(target))
+        return summarize(build_model(spec), tuple(spec.input_shape), name=str(target))
+    from bnlab.checkpoint import load_checkpoint
+    from bnlab.models import parse_model_spec
+
+    ck = load_checkpoint(path)
+    spec = parse_model_spec(ck.spec)
+    s = summarize(ck.model, tuple(spec.input_shape), name=ck.meta.get("source", {}).get("model_name") or path.name)
+    keras = ck.meta.get("keras_params")
+    if keras and (keras["total"], keras["trainable"], keras["non_trainable"]) != (s.total, s.trainable,
+                                                                                  s.non_trainable):
+        raise ValueError(f"{path}: the converted model counts {s.total:,} / {s.trainable:,} / {s.non_trainable:,} "
+                         f"parameters but the file holds {keras['total']:,} / {keras['trainable']:,} / "
+                         f"{keras['non_trainable']:,} (total / trainable / non-trainable)")
+    return s

@@ -1,0 +1,257 @@
+"""A Keras model (``files.read_keras_file``) as a bnlab ``layers`` spec and its torch weights, exactly.
+
+* Dense kernel (in, out) -> torch weight (out, in); Conv2D kernel (kh, kw, in, out) -> (out, in, kh, kw).
+* BatchNormalization keeps Keras's eps and momentum as a keras-convention bnlab BN (momentum weighs
+  the OLD statistic, moving_variance biased), or, with ``convention="torch"``, becomes a torch-convention
+  BN with momentum 1 - m (eval outputs identical; later training updates follow torch's rule).
+* Image inputs stay as Keras takes them, (H, W, C): the model moves channels first itself
+  (``input_layout = "channels_last"``). Keras flattens a feature map in (H, W, C) order, torch in
+  (C, H, W): every per-feature array after such a Flatten (a BN's four vectors, the next Dense's input
+  rows) is permuted, so outputs match.
+* A final softmax (the last Dense's activation, or a trailing Activation / Softmax layer) is left out:
+  bnlab models return logits and ``predict`` applies the softmax, giving Keras's probabilities. A
+  model ending without one (logits) is read as it is; predict then reports the softmax of its outputs.
+
+Everything else is refused up front, in one error that lists every unsupported layer with the reason.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+
+from bnlab.keras.files import KerasFileError, KerasModel
+
+_ACTIVATIONS = {"relu": "relu", "elu": "elu", "selu": "selu", "sigmoid": "sigmoid", "tanh": "tanh",
+                "linear": "linear", "leaky_relu": "leaky_relu"}
+KERAS3_LEAKY_SLOPE = 0.2  # keras.activations.leaky_relu's default negative_slope
+
+
+def _pair(v, name: str) -> int:
+    """A square size / stride as one int (Keras stores (k, k) or k)."""
+    vals = list(v) if isinstance(v, (list, tuple)) else [v]
+    if len(set(vals)) != 1:
+        raise ValueError(f"{name} {tuple(vals)} is not square")
+    return int(vals[0])
+
+
+def _activation_name(value) -> str:
+    if isinstance(value, dict):  # a serialised activation object
+        value = value.get("config", {}).get("name") or value.get("class_name", "")
+    return str(value or "linear").lower()
+
+
+class _Builder:
+    def __init__(self, model: KerasModel, convention: str):
+        self.model = model
+        self.convention = convention
+        self.layers: list[dict] = []
+        self.torch_arrays: list[tuple[str, dict[str, np.ndarray]]] = []  # (layer type, torch-side arrays)
+        self.problems: list[str] = []
+        self.perm: np.ndarray | None = None  # torch flat feature index -> Keras flat feature index
+        self.shape: tuple[int, ...] | None = None  # the current Keras-side shape (no batch axis)
+
+    def fail(self, layer, reason: str) -> None:
+        self.problems.append(f"{layer.name} ({layer.class_name}): {reason}")
+
+    def per_feature(self, a: np.ndarray) -> np.ndarray:
+        return a if self.perm is None else a[self.perm]
+
+    def add(self, ldef: dict, arrays: dict[str, np.ndarray] | None = None) -> None:
+        self.layers.append(ldef)
+        if arrays is not None:
+            self.torch_arrays.append((ldef["type"], arrays))
+
+    def activation(self, layer, name: str, last: bool, slope: float | None = None) -> None:
+        if name == "softmax":
+            if not last:
+                self.fail(layer, "softmax inside the network (only as the final activation)")
+            return  # predict's softmax
+        if name not in _ACTIVATIONS:
+            self.fail(layer, f"activation {name!r} (supported: {', '.join(sorted(_ACTIVATIONS))}, softmax last)")
+            return
+        if name == "linear":
+            return
+        if name == "leaky_relu" and slope is None:
+            slope = KERAS3_LEAKY_SLOPE
+        self.add({"type": "activation", "activation": name, **({"slope": slope} if slope is not None else {})})
+
+
+def _is_last(layers, i: int) -> bool:
+    """Whether only identities at inference (Dropout, a softmax) follow layer i."""
+    for later in layers[i + 1:]:
+        if later.class_name in ("Dropout",):
+            continue
+        if later.class_name == "Softmax" or (later.class_name == "Activation"
+                                             and _activation_name(later.config.get("activation")) == "softmax"):
+            continue
+        return False
+    return True
+
+
+def _layer(b: _Builder, layers, i: int) -> None:
+    layer, cfg, cls = layers[i], layers[i].config, layers[i].class_name
+    last = _is_last(layers, i)
+    shape = b.shape
+    if cfg.get("data_format", "channels_last") != "channels_last":
+        b.fail(layer, f"data_format {cfg.get('data_format')!r} (only channels_last)")
+        return
+    if cls == "InputLayer":
+        return
+    if cls == "Flatten":
+        if len(shape) == 3:
+            h, w, c = shape
+            # Keras's flat index of torch's (c, h, w) element: (h·W + w)·C + c
+            cc, hh, ww = np.meshgrid(np.arange(c), np.arange(h), np.arange(w), indexing="ij")
+            keras_index = ((hh * w + ww) * c + cc).ravel()
+            b.perm = keras_index if b.perm is None else b.perm[keras_index]
+        b.shape = (math.prod(shape),)
+        b.add({"type": "flatten"})
+    elif cls == "Dense":
+        if len(shape) != 1:
+            b.fail(layer, f"Dense on a {len(shape)}-D input {shape} (only after Flatten / pooling)")
+            return
+        kernel = b.per_feature(layer.weights["kernel"])  # (in, out), rows in Keras's feature order
+        arrays = {"weight": kernel.T.copy()}
+        if cfg.get("use_bias", True):
+            arrays["bias"] = layer.weights["bias"]
+        b.add({"type": "dense", "units": int(cfg["units"]), "use_bias": bool(cfg.get("use_bias", True))}, arrays)
+        b.perm, b.shape = None, (int(cfg["units"]),)
+        b.activation(layer, _activation_name(cfg.get("activation")), last)
+    elif cls == "Conv2D":
+        try:
+            k, s = _pair(cfg["kernel_size"], "kernel_size"), _pair(cfg.get("strides", 1), "strides")
+            if _pair(cfg.get("dilation_rate", 1), "dilation_rate") != 1 or int(cfg.get("groups", 1)) != 1:
+                raise ValueError("dilation or groups")
+        except ValueError as e:
+            b.fail(layer, f"{e} (supported: square kernels and strides, no dilation, one group)")
+            return
+        if len(shape) != 3 or cfg.get("padding", "valid") not in ("same", "valid"):
+            b.fail(layer, f"input {shape}, padding {cfg.get('padding')!r} (expected (H, W, C) and same / valid)")
+            return
+        arrays = {"weight": layer.weights["kernel"].transpose(3, 2, 0, 1).copy()}
+        if cfg.get("use_bias", True):
+            arrays["bias"] = layer.weights["bias"]
+        b.add({"type": "conv2d", "filters": int(cfg["filters"]), "kernel_size": k, "strides": s,
+               "padding": cfg.get("padding", "valid"), "use_bias": bool(cfg.get("use_bias", True))}, arrays)
+        h, w, _ = shape
+        size = (lambda n: -(-n // s)) if cfg.get("padding") == "same" else (lambda n: (n - k) // s + 1)
+        b.shape = (size(h), size(w), int(cfg["filters"]))
+        b.activation(layer, _activation_name(cfg.get("activation")), last)
+    elif cls == "BatchNormalization":
+        axis = cfg.get("axis", -1)
+        axis = axis[0] if isinstance(axis, list) and len(axis) == 1 else axis
+        if not isinstance(axis, int) or axis not in (-1, len(shape)):
+            b.fail(layer, f"axis {cfg.get('axis')!r} (only the last axis, the channels)")
+            return
+        if len(shape) == 2:
+            b.fail(layer, f"normalising the last axis of a {shape} input (only features or (H, W, C) maps)")
+            return
+        wts = layer.weights
+        arrays = {k: b.per_feature(wts[v]) for k, v in (("weight", "gamma"), ("bias", "beta"),
+                  ("running_mean", "moving_mean"), ("running_var", "moving_variance")) if v in wts}
+        m = float(cfg.get("momentum", 0.99))
+        b.add({"type": "batchnorm", "eps": float(cfg.get("epsilon", 1e-3)),
+               "momentum": (1.0 - m) if b.convention == "torch" else m,
+               "center": bool(cfg.get("center", True)), "scale": bool(cfg.get("scale", True))}, arrays)
+    elif cls == "Activation":
+        b.activation(layer, _activation_name(cfg.get("activation")), last)
+    elif cls == "Softmax":
+        b.activation(layer, "softmax", last)
+    elif cls == "ReLU":
+        if cfg.get("max_value") is not None or cfg.get("threshold", 0) or cfg.get("negative_slope", 0):
+            b.fail(layer, "ReLU with max_value / threshold / negative_slope (only the plain ReLU)")
+            return
+        b.activation(layer, "relu", last)
+    elif cls == "ELU":
+        if float(cfg.get("alpha", 1.0)) != 1.0:
+            b.fail(layer, f"ELU alpha {cfg.get('alpha')} (only 1.0)")
+            return
+        b.activation(layer, "elu", last)
+    elif cls == "LeakyReLU":
+        slope = cfg.get("negative_slope", cfg.get("alpha", 0.3))  # Keras 3 / Keras 2 name; both default 0.3
+        b.activation(layer, "leaky_relu", last, float(slope))
+    elif cls == "Dropout":
+        b.add({"type": "dropout", "rate": float(cfg.get("rate", 0.0))})
+    elif cls in ("MaxPooling2D", "AveragePooling2D"):
+        if len(shape) != 3 or cfg.get("padding", "valid") != "valid":
+            b.fail(layer, f"input {shape}, padding {cfg.get('padding')!r} (expected (H, W, C) and valid)")
+            return
+        try:
+            p = _pair(cfg.get("pool_size", 2), "pool_size")
+            s = _pair(cfg.get("strides") or p, "strides")
+        except ValueError as e:
+            b.fail(layer, str(e))
+            return
+        b.add({"type": "maxpool" if cls == "MaxPooling2D" else "avgpool", "pool_size": p, "strides": s})
+        h, w, c = shape
+        b.shape = ((h - p) // s + 1, (w - p) // s + 1, c)
+    elif cls == "GlobalAveragePooling2D":
+        if len(shape) != 3 or cfg.get("keepdims", False):
+            b.fail(layer, f"input {shape}, keepdims {cfg.get('keepdims')} (expected (H, W, C), keepdims false)")
+            return
+        b.add({"type": "gap"})
+        b.shape = (shape[2],)
+    else:
+        b.fail(layer, "layer type not supported")
+
+
+def keras_to_spec(model: KerasModel, *, convention: str = "keras") -> tuple[dict, dict[str, torch.Tensor]]:
+    """(a ``layers`` spec dict, the state dict of the model it builds) for a Keras model."""
+    if convention not in ("keras", "torch"):
+        raise ValueError(f"convention must be 'keras' or 'torch' (got {convention!r})")
+    if model.input_shape is None:
+        raise KerasFileError("the Keras model does not record its input shape (no InputLayer / build config)")
+    if any(s is None or s < 1 for s in model.input_shape):
+        raise KerasFileError(f"the Keras model's input shape {model.input_shape} has free dimensions; "
+                             "only fixed-size inputs are supported")
+    b = _Builder(model, convention)
+    b.shape = tuple(model.input_shape)
+    for i in range(len(model.layers)):
+        try:
+            _layer(b, model.layers, i)
+        except KeyError as e:  # a weight or config entry the layer must have
+            b.fail(model.layers[i], f"missing {e} in the file")
+    if b.problems:
+        raise KerasFileError(f"{len(b.problems)} unsupported layer(s) in Keras model {model.name!r}:\n  "
+                             + "\n  ".join(b.problems))
+    if len(b.shape) != 1 or b.shape[0] < 2:
+        raise KerasFileError(f"the model's output shape is {b.shape}: bnlab reads classifiers with >= 2 outputs")
+    spec = {"kind": "layers", "input_shape": list(model.input_shape), "num_classes": b.shape[0],
+            "input_layout": "channels_last" if len(model.input_shape) == 3 else "channels_first",
+            "norm_options": {"convention": convention}, "layers": b.layers}
+    return spec, _state_dict(spec, b.torch_arrays)
+
+
+def _state_dict(spec: dict, arrays: list[tuple[str, dict[str, np.ndarray]]]) -> dict[str, torch.Tensor]:
+    """The built model's own parameter names, filled in layer order with the converted arrays."""
+    from bnlab.models import build_model
+
+    model = build_model(spec)
+    owners = [(name, m) for name, m in model.named_children()
+              if any(True for _ in m.parameters(recurse=False)) or getattr(m, "running_mean", None) is not None]
+    if len(owners) != len(arrays):
+        raise KerasFileError(f"internal: {len(owners)} weight layers built, {len(arrays)} read")  # pragma: no cover
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    for (name, module), (_, found) in zip(owners, arrays):
+        for key, value in found.items():
+            target = state[f"{name}.{key}"]
+            if tuple(value.shape) != tuple(target.shape):
+                raise KerasFileError(f"layer {name}: {key} has shape {tuple(value.shape)} in the file, "
+                                     f"the model needs {tuple(target.shape)}")
+            state[f"{name}.{key}"] = torch.from_numpy(np.ascontiguousarray(value)).to(target.dtype)
+    return state
+
+
+def keras_counts(model: KerasModel) -> tuple[int, int, int]:
+    """Keras's (total, trainable, non-trainable) parameter counts, from the file's arrays: BN moving
+    statistics and the weights of layers saved with trainable=false are non-trainable."""
+    total = trainable = 0
+    for layer in model.layers:
+        for key, a in layer.weights.items():
+            total += a.size
+            if layer.config.get("trainable", True) and key not in ("moving_mean", "moving_variance"):
+                trainable += a.size
+    return total, trainable, total - trainable
