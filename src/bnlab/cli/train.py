@@ -34,12 +34,14 @@ def train(
                              "from its last completed epoch when the same command is run again."),
     restart: bool = typer.Option(False, "--restart", help="Start from zero even if --out holds a run (of other "
                                  "settings, or an interrupted one), discarding it."),
+    tensorboard: Path = typer.Option(None, "--tensorboard", help="Write TensorBoard logs here (scalars per step "
+                                     "and epoch, BN running-statistics histograms; view: tensorboard --logdir DIR)."),
 ) -> None:
     """Train one model on one dataset and print the per-epoch metrics and the test result.
 
     Settings come from the model preset's recipe (the seed notebook's), overridden by options.
 
-    Example: bnlab train fashion-mlp-bn-before --dataset mnist-5k --epochs 3 --out runs/one
+    Example: bnlab train fashion-mlp-bn-before --dataset mnist-5k --epochs 3 --out runs/one --tensorboard runs/tb
 
     Interrupted (Ctrl-C, kill), the same command continues from the last completed epoch with the
     results an uninterrupted run gives; a folder holding a run of other settings is refused.
@@ -61,6 +63,7 @@ def train(
     if validation is not None:
         given["validation"] = int(validation) if float(validation).is_integer() and validation >= 1 else validation
     check_out_folder(out, "--out", "the run")
+    check_out_folder(tensorboard, "--tensorboard", "the TensorBoard logs")
     stop = StopSignals()
     try:
         spec = load_model_spec(model)
@@ -71,7 +74,7 @@ def train(
         config = TrainConfig(**settings)
         resolve_device(config.device)  # a GPU that is not there is refused before anything is written
         with stop:  # SIGTERM (kill, timeout, docker) stops the run as Ctrl-C does
-            result = train_run(spec, config, out=out, restart=restart)
+            result = train_run(spec, config, out=out, restart=restart, tensorboard=tensorboard)
     except RunInterrupted as e:
         say(_how_to_resume(out, e.epoch))
         raise typer.Exit(code=exit_code(stop.received))

@@ -159,6 +159,7 @@ class Probes:
         self._before: dict[str, torch.Tensor] = {}
         self._land: tuple[list[torch.Tensor], list[torch.Tensor]] | None = None  # (params, buffers) before
         self._units: dict[nn.Module, list[int]] = {}
+        self.last_inputs: tuple[int, dict[str, torch.Tensor]] | None = None
 
     def close(self) -> None:
         """Nothing is left registered on the model (hooks live only during a probe forward)."""
@@ -189,7 +190,10 @@ class Probes:
             self._before = {n: w.detach().clone() for n, w in self.weights}
             if self.batch is not None:
                 with torch.no_grad():
-                    self._record_activations(step, self._activation_inputs(self.batch))
+                    captured = self._activation_inputs(self.batch)
+                    self._record_activations(step, captured)
+                # the raw pre-activations of the latest sampled step, for histograms (TensorBoard)
+                self.last_inputs = (step, {self.activations[m]: h for m, h in captured.items()})
         self._land = (([p.detach().clone() for p in self.model.parameters()],
                        [b.detach().clone() for b in self.model.buffers()])
                       if self.wants_landscape(step) else None)

@@ -25,6 +25,9 @@ class AugmentConfig(BaseModel):
     horizontal_flip: bool = False
 
 
+OUTPUT_FIELDS = {"tensorboard", "csv_log"}  # TrainConfig fields that say what is written, not what is computed
+
+
 class TrainConfig(BaseModel):
     """Everything besides the model that decides a run's result."""
 
@@ -55,6 +58,9 @@ class TrainConfig(BaseModel):
     engine: Literal["auto", "native", "fused", "autograd"] = "auto"
     probes: ProbeConfig | None = None
     device: str = Field("auto", description="auto | cpu | cuda | cuda:N")
+    # outputs, not settings: they change no result, so a run's fingerprint leaves them out (OUTPUT_FIELDS)
+    tensorboard: bool = Field(False, description="write TensorBoard logs to <run folder>/tensorboard")
+    csv_log: bool = Field(False, description="write one row per epoch to <run folder>/epochs.csv")
 
     @field_validator("device")
     @classmethod

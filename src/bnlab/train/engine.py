@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
@@ -22,7 +22,7 @@ from bnlab.data.dataset import Dataset
 from bnlab.train.fused import FusedMLPStep, unsupported_layers
 from bnlab.train.history import EpochRecord, History
 from bnlab.train.optim import make_optimizer
-from bnlab.train.progress import TrainProgress
+from bnlab.train.callbacks import Monitor, ProbeRecorder, ProgressBar, TrainContext, overrides
 from bnlab.train.resume import RunInterrupted, TrainState, read_state, rng_states, save_state, set_rng_states
 
 ENGINES = ("auto", "native", "fused", "autograd")
@@ -114,12 +114,6 @@ def epoch_order(n: int, generator: torch.Generator) -> torch.Tensor:
     return torch.randperm(n, generator=generator)
 
 
-@dataclass
-class _Best:
-    value: float = -math.inf
-    epoch: int | None = None
-
-
 def _own_settings(model: nn.Module, data: Dataset, hyper: dict) -> dict:
     """What a state saved by ``fit`` is keyed by when its caller gives no settings: the model's spec
     (else its tensors' names, shapes and dtypes), the data's name and sizes, and fit's arguments."""
@@ -139,7 +133,8 @@ def fit(model: nn.Module, data: Dataset, *, optimizer: str = "sgd", lr: float = 
         max_seconds: float | None = None, probes=None,
         progress: bool = True, eval_batch_size: int = 1024, keras_defaults: bool = True,
         checkpoint_meta: dict | None = None, state_dir: str | Path | None = None,
-        state_settings: dict | None = None, resume_from: TrainState | None = None) -> History:
+        state_settings: dict | None = None, resume_from: TrainState | None = None,
+        callbacks: list | None = None) -> History:
     """Train ``model`` on ``data`` and return the History.
 
     optimizer: sgd (momentum, nesterov) | rmsprop | adam; cross-entropy on logits.
@@ -150,6 +145,8 @@ def fit(model: nn.Module, data: Dataset, *, optimizer: str = "sgd", lr: float = 
     max_steps / max_seconds: budgets; the run ends (after evaluating) once either is used up.
     probes: a ``bnlab.probes.ProbeConfig`` (or ``Probes``) to record what happens inside the network.
     A NaN/inf loss stops the run (history kept, ``stopped="diverged"``).
+    callbacks: ``bnlab.train.callbacks.Callback`` objects (TensorBoard, CSVLogger, your own): the protocol
+    is in that module; a callback's ``ctx.request_stop`` ends training after the epoch (``stopped="callback"``).
 
     state_dir: write the resumable state (``bnlab.train.resume``) there at the end of every epoch, and
     continue from the valid state of the same settings found there (a state that is corrupt or of
@@ -215,115 +212,110 @@ def fit(model: nn.Module, data: Dataset, *, optimizer: str = "sgd", lr: float = 
         probes = Probes(model, probes, lr=lr) if isinstance(probes, ProbeConfig) else probes
         if probes.batch is None:  # the fixed held-out probe batch: the same images at every sampled step
             probes.batch, probes.from_validation = select_probe_batch(data, probes.config)
-    best = _Best()
-    since_best = 0
+    monitor_cb = Monitor(monitor, patience, checkpoint_dir, checkpoint_meta)
     steps_done = 0
     done_before, elapsed_before, finished = 0, 0.0, False
     if resume_from is not None:
         _restore(resume_from, model, opt, generators, dev, probes)
         hist, hist.engine = resume_from.history, engine_used
-        best, since_best = _Best(resume_from.best_value, resume_from.best_epoch), resume_from.since_best
+        monitor_cb.best_value, monitor_cb.best_epoch = resume_from.best_value, resume_from.best_epoch
+        monitor_cb.since_best = resume_from.since_best
         steps_done, done_before = resume_from.steps, resume_from.epoch
         elapsed_before, finished = resume_from.elapsed, resume_from.finished
+    bar = progress if isinstance(progress, ProgressBar) else ProgressBar(bool(progress))
+    # fit's own callbacks first (the best checkpoint is written before any user callback sees the epoch)
+    cbs = [bar, monitor_cb] + ([ProbeRecorder(probes)] if probes is not None else []) + list(callbacks or [])
+    step_begin = [c for c in cbs if overrides(c, "on_step_begin")]
+    step_end = [c for c in cbs if overrides(c, "on_step_end")]
+    ctx = TrainContext(model, data, hist, epochs, len(batches), dev, lr, probes, done_before)
     saved_epoch = done_before  # the last epoch whose state is on disk
     check_every = 1 if dev.type == "cpu" else 25  # a finiteness check syncs a GPU
     start = time.perf_counter() - elapsed_before  # a time budget goes on where it stopped
-    with TrainProgress(epochs, len(batches), enabled=progress) as bar:
-        if resume_from is not None:
-            bar.advance(done_before * len(batches))
-            where = f" (state in {state_dir})" if state_dir is not None else ""
-            bar.epoch_done(f"training had already finished at epoch {done_before} of {epochs}{where}" if finished
-                           else f"continuing from epoch {done_before} of {epochs}{where}")
-        elif not_resumed:
-            bar.epoch_done(f"not resumed: {not_resumed}; starting from zero")
-        try:
-            for epoch in range(done_before + 1, (done_before if finished else epochs) + 1):
-                t0 = time.perf_counter()
-                perm = epoch_order(n, order_gen).to(dev)
-                losses, corrects = [], []  # 0-d tensors, stacked once per epoch
-                seen = 0
-                for b, (i, j) in enumerate(batches):
-                    idx = perm[i:j]
-                    xb, yb = data.x_train.index_select(0, idx), data.y_train.index_select(0, idx)
-                    if augment is not None and augment.active:
-                        xb = augment(xb, gen)
-                    if probes is not None:
-                        probes.before_step(steps_done + 1)
-                    try:
-                        loss, corr = step(xb, yb)
-                    except FloatingPointError as e:  # BN's non-finite statistics
-                        raise Diverged(str(e)) from e
-                    if b % check_every == 0 and not math.isfinite(float(loss)):
-                        raise Diverged(f"loss became {float(loss)} at epoch {epoch}, step {steps_done + 1}: "
-                                       "the run diverged (lower the learning rate?)")
-                    if opt is not None:
-                        opt.step()
-                    if probes is not None:
-                        probes.after_step(steps_done + 1, xb, yb)
-                    losses.append(loss)
-                    corrects.append(corr)
-                    seen += j - i
-                    steps_done += 1
-                    if b % 50 == 49:
-                        bar.advance(50, f"loss {float(loss):.4f}")
-                    if max_steps is not None and steps_done >= max_steps:
-                        break
-                    if max_seconds is not None and b % 10 == 9 and time.perf_counter() - start >= max_seconds:
-                        break
-                bar.advance(b % 50 + 1 if (b % 50) != 49 else 0)
-                done = torch.stack(losses)
-                correct = int(torch.stack(corrects).sum())
-                hist.step_loss.extend(done.tolist())
-                if not math.isfinite(float(done.sum())):
-                    raise Diverged(f"loss became non-finite during epoch {epoch}: the run diverged")
-                val_loss, val_acc = evaluate(model, data.x_val, data.y_val, batch_size=eval_batch_size)
-                rec = EpochRecord(epoch, float(done.mean()), correct / seen,
-                                  None if math.isnan(val_loss) else val_loss,
-                                  None if math.isnan(val_acc) else val_acc, time.perf_counter() - t0, steps_done)
-                hist.record(rec, time.perf_counter() - start)
-                bar.epoch_done(f"epoch {epoch}/{epochs}: loss {rec.train_loss:.4f} acc {rec.train_accuracy:.4f}"
-                               + (f" val_loss {val_loss:.4f} val_acc {val_acc:.4f}" if rec.val_loss is not None else "")
-                               + f" ({rec.seconds:.1f}s)")
-                score = (val_acc if monitor == "val_accuracy" else -val_loss) if rec.val_loss is not None else -rec.train_loss
-                if score > best.value:
-                    best, since_best = _Best(score, epoch), 0
-                    if checkpoint_dir is not None:
-                        from bnlab.checkpoint import save_checkpoint
-                        save_checkpoint(checkpoint_dir, model, preprocessing=data.preprocessing,
-                                        meta={**(checkpoint_meta or {}), "kind": "best", "monitor": monitor,
-                                              "epoch": epoch, "val_accuracy": val_acc,
-                                              "val_loss": val_loss, "dataset": data.name,
-                                              "classes": list(data.classes) if data.classes else None})
-                else:
-                    since_best += 1
-                if patience is not None and since_best >= patience:
-                    hist.stopped = "early_stopping"
-                    hist.message = f"no improvement of {monitor} for {patience} epochs"
-                elif max_steps is not None and steps_done >= max_steps:
-                    hist.stopped, hist.message = "budget", f"step budget of {max_steps} used"
-                elif max_seconds is not None and time.perf_counter() - start >= max_seconds:
-                    hist.stopped, hist.message = "budget", f"time budget of {max_seconds} s used"
-                finished = hist.stopped != "completed" or epoch == epochs
-                if state_dir is not None:  # after the best checkpoint, so the state never runs ahead of it
-                    save_state(state_dir, TrainState(
-                        epoch, steps_done, time.perf_counter() - start, finished, hist, best.value, best.epoch,
-                        since_best, engine_used, model.state_dict(),
-                        None if opt is None else opt.state_dict()["state"], rng_states(generators, dev),
-                        None if probes is None else probes.state()), state_settings)
-                    saved_epoch = epoch
-                if finished:
+    for c in cbs:
+        c.on_train_begin(ctx)
+    if resume_from is not None:
+        where = f" (state in {state_dir})" if state_dir is not None else ""
+        bar.say(f"training had already finished at epoch {done_before} of {epochs}{where}" if finished
+                else f"continuing from epoch {done_before} of {epochs}{where}")
+    elif not_resumed:
+        bar.say(f"not resumed: {not_resumed}; starting from zero")
+    try:
+        for epoch in range(done_before + 1, (done_before if finished else epochs) + 1):
+            t0 = time.perf_counter()
+            perm = epoch_order(n, order_gen).to(dev)
+            losses, corrects = [], []  # 0-d tensors, stacked once per epoch
+            seen = 0
+            for b, (i, j) in enumerate(batches):
+                idx = perm[i:j]
+                xb, yb = data.x_train.index_select(0, idx), data.y_train.index_select(0, idx)
+                if augment is not None and augment.active:
+                    xb = augment(xb, gen)
+                for c in step_begin:
+                    c.on_step_begin(ctx, steps_done + 1)
+                try:
+                    loss, corr = step(xb, yb)
+                except FloatingPointError as e:  # BN's non-finite statistics
+                    raise Diverged(str(e)) from e
+                if b % check_every == 0 and not math.isfinite(float(loss)):
+                    raise Diverged(f"loss became {float(loss)} at epoch {epoch}, step {steps_done + 1}: "
+                                   "the run diverged (lower the learning rate?)")
+                if opt is not None:
+                    opt.step()
+                steps_done += 1
+                for c in step_end:
+                    c.on_step_end(ctx, steps_done, loss, corr, xb, yb)
+                losses.append(loss)
+                corrects.append(corr)
+                seen += j - i
+                if max_steps is not None and steps_done >= max_steps:
                     break
-        except Diverged as e:
-            hist.stopped, hist.message = "diverged", str(e)
-            bar.epoch_done(f"[diverged] {e}")
-        except KeyboardInterrupt as e:
-            if state_dir is not None:
-                raise RunInterrupted(saved_epoch) from e
-            hist.stopped, hist.message = "interrupted", "stopped by the user (Ctrl-C)"
-    hist.best_epoch = best.epoch
-    if probes is not None:
-        hist.probes = [list(r) for r in probes.records]
-        probes.close()
+                if max_seconds is not None and b % 10 == 9 and time.perf_counter() - start >= max_seconds:
+                    break
+            done = torch.stack(losses)
+            correct = int(torch.stack(corrects).sum())
+            hist.step_loss.extend(done.tolist())
+            if not math.isfinite(float(done.sum())):
+                raise Diverged(f"loss became non-finite during epoch {epoch}: the run diverged")
+            val_loss, val_acc = evaluate(model, data.x_val, data.y_val, batch_size=eval_batch_size)
+            rec = EpochRecord(epoch, float(done.mean()), correct / seen,
+                              None if math.isnan(val_loss) else val_loss,
+                              None if math.isnan(val_acc) else val_acc, time.perf_counter() - t0, steps_done)
+            hist.record(rec, time.perf_counter() - start)
+            for c in cbs:
+                c.on_epoch_end(ctx, rec)
+            if monitor_cb.stopped:
+                hist.stopped = "early_stopping"
+                hist.message = f"no improvement of {monitor} for {patience} epochs"
+            elif max_steps is not None and steps_done >= max_steps:
+                hist.stopped, hist.message = "budget", f"step budget of {max_steps} used"
+            elif max_seconds is not None and time.perf_counter() - start >= max_seconds:
+                hist.stopped, hist.message = "budget", f"time budget of {max_seconds} s used"
+            elif ctx.stop_message is not None:
+                hist.stopped, hist.message = "callback", ctx.stop_message
+            finished = hist.stopped != "completed" or epoch == epochs
+            if state_dir is not None:  # after the best checkpoint, so the state never runs ahead of it
+                save_state(state_dir, TrainState(
+                    epoch, steps_done, time.perf_counter() - start, finished, hist, monitor_cb.best_value,
+                    monitor_cb.best_epoch, monitor_cb.since_best, engine_used, model.state_dict(),
+                    None if opt is None else opt.state_dict()["state"], rng_states(generators, dev),
+                    None if probes is None else probes.state()), state_settings)
+                saved_epoch = epoch
+            if finished:
+                break
+    except Diverged as e:
+        hist.stopped, hist.message = "diverged", str(e)
+        bar.say(f"[diverged] {e}")
+    except KeyboardInterrupt as e:
+        if state_dir is not None:
+            raise RunInterrupted(saved_epoch) from e
+        hist.stopped, hist.message = "interrupted", "stopped by the user (Ctrl-C)"
+    finally:
+        hist.best_epoch = monitor_cb.best_epoch
+        if probes is not None:
+            hist.probes = [list(r) for r in probes.records]
+            probes.close()
+        for c in cbs:
+            c.on_train_end(ctx)
     return hist
 
 

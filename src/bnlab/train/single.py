@@ -24,7 +24,7 @@ from bnlab.data import load_dataset
 from bnlab.data.augment import RandomAffine
 from bnlab.models import build_model, parse_model_spec
 from bnlab.models.spec import spec_to_dict
-from bnlab.train.config import TrainConfig
+from bnlab.train.config import OUTPUT_FIELDS, TrainConfig
 from bnlab.train.engine import evaluate, fit
 from bnlab.train.history import History
 from bnlab.train.resume import (RUN_JSON, STATE_DIR, RunInterrupted, SettingsChanged, TrainState, canonical,
@@ -119,7 +119,7 @@ def _finite(x: float) -> float | None:
 def run_settings(spec, config: TrainConfig) -> dict:
     """A run's settings as ``run.json`` holds them and its resumable state is keyed by: the resolved
     model spec and the TrainConfig."""
-    return canonical({"model": spec_to_dict(spec), "train": config.model_dump(mode="json")})
+    return canonical({"model": spec_to_dict(spec), "train": config.model_dump(mode="json", exclude=OUTPUT_FIELDS)})
 
 
 def _previous_settings(out: Path) -> dict | None:
@@ -137,7 +137,7 @@ def _previous_settings(out: Path) -> dict | None:
 
 
 def train_run(spec, config: TrainConfig, *, out: str | Path | None = None, progress: bool = True,
-              restart: bool = False) -> RunResult:
+              restart: bool = False, tensorboard: str | Path | None = None, callbacks: list | None = None) -> RunResult:
     """Load the data, build the model (adapted to the data), fit, save the best and the final
     model, evaluate both on test (and the final one with precise BN statistics).
 
@@ -153,15 +153,29 @@ def train_run(spec, config: TrainConfig, *, out: str | Path | None = None, progr
 
     Interrupted (any KeyboardInterrupt), it raises ``RunInterrupted`` whose ``epoch`` is the one a
     rerun continues from (0: none); it never returns a result nor writes history.json then.
+
+    TensorBoard logs go to ``tensorboard`` if given, else to ``out/tensorboard`` when
+    ``config.tensorboard``; ``config.csv_log`` writes ``out/epochs.csv``; ``callbacks`` go to ``fit``.
     """
     out = Path(out) if out is not None else None
+    cbs = list(callbacks or [])
+    if tensorboard is not None or config.tensorboard or config.csv_log:
+        if (config.tensorboard or config.csv_log) and tensorboard is None and out is None:
+            raise ValueError("tensorboard / csv_log write into the run folder: give train_run an out folder")
+        from bnlab.train.callbacks import CSVLogger
+        from bnlab.train.tensorboard import TensorBoard
+
+        if tensorboard is not None or config.tensorboard:
+            cbs.append(TensorBoard(tensorboard if tensorboard is not None else out / "tensorboard"))
+        if config.csv_log:
+            cbs.append(CSVLogger(out / "epochs.csv"))
     try:
-        return _run(spec, config, out, progress, restart)
+        return _run(spec, config, out, progress, restart, cbs)
     except KeyboardInterrupt as e:  # a RunInterrupted too: its epoch is re-read from what is on disk
         raise RunInterrupted((resume_point(out) or 0) if out is not None else 0) from e
 
 
-def _run(spec, config: TrainConfig, out: Path | None, progress: bool, restart: bool) -> RunResult:
+def _run(spec, config: TrainConfig, out: Path | None, progress: bool, restart: bool, callbacks: list) -> RunResult:
     data = load_dataset(config.dataset, data_dir=config.data_dir, validation=config.validation,
                         scaling=config.scaling, seed=config.data_seed, **config.dataset_options)
     spec, notes = adapt_spec_to_data(parse_model_spec(spec), data.input_shape, data.num_classes)
@@ -175,7 +189,7 @@ def _run(spec, config: TrainConfig, out: Path | None, progress: bool, restart: b
         scratch = tempfile.TemporaryDirectory(prefix="bnlab-run-")
         folder = Path(scratch.name)
     try:
-        return _train(model, spec, config, data, notes, out, folder, progress, settings, state)
+        return _train(model, spec, config, data, notes, out, folder, progress, settings, state, callbacks)
     finally:
         if scratch is not None:
             scratch.cleanup()
@@ -205,7 +219,7 @@ def _prepare_folder(out: Path, settings: dict, config: TrainConfig, notes: list[
 
 
 def _train(model, spec, config, data, notes, out, folder: Path, progress: bool, settings: dict,
-           state: TrainState | None) -> RunResult:
+           state: TrainState | None, callbacks: list) -> RunResult:
     best_dir, final_dir = folder / RUN_CHECKPOINTS["best"], folder / RUN_CHECKPOINTS["final"]
     meta = {"train": config.model_dump(), "dataset": data.name,
             "classes": list(data.classes) if data.classes else None}
@@ -217,7 +231,8 @@ def _train(model, spec, config, data, notes, out, folder: Path, progress: bool, 
                monitor=config.monitor, patience=config.patience, max_steps=config.max_steps,
                max_seconds=config.max_seconds, probes=config.probes, progress=progress,
                keras_defaults=config.keras_defaults, checkpoint_meta={"train": config.model_dump()},
-               state_dir=None if out is None else out / STATE_DIR, state_settings=settings, resume_from=state)
+               state_dir=None if out is None else out / STATE_DIR, state_settings=settings, resume_from=state,
+               callbacks=callbacks)
     if hist.stopped == "interrupted":  # only without a state folder; an interrupted run has no result
         raise RunInterrupted(0)
     dev = next(model.parameters()).device
