@@ -141,7 +141,10 @@ HOSTILE = [
     ("top-level-array", "POST", "/predict", _json([1, 2, 3]), 422, "expected a JSON object"),
     ("top-level-string", "POST", "/predict", _json("inputs"), 422, "got a string"),
     ("no-inputs", "POST", "/predict", _json({}), 422, 'missing "inputs"'),
-    ("unknown-key", "POST", "/predict", _json({"inputs": [1], "instances": [1]}), 422, 'unexpected key(s) "instances"'),
+    ("unknown-key", "POST", "/predict", _json({"inputs": [1], "extra": [1]}), 422, 'unexpected key(s) "extra"'),
+    ("both-formats", "POST", "/predict", _json({"inputs": [1], "instances": [1]}), 422, 'unexpected key(s) "inputs"'),
+    ("tf-bad-signature", "POST", "/predict", _json({"instances": [[1]], "signature_name": 3}), 422,
+     "signature_name must be a string"),
     ("very-long-key", "POST", "/predict", _json({"k" * 100_000: 1}), 422, '"kkkkkkkkkk'),
     ("duplicate-keys", "POST", "/predict", _raw('{"inputs": [1], "inputs": [2]}'), 422, 'duplicate key(s) "inputs"'),
     ("prescaled-not-bool", "POST", "/predict", _json({"inputs": DIGIT.tolist(), "prescaled": "yes"}), 422,
@@ -585,7 +588,8 @@ def test_values_per_sample_matches_a_real_sample():
 
 def test_json_batch_limit_and_exact_values():
     raw = json.dumps({"inputs": DIGIT.tolist(), "prescaled": True}).encode()
-    batch, prescaled = payload.json_to_batch(raw, SHAPE, 4)
+    batch, prescaled, tf = payload.json_to_batch(raw, SHAPE, 4)
+    assert not tf
     assert prescaled and batch.dtype == np.float32 and batch.shape == (1, *SHAPE)
     np.testing.assert_array_equal(batch[0, 0], DIGIT)
     full = json.dumps({"inputs": np.zeros((4, *SHAPE), int).tolist()}).encode()

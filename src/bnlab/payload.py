@@ -33,6 +33,7 @@ import time
 import warnings
 from collections import Counter
 from itertools import chain
+from typing import NamedTuple
 
 import numpy as np
 
@@ -67,13 +68,27 @@ def as_batch(arr, input_shape: tuple[int, ...], where: str = "input") -> np.ndar
     with np.errstate(over="ignore"):  # beyond float32's range -> inf, refused below
         arr = arr.astype(np.float32)
     shape = tuple(input_shape)
+    keras = (*shape[1:], shape[0]) if len(shape) == 3 else None  # the same image, channels last (Keras)
     if arr.shape == shape:
         arr = arr[None]
+    elif arr.ndim == len(shape) + 1 and arr.shape[1:] == shape and arr.shape[0] > 0:
+        pass
     elif len(shape) == 3 and shape[0] == 1 and arr.shape == shape[1:]:
         arr = arr[None, None]
-    elif arr.shape[1:] != shape or arr.shape[0] == 0:
-        raise InputError(f"{where}: expected shape {shape} or (N, {', '.join(map(str, shape))}) "
+    elif len(shape) == 3 and shape[0] == 1 and arr.ndim == 3 and arr.shape[1:] == shape[1:] and len(arr):
+        arr = arr[:, None]  # Keras's grey-image batch (N, H, W)
+    elif keras is not None and arr.shape == keras:
+        arr = arr.transpose(2, 0, 1)[None]
+    elif keras is not None and arr.ndim == 4 and arr.shape[1:] == keras and len(arr):
+        arr = arr.transpose(0, 3, 1, 2)  # Keras's (N, H, W, C)
+    else:
+        alt = ""
+        if keras is not None:
+            alt = f", or channels last (N, {', '.join(map(str, keras))})" + (
+                f" / (N, {shape[1]}, {shape[2]})" if shape[0] == 1 else "")
+        raise InputError(f"{where}: expected shape {shape} or (N, {', '.join(map(str, shape))}){alt} "
                          f"(got {tuple(arr.shape)})")
+    arr = np.ascontiguousarray(arr)
     if not np.isfinite(arr).all():
         raise InputError(f"{where}: contains NaN or infinite values (or values beyond float32's ±3.4e38)")
     return arr
@@ -151,9 +166,16 @@ def _quote(text: str, limit: int = 40) -> str:
     return json.dumps(text if len(text) <= limit else text[:limit] + "...")
 
 
-def json_to_batch(raw: bytes, input_shape: tuple[int, ...], max_batch: int) -> tuple[np.ndarray, bool]:
-    """A JSON body ``{"inputs": one sample or a batch, "prescaled": false}`` -> ((N, *input_shape)
-    float32, prescaled), within the limits of the module docstring."""
+class Decoded(NamedTuple):
+    batch: np.ndarray  # (N, *input_shape) float32
+    prescaled: bool
+    tf_serving: bool  # the body was TF Serving's {"instances": [...]}: answer {"predictions": [...]}
+
+
+def json_to_batch(raw: bytes, input_shape: tuple[int, ...], max_batch: int) -> Decoded:
+    """A JSON body ``{"inputs": one sample or a batch, "prescaled": false}``, or TF Serving's row format
+    ``{"instances": [sample, ...], "signature_name": "..."}`` (a batch; the signature is not used), ->
+    ``Decoded``, within the limits of the module docstring."""
     shape = tuple(input_shape)
     try:
         text = raw.decode("utf-8")
@@ -177,19 +199,24 @@ def json_to_batch(raw: bytes, input_shape: tuple[int, ...], max_batch: int) -> t
     if not isinstance(body, dict):
         raise InputError('expected a JSON object {"inputs": [...], "prescaled": false} '
                          f"(got {_JSON_TYPES[type(body)]})")
-    unknown = sorted(body.keys() - {"inputs", "prescaled"})
+    tf = "instances" in body
+    allowed = {"instances", "signature_name", "prescaled"} if tf else {"inputs", "prescaled"}
+    unknown = sorted(body.keys() - allowed)
     if unknown:
         raise InputError(f"unexpected key(s) {', '.join(map(_quote, unknown))}: the body takes \"inputs\" "
-                         "and optionally \"prescaled\"")
-    if "inputs" not in body:
-        raise InputError('missing "inputs": expected {"inputs": one sample or a batch}')
+                         "and optionally \"prescaled\" (or TF Serving's \"instances\" and \"signature_name\")")
+    if "inputs" not in body and not tf:
+        raise InputError('missing "inputs": expected {"inputs": one sample or a batch} or {"instances": [...]}')
     prescaled = body.get("prescaled", False)
     if not isinstance(prescaled, bool):
         raise InputError(f"prescaled must be true or false (got {json.dumps(prescaled)[:40]})")
-    batch = as_batch(_nested_numbers(body["inputs"], "inputs"), shape, "inputs")
+    if tf and not isinstance(body.get("signature_name", ""), str):
+        raise InputError("signature_name must be a string")
+    key = "instances" if tf else "inputs"
+    batch = as_batch(_nested_numbers(body[key], key), shape, key)
     if len(batch) > max_batch:
         raise InputTooLarge(f"at most {max_batch} samples per request (got {len(batch)})")
-    return batch, prescaled
+    return Decoded(batch, prescaled, tf)
 
 
 # ---------------------------------------------------------------- images
@@ -243,7 +270,7 @@ def image_to_array(data: bytes, input_shape: tuple[int, ...], max_pixels: int | 
 
 
 def image_to_batch(data: bytes, input_shape: tuple[int, ...], max_pixels: int | None = None):
-    """``image_to_array`` as a batch of one, with ``json_to_batch``'s return form (batch, prescaled)."""
+    """``image_to_array`` as a batch of one, with (batch, prescaled) as ``json_to_batch`` gives them."""
     return image_to_array(data, input_shape, max_pixels)[None], False
 
 

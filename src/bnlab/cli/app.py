@@ -38,6 +38,12 @@ def say(text: str, style: str | None = None) -> None:
     console.print(text, style=style, markup=False, emoji=False, highlight=False, soft_wrap=True)
 
 
+def warn(message: str) -> None:
+    """``warning: <message>`` on stderr (stdout stays the command's output), verbatim."""
+    error_console.print("warning:", style="yellow", end=" ")
+    error_console.print(message, markup=False, emoji=False, highlight=False, soft_wrap=True)
+
+
 def _fail(message: str, code: int = 2) -> None:
     """The one error exit of every command: ``error: <message>`` on stderr, the message printed verbatim
     (rich markup would delete bracketed text such as ``[data]`` or pydantic's ``[type=...]``), exit 2."""

@@ -9,7 +9,7 @@ import typer
 from rich.markup import escape
 from rich.table import Table
 
-from bnlab.cli.app import _fail, app, check_out_file, check_out_folder, console, describe_error, say
+from bnlab.cli.app import _fail, app, check_out_file, check_out_folder, console, describe_error, say, warn
 
 
 def _checkpoint(path: Path):
@@ -159,7 +159,8 @@ def _chosen_checkpoint(path: Path, which: str | None):
 @app.command("predict")
 def predict_cmd(
     checkpoint: Path = typer.Argument(..., help="A checkpoint folder, or a run folder (then --model picks which)."),
-    inputs: list[Path] = typer.Argument(..., help="PNG/JPEG images or .npy arrays (one sample or a batch)."),
+    inputs: list[Path] = typer.Argument(..., help="PNG/JPEG images or .npy arrays (one sample or a batch; images "
+                                        "channels first or, as Keras has them, channels last: (N, H, W) or (N, H, W, C))."),
     as_json: bool = typer.Option(False, "--json", help="Print JSON."),
     prescaled: bool = typer.Option(False, "--prescaled", help="Inputs are already scaled like the training data."),
     which: str = typer.Option(None, "--model", help=_MODEL_HELP),
@@ -172,12 +173,19 @@ def predict_cmd(
 
     Example: bnlab predict runs/one digit.png --model best --json
     """
-    from bnlab.deploy.predict import predict_files
+    import warnings
+
+    from bnlab.deploy.predict import LooksPrescaled, predict_files
 
     try:  # CheckpointError, InputError (non-finite outputs included: never 'p = nan'), both ValueErrors
-        ck, results = predict_files(checkpoint, inputs, which=which, prescaled=prescaled)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always", LooksPrescaled)
+            ck, results = predict_files(checkpoint, inputs, which=which, prescaled=prescaled)
     except ValueError as e:
         _fail(str(e))
+    for w in caught:
+        if issubclass(w.category, LooksPrescaled):
+            warn(str(w.message))
     if as_json:
         print(json.dumps(results, indent=2, allow_nan=False))  # strict JSON: predict() refused NaN above
         return
@@ -194,38 +202,46 @@ def export(
     onnx: Path = typer.Option(..., "--onnx", help="Output .onnx file."),
     no_fold: bool = typer.Option(False, "--no-fold", help="Export without folding BN first."),
     which: str = typer.Option(None, "--model", help=_MODEL_HELP),
+    softmax: bool = typer.Option(False, "--softmax", help="Output probabilities (a final softmax) instead of logits."),
 ) -> None:
-    """Export a checkpoint to ONNX (BN folded first), and check onnxruntime against PyTorch.
+    """Export a checkpoint to ONNX (BN folded first) taking RAW inputs like bnlab predict (the
+    checkpoint's preprocessing is part of the graph), and check onnxruntime against bnlab predict.
 
-    Says which model it exported (best or final, its epoch) and records it in the ONNX file's
-    metadata (bnlab.model, bnlab.epoch). Needs the optional extra: pip install 'bnlab\\[onnx]'.
+    Says which model it exported (best or final, its epoch) and records in the ONNX file's metadata
+    what it is: bnlab.model, bnlab.epoch, bnlab.version, bnlab.spec_sha256, bnlab.input_layout,
+    bnlab.preprocessing, bnlab.outputs, bnlab.classes. Needs the optional extra: pip install 'bnlab\\[onnx]'.
 
-    Example: bnlab export runs/one --model best --onnx model.onnx
+    Example: bnlab export runs/one --model best --onnx model.onnx --softmax
     """
     import numpy as np
-    import torch
 
-    from bnlab.deploy import fold
+    from bnlab.deploy import fold, predict
     from bnlab.deploy.export import export_onnx, onnx_predict
 
     check_out_file(onnx, "--onnx", "the ONNX model")
     ck = _chosen_checkpoint(checkpoint, which)
     model = ck.model if no_fold else fold(ck.model)[0]
     shape = tuple(ck.model.spec.input_shape)
-    x = torch.randn(4, *shape)
+    # raw-looking inputs (pixels 0..255 when the preprocessing divides by 255), as predict takes them
+    x = np.random.default_rng(0).uniform(0, ck.preprocessing.get("divide", 1.0), (4, *shape)).astype(np.float32)
     try:
-        export_onnx(model, shape, onnx, metadata={"bnlab.model": ck.kind, "bnlab.epoch": ck.meta.get("epoch"),
-                                                  "bnlab.checkpoint": str(ck.path), "bnlab.folded": not no_fold})
-        got = onnx_predict(onnx, x.numpy())
+        export_onnx(model, shape, onnx, preprocessing=ck.preprocessing, softmax=softmax,
+                    classes=ck.meta.get("classes"), spec=ck.model.spec,
+                    metadata={"bnlab.model": ck.kind, "bnlab.epoch": ck.meta.get("epoch"),
+                              "bnlab.checkpoint": str(ck.path), "bnlab.folded": not no_fold})
+        got = onnx_predict(onnx, x)
     except ImportError as e:
         _fail(str(e))
     except OSError as e:  # a folder or a file in the way, a full disk, no permission
         _fail(f"--onnx {onnx}: cannot write it ({describe_error(e)})")
-    with torch.no_grad():
-        ref = ck.model(x).numpy()
-    err = float(np.abs(got - ref).max() / max(np.abs(ref).max(), 1e-30))
+    probs = np.array([p.probabilities for p in predict(ck.model, x, ck.preprocessing)])
+    if not softmax:
+        got = np.exp(got - got.max(1, keepdims=True))
+        got /= got.sum(1, keepdims=True)
+    err = float(np.abs(got - probs).max())
     say(f"exported the {ck.describe()}")
-    say(f"wrote {onnx}; onnxruntime vs PyTorch max relative difference {err:.2e}")
+    say(f"wrote {onnx} (raw inputs in, {'probabilities' if softmax else 'logits'} out); onnxruntime vs bnlab "
+        f"predict on raw inputs: max probability difference {err:.2e}")
 
 
 @app.command()

@@ -1,10 +1,16 @@
-"""ONNX export (optional extra ``bnlab[onnx]``): the folded model by default, with a dynamic batch axis.
+"""ONNX export (optional extra ``bnlab[onnx]``): the folded model by default, with a dynamic batch axis,
+taking RAW inputs like ``bnlab predict`` (the checkpoint's preprocessing is the graph's first ops) and,
+on request, answering probabilities (a final softmax) instead of logits.
 
-``metadata`` is written into the ONNX file's ``metadata_props`` (``bnlab export`` records there which
-model it exported: ``bnlab.model`` best or final, ``bnlab.epoch``, ``bnlab.checkpoint``)."""
+``metadata_props`` say what the file is (``onnx_metadata``): ``bnlab.version``, ``bnlab.spec_sha256``
+(SHA-256 of the model spec's canonical JSON), ``bnlab.input_layout`` (NCHW, NHWC for an imported Keras
+model, NF for feature vectors), ``bnlab.input_shape``, ``bnlab.preprocessing`` (the JSON applied, ``{}``
+for none), ``bnlab.outputs`` (probabilities or logits), ``bnlab.classes`` (JSON list), plus what
+``bnlab export`` adds (``bnlab.model`` best or final, ``bnlab.epoch``, ``bnlab.checkpoint``)."""
 
 from __future__ import annotations
 
+import json
 import warnings
 from pathlib import Path
 
@@ -12,26 +18,88 @@ import torch
 from torch import nn
 
 
+class Preprocess(nn.Module):
+    """``bnlab.data.dataset.apply_scaling`` as torch ops: x / divide, then minus the mean (a scalar, or
+    per channel for "standardize"), then / std per channel. An empty dict: x as it comes."""
+
+    def __init__(self, params: dict, sample_ndim: int):
+        super().__init__()
+        self.active = bool(params)
+        shape = (1, -1) + (1,) * (sample_ndim - 1)
+        scaling = params.get("scaling", "none")
+        self.register_buffer("divide", torch.tensor(float(params.get("divide", 1.0))))
+        mean = params.get("mean") if scaling in ("center", "standardize") else None
+        std = params.get("std") if scaling == "standardize" else None
+        self.register_buffer("mean", None if mean is None else torch.tensor(mean, dtype=torch.float32).reshape(
+            shape if isinstance(mean, list) else ()))
+        self.register_buffer("std", None if std is None else torch.tensor(std, dtype=torch.float32).reshape(shape))
+
+    def forward(self, x):
+        if not self.active:
+            return x
+        x = x / self.divide
+        if self.mean is not None:
+            x = x - self.mean
+        if self.std is not None:
+            x = x / self.std
+        return x
+
+
+class ServingModel(nn.Module):
+    """Raw inputs in, logits or probabilities out: what the ONNX file computes."""
+
+    def __init__(self, model: nn.Module, preprocessing: dict, sample_ndim: int, softmax: bool):
+        super().__init__()
+        self.pre, self.model, self.softmax = Preprocess(preprocessing, sample_ndim), model, softmax
+
+    def forward(self, x):
+        out = self.model(self.pre(x))
+        return torch.softmax(out, dim=1) if self.softmax else out
+
+
+def input_layout(spec) -> str:
+    shape = tuple(spec.input_shape)
+    if len(shape) == 3:
+        return "NHWC" if getattr(spec, "input_layout", "channels_first") == "channels_last" else "NCHW"
+    return {1: "NF", 2: "NHW"}[len(shape)]
+
+
 def export_onnx(model: nn.Module, input_shape: tuple[int, ...], path: str | Path, *, opset: int = 17,
+                preprocessing: dict | None = None, softmax: bool = False, classes=None, spec=None,
                 metadata: dict | None = None) -> Path:
+    """Write ``model`` as ONNX taking raw inputs (``preprocessing`` applied first) and returning logits,
+    or probabilities with ``softmax``. ``spec`` (the model spec) and ``classes`` go into the metadata."""
     if model.training:
         raise ValueError("export_onnx() needs a model in eval mode: call model.eval() first")
     try:
         import onnx
     except ImportError:
         raise ImportError("ONNX export needs the optional extra: pip install 'bnlab[onnx]'") from None
+    from bnlab import __version__
+
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     p = next(model.parameters())
+    wrapped = ServingModel(model, preprocessing or {}, len(input_shape), softmax).to(p.device).eval()
     dummy = torch.zeros((2, *input_shape), dtype=p.dtype, device=p.device)
+    output = "probabilities" if softmax else "logits"
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the TorchScript-based exporter's deprecation and tracer notes
-        torch.onnx.export(model, (dummy,), str(path), dynamo=False, opset_version=opset, input_names=["x"],
-                          output_names=["logits"], dynamic_axes={"x": {0: "batch"}, "logits": {0: "batch"}})
-    if metadata:
-        proto = onnx.load(str(path))
-        onnx.helper.set_model_props(proto, {str(k): str(v) for k, v in metadata.items()})
-        onnx.save(proto, str(path))
+        torch.onnx.export(wrapped, (dummy,), str(path), dynamo=False, opset_version=opset, input_names=["x"],
+                          output_names=[output], dynamic_axes={"x": {0: "batch"}, output: {0: "batch"}})
+    props = {"bnlab.version": __version__, "bnlab.input_shape": json.dumps(list(input_shape)),
+             "bnlab.preprocessing": json.dumps(preprocessing or {}, sort_keys=True), "bnlab.outputs": output,
+             "bnlab.classes": json.dumps(list(classes) if classes else None)}
+    if spec is not None:
+        from bnlab.hashing import json_digest
+        from bnlab.models.spec import spec_to_dict
+
+        props["bnlab.spec_sha256"] = json_digest(spec_to_dict(spec))
+        props["bnlab.input_layout"] = input_layout(spec)
+    props.update({str(k): str(v) for k, v in (metadata or {}).items()})
+    proto = onnx.load(str(path))
+    onnx.helper.set_model_props(proto, props)
+    onnx.save(proto, str(path))
     return path
 
 

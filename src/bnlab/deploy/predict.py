@@ -8,6 +8,7 @@ by default, as Keras's ``save_best_only``; or "final"); every prediction says wh
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,7 +19,7 @@ from torch import nn
 from bnlab.data.dataset import apply_scaling
 from bnlab.payload import IMAGE_SUFFIXES, InputError, as_batch, image_to_array
 
-__all__ = ["IMAGE_SUFFIXES", "InputError", "Prediction", "as_batch", "image_to_array", "predict", "predict_files",
+__all__ = ["IMAGE_SUFFIXES", "InputError", "LooksPrescaled", "Prediction", "as_batch", "image_to_array", "predict", "predict_files",
            "read_input"]
 
 
@@ -45,16 +46,38 @@ def read_input(path: str | Path, input_shape: tuple[int, ...]) -> np.ndarray:
     raise InputError(f"{path}: expected an image ({', '.join(IMAGE_SUFFIXES)}) or a .npy array")
 
 
+class LooksPrescaled(UserWarning):
+    """Float inputs in [0, 1] given to a model whose preprocessing divides raw values by more than 1."""
+
+
+def prescaled_warning(batch: np.ndarray, preprocessing: dict, prescaled: bool) -> str | None:
+    """Why ``batch`` looks already scaled although it will be scaled again, or None. Raw image pixels
+    run to 255; values all within [0, 1] then are almost surely pixels already divided by 255, which a
+    second division turns into near-black images and wrong classes (silently)."""
+    divide = (preprocessing or {}).get("divide", 1)
+    if prescaled or divide <= 1 or batch.size == 0:
+        return None
+    lo, hi = float(batch.min()), float(batch.max())
+    if lo >= 0 and hi <= 1 and hi > 0:
+        return (f"the inputs lie in [{lo:g}, {hi:g}] but will be divided by {divide:g} like raw data; if they are "
+                "already scaled, pass --prescaled (\"prescaled\": true over REST)")
+    return None
+
+
 @torch.no_grad()
 def predict(model: nn.Module, batch: np.ndarray, preprocessing: dict, classes=None, *,
             prescaled: bool = False) -> list[Prediction]:
-    """Class and probabilities for each row of ``batch`` (raw values unless ``prescaled``).
+    """Class and probabilities for each row of ``batch`` (raw values unless ``prescaled``; a
+    ``LooksPrescaled`` warning when raw-looking values are already in [0, 1]).
 
     Refuses (InputError) a batch whose outputs are not finite: large finite inputs can overflow the
     logits, and a NaN probability is no answer (nor valid JSON)."""
     if model.training:
         raise ValueError("predict() needs a model in eval mode: call model.eval() first (in training mode BN "
                          "would normalise with the statistics of this batch, and a batch of one has none)")
+    why = prescaled_warning(batch, preprocessing, prescaled)
+    if why:
+        warnings.warn(why, LooksPrescaled, stacklevel=2)
     x = batch if prescaled or not preprocessing else apply_scaling(batch, preprocessing)
     p = next(model.parameters())
     logits = model(torch.as_tensor(np.ascontiguousarray(x), dtype=p.dtype, device=p.device))

@@ -1,10 +1,12 @@
 """The REST server (optional extra ``bnlab[serve]``): FastAPI under uvicorn.
 
-    POST /predict   JSON {"inputs": one sample or a batch, "prescaled": false}, or a multipart form
-                    with one image in the field "file"
+    POST /predict   JSON {"inputs": one sample or a batch, "prescaled": false}, TF Serving's
+                    {"instances": [sample, ...]} (answered {"predictions": [[probabilities], ...]}), or a
+                    multipart form with one image in the field "file"; images channels first or, as
+                    Keras has them, channels last
     GET  /health    liveness
     GET  /model     which model (best-validation or final, its epoch), summary, spec, classes, preprocessing
-    GET  /openapi.json, /docs
+    GET  /openapi.json, /docs (Swagger UI from bundled files: works offline)
 
 What it promises:
 
@@ -35,6 +37,7 @@ import json
 import logging
 import multiprocessing
 import os
+import warnings
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from contextlib import asynccontextmanager
@@ -45,7 +48,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from bnlab import payload
 from bnlab.checkpoint import Checkpoint, load_checkpoint
-from bnlab.deploy.predict import InputError, predict
+from bnlab.deploy.predict import InputError, LooksPrescaled, predict
 from bnlab.payload import InputTooLarge, UnreadableInput
 
 MAX_BATCH = 1024
@@ -181,6 +184,11 @@ class PredictionOut(BaseModel):
 class PredictAnswer(BaseModel):
     model: ModelUsed
     predictions: list[PredictionOut]
+    warnings: list[str] | None = Field(None, description="e.g. inputs in [0, 1] sent without prescaled: true")
+
+
+class TFServingAnswer(BaseModel):
+    predictions: list[list[float]] = Field(description='the class probabilities of each of the "instances"')
 
 
 class Health(BaseModel):
@@ -210,10 +218,17 @@ def _request_body_schema(shape: tuple[int, ...]) -> dict:
         forms.append(sample["items"])  # one (H, W) grey image
     inputs = {"anyOf": forms, "description": f"one sample of shape {list(shape)} or a batch of at most "
                                              f"{MAX_BATCH}; raw values as in the dataset (pixels 0..255)"}
+    instances = {"type": "array", "items": {"anyOf": forms[:1] + forms[2:]}, "minItems": 1, "maxItems": MAX_BATCH,
+                 "description": "TF Serving's row format: a list of samples (answered with {\"predictions\": "
+                                "[[probabilities], ...]})"}
+    prescaled = {"type": "boolean", "default": False}
     return {"required": True, "content": {
-        "application/json": {"schema": {
-            "type": "object", "required": ["inputs"], "additionalProperties": False,
-            "properties": {"inputs": inputs, "prescaled": {"type": "boolean", "default": False}}}},
+        "application/json": {"schema": {"anyOf": [
+            {"type": "object", "required": ["inputs"], "additionalProperties": False,
+             "properties": {"inputs": inputs, "prescaled": prescaled}},
+            {"type": "object", "required": ["instances"], "additionalProperties": False,
+             "properties": {"instances": instances, "signature_name": {"type": "string"},
+                            "prescaled": prescaled}}]}},
         "multipart/form-data": {"schema": {
             "type": "object", "required": ["file"], "additionalProperties": False,
             "properties": {"file": {"type": "string", "format": "binary",
@@ -222,6 +237,18 @@ def _request_body_schema(shape: tuple[int, ...]) -> dict:
 
 # ---------------------------------------------------------------- the app
 
+def _offline_fastapi():
+    """FastAPI whose /docs page loads Swagger UI from files bundled with the package (fastapi-offline),
+    not from a CDN, so it works on a machine without internet; plain FastAPI if it is not installed."""
+    try:
+        from fastapi_offline import FastAPIOffline
+    except ImportError:  # pragma: no cover - fastapi-offline is in the serve extra
+        from fastapi import FastAPI
+
+        return FastAPI
+    return FastAPIOffline
+
+
 def create_app(checkpoint: "str | Path | Checkpoint", *, which: str | None = None,
                max_body_bytes: int = MAX_BODY_BYTES, max_image_pixels: int | None = None,
                decoders: int = DECODERS):
@@ -229,7 +256,7 @@ def create_app(checkpoint: "str | Path | Checkpoint", *, which: str | None = Non
 
     ``max_image_pixels`` defaults to ``bnlab.payload.default_max_image_pixels`` of the model's input;
     ``decoders`` is the number of decoding processes. Limits out of range raise ValueError."""
-    from fastapi import FastAPI, HTTPException, Request
+    from fastapi import HTTPException, Request
     from fastapi.responses import JSONResponse, Response
     from starlette.requests import ClientDisconnect
 
@@ -264,7 +291,7 @@ def create_app(checkpoint: "str | Path | Checkpoint", *, which: str | None = Non
         finally:
             await anyio.to_thread.run_sync(decoding.close)
 
-    app = FastAPI(title="bnlab model server", version="1", lifespan=lifespan,
+    app = _offline_fastapi()(title="bnlab model server", version="1", lifespan=lifespan,
                   description=f"Predictions of the bnlab {ck.describe()}; input shape {shape}. Limits: body "
                               f"{max_body_bytes} bytes, {MAX_BATCH} samples per request, JSON nested at most "
                               f"{payload.MAX_JSON_DEPTH} deep, numbers of at most {payload.MAX_NUMBER_CHARS} "
@@ -291,10 +318,18 @@ def create_app(checkpoint: "str | Path | Checkpoint", *, which: str | None = Non
     async def model_info():
         return info
 
-    def answer(batch, prescaled: bool) -> bytes:
-        preds = predict(model, batch, ck.preprocessing, classes, prescaled=prescaled)
-        return json.dumps({"model": used, "predictions": [
-            {"class": p.label, "name": p.name, "probabilities": p.probabilities} for p in preds]}).encode()
+    def answer(batch, prescaled: bool, tf_serving: bool = False) -> bytes:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always", LooksPrescaled)
+            preds = predict(model, batch, ck.preprocessing, classes, prescaled=prescaled)
+        if tf_serving:  # TF Serving's answer: the model's output per instance, here the probabilities
+            return json.dumps({"predictions": [p.probabilities for p in preds]}).encode()
+        body = {"model": used, "predictions": [
+            {"class": p.label, "name": p.name, "probabilities": p.probabilities} for p in preds]}
+        notes = [str(w.message) for w in caught if issubclass(w.category, LooksPrescaled)]
+        if notes:
+            body["warnings"] = notes
+        return json.dumps(body).encode()
 
     async def image_upload(request: Request) -> bytes:
         async with request.form(max_files=1, max_fields=1) as form:
@@ -308,7 +343,7 @@ def create_app(checkpoint: "str | Path | Checkpoint", *, which: str | None = Non
                                  ("nothing" if upload is None else "a text field") + ")")
             return await upload.read()
 
-    @app.post("/predict", response_model=PredictAnswer, responses=_errors(400, 413, 415, 422),
+    @app.post("/predict", response_model=PredictAnswer | TFServingAnswer, responses=_errors(400, 413, 415, 422),
               openapi_extra={"requestBody": _request_body_schema(shape)})
     async def predict_endpoint(request: Request):
         ctype = request.headers.get("content-type", "")
@@ -319,12 +354,13 @@ def create_app(checkpoint: "str | Path | Checkpoint", *, which: str | None = Non
         async with admission:  # bodies of requests beyond it stay unread in their sockets
             try:
                 if media == "application/json":
-                    batch, prescaled = await decoding.run(payload.json_to_batch, await request.body(), shape,
-                                                          MAX_BATCH)
+                    batch, prescaled, tf = await decoding.run(payload.json_to_batch, await request.body(), shape,
+                                                              MAX_BATCH)
                 else:
+                    tf = False
                     batch, prescaled = await decoding.run(payload.image_to_batch, await image_upload(request),
                                                           shape, max_image_pixels)
-                body = await anyio.to_thread.run_sync(answer, batch, prescaled, limiter=inference)
+                body = await anyio.to_thread.run_sync(answer, batch, prescaled, tf, limiter=inference)
             except InputError as e:
                 raise HTTPException(error_status(e), str(e)) from None
         return Response(body, media_type="application/json")
