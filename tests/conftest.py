@@ -1,7 +1,11 @@
 import os
+import sys
 from pathlib import Path
 
 import pytest
+
+# the example networks (examples/resnet.py: a ResNet-18-shaped torch model) are imported by tests too
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "examples"))
 
 
 @pytest.fixture(autouse=True)

@@ -22,7 +22,7 @@ from bnlab.nn import BatchNorm, BatchRenorm, GhostBatchNorm, GroupNorm, Instance
 from bnlab.train.engine import fit
 from resnet import ResNet18
 
-RESNET = f"{Path(__file__).with_name('resnet.py')}:resnet18"
+RESNET = f"{Path(__file__).resolve().parent.parent / 'examples' / 'resnet.py'}:resnet18"
 
 
 def _norms(model):

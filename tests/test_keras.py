@@ -24,6 +24,8 @@ from bnlab.nn import BatchNorm
 
 os.environ.setdefault("KERAS_BACKEND", "torch")
 KERAS2 = Path(__file__).parent / "data" / "keras2"
+# Keras 3's torch backend calls np.array(copy=False)-style APIs that numpy 2 deprecates: not ours
+pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
 runner = CliRunner()
 
 

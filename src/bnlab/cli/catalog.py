@@ -50,7 +50,7 @@ def summary(model: str = typer.Argument(..., help="A model preset, a .toml/.json
     A BN layer over C channels counts 2C trainable (gamma, beta) and 2C non-trainable
     (moving mean and variance) parameters, as in Keras; a Keras file's counts are Keras's own.
 
-    Examples: bnlab summary fashion-mlp-bn-after;  bnlab summary runs/one/checkpoint;  bnlab summary model.h5
+    Example: bnlab summary fashion-mlp-bn-after   (or a checkpoint folder, or a Keras file: bnlab summary model.h5)
     """
     from pydantic import ValidationError
 

@@ -23,6 +23,7 @@ import numpy as np
 import torch
 
 from bnlab.keras.files import KerasFileError, KerasModel
+from bnlab.models.build import keras_padding
 
 _ACTIVATIONS = {"relu": "relu", "elu": "elu", "selu": "selu", "sigmoid": "sigmoid", "tanh": "tanh",
                 "linear": "linear", "leaky_relu": "leaky_relu"}
@@ -137,8 +138,8 @@ def _layer(b: _Builder, layers, i: int) -> None:
         b.add({"type": "conv2d", "filters": int(cfg["filters"]), "kernel_size": k, "strides": s,
                "padding": cfg.get("padding", "valid"), "use_bias": bool(cfg.get("use_bias", True))}, arrays)
         h, w, _ = shape
-        size = (lambda n: -(-n // s)) if cfg.get("padding") == "same" else (lambda n: (n - k) // s + 1)
-        b.shape = (size(h), size(w), int(cfg["filters"]))
+        pad = cfg.get("padding", "valid")
+        b.shape = (keras_padding(h, k, s, pad)[2], keras_padding(w, k, s, pad)[2], int(cfg["filters"]))
         b.activation(layer, _activation_name(cfg.get("activation")), last)
     elif cls == "BatchNormalization":
         axis = cfg.get("axis", -1)
@@ -187,7 +188,7 @@ def _layer(b: _Builder, layers, i: int) -> None:
             return
         b.add({"type": "maxpool" if cls == "MaxPooling2D" else "avgpool", "pool_size": p, "strides": s})
         h, w, c = shape
-        b.shape = ((h - p) // s + 1, (w - p) // s + 1, c)
+        b.shape = (keras_padding(h, p, s, "valid")[2], keras_padding(w, p, s, "valid")[2], c)
     elif cls == "GlobalAveragePooling2D":
         if len(shape) != 3 or cfg.get("keepdims", False):
             b.fail(layer, f"input {shape}, keepdims {cfg.get('keepdims')} (expected (H, W, C), keepdims false)")

@@ -237,7 +237,7 @@ def _build_layers(spec, seed: int | None) -> SpecModel:
             p, stride = ld.pool_size, ld.strides or ld.pool_size
             pool = nn.MaxPool2d(p, stride) if ld.type == "maxpool" else nn.AvgPool2d(p, stride)
             add("max_pooling2d" if ld.type == "maxpool" else "average_pooling2d", pool)
-            shape = (shape[0], (shape[1] - p) // stride + 1, (shape[2] - p) // stride + 1)
+            shape = (shape[0], keras_padding(shape[1], p, stride, "valid")[2], keras_padding(shape[2], p, stride, "valid")[2])
         elif ld.type == "dropout":
             add("dropout", nn.Dropout(ld.rate))
         elif ld.type == "gap":

@@ -2,8 +2,8 @@
 not install against the pinned CPU torch): a stem (conv 7x7 stride 2, BN, ReLU, max-pool), four stages
 of two BasicBlocks (conv 3x3, BN, ReLU, conv 3x3, BN, residual add, ReLU; a 1x1-conv + BN shortcut
 where the shape changes), global average pooling and a Linear head. ``width`` scales the channels
-(64 is torchvision's), so tests can use a small one. Also an importable model factory for experiment
-specs (``tests.resnet:resnet18``)."""
+(64 is torchvision's), so tests and examples can use a small one. ``resnet18`` is the model factory
+that ``examples/own-network.toml`` names (``factory = "examples/resnet.py:resnet18"``)."""
 
 from __future__ import annotations
 
