@@ -16,7 +16,7 @@ import bnlab
 from bnlab.checkpoint import load_checkpoint, save_checkpoint
 from bnlab.data import load_dataset
 from bnlab.deploy import fold
-from bnlab.experiments import load_results, parse_experiment, run_experiment
+from bnlab.experiments import load_probes, load_results, parse_experiment, run_experiment
 from bnlab.models import build_model
 from bnlab.nn import BatchNorm, BatchRenorm, GhostBatchNorm, GroupNorm, InstanceNorm, LayerNorm
 from bnlab.train.engine import fit
@@ -171,10 +171,12 @@ def test_factory_ablation_through_the_experiment_runner(tmp_path):
     spec = parse_experiment({
         "name": "own-net", "seeds": 1, "data": {"dataset": "digits"},
         "model": {"factory": RESNET, "kwargs": {"width": 4, "in_channels": 1}},
-        "train": {"epochs": 1, "batch_size": 64, "lr": 0.05},
+        "train": {"epochs": 1, "batch_size": 64, "lr": 0.05}, "probes": {"every": 10, "probe_batch": 32},
         "variants": {"bn": {}, "gn": {"model": {"norm": "group:2"}}, "no-norm": {"model": {"norm": "none"}}}})
     prog = run_experiment(spec, tmp_path / "e", workers=1)
     assert (prog.done, prog.failed) == (3, 0)
+    probed = {r["layer"] for r in load_probes(tmp_path / "e")}
+    assert {"relu", "layer1.0.relu", "layer4.1.relu", "fc", "layer2.0.downsample.0"} <= probed  # inside the blocks
     _, runs, _ = load_results(tmp_path / "e")
     assert {r["variant"] for r in runs} == {"bn", "gn", "no-norm"} and all(r["status"] == "done" for r in runs)
     ck = load_checkpoint(tmp_path / "e" / "runs" / "gn" / "seed-0" / "checkpoint")

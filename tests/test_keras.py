@@ -19,6 +19,7 @@ from bnlab.checkpoint import CheckpointError, load_checkpoint
 from bnlab.cli import app
 from bnlab.deploy import fold
 from bnlab.deploy.summary import summary_of
+from bnlab.models import summarize
 from bnlab.keras import KerasFileError, import_keras, load_keras
 from bnlab.nn import BatchNorm
 
@@ -125,6 +126,8 @@ def test_keras3_files_predict_and_count_as_keras(keras3_files, name, suffix):
     assert np.abs(_probabilities(ck, x) - expected).max() <= 1e-5
     s = summary_of(path)
     assert (s.total, s.trainable, s.non_trainable) == counts
+    own = summarize(ck.model, tuple(ck.model.spec.input_shape))  # the converted model's own tensors
+    assert (own.total, own.trainable, own.non_trainable) == counts
 
 
 def test_keras3_cli_predict_on_the_array_keras_was_given(keras3_files, tmp_path):
@@ -183,3 +186,17 @@ def test_corrupt_and_foreign_files_are_refused(tmp_path):
     assert res.exit_code == 2 and "holds one model" in res.output
     res = runner.invoke(app, ["import-keras", str(trunc), "--out", str(tmp_path / "o")])
     assert res.exit_code == 2 and not (tmp_path / "o").exists()
+
+
+def test_a_frozen_layer_counts_as_keras_counts_it(tmp_path):
+    keras = pytest.importorskip("keras")
+    L = keras.layers
+    frozen = L.Dense(6)
+    model = keras.Sequential([keras.Input((5,)), frozen, L.BatchNormalization(), L.Dense(3, activation="softmax")])
+    frozen.trainable = False
+    model.save(tmp_path / "f.keras")
+    trainable = sum(int(np.prod(w.shape)) for w in model.trainable_weights)
+    s = summary_of(tmp_path / "f.keras")
+    assert (s.total, s.trainable, s.non_trainable) == (model.count_params(), trainable,
+                                                       model.count_params() - trainable)
+    assert s.trainable == 3 * 6 + 3 + 2 * 6  # the last Dense and BN's gamma, beta

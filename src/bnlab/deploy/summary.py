@@ -3,6 +3,7 @@ run folder), or a Keras .h5 / .keras file."""
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 from bnlab.models import Summary, build_model, load_model_spec, summarize
@@ -17,8 +18,9 @@ def _is_checkpoint(path: Path) -> bool:
 
 
 def summary_of(target: str | Path) -> Summary:
-    """The Keras-style summary of ``target``; a checkpoint is read with every integrity check, and a Keras
-    file's counts are checked against the counts of its own arrays (a ValueError if they differ)."""
+    """The Keras-style summary of ``target``; a checkpoint is read with every integrity check. For a Keras
+    file (or a checkpoint imported from one) the totals are Keras's: the sizes of the file's arrays, split
+    as Keras splits them."""
     path = Path(target)
     if not _is_checkpoint(path):
         spec = load_model_spec(str(target))
@@ -30,9 +32,6 @@ def summary_of(target: str | Path) -> Summary:
     spec = parse_model_spec(ck.spec)
     s = summarize(ck.model, tuple(spec.input_shape), name=ck.meta.get("source", {}).get("model_name") or path.name)
     keras = ck.meta.get("keras_params")
-    if keras and (keras["total"], keras["trainable"], keras["non_trainable"]) != (s.total, s.trainable,
-                                                                                  s.non_trainable):
-        raise ValueError(f"{path}: the converted model counts {s.total:,} / {s.trainable:,} / {s.non_trainable:,} "
-                         f"parameters but the file holds {keras['total']:,} / {keras['trainable']:,} / "
-                         f"{keras['non_trainable']:,} (total / trainable / non-trainable)")
+    if keras:  # Keras's own split (a layer saved with trainable=false counts as non-trainable there)
+        s = replace(s, total=keras["total"], trainable=keras["trainable"], non_trainable=keras["non_trainable"])
     return s
