@@ -266,3 +266,31 @@ def test_summary_of_any_module_counts_like_keras():
     assert s.rows[-1].output_shape == (10,)
     with pytest.raises(ValueError, match="needs input_shape"):
         summary(model)
+
+
+class LinearOnSequence(nn.Module):
+    """A Linear on the last axis of (N, C, L) followed by BatchNorm1d over axis 1: with C == L == features
+    the sizes agree, but the BN scales another axis than the Linear's outputs."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(6, 6)
+        self.bn = nn.BatchNorm1d(6)
+
+    def forward(self, x):
+        return self.bn(self.lin(x))
+
+
+def test_fold_with_an_example_input_refuses_a_bn_on_another_axis():
+    torch.manual_seed(0)
+    model = _randomise_bn(LinearOnSequence())
+    x = torch.randn(3, 6, 6)
+    folded, rep = fold(model, example_input=x)
+    (entry,) = rep.entries
+    assert entry.folded_into is None and "acts on the last axis of the 3-D input, the BN on axis 1" in entry.how
+    with torch.no_grad():
+        assert _rel(folded(x), model(x)) <= 1e-6
+    two_d = _randomise_bn(RegisteredOutOfOrder())
+    assert fold(two_d, example_input=torch.randn(4, 5))[1].folded == 1  # (N, C): the same axis, folded
+    with pytest.raises(ValueError, match="cannot run on example_input"):
+        fold(two_d, example_input=torch.randn(4, 7))

@@ -125,6 +125,7 @@ class _Side:
     name: str | None
     module: nn.Module | None
     shared: str | None = None
+    why_not: str | None = None  # another reason it cannot absorb the BN (read off the traced shapes)
 
 
 def _channels_axis_ok(bn: nn.Module, layer: nn.Module) -> bool:
@@ -138,12 +139,13 @@ def _decide(bn: nn.Module, prev: _Side, nxt: _Side) -> tuple[str, _Side | None]:
     if bn.running_mean is None:
         return "no running statistics (track_running_stats=False): it always uses batch statistics", None
     c = _channels(bn)
-    if (isinstance(prev.module, _LINEAR) and prev.shared is None and _out_channels(prev.module) == c
+    free = lambda side: side.shared is None and side.why_not is None  # noqa: E731
+    if (isinstance(prev.module, _LINEAR) and free(prev) and _out_channels(prev.module) == c
             and _channels_axis_ok(bn, prev.module)):
         return "output side", prev
-    if isinstance(nxt.module, nn.Linear) and nxt.shared is None and nxt.module.in_features == c:
+    if isinstance(nxt.module, nn.Linear) and free(nxt) and nxt.module.in_features == c:
         return "input side", nxt
-    if isinstance(nxt.module, _LINEAR) and nxt.shared is None and _in_channels(nxt.module) == c:
+    if isinstance(nxt.module, _LINEAR) and free(nxt) and _in_channels(nxt.module) == c:
         conv = nxt.module
         if conv.groups != 1:
             return f"it feeds the grouped convolution {nxt.name}", None
@@ -156,6 +158,9 @@ def _decide(bn: nn.Module, prev: _Side, nxt: _Side) -> tuple[str, _Side | None]:
     reasons = [f"{side.name} {side.shared}" for side in (prev, nxt) if side.shared]
     if reasons:
         return "; ".join(reasons) + " (pytorch issue 197539): folding would change that other use", None
+    reasons = [f"{side.name} {side.why_not}" for side in (prev, nxt) if side.why_not]
+    if reasons:
+        return "; ".join(reasons), None
     return (f"no Linear/Conv directly before it ({prev.name}: {type(prev.module).__name__}) or after it "
             f"({nxt.name}: {type(nxt.module).__name__})"), None
 
@@ -277,6 +282,7 @@ def _fold_graph(gm: torch.fx.GraphModule) -> list[FoldEntry]:
             continue
         prev, _ = _graph_side(gm, node, True, calls, shared_ids)
         nxt, _ = _graph_side(gm, node, False, calls, shared_ids)
+        prev, nxt = _check_linear_axes(node, m, prev), _check_linear_axes(node, m, nxt)
         entry = _apply(node.target, m, prev, nxt)
         entries.append(entry)
         if entry.folded_into is not None:
@@ -286,6 +292,45 @@ def _fold_graph(gm: torch.fx.GraphModule) -> list[FoldEntry]:
     gm.delete_all_unused_submodules()
     gm.recompile()
     return entries
+
+
+def _check_linear_axes(bn_node: torch.fx.Node, bn: nn.Module, side: _Side) -> _Side:
+    """A Linear acts on the LAST axis; a BN normalises its channel axis. With the traced shapes known
+    (``fold(example_input=...)`` or a bnlab model's spec), a Linear next to a BN whose channel axis is
+    not the last one of a >2-D input is refused (it would be scaled along the wrong axis)."""
+    meta = bn_node.args[0].meta.get("tensor_meta") if bn_node.args else None
+    if not isinstance(side.module, nn.Linear) or meta is None:
+        return side
+    ndim = len(meta.shape)
+    axis = getattr(bn, "axis", 1) % ndim
+    if axis != ndim - 1:
+        return _Side(side.name, side.module, side.shared,
+                     f"acts on the last axis of the {ndim}-D input, the BN on axis {axis}")
+    return side
+
+
+def _propagate_shapes(gm: torch.fx.GraphModule, example_input: torch.Tensor | None) -> None:
+    if example_input is None:
+        return
+    from torch.fx.passes.shape_prop import ShapeProp
+
+    try:
+        with torch.no_grad():
+            ShapeProp(gm).propagate(example_input)
+    except Exception as e:  # noqa: BLE001 - the user's input does not fit the model: say so
+        raise ValueError(f"fold(): the model cannot run on example_input of shape "
+                         f"{tuple(example_input.shape)} ({type(e).__name__}: {e})") from None
+
+
+def _example(model: nn.Module, example_input) -> torch.Tensor | None:
+    """The given example, else two zero samples of a bnlab model's spec input shape."""
+    if example_input is not None:
+        return example_input
+    shape = getattr(getattr(model, "spec", None), "input_shape", None)
+    p = next(iter(model.parameters()), None)
+    if shape is None or p is None:
+        return None
+    return torch.zeros((2, *shape), dtype=p.dtype, device=p.device)
 
 
 def _as_sequential(gm: torch.fx.GraphModule, original: nn.Sequential) -> nn.Sequential | None:
@@ -360,8 +405,13 @@ def _fold_by_order(model: nn.Module) -> tuple[nn.Module, list[FoldEntry]]:
     return model, entries
 
 
-def fold(model: nn.Module) -> tuple[nn.Module, FoldReport]:
-    """A new model with every foldable BN folded away, and the report of what happened."""
+def fold(model: nn.Module, example_input: torch.Tensor | None = None) -> tuple[nn.Module, FoldReport]:
+    """A new model with every foldable BN folded away, and the report of what happened.
+
+    ``example_input`` (a batch the model takes; default: zeros of a bnlab model's spec shape) lets the
+    traced shapes be checked: a Linear next to a BN that normalises another axis than the Linear's
+    features (a BatchNorm1d over (N, C, L) after a Linear on the last axis) is then refused. Without
+    one, a Linear next to a BN is folded along the BN's channels when their sizes agree."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"fold() takes a torch nn.Module (got {type(model).__name__})")
     if any(m.training for m in model.modules() if isinstance(m, (*_BATCH_NORMS, *_PER_SAMPLE_NORMS))) or model.training:
@@ -374,6 +424,7 @@ def fold(model: nn.Module) -> tuple[nn.Module, FoldReport]:
         folded, more = _fold_by_order(new)
         method = "sequential"
     else:
+        _propagate_shapes(gm, _example(model, example_input))
         more = _fold_graph(gm)
         folded = (_as_sequential(gm, new) if isinstance(new, nn.Sequential) else None) or gm
         method = "graph"
