@@ -161,3 +161,22 @@ def test_tensorboard_from_the_cli_and_an_experiment_spec(tmp_path):
     run = tmp_path / "e" / "runs" / "bn" / "seed-0"
     assert "step/loss" in _events(run / "tensorboard").Tags()["scalars"]
     assert len(_rows(run / "epochs.csv")) == 1
+
+
+def test_tensorboard_after_a_resume_shows_each_step_once(digits, tmp_path):
+    from bnlab.train.tensorboard import TensorBoard
+
+    class CtrlCMidEpoch2(Callback):
+        def on_step_end(self, ctx, step, loss, correct, x, y):
+            if step == ctx.steps_per_epoch + 5:  # 5 steps into epoch 2: their events are written, then lost
+                raise KeyboardInterrupt
+
+    state, tb = tmp_path / "state", tmp_path / "tb"
+    with pytest.raises(RunInterrupted):
+        fit(build_model(SPEC, seed=0), digits, epochs=2, batch_size=64, progress=False, state_dir=state,
+            callbacks=[TensorBoard(tb), CtrlCMidEpoch2()])
+    h = fit(build_model(SPEC, seed=0), digits, epochs=2, batch_size=64, progress=False, state_dir=state,
+            callbacks=[TensorBoard(tb)])
+    loss = _events(tb).Scalars("step/loss")
+    assert [e.step for e in loss] == list(range(1, h.epochs[-1].steps + 1))  # no step twice
+    assert np.allclose([e.value for e in loss], h.step_loss, rtol=1e-6)
