@@ -87,8 +87,38 @@ def test_keras_shaped_batches_are_accepted_and_transposed():
     np.testing.assert_array_equal(as_batch(rgb.transpose(0, 3, 1, 2), (3, 6, 5)), rgb.transpose(0, 3, 1, 2))
     from bnlab.payload import InputError
 
-    with pytest.raises(InputError, match=r"or channels last \(N, 6, 5, 3\)"):
+    with pytest.raises(InputError, match=r"or \(6, 5, 3\) / \(N, 6, 5, 3\)"):
         as_batch(np.zeros((2, 5, 6, 3)), (3, 6, 5))
+
+
+def test_channels_last_models_take_both_orders_and_nothing_else():
+    """A model imported from Keras takes (H, W, C); channels-first and grey arrays are moved to it."""
+    from bnlab.payload import InputError
+
+    nhwc = _raw((6, 5, 3), n=2)
+    np.testing.assert_array_equal(as_batch(nhwc, (6, 5, 3), channels_last=True), nhwc)
+    np.testing.assert_array_equal(as_batch(nhwc.transpose(0, 3, 1, 2), (6, 5, 3), channels_last=True), nhwc)
+    grey = _raw((28, 28), n=3)
+    np.testing.assert_array_equal(as_batch(grey, (28, 28, 1), channels_last=True), grey[..., None])
+    np.testing.assert_array_equal(as_batch(grey[:, None], (28, 28, 1), channels_last=True), grey[..., None])
+    with pytest.raises(InputError, match=r"expected shape \(28, 28, 1\)"):  # no nonsense layout slips through
+        as_batch(grey[:, :, None, :], (28, 28, 1), channels_last=True)
+
+
+def test_a_png_goes_to_a_keras_cnn_in_its_layout(tmp_path):
+    from pathlib import Path
+
+    from PIL import Image
+
+    from bnlab.deploy.predict import read_input
+
+    keras2 = Path(__file__).parent / "data" / "keras2"
+    x = np.load(keras2 / "x_cnn.npy")[0]  # (32, 32, 3) in [0, 1]
+    Image.fromarray((x * 255).round().astype(np.uint8)).save(tmp_path / "c.png")
+    arr = read_input(tmp_path / "c.png", (32, 32, 3), channels_last=True)
+    np.testing.assert_array_equal(arr[0], (x * 255).round())
+    res = runner.invoke(app, ["predict", str(keras2 / "cnn.h5"), str(tmp_path / "c.png"), "--json"])
+    assert res.exit_code == 0, res.output
 
 
 def test_predict_cli_on_keras_shaped_arrays(rgb_checkpoint, tmp_path):

@@ -59,35 +59,47 @@ class InputTooLarge(InputError):
 
 # ---------------------------------------------------------------- arrays
 
-def as_batch(arr, input_shape: tuple[int, ...], where: str = "input") -> np.ndarray:
-    """Accept one sample (input_shape, or (H, W) for one-channel images) or a batch (N, *input_shape)
-    of finite float32 values; return (N, *input_shape) float32."""
+def accepted_forms(shape: tuple[int, ...], channels_last: bool):
+    """Each accepted sample shape with the function that turns a batch of it into the model's layout:
+    the model's own, then the same image in the other channel order (Keras holds images channels last,
+    torch channels first), and a one-channel image without its channel axis."""
+    forms = [(shape, lambda a: a)]
+    if len(shape) == 3:
+        if channels_last:  # a model imported from Keras: (H, W, C)
+            h, w, c = shape
+            forms.append(((c, h, w), lambda a: a.transpose(0, 2, 3, 1)))
+            if c == 1:
+                forms.append(((h, w), lambda a: a[..., None]))
+        else:
+            c, h, w = shape
+            forms.append(((h, w, c), lambda a: a.transpose(0, 3, 1, 2)))
+            if c == 1:
+                forms.append(((h, w), lambda a: a[:, None]))
+    return forms
+
+
+def as_batch(arr, input_shape: tuple[int, ...], where: str = "input", *, channels_last: bool = False) -> np.ndarray:
+    """Accept one sample or a batch (N, ...) of finite numbers in the model's layout, the other channel
+    order, or (H, W) for one-channel images; return (N, *input_shape) float32 in the model's layout.
+    ``channels_last``: the model takes (H, W, C) images (imported from Keras)."""
     arr = np.asarray(arr)
     if arr.dtype.kind not in "biuf":
         raise InputError(f"{where}: expected numbers (got dtype {arr.dtype})")
     with np.errstate(over="ignore"):  # beyond float32's range -> inf, refused below
         arr = arr.astype(np.float32)
     shape = tuple(input_shape)
-    keras = (*shape[1:], shape[0]) if len(shape) == 3 else None  # the same image, channels last (Keras)
-    if arr.shape == shape:
-        arr = arr[None]
-    elif arr.ndim == len(shape) + 1 and arr.shape[1:] == shape and arr.shape[0] > 0:
-        pass
-    elif len(shape) == 3 and shape[0] == 1 and arr.shape == shape[1:]:
-        arr = arr[None, None]
-    elif len(shape) == 3 and shape[0] == 1 and arr.ndim == 3 and arr.shape[1:] == shape[1:] and len(arr):
-        arr = arr[:, None]  # Keras's grey-image batch (N, H, W)
-    elif keras is not None and arr.shape == keras:
-        arr = arr.transpose(2, 0, 1)[None]
-    elif keras is not None and arr.ndim == 4 and arr.shape[1:] == keras and len(arr):
-        arr = arr.transpose(0, 3, 1, 2)  # Keras's (N, H, W, C)
+    forms = accepted_forms(shape, channels_last)
+    for sample, to_model in forms:
+        if arr.shape == sample:
+            arr = to_model(arr[None])
+            break
+        if arr.ndim == len(sample) + 1 and arr.shape[1:] == sample and len(arr):
+            arr = to_model(arr)
+            break
     else:
-        alt = ""
-        if keras is not None:
-            alt = f", or channels last (N, {', '.join(map(str, keras))})" + (
-                f" / (N, {shape[1]}, {shape[2]})" if shape[0] == 1 else "")
-        raise InputError(f"{where}: expected shape {shape} or (N, {', '.join(map(str, shape))}){alt} "
-                         f"(got {tuple(arr.shape)})")
+        dims = lambda f: ", ".join(map(str, f))  # noqa: E731
+        other = "".join(f", or {f} / (N, {dims(f)})" for f, _ in forms[1:])
+        raise InputError(f"{where}: expected shape {shape} or (N, {dims(shape)}){other} (got {tuple(arr.shape)})")
     arr = np.ascontiguousarray(arr)
     if not np.isfinite(arr).all():
         raise InputError(f"{where}: contains NaN or infinite values (or values beyond float32's ±3.4e38)")
@@ -172,7 +184,7 @@ class Decoded(NamedTuple):
     tf_serving: bool  # the body was TF Serving's {"instances": [...]}: answer {"predictions": [...]}
 
 
-def json_to_batch(raw: bytes, input_shape: tuple[int, ...], max_batch: int) -> Decoded:
+def json_to_batch(raw: bytes, input_shape: tuple[int, ...], max_batch: int, channels_last: bool = False) -> Decoded:
     """A JSON body ``{"inputs": one sample or a batch, "prescaled": false}``, or TF Serving's row format
     ``{"instances": [sample, ...], "signature_name": "..."}`` (a batch; the signature is not used), ->
     ``Decoded``, within the limits of the module docstring."""
@@ -213,7 +225,7 @@ def json_to_batch(raw: bytes, input_shape: tuple[int, ...], max_batch: int) -> D
     if tf and not isinstance(body.get("signature_name", ""), str):
         raise InputError("signature_name must be a string")
     key = "instances" if tf else "inputs"
-    batch = as_batch(_nested_numbers(body[key], key), shape, key)
+    batch = as_batch(_nested_numbers(body[key], key), shape, key, channels_last=channels_last)
     if len(batch) > max_batch:
         raise InputTooLarge(f"at most {max_batch} samples per request (got {len(batch)})")
     return Decoded(batch, prescaled, tf)
@@ -227,8 +239,10 @@ def default_max_image_pixels(input_shape: tuple[int, ...]) -> int:
     return max(MIN_IMAGE_PIXEL_LIMIT, 256 * h * w)
 
 
-def image_to_array(data: bytes, input_shape: tuple[int, ...], max_pixels: int | None = None) -> np.ndarray:
-    """Image bytes -> (C, H, W) float32 array of raw pixel values 0..255, resized to the model's input.
+def image_to_array(data: bytes, input_shape: tuple[int, ...], max_pixels: int | None = None,
+                   channels_last: bool = False) -> np.ndarray:
+    """Image bytes -> (C, H, W) float32 array of raw pixel values 0..255 ((H, W, C) for a ``channels_last``
+    model), resized to the model's input.
 
     The size is checked from the header before any pixel is decoded (``max_pixels``; default
     ``default_max_image_pixels``)."""
@@ -236,7 +250,7 @@ def image_to_array(data: bytes, input_shape: tuple[int, ...], max_pixels: int | 
 
     if len(input_shape) != 3:
         raise InputError(f"this model takes feature vectors of shape {tuple(input_shape)}, not images")
-    c, h, w = input_shape
+    h, w, c = input_shape if channels_last else (input_shape[1], input_shape[2], input_shape[0])
     max_pixels = max_pixels or default_max_image_pixels(input_shape)
     try:
         img = Image.open(io.BytesIO(data), formats=IMAGE_FORMATS)  # lazy: reads the header only
@@ -265,13 +279,16 @@ def image_to_array(data: bytes, input_shape: tuple[int, ...], max_pixels: int | 
         # ValueError, SyntaxError, EOFError, struct.error...): each means these bytes are no usable image
         raise InputError(f"the bytes are not an image PIL can read as {_FORMAT_NAMES} "
                          f"({type(e).__name__}: {str(e)[:200]})") from None
-    arr = np.asarray(img, dtype=np.float32)
-    return arr[None] if c == 1 else arr.transpose(2, 0, 1)
+    arr = np.asarray(img, dtype=np.float32)  # (H, W) or (H, W, 3)
+    if c == 1:
+        return arr[..., None] if channels_last else arr[None]
+    return arr if channels_last else arr.transpose(2, 0, 1)
 
 
-def image_to_batch(data: bytes, input_shape: tuple[int, ...], max_pixels: int | None = None):
+def image_to_batch(data: bytes, input_shape: tuple[int, ...], max_pixels: int | None = None,
+                   channels_last: bool = False):
     """``image_to_array`` as a batch of one, with (batch, prescaled) as ``json_to_batch`` gives them."""
-    return image_to_array(data, input_shape, max_pixels)[None], False
+    return image_to_array(data, input_shape, max_pixels, channels_last)[None], False
 
 
 # ---------------------------------------------------------------- decoder processes

@@ -30,19 +30,25 @@ class Prediction:
     probabilities: list[float]
 
 
-def read_input(path: str | Path, input_shape: tuple[int, ...]) -> np.ndarray:
-    """A PNG/JPEG image or a .npy array (one sample or a batch) -> (N, *input_shape) raw values."""
+def channels_last(spec) -> bool:
+    """Whether a model takes images channels last, (H, W, C) (a model imported from Keras)."""
+    return getattr(spec, "input_layout", "channels_first") == "channels_last" and len(spec.input_shape) == 3
+
+
+def read_input(path: str | Path, input_shape: tuple[int, ...], *, channels_last: bool = False) -> np.ndarray:
+    """A PNG/JPEG image or a .npy array (one sample or a batch) -> (N, *input_shape) raw values in the
+    model's layout (``channels_last``: (H, W, C))."""
     path = Path(path)
     if not path.is_file():
         raise InputError(f"{path}: no such file")
     if path.suffix.lower() in IMAGE_SUFFIXES:
-        return image_to_array(path.read_bytes(), input_shape)[None]
+        return image_to_array(path.read_bytes(), input_shape, channels_last=channels_last)[None]
     if path.suffix.lower() == ".npy":
         try:
             arr = np.load(path, allow_pickle=False)
         except (ValueError, OSError) as e:
             raise InputError(f"{path}: not a readable .npy array ({e})") from None
-        return as_batch(arr, input_shape, str(path))
+        return as_batch(arr, input_shape, str(path), channels_last=channels_last)
     raise InputError(f"{path}: expected an image ({', '.join(IMAGE_SUFFIXES)}) or a .npy array")
 
 
@@ -105,7 +111,7 @@ def predict_files(checkpoint: str | Path, paths, *, which: str | None = None, pr
     shape = tuple(ck.model.spec.input_shape)
     results = []
     for path in paths:
-        batch = read_input(path, shape)
+        batch = read_input(path, shape, channels_last=channels_last(ck.model.spec))
         for i, p in enumerate(predict(ck.model, batch, ck.preprocessing, ck.meta.get("classes"), prescaled=prescaled)):
             results.append({"input": str(path) + (f"[{i}]" if len(batch) > 1 else ""), "class": p.label,
                             "name": p.name, "probabilities": [round(q, 6) for q in p.probabilities],

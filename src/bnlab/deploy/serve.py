@@ -48,7 +48,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from bnlab import payload
 from bnlab.checkpoint import Checkpoint, load_checkpoint
-from bnlab.deploy.predict import InputError, LooksPrescaled, predict
+from bnlab.deploy.predict import InputError, LooksPrescaled, channels_last, predict
 from bnlab.payload import InputTooLarge, UnreadableInput
 
 MAX_BATCH = 1024
@@ -208,17 +208,24 @@ def _errors(*codes: int) -> dict:
     return {code: {"model": ErrorBody, "description": _WHY[code]} for code in codes}
 
 
-def _request_body_schema(shape: tuple[int, ...]) -> dict:
-    """The OpenAPI request body of /predict: nested arrays of exactly the model's input shape."""
-    sample: dict = {"type": "number"}
-    for n in reversed(shape):
-        sample = {"type": "array", "items": sample, "minItems": n, "maxItems": n}
-    forms = [sample, {"type": "array", "items": sample, "minItems": 1, "maxItems": MAX_BATCH}]
-    if len(shape) == 3 and shape[0] == 1:
-        forms.append(sample["items"])  # one (H, W) grey image
-    inputs = {"anyOf": forms, "description": f"one sample of shape {list(shape)} or a batch of at most "
-                                             f"{MAX_BATCH}; raw values as in the dataset (pixels 0..255)"}
-    instances = {"type": "array", "items": {"anyOf": forms[:1] + forms[2:]}, "minItems": 1, "maxItems": MAX_BATCH,
+def _request_body_schema(shape: tuple[int, ...], channels_last: bool = False, raw_pixels: bool = True) -> dict:
+    """The OpenAPI request body of /predict: nested arrays of one of the accepted sample shapes
+    (``payload.accepted_forms``: the model's layout, the other channel order, (H, W) grey), or a batch."""
+
+    def nested(dims) -> dict:
+        sample: dict = {"type": "number"}
+        for n in reversed(dims):
+            sample = {"type": "array", "items": sample, "minItems": n, "maxItems": n}
+        return sample
+
+    samples = [nested(f) for f, _ in payload.accepted_forms(shape, channels_last)]
+    forms = samples + [{"type": "array", "items": smp, "minItems": 1, "maxItems": MAX_BATCH} for smp in samples]
+    values = ("raw values as in the dataset (pixels 0..255)" if raw_pixels
+              else "values as the model takes them (it has no preprocessing)")
+    inputs = {"anyOf": forms, "description": f"one sample of shape {list(shape)} (or the same image in the other "
+                                             f"channel order) or a batch of at most {MAX_BATCH}; {values}"}
+    sample = {"anyOf": samples}
+    instances = {"type": "array", "items": sample, "minItems": 1, "maxItems": MAX_BATCH,
                  "description": "TF Serving's row format: a list of samples (answered with {\"predictions\": "
                                 "[[probabilities], ...]})"}
     prescaled = {"type": "boolean", "default": False}
@@ -274,6 +281,7 @@ def create_app(checkpoint: "str | Path | Checkpoint", *, which: str | None = Non
     if max_body_bytes < 1 or decoders < 1:
         raise ValueError(f"max_body_bytes and decoders must be at least 1 (got {max_body_bytes} and {decoders})")
     classes = ck.meta.get("classes")
+    last = channels_last(spec)  # a Keras model's (H, W, C) images
     used = {"kind": ck.kind, "epoch": ck.meta.get("epoch")}
     info = {"model": {**used, "path": str(ck.path), "description": ck.describe()}, "input_shape": list(shape),
             "num_classes": spec.num_classes, "classes": classes, "spec": ck.spec,
@@ -344,7 +352,7 @@ def create_app(checkpoint: "str | Path | Checkpoint", *, which: str | None = Non
             return await upload.read()
 
     @app.post("/predict", response_model=PredictAnswer | TFServingAnswer, responses=_errors(400, 413, 415, 422),
-              openapi_extra={"requestBody": _request_body_schema(shape)})
+              openapi_extra={"requestBody": _request_body_schema(shape, last, bool(ck.preprocessing))})
     async def predict_endpoint(request: Request):
         ctype = request.headers.get("content-type", "")
         media = ctype.split(";", 1)[0].strip().lower()
@@ -355,11 +363,11 @@ def create_app(checkpoint: "str | Path | Checkpoint", *, which: str | None = Non
             try:
                 if media == "application/json":
                     batch, prescaled, tf = await decoding.run(payload.json_to_batch, await request.body(), shape,
-                                                              MAX_BATCH)
+                                                              MAX_BATCH, last)
                 else:
                     tf = False
                     batch, prescaled = await decoding.run(payload.image_to_batch, await image_upload(request),
-                                                          shape, max_image_pixels)
+                                                          shape, max_image_pixels, last)
                 body = await anyio.to_thread.run_sync(answer, batch, prescaled, tf, limiter=inference)
             except InputError as e:
                 raise HTTPException(error_status(e), str(e)) from None
