@@ -200,3 +200,53 @@ def test_a_frozen_layer_counts_as_keras_counts_it(tmp_path):
     assert (s.total, s.trainable, s.non_trainable) == (model.count_params(), trainable,
                                                        model.count_params() - trainable)
     assert s.trainable == 3 * 6 + 3 + 2 * 6  # the last Dense and BN's gamma, beta
+
+
+def _save(keras, layers, path, shape=(6, 6, 1)):
+    model = keras.Sequential([keras.Input(shape)] + layers)
+    model.save(path)
+    return model
+
+
+def test_outputs_keras_would_not_give_are_refused(tmp_path):
+    keras = pytest.importorskip("keras")
+    L = keras.layers
+    _save(keras, [L.Flatten(), L.Dense(3, activation="sigmoid")], tmp_path / "sig.keras")
+    with pytest.raises(KerasFileError, match="output activation is 'sigmoid'"):
+        load_keras(tmp_path / "sig.keras")
+    _save(keras, [L.Flatten(), L.Dense(3, activation="softmax"), L.Activation("softmax")], tmp_path / "two.keras")
+    with pytest.raises(KerasFileError, match="applied twice"):
+        load_keras(tmp_path / "two.keras")
+
+
+def test_refused_layers_before_others_give_one_error_not_a_crash(tmp_path):
+    keras = pytest.importorskip("keras")
+    L = keras.layers
+    _save(keras, [L.Conv2D(2, 3, padding="same"), L.MaxPooling2D(2, padding="same"), L.Flatten(),
+                  L.Dense(4, activation="gelu"), L.Dense(3, activation="softmax")], tmp_path / "p.keras")
+    with pytest.raises(KerasFileError) as e:
+        load_keras(tmp_path / "p.keras")
+    assert e.value.args[0].startswith("2 unsupported layer(s)")  # the pool and, read on from its shape, gelu
+    assert "padding 'same'" in str(e.value) and "gelu" in str(e.value)
+    res = runner.invoke(app, ["summary", str(tmp_path / "p.keras")])
+    assert res.exit_code == 2 and "Traceback" not in res.output
+
+
+def test_damaged_weights_are_refused_naming_the_file(tmp_path):
+    import h5py
+
+    broken = tmp_path / "missing.h5"
+    shutil.copy(KERAS2 / "mlp.h5", broken)
+    with h5py.File(broken, "r+") as f:
+        group = f["model_weights"]["dense"]
+        del group[[n for n in group.attrs["weight_names"] if "kernel" in str(n)][0]]
+    with pytest.raises(CheckpointError, match="lists the weight .*kernel.* which the file does not hold"):
+        load_checkpoint(broken)
+    nan = tmp_path / "nan.h5"
+    shutil.copy(KERAS2 / "mlp.h5", nan)
+    with h5py.File(nan, "r+") as f:
+        group = f["model_weights"]["batch_normalization"]
+        name = [n for n in group.attrs["weight_names"] if "moving_variance" in str(n)][0]
+        group[name][0] = np.nan
+    res = runner.invoke(app, ["summary", str(nan)])
+    assert res.exit_code == 2 and "non-finite" in res.output

@@ -154,7 +154,7 @@ def save_checkpoint(directory: str | Path, model, *, preprocessing: dict | None 
 
     directory = Path(directory)
     state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
-    problems = _tensor_problems(state)
+    problems = tensor_problems(state)
     if problems:
         raise CheckpointError(f"refusing to save {directory}: " + "; ".join(problems))
     where = f"refusing to save {directory}"
@@ -322,7 +322,7 @@ def load_checkpoint(directory: str | Path, *, device: str | torch.device = "cpu"
         state = load_file(str(w_path), device="cpu")
     except (SafetensorError, OSError, ValueError, RuntimeError) as e:
         raise CheckpointError(f"{w_path}: cannot be read as safetensors ({e})") from e
-    problems = _state_mismatch(state, _expected_tensors(spec, str(directory / CONFIG))) or _tensor_problems(state)
+    problems = _state_mismatch(state, _expected_tensors(spec, str(directory / CONFIG))) or tensor_problems(state)
     if problems:
         raise CheckpointError(f"{w_path}: " + "; ".join(problems))
     model = build_model(spec)
@@ -475,7 +475,7 @@ def _state_mismatch(state: dict, expected: dict) -> list[str]:
     return problems[:4] + ([f"and {len(problems) - 4} more"] if len(problems) > 4 else [])
 
 
-def _tensor_problems(state: dict) -> list[str]:
+def tensor_problems(state: dict) -> list[str]:
     """Non-finite values (weights or running statistics) and negative running variances."""
     problems = []
     for k, t in state.items():

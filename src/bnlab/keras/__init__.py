@@ -23,8 +23,13 @@ def load_keras(path: str | Path, *, convention: str = "keras"):
     from bnlab.checkpoint import Checkpoint
     from bnlab.models import build_model
 
+    from bnlab.checkpoint import tensor_problems
+
     km = read_keras_file(path)
     spec, state = keras_to_spec(km, convention=convention)
+    problems = tensor_problems(state)  # the checks a bnlab checkpoint gets: finite, variances >= 0
+    if problems:
+        raise KerasFileError(f"{path}: " + "; ".join(problems))
     model = build_model(spec)
     model.load_state_dict(state)
     total, trainable, frozen = keras_counts(km)

@@ -52,10 +52,15 @@ class _Builder:
         self.torch_arrays: list[tuple[str, dict[str, np.ndarray]]] = []  # (layer type, torch-side arrays)
         self.problems: list[str] = []
         self.perm: np.ndarray | None = None  # torch flat feature index -> Keras flat feature index
+        self.softmax_seen = False
+        self.shape_unknown = False
         self.shape: tuple[int, ...] | None = None  # the current Keras-side shape (no batch axis)
 
-    def fail(self, layer, reason: str) -> None:
+    def fail(self, layer, reason: str, *, shape_unknown: bool = True) -> None:
+        """Record a refusal. Unless the layer keeps its input shape (``shape_unknown=False``: an
+        activation), the shapes after it are unknown and the later layers are not read."""
         self.problems.append(f"{layer.name} ({layer.class_name}): {reason}")
+        self.shape_unknown = self.shape_unknown or shape_unknown
 
     def per_feature(self, a: np.ndarray) -> np.ndarray:
         return a if self.perm is None else a[self.perm]
@@ -67,11 +72,18 @@ class _Builder:
 
     def activation(self, layer, name: str, last: bool, slope: float | None = None) -> None:
         if name == "softmax":
-            if not last:
-                self.fail(layer, "softmax inside the network (only as the final activation)")
+            if not last or self.softmax_seen:
+                self.fail(layer, "softmax inside the network or applied twice (only once, as the final activation)",
+                          shape_unknown=False)
+            self.softmax_seen = True
             return  # predict's softmax
+        if last and name != "linear":
+            self.fail(layer, f"the model's output activation is {name!r}: bnlab reads classifiers whose outputs are "
+                             "softmax probabilities or logits (predict applies the softmax)", shape_unknown=False)
+            return
         if name not in _ACTIVATIONS:
-            self.fail(layer, f"activation {name!r} (supported: {', '.join(sorted(_ACTIVATIONS))}, softmax last)")
+            self.fail(layer, f"activation {name!r} (supported: {', '.join(sorted(_ACTIVATIONS))}, softmax last)",
+                      shape_unknown=False)
             return
         if name == "linear":
             return
@@ -145,10 +157,10 @@ def _layer(b: _Builder, layers, i: int) -> None:
         axis = cfg.get("axis", -1)
         axis = axis[0] if isinstance(axis, list) and len(axis) == 1 else axis
         if not isinstance(axis, int) or axis not in (-1, len(shape)):
-            b.fail(layer, f"axis {cfg.get('axis')!r} (only the last axis, the channels)")
+            b.fail(layer, f"axis {cfg.get('axis')!r} (only the last axis, the channels)", shape_unknown=False)
             return
         if len(shape) == 2:
-            b.fail(layer, f"normalising the last axis of a {shape} input (only features or (H, W, C) maps)")
+            b.fail(layer, f"normalising the last axis of a {shape} input (only features or (H, W, C) maps)", shape_unknown=False)
             return
         wts = layer.weights
         arrays = {k: b.per_feature(wts[v]) for k, v in (("weight", "gamma"), ("bias", "beta"),
@@ -163,12 +175,12 @@ def _layer(b: _Builder, layers, i: int) -> None:
         b.activation(layer, "softmax", last)
     elif cls == "ReLU":
         if cfg.get("max_value") is not None or cfg.get("threshold", 0) or cfg.get("negative_slope", 0):
-            b.fail(layer, "ReLU with max_value / threshold / negative_slope (only the plain ReLU)")
+            b.fail(layer, "ReLU with max_value / threshold / negative_slope (only the plain ReLU)", shape_unknown=False)
             return
         b.activation(layer, "relu", last)
     elif cls == "ELU":
         if float(cfg.get("alpha", 1.0)) != 1.0:
-            b.fail(layer, f"ELU alpha {cfg.get('alpha')} (only 1.0)")
+            b.fail(layer, f"ELU alpha {cfg.get('alpha')} (only 1.0)", shape_unknown=False)
             return
         b.activation(layer, "elu", last)
     elif cls == "LeakyReLU":
@@ -210,11 +222,19 @@ def keras_to_spec(model: KerasModel, *, convention: str = "keras") -> tuple[dict
                              "only fixed-size inputs are supported")
     b = _Builder(model, convention)
     b.shape = tuple(model.input_shape)
-    for i in range(len(model.layers)):
+    for i, layer in enumerate(model.layers):
+        if b.shape_unknown:  # after a refused layer: go on only where the file says what comes in
+            known = layer.build_input_shape
+            if known is None or any(d is None for d in known):
+                b.problems.append("(the layers after it are not checked: the file does not record their shapes)")
+                break
+            b.shape, b.perm, b.shape_unknown = tuple(known), None, False
         try:
             _layer(b, model.layers, i)
         except KeyError as e:  # a weight or config entry the layer must have
-            b.fail(model.layers[i], f"missing {e} in the file")
+            b.fail(layer, f"missing {e} in the file")
+        except (ValueError, TypeError, IndexError) as e:
+            b.fail(layer, f"cannot be read ({type(e).__name__}: {e})")
     if b.problems:
         raise KerasFileError(f"{len(b.problems)} unsupported layer(s) in Keras model {model.name!r}:\n  "
                              + "\n  ".join(b.problems))

@@ -35,6 +35,7 @@ class KerasLayer:
     name: str
     config: dict
     weights: dict[str, np.ndarray] = field(default_factory=dict)  # kernel, bias, gamma, beta, moving_mean, ...
+    build_input_shape: tuple | None = None  # one sample's input shape, where the file records it (Keras 3)
 
 
 @dataclass
@@ -130,9 +131,14 @@ def _input_shape(layers: list[dict]) -> tuple[int, ...] | None:
     return None
 
 
+def _build_shape(layer: dict) -> tuple | None:
+    shape = (layer.get("build_config") or {}).get("input_shape")
+    return tuple(shape[1:]) if isinstance(shape, list) and len(shape) > 1 else None
+
+
 def _make_layers(raw: list[dict]) -> list[KerasLayer]:
     return [KerasLayer(layer.get("class_name", "?"), layer.get("config", {}).get("name") or layer.get("name", "?"),
-                       layer.get("config", {})) for layer in raw]
+                       layer.get("config", {}), build_input_shape=_build_shape(layer)) for layer in raw]
 
 
 def _read_h5(path: Path) -> KerasModel:
@@ -161,6 +167,9 @@ def _read_h5(path: Path) -> KerasModel:
             group = mw[lname]
             arrays = {}
             for wname in group.attrs.get("weight_names", []):
+                if _text(wname) not in group:
+                    raise KerasFileError(f"{path}: layer {lname!r} lists the weight {_text(wname)!r}, which the file "
+                                         "does not hold (a damaged or hand-edited file)")
                 arrays[_weight_key(wname)] = np.asarray(group[_text(wname)][()])
             if arrays and lname not in by_name:
                 raise KerasFileError(f"{path}: weights for layer {lname!r}, which the model config does not have")
@@ -233,8 +242,13 @@ def read_keras_file(path: str | Path) -> KerasModel:
         raise KerasFileError(f"{path}: {size:,} bytes, more than the {MAX_FILE_BYTES:,} a Keras file may have here")
     with open(path, "rb") as fh:
         head = fh.read(8)
-    if head.startswith(b"PK"):
-        return _read_keras_zip(path)
-    if head.startswith(b"\x89HDF\r\n\x1a\n"):
-        return _read_h5(path)
+    try:
+        if head.startswith(b"PK"):
+            return _read_keras_zip(path)
+        if head.startswith(b"\x89HDF\r\n\x1a\n"):
+            return _read_h5(path)
+    except KerasFileError:
+        raise
+    except (OSError, KeyError, ValueError, TypeError, zipfile.BadZipFile) as e:  # h5py / zip on a damaged file
+        raise KerasFileError(f"{path}: cannot be read as a Keras file ({type(e).__name__}: {e})") from None
     raise KerasFileError(f"{path}: neither a .keras archive (zip) nor an HDF5 .h5 file (first bytes {head!r})")
