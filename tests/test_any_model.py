@@ -113,7 +113,7 @@ class RegisteredOutOfOrder(nn.Module):
 def test_fold_follows_data_flow_not_registration_order():
     torch.manual_seed(0)
     model = _randomise_bn(RegisteredOutOfOrder())
-    folded, rep = fold(model)
+    folded, rep = fold(model, example_input=torch.randn(2, 5))
     assert rep.entries[0].folded_into == "b" and rep.entries[0].how == "output side"
     x = torch.randn(7, 5)
     with torch.no_grad():
@@ -136,7 +136,7 @@ class Untraceable(nn.Module):
 def test_untraceable_model_falls_back_to_sequential_order():
     torch.manual_seed(0)
     model = _randomise_bn(Untraceable())
-    folded, rep = fold(model)
+    folded, rep = fold(model, example_input=torch.randn(2, 4))
     entries = {e.bn: e for e in rep.entries}
     assert rep.method == "sequential"
     assert entries["body.1"].folded_into == "body.0"
@@ -154,7 +154,7 @@ def test_input_and_output_side_for_every_batch_norm_kind(bn_factory):
     torch.manual_seed(0)
     model = _randomise_bn(nn.Sequential(bn_factory(5), nn.Linear(5, 6), nn.ReLU(), nn.Linear(6, 3),
                                         nn.Dropout(0.5), bn_factory(3)))
-    folded, rep = fold(model)
+    folded, rep = fold(model, example_input=torch.randn(2, 5))
     assert [(e.folded_into, e.how) for e in rep.entries] == [("1", "input side"), ("3", "output side")]
     assert isinstance(folded, nn.Sequential) and _bn_count(folded) == 0
     x = torch.randn(9, 5)
@@ -284,6 +284,8 @@ class LinearOnSequence(nn.Module):
 def test_fold_with_an_example_input_refuses_a_bn_on_another_axis():
     torch.manual_seed(0)
     model = _randomise_bn(LinearOnSequence())
+    (blind,) = fold(model)[1].entries  # no example: the rank is unknown, so nothing is risked
+    assert blind.folded_into is None and "pass example_input" in blind.how
     x = torch.randn(3, 6, 6)
     folded, rep = fold(model, example_input=x)
     (entry,) = rep.entries

@@ -32,7 +32,7 @@ an ``nn.Sequential`` (bnlab's models, which ``describe`` turns back into a spec)
 from __future__ import annotations
 
 import copy
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import torch.fx
@@ -152,7 +152,8 @@ def _decide(bn: nn.Module, prev: _Side, nxt: _Side) -> tuple[str, _Side | None]:
         pad = conv.padding
         unpadded = pad == "valid" or (not isinstance(pad, str) and all(p == 0 for p in pad))
         if conv.padding_mode != "zeros" or not unpadded:
-            return (f"it feeds the zero-padded convolution {nxt.name}: folding would change the border "
+            return (f"it feeds the padded convolution {nxt.name} ({conv.padding_mode} padding): folding would "
+                    "change the border "
                     "outputs"), None
         return "input side of an unpadded conv", nxt
     reasons = [f"{side.name} {side.shared}" for side in (prev, nxt) if side.shared]
@@ -161,8 +162,13 @@ def _decide(bn: nn.Module, prev: _Side, nxt: _Side) -> tuple[str, _Side | None]:
     reasons = [f"{side.name} {side.why_not}" for side in (prev, nxt) if side.why_not]
     if reasons:
         return "; ".join(reasons), None
-    return (f"no Linear/Conv directly before it ({prev.name}: {type(prev.module).__name__}) or after it "
-            f"({nxt.name}: {type(nxt.module).__name__})"), None
+    return f"no Linear/Conv directly before it ({_what(prev)}) or after it ({_what(nxt)})", None
+
+
+def _what(side: _Side) -> str:
+    if side.module is not None:
+        return f"{side.name}: {type(side.module).__name__}"
+    return "the model's input or output, or several" if side.name is None else f"{side.name}, not a layer"
 
 
 def _out_channels(m: nn.Module) -> int:
@@ -261,28 +267,33 @@ def _graph_side(gm: torch.fx.GraphModule, node: torch.fx.Node, upstream: bool, c
         return _Side(nbr.target, mod, side_shared), nbr
 
 
-def _fold_graph(gm: torch.fx.GraphModule) -> list[FoldEntry]:
+def _fold_graph(gm: torch.fx.GraphModule, ranks: dict[int, int] | None) -> list[FoldEntry]:
     entries = []
     shared_ids = _call_counts(gm)
     calls: dict[str, int] = {}  # call sites of each module in the graph
     for n in gm.graph.nodes:
         if n.op == "call_module":
             calls[n.target] = calls.get(n.target, 0) + 1
+    reported: set[str] = set()
     for node in list(gm.graph.nodes):
         if node.op != "call_module":
             continue
         m = gm.get_submodule(node.target)
         if isinstance(m, _PER_SAMPLE_NORMS):
-            entries.append(_per_sample_entry(node.target, m))
+            if node.target not in reported:
+                entries.append(_per_sample_entry(node.target, m))
+                reported.add(node.target)
             continue
         if not isinstance(m, _BATCH_NORMS):
             continue
         if calls[node.target] > 1 or shared_ids.get(id(m), 1) > 1:
-            entries.append(FoldEntry(node.target, None, "the BN itself is called more than once"))
+            if node.target not in reported:  # one entry per BN, however often it is called
+                entries.append(FoldEntry(node.target, None, "the BN itself is called more than once"))
+                reported.add(node.target)
             continue
         prev, _ = _graph_side(gm, node, True, calls, shared_ids)
         nxt, _ = _graph_side(gm, node, False, calls, shared_ids)
-        prev, nxt = _check_linear_axes(node, m, prev), _check_linear_axes(node, m, nxt)
+        prev, nxt = _check_linear_axes(m, prev, ranks), _check_linear_axes(m, nxt, ranks)
         entry = _apply(node.target, m, prev, nxt)
         entries.append(entry)
         if entry.folded_into is not None:
@@ -294,32 +305,42 @@ def _fold_graph(gm: torch.fx.GraphModule) -> list[FoldEntry]:
     return entries
 
 
-def _check_linear_axes(bn_node: torch.fx.Node, bn: nn.Module, side: _Side) -> _Side:
-    """A Linear acts on the LAST axis; a BN normalises its channel axis. With the traced shapes known
-    (``fold(example_input=...)`` or a bnlab model's spec), a Linear next to a BN whose channel axis is
-    not the last one of a >2-D input is refused (it would be scaled along the wrong axis)."""
-    meta = bn_node.args[0].meta.get("tensor_meta") if bn_node.args else None
-    if not isinstance(side.module, nn.Linear) or meta is None:
+def _check_linear_axes(bn: nn.Module, side: _Side, ranks: dict[int, int] | None) -> _Side:
+    """A Linear acts on the LAST axis of its input; a BN normalises its channel axis (1, or bnlab's
+    ``axis``). They meet on the same axis only when that axis is the last one of the BN's input: with
+    the ranks seen on an example input that is checked; without them a Linear neighbour is refused
+    (a BatchNorm1d over (N, C, L) after a Linear of equal size would otherwise be folded along the
+    wrong axis, silently)."""
+    if not isinstance(side.module, nn.Linear) or side.shared or side.why_not:
         return side
-    ndim = len(meta.shape)
-    axis = getattr(bn, "axis", 1) % ndim
-    if axis != ndim - 1:
-        return _Side(side.name, side.module, side.shared,
-                     f"acts on the last axis of the {ndim}-D input, the BN on axis {axis}")
+    if getattr(bn, "axis", 1) == -1:
+        return side
+    rank = None if ranks is None else ranks.get(id(bn))
+    if rank is None:
+        return replace(side, why_not="is a Linear, and without an example input the rank of the BN's input is "
+                                     "unknown (pass example_input to fold(); bnlab models use their spec)")
+    if rank != 2:
+        return replace(side, why_not=f"acts on the last axis of the {rank}-D input, the BN on axis 1")
     return side
 
 
-def _propagate_shapes(gm: torch.fx.GraphModule, example_input: torch.Tensor | None) -> None:
-    if example_input is None:
-        return
-    from torch.fx.passes.shape_prop import ShapeProp
-
+def _bn_ranks(model: nn.Module, example: torch.Tensor | None) -> dict[int, int] | None:
+    """The rank of each batch norm's input in one eval forward of ``example`` (None without one)."""
+    if example is None:
+        return None
+    ranks: dict[int, int] = {}
+    hooks = [m.register_forward_pre_hook(lambda mod, inp: ranks.__setitem__(id(mod), inp[0].dim()))
+             for m in model.modules() if isinstance(m, _BATCH_NORMS)]
     try:
         with torch.no_grad():
-            ShapeProp(gm).propagate(example_input)
+            model(example)
     except Exception as e:  # noqa: BLE001 - the user's input does not fit the model: say so
         raise ValueError(f"fold(): the model cannot run on example_input of shape "
-                         f"{tuple(example_input.shape)} ({type(e).__name__}: {e})") from None
+                         f"{tuple(example.shape)} ({type(e).__name__}: {e})") from None
+    finally:
+        for h in hooks:
+            h.remove()
+    return ranks
 
 
 def _example(model: nn.Module, example_input) -> torch.Tensor | None:
@@ -356,7 +377,8 @@ def _neighbour(children, i: int, step: int):
     return children[j] if 0 <= j < len(children) else (None, None)
 
 
-def _fold_sequential(seq: nn.Sequential, prefix: str, shared_ids: dict[int, int]) -> tuple[nn.Sequential, list[FoldEntry]]:
+def _fold_sequential(seq: nn.Sequential, prefix: str, shared_ids: dict[int, int],
+                     ranks: dict[int, int] | None) -> tuple[nn.Sequential, list[FoldEntry]]:
     children = list(seq.named_children())
     entries, drop = [], set()
     for i, (name, m) in enumerate(children):
@@ -372,7 +394,7 @@ def _fold_sequential(seq: nn.Sequential, prefix: str, shared_ids: dict[int, int]
             shared = ("is called more than once" if mod is not None and shared_ids.get(id(mod), 1) > 1
                       else "was already folded away" if n in drop else None)
             sides.append(_Side(None if n is None else prefix + n, mod, shared))
-        entry = _apply(full, m, *sides)
+        entry = _apply(full, m, *(_check_linear_axes(m, side, ranks) for side in sides))
         entries.append(entry)
         if entry.folded_into is not None:
             drop.add(name)
@@ -383,16 +405,16 @@ def _fold_sequential(seq: nn.Sequential, prefix: str, shared_ids: dict[int, int]
     return kept, entries
 
 
-def _fold_by_order(model: nn.Module) -> tuple[nn.Module, list[FoldEntry]]:
+def _fold_by_order(model: nn.Module, ranks: dict[int, int] | None) -> tuple[nn.Module, list[FoldEntry]]:
     shared_ids = _call_counts(model)
     entries = []
     if isinstance(model, nn.Sequential):
-        folded, entries = _fold_sequential(model, "", shared_ids)
+        folded, entries = _fold_sequential(model, "", shared_ids, ranks)
         return folded, entries
     # deepest containers first, so a folded inner Sequential is what its parent holds
     for name, m in sorted(model.named_modules(), key=lambda nm: -nm[0].count(".")):
         if isinstance(m, nn.Sequential) and name:
-            folded, more = _fold_sequential(m, name + ".", shared_ids)
+            folded, more = _fold_sequential(m, name + ".", shared_ids, ranks)
             _set_submodule(model, name, folded)
             entries += more
     seen = {e.bn for e in entries}
@@ -408,10 +430,10 @@ def _fold_by_order(model: nn.Module) -> tuple[nn.Module, list[FoldEntry]]:
 def fold(model: nn.Module, example_input: torch.Tensor | None = None) -> tuple[nn.Module, FoldReport]:
     """A new model with every foldable BN folded away, and the report of what happened.
 
-    ``example_input`` (a batch the model takes; default: zeros of a bnlab model's spec shape) lets the
-    traced shapes be checked: a Linear next to a BN that normalises another axis than the Linear's
-    features (a BatchNorm1d over (N, C, L) after a Linear on the last axis) is then refused. Without
-    one, a Linear next to a BN is folded along the BN's channels when their sizes agree."""
+    ``example_input``: a batch the model takes (default: zeros of a bnlab model's spec shape). It tells
+    the rank of each BN's input, which decides whether a BN next to a Linear normalises the Linear's
+    features: (N, C) yes; a BatchNorm1d over (N, C, L) after a Linear on the last axis no. Without it,
+    BNs next to Linear layers stay (the report says to pass one); conv neighbours need none."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"fold() takes a torch nn.Module (got {type(model).__name__})")
     if any(m.training for m in model.modules() if isinstance(m, (*_BATCH_NORMS, *_PER_SAMPLE_NORMS))) or model.training:
@@ -419,13 +441,13 @@ def fold(model: nn.Module, example_input: torch.Tensor | None = None) -> tuple[n
                          "running statistics; in training mode BN normalises with batch statistics instead)")
     new = copy.deepcopy(model)
     entries = _materialise_weight_norms(new) if not isinstance(new, WeightNorm) else []
+    ranks = _bn_ranks(new, _example(model, example_input))
     gm = _trace(new)
     if gm is None:
-        folded, more = _fold_by_order(new)
+        folded, more = _fold_by_order(new, ranks)
         method = "sequential"
     else:
-        _propagate_shapes(gm, _example(model, example_input))
-        more = _fold_graph(gm)
+        more = _fold_graph(gm, ranks)
         folded = (_as_sequential(gm, new) if isinstance(new, nn.Sequential) else None) or gm
         method = "graph"
     folded.eval()
