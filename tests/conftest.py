@@ -4,6 +4,8 @@ from pathlib import Path
 
 import pytest
 
+# Keras 3 (a test dependency: it writes real Keras files) runs on torch here, never TensorFlow
+os.environ.setdefault("KERAS_BACKEND", "torch")
 # the example networks (examples/resnet.py: a ResNet-18-shaped torch model) are imported by tests too
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "examples"))
 

@@ -180,3 +180,14 @@ def test_tensorboard_after_a_resume_shows_each_step_once(digits, tmp_path):
     loss = _events(tb).Scalars("step/loss")
     assert [e.step for e in loss] == list(range(1, h.epochs[-1].steps + 1))  # no step twice
     assert np.allclose([e.value for e in loss], h.step_loss, rtol=1e-6)
+
+
+def test_tensorboard_of_a_run_started_again_from_zero_replaces_the_old_events(digits, tmp_path):
+    from bnlab.train.tensorboard import TensorBoard
+
+    for _ in range(2):  # the same folder twice, as bnlab train --restart (or a rerun) does
+        h = fit(build_model(SPEC, seed=0), digits, epochs=1, batch_size=64, progress=False,
+                callbacks=[TensorBoard(tmp_path / "tb")])
+    acc = _events(tmp_path / "tb")
+    assert [e.step for e in acc.Scalars("step/loss")] == list(range(1, h.epochs[-1].steps + 1))
+    assert [e.step for e in acc.Scalars("epoch/val_accuracy")] == [1]

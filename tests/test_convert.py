@@ -71,8 +71,27 @@ def test_convert_errors_name_each_layer_and_the_target():
         bnlab.convert(model, "weight")
     with pytest.raises(ValueError, match="no normalization layer"):
         bnlab.convert(nn.Linear(3, 3), "batch")
-    with pytest.raises(ValueError, match="instance norm needs spatial axes"):
-        bnlab.convert(nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4)), "instance")
+    dense = bnlab.convert(nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4)), "instance")
+    with pytest.raises(ValueError, match="instance norm needs spatial axes"):  # (N, C): no axis to normalise
+        dense(torch.randn(2, 3))
+
+
+def test_converted_batchnorm1d_is_right_for_both_of_its_ranks():
+    """BatchNorm1d takes (N, C) and (N, C, L); "layer" must normalise each sample over its features
+    (and positions) with a per-channel affine in both, as GroupNorm(1, C) does, never over L alone."""
+    torch.manual_seed(0)
+    new = bnlab.convert(nn.BatchNorm1d(6), "layer")
+    oracle = nn.GroupNorm(1, 6)
+    with torch.no_grad():
+        new.weight.normal_()
+        new.bias.normal_()
+        oracle.weight.copy_(new.weight)
+        oracle.bias.copy_(new.bias)
+    for x in (torch.randn(4, 6), torch.randn(4, 6, 5)):
+        assert torch.allclose(new(x), oracle(x), atol=1e-5)
+    inst = bnlab.convert(nn.BatchNorm1d(6), "instance")
+    x = torch.randn(3, 6, 7)
+    assert torch.allclose(inst(x), nn.InstanceNorm1d(6, affine=True)(x), atol=1e-5)
 
 
 @pytest.mark.parametrize("target", ["renorm", "ghost:16"])

@@ -184,8 +184,25 @@ def test_tf_serving_instances_get_tf_serving_predictions(client, digits_checkpoi
 def test_server_warns_about_already_scaled_inputs(client):
     x = np.random.default_rng(2).uniform(0, 1, (8, 8))
     body = client.post("/predict", json={"inputs": x.tolist()}).json()
-    assert "--prescaled" in body["warnings"][0] or "prescaled" in body["warnings"][0]
+    assert "prescaled" in body["warnings"][0]
     assert "warnings" not in client.post("/predict", json={"inputs": x.tolist(), "prescaled": True}).json()
+    tf = client.post("/predict", json={"instances": [x.tolist()]}).json()  # TF Serving's format warns too
+    assert "prescaled" in tf["warnings"][0] and len(tf["predictions"]) == 1
+    r = client.post("/predict", json={"instances": [x.tolist()], "signature_name": "other"})
+    assert r.status_code == 422 and "serving_default" in r.json()["detail"]
+
+
+def test_recalibrate_a_keras_image_model_on_a_channels_first_dataset(tmp_path):
+    """The dataset comes (N, 1, 8, 8); a Keras model takes (N, 8, 8, 1): the data are moved to it."""
+    keras = pytest.importorskip("keras")
+    L = keras.layers
+    model = keras.Sequential([keras.Input((8, 8, 1)), L.Conv2D(3, 3), L.BatchNormalization(), L.Activation("relu"),
+                              L.Flatten(), L.Dense(10, activation="softmax")])
+    model.save(tmp_path / "k.keras")
+    res = runner.invoke(app, ["recalibrate", str(tmp_path / "k.keras"), "--dataset", "digits",
+                              "--out", str(tmp_path / "r"), "--mode", "inference"])
+    assert res.exit_code == 0, res.output
+    assert load_checkpoint(tmp_path / "r").model.spec.input_layout == "channels_last"
 
 
 def test_docs_page_works_offline(client):

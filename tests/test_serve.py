@@ -144,7 +144,7 @@ HOSTILE = [
     ("unknown-key", "POST", "/predict", _json({"inputs": [1], "extra": [1]}), 422, 'unexpected key(s) "extra"'),
     ("both-formats", "POST", "/predict", _json({"inputs": [1], "instances": [1]}), 422, 'unexpected key(s) "inputs"'),
     ("tf-bad-signature", "POST", "/predict", _json({"instances": [[1]], "signature_name": 3}), 422,
-     "signature_name must be a string"),
+     "this server has one signature"),
     ("very-long-key", "POST", "/predict", _json({"k" * 100_000: 1}), 422, '"kkkkkkkkkk'),
     ("duplicate-keys", "POST", "/predict", _raw('{"inputs": [1], "inputs": [2]}'), 422, 'duplicate key(s) "inputs"'),
     ("prescaled-not-bool", "POST", "/predict", _json({"inputs": DIGIT.tolist(), "prescaled": "yes"}), 422,

@@ -51,10 +51,10 @@ def channels(m: nn.Module) -> int:
 
 
 def _dense(m: nn.Module) -> bool:
-    """Whether the layer sees (N, C) features rather than (N, C, ...) maps (picks LayerNorm vs GroupNorm(1))."""
-    if isinstance(m, (nn.BatchNorm1d, nn.LayerNorm, LayerNorm)):
-        return len(getattr(m, "normalized_shape", (0,))) == 1
-    return False
+    """Whether the layer normalises the LAST axis of (..., C) features (a LayerNorm over C), which a new
+    LayerNorm keeps; every other layer works on axis 1 of (N, C) or (N, C, ...), where GroupNorm(1, C)
+    (bnlab's "layer" for maps) is right for both ranks, so a BatchNorm1d over (N, C, L) stays correct."""
+    return isinstance(m, (nn.LayerNorm, LayerNorm)) and len(m.normalized_shape) == 1
 
 
 def _is_batch_stat(m: nn.Module) -> bool:

@@ -64,6 +64,8 @@ def accepted_forms(shape: tuple[int, ...], channels_last: bool):
     the model's own, then the same image in the other channel order (Keras holds images channels last,
     torch channels first), and a one-channel image without its channel axis."""
     forms = [(shape, lambda a: a)]
+    if len(shape) == 2:  # a model taking (H, W) grey images (Keras): also (1, H, W)
+        forms.append(((1, *shape), lambda a: a[:, 0]))
     if len(shape) == 3:
         if channels_last:  # a model imported from Keras: (H, W, C)
             h, w, c = shape
@@ -178,6 +180,9 @@ def _quote(text: str, limit: int = 40) -> str:
     return json.dumps(text if len(text) <= limit else text[:limit] + "...")
 
 
+SERVING_SIGNATURE = "serving_default"  # TF Serving's default signature name, the only one served
+
+
 class Decoded(NamedTuple):
     batch: np.ndarray  # (N, *input_shape) float32
     prescaled: bool
@@ -222,8 +227,10 @@ def json_to_batch(raw: bytes, input_shape: tuple[int, ...], max_batch: int, chan
     prescaled = body.get("prescaled", False)
     if not isinstance(prescaled, bool):
         raise InputError(f"prescaled must be true or false (got {json.dumps(prescaled)[:40]})")
-    if tf and not isinstance(body.get("signature_name", ""), str):
-        raise InputError("signature_name must be a string")
+    signature = body.get("signature_name", SERVING_SIGNATURE)
+    if tf and signature != SERVING_SIGNATURE:
+        raise InputError(f"signature_name: this server has one signature, {json.dumps(SERVING_SIGNATURE)} "
+                         f"(got {json.dumps(signature)[:60]})")
     key = "instances" if tf else "inputs"
     batch = as_batch(_nested_numbers(body[key], key), shape, key, channels_last=channels_last)
     if len(batch) > max_batch:

@@ -59,6 +59,7 @@ def recalibrate(
     from bnlab.checkpoint import CheckpointError, save_checkpoint
     from bnlab.data import ChecksumError, CorruptFileError, DatasetUnavailable
     from bnlab.deploy import recalibrate as recal
+    from bnlab.deploy.predict import in_model_layout
     from bnlab.train import evaluate
 
     modes = {"train": ["train"], "inference": ["inference"], "both": ["train", "inference"]}
@@ -72,7 +73,7 @@ def recalibrate(
         batch_size = int((ck.meta.get("train") or {}).get("batch_size") or 32)
     new = {}
     try:
-        data = _checkpoint_data(ck, dataset, data_dir)
+        data = in_model_layout(_checkpoint_data(ck, dataset, data_dir), ck.model.spec)  # Keras: (N, H, W, C)
         for m in modes[mode]:
             new[m] = recal(ck.model, data.x_train, batch_size=batch_size, mode=m, seed=seed)
     except (DatasetUnavailable, ChecksumError, CorruptFileError, ValueError, FloatingPointError, OSError,

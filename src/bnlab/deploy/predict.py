@@ -35,6 +35,19 @@ def channels_last(spec) -> bool:
     return getattr(spec, "input_layout", "channels_first") == "channels_last" and len(spec.input_shape) == 3
 
 
+def in_model_layout(data, spec):
+    """A Dataset whose images are moved to the model's layout (a Keras model's (H, W, C) or (H, W)),
+    the same Dataset when they already fit."""
+    import dataclasses
+
+    shape = tuple(spec.input_shape)
+    if tuple(data.x_train.shape[1:]) == shape:
+        return data
+    last = channels_last(spec)
+    move = lambda x: torch.from_numpy(as_batch(x.cpu().numpy(), shape, data.name, channels_last=last)).to(x.device)  # noqa: E731
+    return dataclasses.replace(data, x_train=move(data.x_train), x_val=move(data.x_val), x_test=move(data.x_test))
+
+
 def read_input(path: str | Path, input_shape: tuple[int, ...], *, channels_last: bool = False) -> np.ndarray:
     """A PNG/JPEG image or a .npy array (one sample or a batch) -> (N, *input_shape) raw values in the
     model's layout (``channels_last``: (H, W, C))."""
@@ -86,7 +99,11 @@ def predict(model: nn.Module, batch: np.ndarray, preprocessing: dict, classes=No
         warnings.warn(why, LooksPrescaled, stacklevel=2)
     x = batch if prescaled or not preprocessing else apply_scaling(batch, preprocessing)
     p = next(model.parameters())
-    logits = model(torch.as_tensor(np.ascontiguousarray(x), dtype=p.dtype, device=p.device))
+    try:
+        logits = model(torch.as_tensor(np.ascontiguousarray(x), dtype=p.dtype, device=p.device))
+    except (RuntimeError, ValueError) as e:  # an input the model cannot take is the input's fault: a 4xx
+        raise InputError(f"the model cannot run on inputs of shape {tuple(np.shape(x))} "
+                         f"({type(e).__name__}: {str(e).splitlines()[0][:200]})") from None
     bad = (~torch.isfinite(logits).all(1)).nonzero().flatten().tolist()
     if bad:
         raise InputError(f"the model's output is not finite for sample(s) {', '.join(map(str, bad[:10]))}"

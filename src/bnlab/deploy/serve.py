@@ -189,6 +189,7 @@ class PredictAnswer(BaseModel):
 
 class TFServingAnswer(BaseModel):
     predictions: list[list[float]] = Field(description='the class probabilities of each of the "instances"')
+    warnings: list[str] | None = Field(None, description="e.g. inputs in [0, 1] sent without prescaled: true")
 
 
 class Health(BaseModel):
@@ -330,11 +331,12 @@ def create_app(checkpoint: "str | Path | Checkpoint", *, which: str | None = Non
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always", LooksPrescaled)
             preds = predict(model, batch, ck.preprocessing, classes, prescaled=prescaled)
+        notes = [str(w.message) for w in caught if issubclass(w.category, LooksPrescaled)]
         if tf_serving:  # TF Serving's answer: the model's output per instance, here the probabilities
-            return json.dumps({"predictions": [p.probabilities for p in preds]}).encode()
+            return json.dumps({"predictions": [p.probabilities for p in preds],
+                               **({"warnings": notes} if notes else {})}).encode()
         body = {"model": used, "predictions": [
             {"class": p.label, "name": p.name, "probabilities": p.probabilities} for p in preds]}
-        notes = [str(w.message) for w in caught if issubclass(w.category, LooksPrescaled)]
         if notes:
             body["warnings"] = notes
         return json.dumps(body).encode()

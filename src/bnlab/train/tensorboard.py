@@ -7,8 +7,8 @@ Written with ``torch.utils.tensorboard`` (the ``tensorboard`` package: ``pip ins
   at each sampled step (with probes on; in the distributions tab this is Ioffe & Szegedy's Figure 1:
   the percentiles of a layer's input over training);
 * histograms ``bn/<layer>/running_mean`` and ``running_var`` of every batch-statistics norm at each epoch.
-A resumed run drops the events after the step it continues from (``purge_step``), so nothing is
-shown twice.
+A resumed run drops the events after the step it continues from, and a run starting from zero in a
+folder with events (``--restart``, a rerun) drops the earlier ones (``purge_step``): no step is shown twice.
 """
 
 from __future__ import annotations
@@ -31,8 +31,10 @@ class TensorBoard(Callback):
         except ImportError:
             raise ImportError("the TensorBoard callback needs the tensorboard package: "
                               "pip install 'bnlab[tensorboard]'") from None
+        # events from step done + 1 on are dropped from what the folder holds: a resumed run's lost steps,
+        # or, for a run starting from zero (a restart, a rerun), everything of the earlier attempt
         done = ctx.history.epochs[-1].steps if ctx.history.epochs else 0
-        self.writer = SummaryWriter(str(self.log_dir), purge_step=done + 1 if done else None)
+        self.writer = SummaryWriter(str(self.log_dir), purge_step=done + 1)
 
     def on_step_end(self, ctx, step, loss, correct, x, y):
         if step % self.step_every == 0:
