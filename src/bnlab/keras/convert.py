@@ -49,7 +49,7 @@ class _Builder:
         self.model = model
         self.convention = convention
         self.layers: list[dict] = []
-        self.torch_arrays: list[tuple[str, dict[str, np.ndarray]]] = []  # (layer type, torch-side arrays)
+        self.torch_arrays: list[tuple[str, dict[str, np.ndarray]]] = []  # (Keras layer name, torch-side arrays)
         self.problems: list[str] = []
         self.perm: np.ndarray | None = None  # torch flat feature index -> Keras flat feature index
         self.softmax_seen = False
@@ -65,10 +65,10 @@ class _Builder:
     def per_feature(self, a: np.ndarray) -> np.ndarray:
         return a if self.perm is None else a[self.perm]
 
-    def add(self, ldef: dict, arrays: dict[str, np.ndarray] | None = None) -> None:
+    def add(self, ldef: dict, arrays: dict[str, np.ndarray] | None = None, source: str = "") -> None:
         self.layers.append(ldef)
         if arrays is not None:
-            self.torch_arrays.append((ldef["type"], arrays))
+            self.torch_arrays.append((source, arrays))
 
     def activation(self, layer, name: str, last: bool, slope: float | None = None) -> None:
         if name == "softmax":
@@ -130,7 +130,8 @@ def _layer(b: _Builder, layers, i: int) -> None:
         arrays = {"weight": kernel.T.copy()}
         if cfg.get("use_bias", True):
             arrays["bias"] = layer.weights["bias"]
-        b.add({"type": "dense", "units": int(cfg["units"]), "use_bias": bool(cfg.get("use_bias", True))}, arrays)
+        b.add({"type": "dense", "units": int(cfg["units"]), "use_bias": bool(cfg.get("use_bias", True))}, arrays,
+              layer.name)
         b.perm, b.shape = None, (int(cfg["units"]),)
         b.activation(layer, _activation_name(cfg.get("activation")), last)
     elif cls == "Conv2D":
@@ -148,7 +149,8 @@ def _layer(b: _Builder, layers, i: int) -> None:
         if cfg.get("use_bias", True):
             arrays["bias"] = layer.weights["bias"]
         b.add({"type": "conv2d", "filters": int(cfg["filters"]), "kernel_size": k, "strides": s,
-               "padding": cfg.get("padding", "valid"), "use_bias": bool(cfg.get("use_bias", True))}, arrays)
+               "padding": cfg.get("padding", "valid"), "use_bias": bool(cfg.get("use_bias", True))}, arrays,
+              layer.name)
         h, w, _ = shape
         pad = cfg.get("padding", "valid")
         b.shape = (keras_padding(h, k, s, pad)[2], keras_padding(w, k, s, pad)[2], int(cfg["filters"]))
@@ -168,7 +170,8 @@ def _layer(b: _Builder, layers, i: int) -> None:
         m = float(cfg.get("momentum", 0.99))
         b.add({"type": "batchnorm", "eps": float(cfg.get("epsilon", 1e-3)),
                "momentum": (1.0 - m) if b.convention == "torch" else m,
-               "center": bool(cfg.get("center", True)), "scale": bool(cfg.get("scale", True))}, arrays)
+               "center": bool(cfg.get("center", True)), "scale": bool(cfg.get("scale", True))}, arrays,
+              layer.name)
     elif cls == "Activation":
         b.activation(layer, _activation_name(cfg.get("activation")), last)
     elif cls == "Softmax":
@@ -256,12 +259,12 @@ def _state_dict(spec: dict, arrays: list[tuple[str, dict[str, np.ndarray]]]) -> 
     if len(owners) != len(arrays):
         raise KerasFileError(f"internal: {len(owners)} weight layers built, {len(arrays)} read")  # pragma: no cover
     state = {k: v.clone() for k, v in model.state_dict().items()}
-    for (name, module), (_, found) in zip(owners, arrays):
+    for (name, module), (source, found) in zip(owners, arrays):
         for key, value in found.items():
             target = state[f"{name}.{key}"]
             if tuple(value.shape) != tuple(target.shape):
-                raise KerasFileError(f"layer {name}: {key} has shape {tuple(value.shape)} in the file, "
-                                     f"the model needs {tuple(target.shape)}")
+                raise KerasFileError(f"Keras layer {source!r}: {key} has shape {tuple(value.shape)} in the file, "
+                                     f"the layer's config needs {tuple(target.shape)}")
             state[f"{name}.{key}"] = torch.from_numpy(np.ascontiguousarray(value)).to(target.dtype)
     return state
 
