@@ -29,6 +29,9 @@ def train(
     max_steps: int = typer.Option(None, "--max-steps"),
     engine: str = typer.Option("auto", help="auto | native (C++ MLP step) | fused (Python MLP step) | autograd."),
     device: str = typer.Option("auto", help="auto | cpu | cuda."),
+    precision: str = typer.Option("fp32", help="fp32 (exact, default) | bf16-mixed (bfloat16 matrix products "
+                                  "and convolutions; statistics, weights and optimizer state float32) | "
+                                  "fp16-mixed (CUDA only, loss scaling)."),
     out: Path = typer.Option(None, help="Folder for run.json, history.json, checkpoint/ (the best-validation "
                              "model) and checkpoint-final/ (the final model); an interrupted run continues "
                              "from its last completed epoch when the same command is run again."),
@@ -52,6 +55,7 @@ def train(
     from bnlab.models import load_model_spec
     from bnlab.train.config import TrainConfig, recipe_for
     from bnlab.train.engine import resolve_device
+    from bnlab.train.precision import check_precision
     from bnlab.signals import StopSignals, exit_code
     from bnlab.train.resume import RunInterrupted, SettingsChanged, discard_state
     from bnlab.train.single import train_run
@@ -59,7 +63,7 @@ def train(
     given = {"dataset": dataset, "data_dir": data_dir, "epochs": epochs, "batch_size": batch_size, "lr": lr,
              "optimizer": optimizer, "momentum": momentum, "nesterov": nesterov, "seed": seed,
              "target_accuracy": target, "patience": patience, "max_steps": max_steps, "engine": engine,
-             "device": device}
+             "device": device, "precision": precision}
     if validation is not None:
         given["validation"] = int(validation) if float(validation).is_integer() and validation >= 1 else validation
     check_out_folder(out, "--out", "the run")
@@ -72,7 +76,7 @@ def train(
             settings.pop("validation", None)  # the recipe's split fits its own dataset only
         settings.update({k: v for k, v in given.items() if v is not None})
         config = TrainConfig(**settings)
-        resolve_device(config.device)  # a GPU that is not there is refused before anything is written
+        check_precision(config.precision, resolve_device(config.device))  # refused before anything is written
         with stop:  # SIGTERM (kill, timeout, docker) stops the run as Ctrl-C does
             result = train_run(spec, config, out=out, restart=restart, tensorboard=tensorboard)
     except RunInterrupted as e:
@@ -97,7 +101,7 @@ def train(
     for note in result.notes:
         say(f"note: {note}")
     h = result.history
-    table = Table(title=escape(f"{model} on {config.dataset} ({h.engine} engine)"), title_justify="left")
+    table = Table(title=escape(f"{model} on {config.dataset} ({h.engine} engine, {h.precision})"), title_justify="left")
     for col in ("epoch", "loss", "acc", "val_loss", "val_acc", "seconds"):
         table.add_column(col, justify="right")
     for e in h.epochs:

@@ -33,7 +33,7 @@ from bnlab.experiments.results import COMPARABLE_FIELDS, DEFAULT_PRIMARY, FIELDS
 from bnlab.models import load_model_spec, parse_model_spec
 from bnlab.models.spec import spec_to_dict
 from bnlab.textfile import TextFileError, read_text_file
-from bnlab.train.config import TrainConfig
+from bnlab.train.config import TrainConfig, later_defaults
 
 
 class SpecError(ValueError):
@@ -244,7 +244,8 @@ def expand(spec: ExperimentSpec) -> list[RunPlan]:
             except ValidationError as e:
                 problems.append(format_errors(e, f"variants.{vname}.train."))
                 break
-            plans.append(RunPlan(f"{vname}/seed-{seed}", vname, seed, spec_to_dict(mspec), cfg.model_dump()))
+            plans.append(RunPlan(f"{vname}/seed-{seed}", vname, seed, spec_to_dict(mspec),
+                                 cfg.model_dump(exclude=later_defaults(cfg))))
     if problems:
         raise SpecError(f"experiment {spec.name!r} is not valid:\n" + "\n".join(dict.fromkeys(problems)))
     return plans

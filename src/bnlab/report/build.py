@@ -96,6 +96,9 @@ def budget_text(spec, runs) -> str:
         text += f", at most {_seq(caps)} optimizer steps per run"
     if batches:
         text += f" (batch {_seq(batches)})"
+    precisions = sorted({t.get("precision", "fp32") for t in train})  # absent: a run from before precisions
+    if precisions:
+        text += f"; precision {' and '.join(precisions)}"
     return text
 
 

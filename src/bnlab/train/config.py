@@ -26,6 +26,14 @@ class AugmentConfig(BaseModel):
 
 
 OUTPUT_FIELDS = {"tensorboard", "csv_log"}  # TrainConfig fields that say what is written, not what is computed
+# settings added after experiments were stored: left out of a run's settings while at their default, so
+# a store written before they existed keeps its run keys (and resumes)
+LATER_DEFAULTS = {"precision": "fp32"}
+
+
+def later_defaults(config: "TrainConfig") -> set[str]:
+    """The LATER_DEFAULTS fields ``config`` leaves at their default (to exclude from its settings)."""
+    return {k for k, v in LATER_DEFAULTS.items() if getattr(config, k) == v}
 
 
 class TrainConfig(BaseModel):
@@ -56,6 +64,8 @@ class TrainConfig(BaseModel):
     max_seconds: float | None = Field(None, gt=0, le=10**8)
     augment: AugmentConfig | None = None
     engine: Literal["auto", "native", "fused", "autograd"] = "auto"
+    precision: Literal["fp32", "bf16-mixed", "fp16-mixed"] = Field(
+        "fp32", description="fp32 | bf16-mixed | fp16-mixed (CUDA only): bnlab.train.precision")
     probes: ProbeConfig | None = None
     device: str = Field("auto", description="auto | cpu | cuda | cuda:N")
     # outputs, not settings: they change no result, so a run's fingerprint leaves them out (OUTPUT_FIELDS)

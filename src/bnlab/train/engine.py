@@ -22,6 +22,7 @@ from bnlab.data.dataset import Dataset
 from bnlab.train.fused import FusedMLPStep, unsupported_layers
 from bnlab.train.history import EpochRecord, History
 from bnlab.train.optim import make_optimizer
+from bnlab.train.precision import OptimizerStep, autocast, check_precision
 from bnlab.train.callbacks import Monitor, ProbeRecorder, ProgressBar, TrainContext, overrides
 from bnlab.train.resume import RunInterrupted, TrainState, read_state, rng_states, save_state, set_rng_states
 
@@ -42,8 +43,10 @@ def resolve_device(device: str | None) -> torch.device:
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, batch_size: int = 1024) -> tuple[float, float]:
-    """Mean cross-entropy and accuracy in eval mode (the model's mode is restored)."""
+def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, batch_size: int = 1024,
+             precision: str = "fp32") -> tuple[float, float]:
+    """Mean cross-entropy and accuracy in eval mode (the model's mode is restored), the forward pass
+    in ``precision``."""
     if len(y) == 0:
         return float("nan"), float("nan")
     was = model.training
@@ -51,7 +54,8 @@ def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, batch_size: 
     loss, correct = torch.zeros((), dtype=torch.float64), 0
     try:
         for i in range(0, len(y), batch_size):
-            out = model(x[i:i + batch_size])
+            with autocast(precision, x.device):
+                out = model(x[i:i + batch_size]).float()
             loss += F.cross_entropy(out, y[i:i + batch_size], reduction="sum").double().cpu()
             correct += int((out.argmax(1) == y[i:i + batch_size]).sum())
     finally:
@@ -60,32 +64,40 @@ def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, batch_size: 
 
 
 class AutogradStep:
-    """The ordinary path: forward, cross-entropy, ``loss.backward()``."""
+    """The ordinary path: forward (under the precision's autocast), cross-entropy, backward."""
 
     applies_update = False
 
-    def __init__(self, model: nn.Module):
-        self.model = model
+    def __init__(self, model: nn.Module, precision: str = "fp32", backward=None):
+        self.model, self.precision = model, precision
+        self.backward = backward or torch.Tensor.backward  # fp16: the loss scaler's backward
+        self.device = next(model.parameters()).device
 
     def __call__(self, x, y):
         for p in self.model.parameters():
             p.grad = None
-        out = self.model(x)
-        loss = F.cross_entropy(out, y)
-        loss.backward()
+        with autocast(self.precision, self.device):
+            out = self.model(x)
+            loss = F.cross_entropy(out, y)
+        self.backward(loss)
         return loss.detach(), (out.detach().argmax(1) == y).sum()
 
 
-def make_step(model: nn.Module, engine: str, generator: torch.Generator | None, *, sgd_lr: float | None = None):
+def make_step(model: nn.Module, engine: str, generator: torch.Generator | None, *, sgd_lr: float | None = None,
+              precision: str = "fp32", backward=None):
     """The step function for ``engine`` and the name of the engine used; ``sgd_lr`` lets the fused
-    steps apply plain SGD themselves."""
+    steps apply plain SGD themselves. Mixed precision takes the autograd step under autocast
+    (``backward``: how the loss is back-propagated, the fp16 loss scaler's way)."""
     if engine not in ENGINES:
         raise ValueError(f"unknown engine {engine!r}: expected one of {ENGINES}")
     bad = unsupported_layers(model)
     if engine in ("fused", "native") and bad:
         raise ValueError(f"engine={engine!r} needs an MLP; unsupported: " + ", ".join(bad))
-    if engine == "autograd" or bad:
-        return AutogradStep(model), "autograd"
+    if engine in ("fused", "native") and precision != "fp32":
+        raise ValueError(f"engine={engine!r} runs in fp32 only (precision {precision!r} was asked for); "
+                         "use engine='auto' or 'autograd'")
+    if engine == "autograd" or bad or precision != "fp32":
+        return AutogradStep(model, precision, backward), "autograd"
     if engine in ("auto", "native"):
         from bnlab.train import native
         w = next(model.parameters())
@@ -134,7 +146,7 @@ def fit(model: nn.Module, data: Dataset, *, optimizer: str = "sgd", lr: float = 
         progress: bool = True, eval_batch_size: int = 1024, keras_defaults: bool = True,
         checkpoint_meta: dict | None = None, state_dir: str | Path | None = None,
         state_settings: dict | None = None, resume_from: TrainState | None = None,
-        callbacks: list | None = None) -> History:
+        callbacks: list | None = None, precision: str = "fp32") -> History:
     """Train ``model`` on ``data`` and return the History.
 
     optimizer: sgd (momentum, nesterov) | rmsprop | adam; cross-entropy on logits.
@@ -145,6 +157,8 @@ def fit(model: nn.Module, data: Dataset, *, optimizer: str = "sgd", lr: float = 
     max_steps / max_seconds: budgets; the run ends (after evaluating) once either is used up.
     probes: a ``bnlab.probes.ProbeConfig`` (or ``Probes``) to record what happens inside the network.
     A NaN/inf loss stops the run (history kept, ``stopped="diverged"``).
+    precision: fp32 (default: exact numerics) | bf16-mixed | fp16-mixed (CUDA only, with loss scaling);
+    ``bnlab.train.precision`` says what runs in which type.
     callbacks: ``bnlab.train.callbacks.Callback`` objects (TensorBoard, CSVLogger, your own): the protocol
     is in that module; a callback's ``ctx.request_stop`` ends training after the epoch (``stopped="callback"``).
 
@@ -176,13 +190,14 @@ def fit(model: nn.Module, data: Dataset, *, optimizer: str = "sgd", lr: float = 
             "optimizer": optimizer, "lr": lr, "momentum": momentum, "nesterov": nesterov,
             "weight_decay": weight_decay, "batch_size": batch_size, "epochs": epochs, "seed": seed,
             "target_accuracy": target_accuracy, "augment": None if augment is None else asdict(augment),
-            "engine": engine, "device": device, "monitor": monitor, "patience": patience, "max_steps": max_steps,
+            "engine": engine, "device": device, **({} if precision == "fp32" else {"precision": precision}), "monitor": monitor, "patience": patience, "max_steps": max_steps,
             "max_seconds": max_seconds, "eval_batch_size": eval_batch_size, "keras_defaults": keras_defaults,
             "probes": None if probes is None else getattr(probes, "config", probes).model_dump(mode="json")})
     not_resumed = None  # why a state found in state_dir is not continued from
     if state_dir is not None and resume_from is None:
         resume_from, not_resumed = read_state(state_dir, state_settings)
     dev = resolve_device(device)
+    check_precision(precision, dev)
     torch.manual_seed(seed)  # nn.Dropout in the autograd path draws from the global RNG
     # paired design: the data order has a generator of its own, seeded by the run seed only, so runs
     # of different variants with one seed see the same batches in the same order, whatever dropout
@@ -193,12 +208,16 @@ def fit(model: nn.Module, data: Dataset, *, optimizer: str = "sgd", lr: float = 
     model.to(dev).train()
     data = data.to(dev)
     plain_sgd = optimizer == "sgd" and momentum == 0 and weight_decay == 0
-    step, engine_used = make_step(model, engine, gen, sgd_lr=lr if plain_sgd else None)
+    step, engine_used = make_step(model, engine, gen, sgd_lr=lr if plain_sgd and precision == "fp32" else None,
+                                  precision=precision)
     # the fused step applies plain SGD itself; building a torch.optim optimizer would also cost the
     # ~2 s first-time import of torch._dynamo that torch.optim.Optimizer triggers
     opt = None if step.applies_update else make_optimizer(
         optimizer, list(model.parameters()), lr=lr, momentum=momentum, nesterov=nesterov,
         weight_decay=weight_decay, keras_defaults=keras_defaults)
+    opt_step = OptimizerStep(opt, precision, dev)
+    if opt_step.scaler is not None:
+        step.backward = opt_step.backward
     n = len(data.y_train)
     if n < 2:
         raise ValueError(f"need at least 2 training examples (got {n})")
@@ -206,7 +225,7 @@ def fit(model: nn.Module, data: Dataset, *, optimizer: str = "sgd", lr: float = 
     batches = [(i, min(i + batch_size, n)) for i in range(0, n, batch_size)]
     if len(batches) > 1 and batches[-1][1] - batches[-1][0] == 1:
         batches.pop()
-    hist = History(target_accuracy=target_accuracy, engine=engine_used)
+    hist = History(target_accuracy=target_accuracy, engine=engine_used, precision=precision)
     if probes is not None:
         from bnlab.probes import ProbeConfig, Probes, select_probe_batch
         probes = Probes(model, probes, lr=lr) if isinstance(probes, ProbeConfig) else probes
@@ -217,7 +236,7 @@ def fit(model: nn.Module, data: Dataset, *, optimizer: str = "sgd", lr: float = 
     done_before, elapsed_before, finished = 0, 0.0, False
     if resume_from is not None:
         _restore(resume_from, model, opt, generators, dev, probes)
-        hist, hist.engine = resume_from.history, engine_used
+        hist, hist.engine, hist.precision = resume_from.history, engine_used, precision
         monitor_cb.best_value, monitor_cb.best_epoch = resume_from.best_value, resume_from.best_epoch
         monitor_cb.since_best = resume_from.since_best
         steps_done, done_before = resume_from.steps, resume_from.epoch
@@ -259,8 +278,7 @@ def fit(model: nn.Module, data: Dataset, *, optimizer: str = "sgd", lr: float = 
                 if b % check_every == 0 and not math.isfinite(float(loss)):
                     raise Diverged(f"loss became {float(loss)} at epoch {epoch}, step {steps_done + 1}: "
                                    "the run diverged (lower the learning rate?)")
-                if opt is not None:
-                    opt.step()
+                opt_step()
                 steps_done += 1
                 for c in step_end:
                     c.on_step_end(ctx, steps_done, loss, corr, xb, yb)

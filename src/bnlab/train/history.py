@@ -29,6 +29,7 @@ class History:
     message: str = ""
     best_epoch: int | None = None
     engine: str = ""
+    precision: str = "fp32"  # bnlab.train.precision
     probes: list = field(default_factory=list)  # (step, layer, metric, value) rows, see bnlab.probes
 
     def record(self, rec: EpochRecord, elapsed: float) -> None:

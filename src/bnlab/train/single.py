@@ -24,7 +24,7 @@ from bnlab.data import load_dataset
 from bnlab.data.augment import RandomAffine
 from bnlab.models import build_model, parse_model_spec
 from bnlab.models.spec import spec_to_dict
-from bnlab.train.config import OUTPUT_FIELDS, TrainConfig
+from bnlab.train.config import OUTPUT_FIELDS, TrainConfig, later_defaults
 from bnlab.train.engine import evaluate, fit
 from bnlab.train.history import History
 from bnlab.train.resume import (RUN_JSON, STATE_DIR, RunInterrupted, SettingsChanged, TrainState, canonical,
@@ -119,7 +119,7 @@ def _finite(x: float) -> float | None:
 def run_settings(spec, config: TrainConfig) -> dict:
     """A run's settings as ``run.json`` holds them and its resumable state is keyed by: the resolved
     model spec and the TrainConfig."""
-    return canonical({"model": spec_to_dict(spec), "train": config.model_dump(mode="json", exclude=OUTPUT_FIELDS)})
+    return canonical({"model": spec_to_dict(spec), "train": config.model_dump(mode="json", exclude=OUTPUT_FIELDS | later_defaults(config))})
 
 
 def _previous_settings(out: Path) -> dict | None:
@@ -232,7 +232,7 @@ def _train(model, spec, config, data, notes, out, folder: Path, progress: bool, 
                max_seconds=config.max_seconds, probes=config.probes, progress=progress,
                keras_defaults=config.keras_defaults, checkpoint_meta={"train": config.model_dump()},
                state_dir=None if out is None else out / STATE_DIR, state_settings=settings, resume_from=state,
-               callbacks=callbacks)
+               callbacks=callbacks, precision=config.precision)
     if hist.stopped == "interrupted":  # only without a state folder; an interrupted run has no result
         raise RunInterrupted(0)
     dev = next(model.parameters()).device
