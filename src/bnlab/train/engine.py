@@ -55,7 +55,9 @@ def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, batch_size: 
     try:
         for i in range(0, len(y), batch_size):
             with autocast(precision, x.device):
-                out = model(x[i:i + batch_size]).float()
+                out = model(x[i:i + batch_size])
+            if out.dtype in (torch.float16, torch.bfloat16):  # mixed precision: the loss in float32
+                out = out.float()
             loss += F.cross_entropy(out, y[i:i + batch_size], reduction="sum").double().cpu()
             correct += int((out.argmax(1) == y[i:i + batch_size]).sum())
     finally:

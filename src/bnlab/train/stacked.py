@@ -1,0 +1,365 @@
+"""Many seeds as one model: K runs of one MLP that differ only in their seed, trained as one stacked model.
+
+Why: a seed MLP step at batch 32 is dominated by per-step overhead and small matrix products; K
+members stacked along a leading axis share that overhead and turn K small products into one batched
+product (``torch.baddbmm``). What stays per member, so that each member's History is its single run's
+(``fit(model_k, seed=seed_k)``; float64 within 1e-10, tested):
+
+* its initial weights (the K models are built by the caller, one per seed, and stacked here);
+* its data order (its own order generator, seeded by its seed) and its noise (dropout masks and
+  augmentation drawn from its own noise generator, in the order a single run draws them);
+* BN batch statistics and running statistics (per member along the leading axis);
+* optimizer state: SGD / RMSprop / Adam are elementwise, so one optimizer over the stacked tensors
+  is K independent optimizers;
+* divergence and early stopping: a member whose loss becomes non-finite, or whose patience runs out,
+  leaves the stack (its tensors and optimizer state are sliced away) and the others go on;
+* its best checkpoint and its History.
+
+Each epoch's ``seconds`` is the member's share of the stacked epoch (its wall time over the members
+trained in it). Supported: the MLPs of ``bnlab.train.fused`` (Flatten, Linear, bnlab BatchNorm on
+(N, C), the activations, Dropout; ending in Linear) under the fp32 precision; ``stack_unsupported``
+says why another model is not.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from bnlab.conventions import get_convention, running_update
+from bnlab.data.augment import RandomAffine
+from bnlab.data.dataset import Dataset
+from bnlab.nn import BatchNorm
+from bnlab.train.callbacks import Monitor, TrainContext
+from bnlab.train.fused import unsupported_layers
+from bnlab.train.history import EpochRecord, History
+from bnlab.train.optim import make_optimizer
+
+
+def stack_unsupported(model: nn.Module) -> list[str]:
+    """Why ``model`` cannot be trained stacked (empty: it can)."""
+    return unsupported_layers(model)
+
+
+class _Linear:
+    def __init__(self, mods: list[nn.Linear]):
+        self.w = torch.stack([m.weight.detach() for m in mods]).transpose(1, 2).contiguous()  # (K, in, out)
+        self.b = None if mods[0].bias is None else torch.stack([m.bias.detach() for m in mods])
+
+    def tensors(self):
+        return [t for t in (self.w, self.b) if t is not None]
+
+    def forward(self, h, training, gens):
+        if self.b is None:
+            return torch.bmm(h, self.w)
+        return torch.baddbmm(self.b.unsqueeze(1), h, self.w)
+
+    def state(self, k):
+        out = {"weight": self.w[k].t()}
+        if self.b is not None:
+            out["bias"] = self.b[k]
+        return out
+
+
+class _BatchNorm:
+    def __init__(self, mods: list[BatchNorm]):
+        m = self.m = mods[0]
+        self.conv = get_convention(m.convention)
+        self.weight = None if m.weight is None else torch.stack([b.weight.detach() for b in mods])
+        self.bias = None if m.bias is None else torch.stack([b.bias.detach() for b in mods])
+        self.tracked = m.track_running_stats
+        if self.tracked:
+            self.running_mean = torch.stack([b.running_mean for b in mods])
+            self.running_var = torch.stack([b.running_var for b in mods])
+            self.count = int(m.num_batches_tracked)
+
+    def tensors(self):
+        return [t for t in (self.weight, self.bias) if t is not None]
+
+    def buffers(self):
+        return [self.running_mean, self.running_var] if self.tracked else []
+
+    def forward(self, h, training, gens):  # h: (K, B, C)
+        m = self.m
+        if training or not self.tracked:
+            # every member's channels side by side, (B, K·C): one ATen batch-norm op forward and one
+            # backward for all members, the kernels the single-run steps use
+            k, b, c = h.shape
+            flat = h.transpose(0, 1).reshape(b, k * c)
+            w = None if self.weight is None else self.weight.reshape(-1)
+            bias = None if self.bias is None else self.bias.reshape(-1)
+            y, mean, _ = torch.native_batch_norm(flat, w, bias, None, None, True, 0.0, m.eps)
+            if training and self.tracked:
+                with torch.no_grad():
+                    # the biased variance by the corrected two-pass formula, as the single-run step takes it
+                    d = flat.detach() - mean
+                    var = d.square().mean(0).sub_(d.mean(0).square_())
+                    n_tracked = self.count + 1 if m.momentum is None else 1
+                    u = running_update(self.conv, m.momentum, n_tracked, b)
+                    self.running_mean.mul_(1.0 - u.factor).add_(mean.view(k, c), alpha=u.factor)
+                    self.running_var.mul_(1.0 - u.factor).add_(var.view(k, c) * u.var_correction, alpha=u.factor)
+                    self.count += 1
+            return y.view(b, k, c).transpose(0, 1)
+        y = (h - self.running_mean.unsqueeze(1)) * torch.rsqrt(self.running_var.unsqueeze(1) + m.eps)
+        if self.weight is not None:
+            y = y * self.weight.unsqueeze(1)
+        if self.bias is not None:
+            y = y + self.bias.unsqueeze(1)
+        return y
+
+    def state(self, k):
+        out = {}
+        if self.weight is not None:
+            out["weight"] = self.weight[k]
+        if self.bias is not None:
+            out["bias"] = self.bias[k]
+        if self.tracked:
+            out.update(running_mean=self.running_mean[k], running_var=self.running_var[k],
+                       num_batches_tracked=torch.tensor(self.count, dtype=torch.long))
+        return out
+
+
+class _Elementwise:
+    def __init__(self, module: nn.Module):
+        self.module = module
+
+    def forward(self, h, training, gens):
+        return self.module(h)
+
+
+class _Dropout:
+    def __init__(self, module: nn.Dropout):
+        self.p = module.p
+
+    def forward(self, h, training, gens):
+        if not training or self.p == 0:
+            return h
+        # each member's mask from its own noise generator, drawn as the fused single-run step draws it
+        keep = torch.stack([torch.rand(h.shape[1:], generator=g) for g in gens]).to(h.device) >= self.p
+        return h * keep.to(h.dtype).div_(1 - self.p)
+
+
+class StackedMLP:
+    """K copies of one ``nn.Sequential`` MLP as tensors with a leading member axis."""
+
+    def __init__(self, models: list[nn.Sequential]):
+        bad = stack_unsupported(models[0])
+        if bad:
+            raise ValueError("stacked training does not support: " + ", ".join(bad))
+        self.template = models[0]
+        self.names, self.ops = [], []
+        for name, _ in models[0].named_children():
+            mods = [dict(m.named_children())[name] for m in models]
+            first = mods[0]
+            if isinstance(first, nn.Flatten):
+                op = None
+            elif isinstance(first, nn.Linear):
+                op = _Linear(mods)
+            elif isinstance(first, BatchNorm):
+                op = _BatchNorm(mods)
+            elif isinstance(first, nn.Dropout):
+                op = _Dropout(first)
+            else:
+                op = _Elementwise(first)
+            if op is not None:
+                self.names.append(name)
+                self.ops.append(op)
+        for t in self.parameters():
+            t.requires_grad_(True)
+
+    def parameters(self) -> list[torch.Tensor]:
+        return [t for op in self.ops if hasattr(op, "tensors") for t in op.tensors()]
+
+    def forward(self, x: torch.Tensor, training: bool, gens=()) -> torch.Tensor:
+        """x: (K, B, ...) -> logits (K, B, classes)."""
+        h = x.reshape(x.shape[0], x.shape[1], -1)
+        for op in self.ops:
+            h = op.forward(h, training, gens)
+        return h
+
+    def keep(self, rows: torch.Tensor, opt: torch.optim.Optimizer) -> None:
+        """Keep only the members ``rows``: a leaving member's tensors, gradients and optimizer state go."""
+        old = self.parameters()
+        for op in self.ops:
+            for attr in ("w", "b", "weight", "bias", "running_mean", "running_var"):
+                t = getattr(op, attr, None)
+                if isinstance(t, torch.Tensor):
+                    kept = t.detach()[rows].clone().requires_grad_(t.requires_grad)
+                    if t.grad is not None:
+                        kept.grad = t.grad[rows]
+                    setattr(op, attr, kept)
+        new = self.parameters()
+        opt.param_groups[0]["params"] = new
+        state = {}
+        for p_old, p_new in zip(old, new):
+            state[p_new] = {k: (v[rows].clone() if isinstance(v, torch.Tensor) and v.dim() == p_old.dim()
+                                and v.dim() > 0 else v) for k, v in opt.state.get(p_old, {}).items()}
+        opt.state.clear()
+        opt.state.update(state)
+
+    def member_state_dict(self, k: int) -> dict[str, torch.Tensor]:
+        """Member ``k``'s tensors under the single model's state-dict keys."""
+        out = {}
+        for name, op in zip(self.names, self.ops):
+            if hasattr(op, "state"):
+                out.update({f"{name}.{key}": v.detach().clone() for key, v in op.state(k).items()})
+        return out
+
+
+@dataclass
+class _Member:
+    seed: int
+    index: int  # its position in the caller's list
+    order: torch.Generator
+    noise: torch.Generator
+    history: History
+    monitor: Monitor
+    losses: list = field(default_factory=list)
+    corrects: list = field(default_factory=list)
+
+
+def fit_stacked(models: list[nn.Sequential], data: Dataset, seeds: list[int], *, optimizer: str = "sgd",
+                lr: float = 1e-3, momentum: float = 0.0, nesterov: bool = False, weight_decay: float = 0.0,
+                batch_size: int = 32, epochs: int = 10, target_accuracy: float | None = None,
+                augment: RandomAffine | None = None, checkpoint_dirs: list[str | Path | None] | None = None,
+                monitor: str = "val_accuracy", patience: int | None = None, max_steps: int | None = None,
+                eval_batch_size: int = 1024, keras_defaults: bool = True, checkpoint_meta: list[dict] | None = None,
+                device: str | None = "cpu") -> list[History]:
+    """Train ``models[k]`` (built for ``seeds[k]``) as one stacked model; return each member's History,
+    the History ``fit(models[k], data, seed=seeds[k], ...)`` gives with the same arguments. The models
+    get their final weights back. See the module's docstring for what is per member."""
+    from bnlab.train.engine import epoch_order, resolve_device, stream_seed
+
+    if len(models) != len(seeds) or not models:
+        raise ValueError(f"need one seed per model (got {len(models)} models and {len(seeds)} seeds)")
+    if batch_size < 1 or epochs < 1:
+        raise ValueError(f"batch_size and epochs must be >= 1 (got batch_size={batch_size}, epochs={epochs})")
+    dev = resolve_device(device)
+    for m in models:
+        m.to(dev).train()
+    data = data.to(dev)
+    stack = StackedMLP(models)
+    dirs = checkpoint_dirs or [None] * len(models)
+    metas = checkpoint_meta or [None] * len(models)
+    members = [_Member(s, k, torch.Generator().manual_seed(s), torch.Generator().manual_seed(stream_seed(s, "noise")),
+                       History(target_accuracy=target_accuracy, engine=f"stacked:{len(models)}"),
+                       Monitor(monitor, patience, dirs[k], metas[k]))
+               for k, s in enumerate(seeds)]
+    opt = make_optimizer(optimizer, stack.parameters(), lr=lr, momentum=momentum, nesterov=nesterov,
+                         weight_decay=weight_decay, keras_defaults=keras_defaults)
+    n = len(data.y_train)
+    if n < 2:
+        raise ValueError(f"need at least 2 training examples (got {n})")
+    batches = [(i, min(i + batch_size, n)) for i in range(0, n, batch_size)]
+    if len(batches) > 1 and batches[-1][1] - batches[-1][0] == 1:
+        batches.pop()
+    alive = list(members)
+    steps_done, start = 0, time.perf_counter()
+    dtype = stack.parameters()[0].dtype
+
+    def leave(gone: list[_Member]) -> None:
+        nonlocal alive
+        for mem in gone:  # the leaving member's final weights go back to its model
+            models[mem.index].load_state_dict(stack.member_state_dict(alive.index(mem)))
+        rows = torch.tensor([i for i, mem in enumerate(alive) if mem not in gone], dtype=torch.long, device=dev)
+        alive = [mem for mem in alive if mem not in gone]
+        if alive:
+            stack.keep(rows, opt)
+
+    for epoch in range(1, epochs + 1):
+        if not alive:
+            break
+        t0 = time.perf_counter()
+        perms = torch.stack([epoch_order(n, mem.order) for mem in alive]).to(dev)  # (K, n)
+        for mem in alive:
+            mem.losses, mem.corrects = [], []
+        seen = 0
+        for i, j in batches:
+            idx = perms[:, i:j]
+            xb, yb = data.x_train[idx], data.y_train[idx]
+            if augment is not None and augment.active:
+                xb = torch.stack([augment(xb[k], mem.noise) for k, mem in enumerate(alive)])
+            for p in stack.parameters():
+                p.grad = None
+            logits = stack.forward(xb, True, [mem.noise for mem in alive])
+            k_, b_ = yb.shape
+            loss = F.cross_entropy(logits.reshape(k_ * b_, -1), yb.reshape(-1), reduction="none").view(k_, b_).mean(1)
+            loss.sum().backward()
+            correct = (logits.detach().argmax(2) == yb).sum(1)
+            values = loss.detach().tolist()  # one read per step: the divergence check needs it anyway
+            counts = correct.tolist()
+            bad = [mem for mem, v in zip(alive, values) if not math.isfinite(v)]
+            for mem in bad:
+                mem.history.stopped = "diverged"
+                mem.history.message = (f"loss became {values[alive.index(mem)]} at epoch {epoch}, step "
+                                       f"{steps_done + 1}: the run diverged (lower the learning rate?)")
+            members_then = list(alive)
+            if bad:
+                keep = [k for k, mem in enumerate(alive) if mem not in bad]
+                perms = perms[keep]
+                leave(bad)
+                if not alive:
+                    break
+            opt.step()
+            steps_done += 1
+            for mem, v, c in zip(members_then, values, counts):
+                if mem not in bad:
+                    mem.losses.append(v)
+                    mem.corrects.append(c)
+            seen += j - i
+            if max_steps is not None and steps_done >= max_steps:
+                break
+        if not alive:
+            break
+        share = (time.perf_counter() - t0) / len(alive)
+        val = _evaluate(stack, data.x_val, data.y_val, eval_batch_size)
+        stopping = []
+        for k, mem in enumerate(alive):
+            done = torch.tensor(mem.losses, dtype=dtype)  # the losses' own type: the mean a single run takes
+            mem.history.step_loss.extend(done.tolist())
+            vl, va = val[k] if val is not None else (None, None)
+            rec = EpochRecord(epoch, float(done.mean()), sum(mem.corrects) / seen, vl, va, share,
+                              steps_done)
+            mem.history.record(rec, time.perf_counter() - start)
+            if mem.monitor.checkpoint_dir is not None:
+                models[mem.index].load_state_dict(stack.member_state_dict(k))
+            mem.monitor.on_epoch_end(TrainContext(models[mem.index], data, mem.history, epochs, len(batches), dev,
+                                                  lr, None, 0), rec)
+            if mem.monitor.stopped:
+                mem.history.stopped = "early_stopping"
+                mem.history.message = f"no improvement of {monitor} for {patience} epochs"
+                stopping.append(mem)
+            elif max_steps is not None and steps_done >= max_steps:
+                mem.history.stopped, mem.history.message = "budget", f"step budget of {max_steps} used"
+        if stopping:
+            leave(stopping)
+        if max_steps is not None and steps_done >= max_steps:
+            break
+    for k, mem in enumerate(alive):
+        models[mem.index].load_state_dict(stack.member_state_dict(k))
+    for mem in members:
+        mem.history.best_epoch = mem.monitor.best_epoch
+    return [mem.history for mem in members]
+
+
+@torch.no_grad()
+def _evaluate(stack: StackedMLP, x: torch.Tensor, y: torch.Tensor, batch_size: int):
+    """Each member's (mean cross-entropy, accuracy) in eval mode; None without validation data."""
+    if len(y) == 0:
+        return None
+    k = stack.parameters()[0].shape[0]
+    loss = torch.zeros(k, dtype=torch.float64)
+    correct = torch.zeros(k, dtype=torch.long)
+    for i in range(0, len(y), batch_size):
+        xb, yb = x[i:i + batch_size], y[i:i + batch_size]
+        out = stack.forward(xb.unsqueeze(0).expand(k, *xb.shape), False)
+        ce = F.cross_entropy(out.reshape(-1, out.shape[-1]), yb.repeat(k), reduction="none").view(k, -1)
+        loss += ce.sum(1).double().cpu()
+        correct += (out.argmax(2) == yb).sum(1).cpu()
+    return [(float(loss[j]) / len(y), int(correct[j]) / len(y)) for j in range(k)]

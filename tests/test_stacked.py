@@ -1,0 +1,150 @@
+"""Many seeds as one model: each member of a stacked run gives its single run's History and weights
+(the oracle: ``fit`` on that seed alone, through the engine fit picks, and through autograd)."""
+
+import math
+
+import pytest
+import torch
+
+from bnlab.checkpoint import load_checkpoint
+from bnlab.data.dataset import Dataset
+from bnlab.models import build_model, load_model_spec
+from bnlab.train import fit
+from bnlab.train.stacked import fit_stacked, stack_unsupported
+
+SEEDS = [3, 0, 7]
+
+
+def _data(n=200, f=12, c=3, dtype=torch.float64, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, f, generator=g, dtype=dtype)
+    y = (x[:, :c].argmax(1) + (torch.rand(n, generator=g) < 0.2).long()) % c
+    return Dataset("toy", x[:150], y[:150], x[150:], y[150:], x[:0], y[:0], c)
+
+
+def _models(spec, dtype=torch.float64, seeds=SEEDS):
+    return [build_model(spec, seed=s).to(dtype) for s in seeds]
+
+
+def _close(a, b, tol):
+    return all(math.isclose(x, y, rel_tol=tol, abs_tol=tol) for x, y in zip(a, b)) and len(a) == len(b)
+
+
+def _check_members(spec, hists, stacked_models, kw, tol, engine="auto", dtype=torch.float64, data=None):
+    data = data or _data(dtype=dtype)
+    for seed, h, m in zip(SEEDS, hists, stacked_models):
+        single = build_model(spec, seed=seed).to(dtype)
+        hs = fit(single, data, seed=seed, progress=False, engine=engine, **kw)
+        assert h.stopped == hs.stopped and len(h.epochs) == len(hs.epochs), (seed, h.stopped, hs.stopped)
+        assert _close(h.step_loss, hs.step_loss, tol), seed
+        for e, es in zip(h.epochs, hs.epochs):
+            assert e.steps == es.steps and e.train_accuracy == es.train_accuracy
+            assert math.isclose(e.val_loss, es.val_loss, rel_tol=tol) and e.val_accuracy == es.val_accuracy
+        assert h.best_epoch == hs.best_epoch and h.epochs_to_target == hs.epochs_to_target
+        if h.stopped == "diverged":  # its final weights are neither saved nor measured (the single
+            continue                 # step may have applied its non-finite update already)
+        for k, v in single.state_dict().items():
+            assert torch.allclose(m.state_dict()[k].to(v.dtype), v, rtol=tol, atol=tol), (seed, k)
+
+
+MLP = {"hidden": [16, 8], "input_shape": [12], "num_classes": 3}
+
+
+@pytest.mark.parametrize("variant,optimizer", [
+    ({"bn": "before"}, {"optimizer": "sgd"}),
+    ({"bn": "after", "activation": "tanh", "norm_options": {"convention": "keras"}},
+     {"optimizer": "sgd", "momentum": 0.9, "nesterov": True}),
+    ({"bn": "before", "input_bn": True, "activation": "elu"}, {"optimizer": "rmsprop"}),
+    ({"bn": "none", "activation": "leaky_relu"}, {"optimizer": "adam", "weight_decay": 1e-3}),
+    ({"bn": "before", "norm_options": {"momentum": None}}, {"optimizer": "sgd"}),  # cumulative average
+    ({"bn": "before", "norm_options": {"convention": "keras", "momentum": 0.0}}, {"optimizer": "sgd"}),
+    ({"bn": "before", "norm_options": {"momentum": 1.0}}, {"optimizer": "adam"}),
+])
+def test_each_member_is_its_single_run_in_float64(variant, optimizer):
+    spec = {**MLP, **variant}
+    kw = dict(lr=0.05, batch_size=16, epochs=3, target_accuracy=0.5, **optimizer)
+    models = _models(spec)
+    hists = fit_stacked(models, _data(), SEEDS, **kw)
+    assert all(h.engine == "stacked:3" for h in hists)
+    _check_members(spec, hists, models, kw, 1e-10)
+
+
+def test_dropout_masks_come_from_each_members_noise_stream():
+    spec = {**MLP, "bn": "before", "dropout": 0.3}
+    kw = dict(lr=0.05, batch_size=16, epochs=2)
+    models = _models(spec)
+    hists = fit_stacked(models, _data(), SEEDS, **kw)
+    _check_members(spec, hists, models, kw, 1e-10)  # the fused single step: the same masks
+
+
+def test_float32_members_match_within_float32_tolerance():
+    spec = {**MLP, "bn": "before"}
+    kw = dict(lr=0.05, batch_size=16, epochs=2)
+    models = _models(spec, torch.float32)
+    hists = fit_stacked(models, _data(dtype=torch.float32), SEEDS, **kw)
+    _check_members(spec, hists, models, kw, 2e-4, dtype=torch.float32)
+
+
+def test_a_diverging_member_stops_and_the_others_go_on():
+    spec = {**MLP, "bn": "none"}
+    data = _data()
+    data.x_train[40:60] *= 1e300  # huge inputs: with these a run overflows once they are drawn
+    kw = dict(lr=0.05, batch_size=16, epochs=3)
+    models = _models(spec)
+    hists = fit_stacked(models, data, SEEDS, **kw)
+    assert all(h.stopped == "diverged" for h in hists)  # every seed draws them at some step
+    _check_members(spec, hists, models, kw, 1e-10, data=data)
+
+
+def test_a_diverging_member_leaves_while_the_others_finish():
+    spec = {**MLP, "bn": "before"}
+    kw = dict(lr=0.05, batch_size=16, epochs=3)
+    models = _models(spec)
+    with torch.no_grad():  # seed 0's network alone is broken: its loss is NaN from its first step
+        models[1].dense.weight.fill_(float("nan"))
+    hists = fit_stacked(models, _data(), SEEDS, **kw)
+    assert [h.stopped for h in hists] == ["completed", "diverged", "completed"]
+    assert hists[1].epochs == [] and "epoch 1, step 1" in hists[1].message
+    for k in (0, 2):
+        single = build_model(spec, seed=SEEDS[k]).double()
+        hs = fit(single, _data(), seed=SEEDS[k], progress=False, **kw)
+        assert _close(hists[k].step_loss, hs.step_loss, 1e-10)
+
+
+def test_early_stopping_and_best_checkpoints_per_member(tmp_path):
+    spec = {**MLP, "bn": "before"}
+    kw = dict(lr=0.5, batch_size=16, epochs=6, patience=1, monitor="val_loss")
+    models = _models(spec, torch.float32)  # checkpoints hold float32 models
+    dirs = [tmp_path / f"best-{s}" for s in SEEDS]
+    data = _data(dtype=torch.float32)
+    hists = fit_stacked(models, data, SEEDS, checkpoint_dirs=dirs, **kw)
+    for seed, h, d in zip(SEEDS, hists, dirs):
+        single = build_model(spec, seed=seed)
+        hs = fit(single, data, seed=seed, progress=False, checkpoint_dir=tmp_path / f"single-{seed}", **kw)
+        assert (h.stopped, len(h.epochs), h.best_epoch) == (hs.stopped, len(hs.epochs), hs.best_epoch)
+        a, b = load_checkpoint(d), load_checkpoint(tmp_path / f"single-{seed}")
+        assert a.meta["epoch"] == b.meta["epoch"]
+        for k, v in b.model.state_dict().items():
+            assert torch.allclose(a.model.state_dict()[k], v, rtol=1e-4, atol=1e-5), k
+    assert len({len(h.epochs) for h in hists}) > 1  # members left the stack at different epochs
+
+
+def test_step_budget_and_the_seed_mlp_on_images():
+    spec = load_model_spec("fashion-mlp-bn-before")
+    g = torch.Generator().manual_seed(1)
+    x, y = torch.rand(120, 1, 28, 28, generator=g), torch.randint(0, 10, (120,), generator=g)
+    data = Dataset("img", x[:90], y[:90], x[90:], y[90:], x[:0], y[:0], 10)
+    kw = dict(lr=0.1, batch_size=32, epochs=5, max_steps=7)
+    models = [build_model(spec, seed=s) for s in SEEDS]
+    hists = fit_stacked(models, data, SEEDS, **kw)
+    assert all(h.stopped == "budget" and h.epochs[-1].steps == 7 for h in hists)
+    _check_members(spec, hists, models, kw, 2e-4, dtype=torch.float32, data=data)
+
+
+def test_unsupported_models_are_named():
+    cnn = build_model({"kind": "cnn", "input_shape": [3, 8, 8], "num_classes": 4, "blocks": [4], "final_block": 4})
+    assert stack_unsupported(cnn)
+    with pytest.raises(ValueError, match="stacked training does not support"):
+        fit_stacked([cnn], _data(), [0])
+    with pytest.raises(ValueError, match="one seed per model"):
+        fit_stacked(_models(MLP), _data(), [0, 1])
