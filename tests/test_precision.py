@@ -44,7 +44,7 @@ def _vectors(n=128, seed=0):
 def test_bf16_mixed_trains_a_cnn_with_float32_weights_and_statistics_and_records_it():
     m = build_model(CNN, seed=0)
     h = fit(m, _images(), epochs=2, batch_size=16, lr=0.05, seed=1, progress=False, precision="bf16-mixed")
-    assert h.precision == "bf16-mixed" and h.engine == "autograd" and len(h.epochs) == 2
+    assert h.precision == "bf16-mixed" and h.engine == "fused" and len(h.epochs) == 2
     assert all(t.dtype == torch.float32 for t in m.state_dict().values() if t.is_floating_point())
     assert all(torch.isfinite(t).all() for t in m.state_dict().values() if t.is_floating_point())
     assert h.to_dict()["precision"] == "bf16-mixed"
@@ -61,7 +61,7 @@ def test_bf16_mixed_step_runs_convolutions_in_bfloat16_and_bn_statistics_in_floa
     seen = {}
     bn.register_forward_pre_hook(lambda mod, args: seen.setdefault("x", args[0].detach().clone()))
     before = bn.running_mean.clone()
-    step, used = make_step(m, "auto", None, precision="bf16-mixed")
+    step, used = make_step(m, "autograd", None, precision="bf16-mixed")
     x = _images().x_train[:16]
     step(x, torch.zeros(16, dtype=torch.long))
     assert used == "autograd" and seen["x"].dtype == torch.bfloat16  # the conv ran in bfloat16
@@ -93,13 +93,37 @@ def test_bf16_mixed_gradients_are_close_to_fp32_autocast_free_gradients():
     assert 0 < (head16 - head32).norm() / head32.norm() < 0.02  # the last layer: one rounding away
 
 
-def test_mixed_precision_takes_the_autograd_step_and_the_fused_engines_refuse_it():
+def test_bf16_takes_the_fused_step_fp16_the_autograd_step_and_native_refuses_both():
     m = build_model(MLP, seed=0)
     assert make_step(m, "auto", None)[1] in ("native", "fused")
-    assert make_step(m, "auto", None, precision="bf16-mixed")[1] == "autograd"
-    for engine in ("fused", "native"):
-        with pytest.raises(ValueError, match=r"fp32 only.*bf16-mixed"):
-            make_step(m, engine, None, precision="bf16-mixed")
+    assert make_step(m, "auto", None, precision="bf16-mixed")[1] == "fused"
+    assert make_step(build_model(CNN, seed=0), "auto", None, precision="bf16-mixed")[1] == "fused"
+    assert make_step(m, "auto", None, precision="fp16-mixed")[1] == "autograd"
+    with pytest.raises(ValueError, match=r"does not run precision 'bf16-mixed'"):
+        make_step(m, "native", None, precision="bf16-mixed")
+    with pytest.raises(ValueError, match=r"does not run precision 'fp16-mixed'"):
+        make_step(m, "fused", None, precision="fp16-mixed")
+
+
+@pytest.mark.parametrize("spec", [CNN, {**CNN, "bn": "after", "activation": "elu", "dropout": 0.0},
+                                  {**MLP, "input_bn": True}])
+def test_the_fused_bf16_step_agrees_with_autocast_autograd(spec):
+    m_f = build_model(spec, seed=0)
+    m_a = copy.deepcopy(m_f)
+    data = _images() if spec.get("kind") == "cnn" else _vectors()
+    x, y = data.x_train[:32], data.y_train[:32]
+    fused, _ = make_step(m_f, "fused", None, precision="bf16-mixed")
+    auto, _ = make_step(m_a, "autograd", None, precision="bf16-mixed")
+    lf, cf = fused(x, y)
+    la, ca = auto(x, y)
+    assert lf.dtype == la.dtype == torch.float32 and abs(float(lf) - float(la)) < 0.01 * abs(float(la))
+    for (name, pf), pa in zip(m_f.named_parameters(), m_a.parameters()):
+        assert pf.grad.dtype == torch.float32, name
+        cos = F.cosine_similarity(pf.grad.flatten(), pa.grad.flatten(), 0)
+        assert cos > 0.97, (name, float(cos))  # both round to bfloat16, at different points
+    for (name, bf), ba in zip(m_f.named_buffers(), m_a.buffers()):
+        if bf.is_floating_point():
+            assert bf.dtype == torch.float32 and torch.allclose(bf, ba, rtol=2e-2, atol=2e-3), name
 
 
 def test_fp16_mixed_is_refused_on_a_cpu_and_unknown_precisions_are_named():

@@ -88,8 +88,12 @@ CASES = {
     # dropout makes MLPs take the fused step: its masks come from the noise generator
     "fused-dropout-adam": ({**MLP, "dropout": 0.3}, {"optimizer": "adam", "lr": 3e-3}, "fused"),
     # nn.Dropout in the autograd path draws from torch's global RNG; augmentation from the noise generator
-    "autograd-cnn-augment-rmsprop": (CNN, {"optimizer": "rmsprop", "lr": 3e-3,
+    "autograd-cnn-augment-rmsprop": (CNN, {"optimizer": "rmsprop", "lr": 3e-3, "engine": "autograd",
                                            "augment": {"shear_range": 10, "zoom_range": 0.1}}, "autograd"),
+    # the fused CNN step: channels_last, its dropout masks from the noise generator
+    "fused-cnn-augment-rmsprop": (CNN, {"optimizer": "rmsprop", "lr": 3e-3,
+                                        "augment": {"shear_range": 10, "zoom_range": 0.1}}, "fused"),
+    "fused-cnn-bf16-adam": (CNN, {"optimizer": "adam", "lr": 3e-3, "precision": "bf16-mixed"}, "fused"),
     "probes-with-landscape": (MLP, {"lr": 0.05, "probes": {"every": 7, "landscape": True, "landscape_every": 11,
                                                            "probe_batch": 32}}, "native"),
     "target-accuracy": (MLP, {"lr": 0.1, "momentum": 0.5, "target_accuracy": 0.5}, "native"),

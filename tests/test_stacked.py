@@ -148,3 +148,108 @@ def test_unsupported_models_are_named():
         fit_stacked([cnn], _data(), [0])
     with pytest.raises(ValueError, match="one seed per model"):
         fit_stacked(_models(MLP), _data(), [0, 1])
+
+
+# ---- the runner: seeds of a variant as one unit of work
+
+import json as _json
+
+from bnlab.experiments import load_results, parse_experiment, run_experiment
+from bnlab.experiments.runner import ExperimentInterrupted, stack_groups
+from bnlab.experiments.spec import expand
+
+EXP = {"name": "stacking", "seeds": 3,
+       "data": {"dataset": "synthetic", "validation": 0.25,
+                "options": {"n_train": 160, "n_test": 40, "features": 6, "classes": 3}},
+       "model": {"kind": "mlp", "input_shape": [6], "num_classes": 3, "hidden": [8]},
+       "train": {"lr": 0.1, "epochs": 3, "batch_size": 16, "patience": 2},
+       "variants": {"bn": {"model": {"bn": "before"}}, "plain": {"model": {"bn": "none"}},
+                    "probed": {"model": {"bn": "before"}, "train": {"probes": {"every": 5}}}}}
+
+
+def _by_run(folder):
+    return {r["run_id"]: r for r in load_results(folder)[1]}
+
+
+def test_the_runner_stacks_seeds_and_stores_what_separate_runs_store(tmp_path):
+    spec = parse_experiment(EXP)
+    messages = []
+    run_experiment(spec, tmp_path / "auto", workers=1, on_progress=lambda p, m: messages.append(m), stack="on")
+    run_experiment(spec, tmp_path / "off", workers=1, stack="off")
+    assert any("6 of them in 2 stacked group(s)" in m for m in messages), messages
+    auto, off = _by_run(tmp_path / "auto"), _by_run(tmp_path / "off")
+    assert auto.keys() == off.keys() and len(auto) == 9
+    for rid, a in auto.items():
+        b = off[rid]
+        assert a["status"] == b["status"] == "done"
+        assert a["engine"] == ("stacked:3" if not rid.startswith("probed") else b["engine"])
+        assert _close(_json.loads(a["step_loss"]), _json.loads(b["step_loss"]), 2e-4), rid
+        for metric in ("final_val_accuracy", "test_accuracy", "best_epoch", "epochs_run", "steps_run"):
+            assert a[metric] == b[metric], (rid, metric)
+        hist = _json.loads((tmp_path / "auto" / "runs" / rid / "history.json").read_text())
+        assert ("trained stacked" in " ".join(hist["notes"])) == (not rid.startswith("probed"))
+        assert (tmp_path / "auto" / "runs" / rid / "checkpoint" / "model.safetensors").is_file()
+
+
+def test_stack_groups_keep_apart_what_cannot_stack(tmp_path):
+    spec = parse_experiment({**EXP, "variants": {**EXP["variants"],
+                                                 "bf16": {"model": {"bn": "before"}, "train": {"precision": "bf16-mixed"}},
+                                                 "layer": {"model": {"bn": "before", "norm": "layer"}}}})
+    plans = expand(spec)
+    units = stack_groups(plans, tmp_path, "on")
+    sizes = {u[0].variant: len(u) for u in units}
+    assert sizes == {"bn": 3, "plain": 3, "probed": 1, "bf16": 1, "layer": 1}
+    assert sum(map(len, units)) == len(plans)
+    assert all(len(u) == 1 for u in stack_groups(plans, tmp_path, "off"))
+    # a run with a saved state continues alone
+    state = tmp_path / "runs" / "bn" / "seed-1" / "resume"
+    state.mkdir(parents=True)
+    from bnlab.experiments import runner
+    real = runner.resume_point
+    runner.resume_point = lambda folder: 2 if str(folder).endswith("bn/seed-1") else real(folder)
+    try:
+        units = stack_groups(plans, tmp_path, "on")
+    finally:
+        runner.resume_point = real
+    assert sorted(len(u) for u in units if u[0].variant == "bn") == [1, 2]
+    with pytest.raises(ValueError, match="stack mode 'yes'"):
+        stack_groups(plans, tmp_path, "yes")
+    # auto stacks on a GPU only
+    on_cpu = stack_groups(plans, tmp_path, "auto")
+    assert all(len(u) == 1 for u in on_cpu) if not torch.cuda.is_available() else any(len(u) > 1 for u in on_cpu)
+
+
+def test_an_interrupted_stacked_group_starts_again_and_finishes(tmp_path, monkeypatch):
+    from bnlab.train import stacked
+
+    spec = parse_experiment({**EXP, "variants": {"bn": EXP["variants"]["bn"]}})
+    real = stacked.fit_stacked
+    monkeypatch.setattr(stacked, "fit_stacked", lambda *a, **k: (_ for _ in ()).throw(KeyboardInterrupt))
+    with pytest.raises(ExperimentInterrupted) as e:
+        run_experiment(spec, tmp_path / "e", workers=1, stack="on")
+    assert len(e.value.unfinished) == 3 and not e.value.continue_from
+    assert all(r["status"] == "pending" for r in load_results(tmp_path / "e")[1])
+    monkeypatch.setattr(stacked, "fit_stacked", real)
+    prog = run_experiment(spec, tmp_path / "e", workers=1, stack="on")
+    assert prog.done == 3 and all(r["status"] == "done" for r in load_results(tmp_path / "e")[1])
+    run_experiment(spec, tmp_path / "whole", workers=1, stack="on")  # never interrupted: the same results
+    again, whole = _by_run(tmp_path / "e"), _by_run(tmp_path / "whole")
+    assert {k: r["step_loss"] for k, r in again.items()} == {k: r["step_loss"] for k, r in whole.items()}
+
+
+def test_a_stacked_group_that_fails_runs_again_run_by_run(tmp_path, monkeypatch):
+    from bnlab.train import single
+
+    spec = parse_experiment({**EXP, "variants": {"bn": EXP["variants"]["bn"]}})
+    monkeypatch.setattr(single, "train_runs_stacked", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("boom")))
+    prog = run_experiment(spec, tmp_path / "e", workers=1, stack="on")
+    runs = load_results(tmp_path / "e")[1]
+    assert prog.done == 3 and all(r["status"] == "done" and r["engine"] != "stacked:3" for r in runs)
+
+
+def test_diverged_members_are_recorded_as_diverged_by_the_runner(tmp_path):
+    spec = parse_experiment({**EXP, "train": {**EXP["train"], "lr": 1e12}, "variants": {"plain": EXP["variants"]["plain"]}})
+    run_experiment(spec, tmp_path / "e", workers=2, stack="on")
+    runs = load_results(tmp_path / "e")[1]
+    assert all(r["status"] == "diverged" and "diverged" in r["error"] for r in runs), [r["status"] for r in runs]
+    assert all(r["engine"] == "stacked:3" for r in runs)

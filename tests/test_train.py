@@ -16,7 +16,7 @@ from bnlab.data.dataset import Dataset
 from bnlab.models import build_model, load_model_spec
 from bnlab.nn import BatchNorm
 from bnlab.train import FusedMLPStep, evaluate, fit, make_optimizer, unsupported_layers
-from bnlab.train.engine import AutogradStep
+from bnlab.train.engine import AutogradStep, make_step
 from bnlab.train.native import NativeMLPStep
 
 
@@ -94,10 +94,11 @@ def test_fused_step_float32_tolerance(kind):
 
 
 def test_unsupported_models_use_autograd():
-    cnn = build_model({"kind": "cnn", "input_shape": [1, 8, 8], "blocks": [2], "final_block": None})
-    assert unsupported_layers(cnn)
+    renorm = build_model({"hidden": [4], "input_shape": [6], "num_classes": 2, "bn": "before", "norm": "renorm"})
+    assert unsupported_layers(renorm)
     with pytest.raises(ValueError, match="does not support"):
-        FusedMLPStep(cnn)
+        FusedMLPStep(renorm)
+    assert make_step(renorm, "auto", None)[1] == "autograd"
 
 
 def _data(n=256, seed=0):
@@ -327,7 +328,7 @@ def test_cnn_trains_with_augmentation():
     data = load_dataset("digits")
     h = fit(build_model(spec, seed=0), data, epochs=2, lr=1e-2, optimizer="adam", progress=False,
             augment=RandomAffine(shear_range=5, zoom_range=0.1))
-    assert h.engine == "autograd" and h.final.val_accuracy > 0.3
+    assert h.engine == "fused" and h.final.val_accuracy > 0.3
 
 
 def test_plain_log_lines_when_not_a_terminal(capsys):

@@ -53,6 +53,10 @@ def run(
     data_dir: str = typer.Option(None, "--data-dir", help="Folder with dataset files placed by hand."),
     workers: int = typer.Option(None, min=1, max=256, help="Worker processes (default: one per core)."),
     retry_failed: bool = typer.Option(False, "--retry-failed", help="Run failed runs again."),
+    stack: str = typer.Option("auto", "--stack", help="on: the runs of a variant that differ only in their seed "
+                              "train as one stacked model where they can (MLPs in fp32 without probes or per-run "
+                              "logs; results stored run by run; an interrupted group starts again); auto: on a "
+                              "GPU only; off: every run alone."),
 ) -> None:
     """Run an experiment (variants x seeds) resumably into a folder, then print its statistics
     and write the HTML report.
@@ -64,14 +68,14 @@ def run(
     Example: bnlab run demo --quick
     """
     try:
-        _run(experiment, seeds, quick, out, data_dir, workers, retry_failed)
+        _run(experiment, seeds, quick, out, data_dir, workers, retry_failed, stack)
     except KeyboardInterrupt:  # Ctrl-C while bnlab loads, before the experiment starts: nothing written yet
         console.print("interrupted before the experiment started; nothing was written", style="yellow")
         raise typer.Exit(code=130) from None
 
 
 def _run(experiment: str, seeds: int | None, quick: bool, out: Path | None, data_dir: str | None,
-         workers: int | None, retry_failed: bool) -> None:
+         workers: int | None, retry_failed: bool, stack: str = "auto") -> None:
     from rich.markup import escape
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
@@ -106,14 +110,15 @@ def _run(experiment: str, seeds: int | None, quick: bool, out: Path | None, data
     try:
         with bar:
             progress = run_experiment(spec, folder, quick=quick, workers=workers, data_dir=data_dir, seeds=seeds,
-                                      retry_failed=retry_failed, on_progress=on_progress)
+                                      retry_failed=retry_failed, on_progress=on_progress, stack=stack)
     except ExperimentInterrupted as e:
         for line in e.lines():
             console.print(escape(line), style="yellow", soft_wrap=True)
         same = ["bnlab", "run", experiment, "--out", str(folder)] + (["--quick"] if quick else []) + \
                (["--seeds", str(seeds)] if seeds is not None else []) + \
                (["--data-dir", data_dir] if data_dir is not None else []) + \
-               (["--workers", str(workers)] if workers is not None else []) + (["--retry-failed"] if retry_failed else [])
+               (["--workers", str(workers)] if workers is not None else []) + \
+               (["--retry-failed"] if retry_failed else []) + (["--stack", stack] if stack != "auto" else [])
         console.print(escape(f"to resume, run the same command: {shlex.join(same)}"), soft_wrap=True)
         raise typer.Exit(code=exit_code(e.signal))
     except (SpecError, StoreError, DatasetUnavailable, ChecksumError, CorruptFileError, ValueError, OSError) as e:

@@ -19,7 +19,7 @@ from torch import nn
 
 from bnlab.data.augment import RandomAffine
 from bnlab.data.dataset import Dataset
-from bnlab.train.fused import FusedMLPStep, unsupported_layers
+from bnlab.train.fused import MIXED, FusedMLPStep, unsupported_layers
 from bnlab.train.history import EpochRecord, History
 from bnlab.train.optim import make_optimizer
 from bnlab.train.precision import OptimizerStep, autocast, check_precision
@@ -95,11 +95,12 @@ def make_step(model: nn.Module, engine: str, generator: torch.Generator | None, 
     bad = unsupported_layers(model)
     if engine in ("fused", "native") and bad:
         raise ValueError(f"engine={engine!r} needs an MLP; unsupported: " + ", ".join(bad))
-    if engine in ("fused", "native") and precision != "fp32":
-        raise ValueError(f"engine={engine!r} runs in fp32 only (precision {precision!r} was asked for); "
-                         "use engine='auto' or 'autograd'")
-    if engine == "autograd" or bad or precision != "fp32":
+    if engine == "native" and precision != "fp32" or engine == "fused" and precision not in MIXED:
+        raise ValueError(f"engine={engine!r} does not run precision {precision!r}; use engine='auto' or 'autograd'")
+    if engine == "autograd" or bad or precision not in MIXED:
         return AutogradStep(model, precision, backward), "autograd"
+    if precision != "fp32":
+        return FusedMLPStep(model, generator, precision=precision), "fused"
     if engine in ("auto", "native"):
         from bnlab.train import native
         w = next(model.parameters())

@@ -1,22 +1,29 @@
-"""A hand-written training step for a whole MLP: forward, explicit backward, no autograd graph.
+"""A hand-written training step for a whole Sequential network: forward, explicit backward, no autograd graph.
 
 Why: at batch 32 an MLP step on a CPU is dominated by per-operation overhead (autograd nodes,
-module calls, small allocations), not arithmetic. This program runs the same maths as autograd
-through the same layers with fewer, cheaper ops:
+module calls, small allocations), not arithmetic; a CNN step by memory passes over its feature maps.
+This program runs the same maths as autograd through the same layers with fewer, cheaper ops:
 
 * BN through ATen's native batch-norm kernels (one op forward, one op backward; the same maths
   as ``bnlab.nn.BatchNorm``), and the running statistics of every BN layer updated by a few
   ``foreach`` ops with ``bnlab.conventions.running_update``;
+* convolutions and max-pooling through the ATen kernels autograd runs, channels_last end to end;
+* a ReLU after BN / Linear / Conv applied in place (nothing else holds that tensor);
 * the aten backward kernels autograd itself uses for the activations;
 * the loss gradient (softmax - onehot)/N by ATen's nll_loss / log_softmax backward kernels;
 * gradients written straight into each parameter's ``.grad``, so any ``torch.optim`` optimizer
   steps as usual; or, for plain SGD, the update fused into the backward GEMM
   (``W.addmm_(dyᵀ, h, alpha=-lr)``: no dW tensor, no optimizer pass);
-* no dx for the network's input.
+* no dx for the network's input;
+* ``precision="bf16-mixed"``: convolutions and matrix products in bfloat16 (weights cast each step),
+  BN statistics float32 (ATen's mixed-type kernels), the loss in float32, float32 gradients: what
+  ``torch.autocast`` does, without its dispatch.
 
-``tests/test_train.py`` proves it matches the autograd path within float tolerance.
-Supported: an ``nn.Sequential`` of Flatten, Linear, bnlab BatchNorm on (N, C), the activations of
-the model specs, and Dropout, ending in Linear. Anything else takes the autograd path.
+``tests/test_train.py`` and ``tests/test_fused_cnn.py`` prove it matches the autograd path (float64,
+1e-10); ``tests/test_precision.py`` that its bf16-mixed step matches autocast's within bfloat16's rounding.
+Supported: an ``nn.Sequential`` of Conv2d (zero padding given as numbers, one group), MaxPool2d, bnlab
+BatchNorm (not renorm / ghost), the activations of the model specs and Dropout, then Flatten, Linear,
+BN on (N, C), activations and Dropout, ending in Linear. Anything else takes the autograd path.
 """
 
 from __future__ import annotations
@@ -44,6 +51,7 @@ class _Update:
     def vector(self, p: torch.Tensor | None, g: torch.Tensor) -> None:
         if p is None or not p.requires_grad:
             return
+        g = g if g.dtype == p.dtype else g.to(p.dtype)  # mixed precision: float32 gradients
         if self.lr is None:
             p.grad = g
         else:
@@ -55,7 +63,8 @@ class _Update:
         if not w.requires_grad:
             return
         if self.lr is None:
-            w.grad = torch.mm(dy.t(), h)
+            g = torch.mm(dy.t(), h)
+            w.grad = g if g.dtype == w.dtype else g.to(w.dtype)
         else:
             w.addmm_(dy.t(), h, alpha=-self.lr)
 
@@ -74,16 +83,23 @@ class _Flatten:
         return dy.reshape(self.shape) if need_dx else None
 
 
+def _low(t: torch.Tensor | None, dtype: torch.dtype | None) -> torch.Tensor | None:
+    """``t`` in the compute type of mixed precision (itself in fp32)."""
+    return t if t is None or dtype is None or t.dtype == dtype else t.to(dtype)
+
+
 class _Linear:
-    def __init__(self, module: nn.Linear):
-        self.w, self.b = module.weight, module.bias
+    def __init__(self, module: nn.Linear, dtype: torch.dtype | None = None):
+        self.w, self.b, self.dtype = module.weight, module.bias, dtype
 
     def forward(self, h, training):
-        self.h = h  # (N, in)
-        return F.linear(h, self.w, self.b)
+        self.h = _low(h, self.dtype)  # (N, in)
+        self.w_low = _low(self.w, self.dtype)
+        return F.linear(self.h, self.w_low, _low(self.b, self.dtype))
 
     def backward(self, dy, need_dx, upd):  # dy: (N, out)
-        dx = torch.mm(dy, self.w) if need_dx else None  # dx = dy W, with W before any update
+        dy = _low(dy, self.dtype)
+        dx = torch.mm(dy, self.w_low) if need_dx else None  # dx = dy W, with W before any update
         if self.b is not None:
             upd.vector(self.b, dy.sum(0))
         upd.matmul(self.w, dy, self.h)
@@ -103,19 +119,29 @@ class _BatchNorm:
         m = self.m
         if not (training or not m.track_running_stats):
             return m(h)  # eval: running statistics
-        if h.shape[0] < 2:
+        if h.numel() // h.shape[1] < 2:
             m(h)  # raises the layer's own clear error
         self.h = h
         y, self.mean, self.invstd = torch.native_batch_norm(h, m.weight, m.bias, None, None, True, 0.0, m.eps)
         self.stats = training and m.track_running_stats
+        if self.stats and h.dim() > 2:
+            # feature maps: the variance from invstd (float64: var = invstd⁻² - eps), whose relative error
+            # is that of invstd's type times (1 + eps/var), at most 2.4e-7 in float32 while var >= eps;
+            # the exact passes below cost ~40% of a bf16 CNN step, so they run only where var < eps
+            var = self.invstd.double().pow(-2).sub_(m.eps)
+            if not bool((var < m.eps).any()):
+                self.var = var.to(self.mean.dtype)
+                return y
         if self.stats:
             # the biased variance itself: rebuilt as invstd⁻² - eps it loses its digits when var << eps.
             # Corrected two-pass (mean(d²) - mean(d)², d = h - mean): as exact as torch.var, but torch.var
             # over dim 0 takes its slow strided path (~100 µs at (32, 300) against ~25 µs)
             hs = h.float() if h.dtype in (torch.float16, torch.bfloat16) else h
-            d = torch.sub(hs, self.mean.to(hs.dtype))
-            drift = d.mean(0)
-            self.var = d.square_().mean(0).sub_(drift.square_())
+            dims = [0] + list(range(2, h.dim()))
+            shape = [1, -1] + [1] * (h.dim() - 2)
+            d = torch.sub(hs, self.mean.to(hs.dtype).view(shape))
+            drift = d.mean(dims)
+            self.var = d.square_().mean(dims).sub_(drift.square_())
         return y
 
     def running_update(self) -> RunningUpdate | None:
@@ -125,7 +151,7 @@ class _BatchNorm:
         m = self.m
         n_tracked = int(m.num_batches_tracked) + 1 if m.momentum is None else 1  # counting this batch
         self.stats = None
-        return running_update(self.conv, m.momentum, n_tracked, self.h.shape[0])
+        return running_update(self.conv, m.momentum, n_tracked, self.h.numel() // self.h.shape[1])
 
     def backward(self, dy, need_dx, upd):
         m = self.m
@@ -138,13 +164,15 @@ class _BatchNorm:
 
 
 class _Activation:
-    def __init__(self, module):
-        self.kind, self.module = type(module), module
+    def __init__(self, module, in_place: bool = False):
+        # in_place: the op before it keeps no reference to its output (BN, Linear, Conv), so ReLU
+        # may overwrite it and save a pass over memory
+        self.kind, self.module, self.in_place = type(module), module, in_place
 
     def forward(self, h, training):
         k = self.kind
         if k is nn.ReLU:
-            out = torch.relu(h)
+            out = torch.relu_(h) if self.in_place else torch.relu(h)
         elif k is nn.LeakyReLU:
             self.saved = h
             return F.leaky_relu(h, self.module.negative_slope)
@@ -172,6 +200,44 @@ class _Activation:
         return dy  # Identity
 
 
+class _Conv2d:
+    def __init__(self, module: nn.Conv2d, dtype: torch.dtype | None = None):
+        self.m, self.dtype = module, dtype
+
+    def forward(self, h, training):
+        m = self.m
+        self.h, self.w = _low(h, self.dtype), _low(m.weight, self.dtype)
+        return F.conv2d(self.h, self.w, _low(m.bias, self.dtype), m.stride, m.padding, m.dilation, m.groups)
+
+    def backward(self, dy, need_dx, upd):
+        m = self.m
+        need_b = m.bias is not None and m.bias.requires_grad
+        dx, dw, db = aten.convolution_backward(
+            _low(dy, self.dtype), self.h, self.w, [m.out_channels] if m.bias is not None else None, m.stride, m.padding,
+            m.dilation, False, [0, 0], m.groups, [need_dx, m.weight.requires_grad, need_b])
+        if m.weight.requires_grad:
+            upd.vector(m.weight, dw)
+        if need_b:
+            upd.vector(m.bias, db)
+        return dx
+
+
+class _MaxPool2d:
+    def __init__(self, module: nn.MaxPool2d):
+        m = module
+        pair = lambda v: [v, v] if isinstance(v, int) else list(v)  # noqa: E731
+        self.args = (pair(m.kernel_size), pair(m.stride if m.stride is not None else m.kernel_size),
+                     pair(m.padding), pair(m.dilation), m.ceil_mode)
+
+    def forward(self, h, training):
+        self.h = h
+        y, self.idx = aten.max_pool2d_with_indices(h, *self.args)
+        return y
+
+    def backward(self, dy, need_dx, upd):
+        return aten.max_pool2d_with_indices_backward(dy, self.h, *self.args, self.idx) if need_dx else None
+
+
 class _Dropout:
     def __init__(self, module: nn.Dropout, generator):
         self.p, self.generator, self.mask = module.p, generator, None
@@ -180,7 +246,11 @@ class _Dropout:
         if not training or self.p == 0:
             self.mask = None
             return h
-        keep = torch.rand(h.shape, generator=self.generator).to(h.device) >= self.p
+        if h.dim() == 2:
+            keep = torch.rand(h.shape, generator=self.generator).to(h.device) >= self.p
+        else:  # drawn in the tensor's own memory order, so a channels_last tensor stays channels_last
+            keep = torch.empty_like(h, dtype=torch.float32, device="cpu").uniform_(generator=self.generator)
+            keep = keep.to(h.device) >= self.p
         self.mask = keep.to(h.dtype).div_(1 - self.p)
         return h * self.mask
 
@@ -191,18 +261,33 @@ class _Dropout:
 _ACTIVATIONS = (nn.ReLU, nn.Sigmoid, nn.Tanh, nn.LeakyReLU, nn.ELU, nn.SELU, nn.Identity)
 
 
+def _conv_supported(mod: nn.Module) -> bool:
+    return (type(mod) is nn.Conv2d and mod.padding_mode == "zeros" and not isinstance(mod.padding, str)
+            and mod.groups == 1)
+
+
+CONV_LAYERS = (nn.Conv2d, nn.MaxPool2d)
+# precision -> the type matrix products and convolutions run in (None: the parameters' own); fp16 needs
+# loss scaling and takes the autograd path
+MIXED = {"fp32": None, "bf16-mixed": torch.bfloat16}
+
+
 def unsupported_layers(model: nn.Module) -> list[str]:
     """Why ``model`` cannot use the fused step (empty list: it can)."""
     if not isinstance(model, nn.Sequential):
         return [f"{type(model).__name__} is not an nn.Sequential"]
     bad = []
     children = list(model.named_children())
+    flat = False  # after a Flatten only vectors flow
     for i, (name, mod) in enumerate(children):
-        if isinstance(mod, nn.Flatten) and i == 0:
+        if isinstance(mod, nn.Flatten) and not flat:
+            flat = True
             continue
         if type(mod) in (nn.Linear, nn.Dropout, *_ACTIVATIONS):
             continue
-        if type(mod) is BatchNorm and (mod.axis in (1, -1)):  # not renorm / ghost: their training differs
+        if not flat and (_conv_supported(mod) or type(mod) is nn.MaxPool2d and not mod.return_indices):
+            continue
+        if type(mod) is BatchNorm and (mod.axis in (1, -1) if flat else mod.axis == 1):  # not renorm / ghost
             continue
         bad.append(f"{name} ({type(mod).__name__})")
     if not children or not isinstance(children[-1][1], nn.Linear):
@@ -218,26 +303,37 @@ class FusedMLPStep:
     """
 
     def __init__(self, model: nn.Sequential, generator: torch.Generator | None = None, *,
-                 sgd_lr: float | None = None):
+                 sgd_lr: float | None = None, precision: str = "fp32"):
         bad = unsupported_layers(model)
         if bad:
             raise ValueError("the fused MLP step does not support: " + ", ".join(bad))
         self.model = model
         self.update = _Update(sgd_lr)
         self.applies_update = sgd_lr is not None
+        if precision not in MIXED:
+            raise ValueError(f"the fused step runs in {sorted(MIXED)} (got precision {precision!r})")
+        if precision != "fp32" and sgd_lr is not None:
+            raise ValueError("mixed precision keeps float32 weights: the update goes through an optimizer")
+        low = MIXED[precision]
         self.ops, self.bns = [], []
+        self.channels_last = any(isinstance(m, nn.Conv2d) for m in model.children())
         for mod in model.children():
             if isinstance(mod, nn.Flatten):
                 self.ops.append(_Flatten())
             elif isinstance(mod, nn.Linear):
-                self.ops.append(_Linear(mod))
+                self.ops.append(_Linear(mod, low))
+            elif isinstance(mod, nn.Conv2d):
+                self.ops.append(_Conv2d(mod, low))
+            elif isinstance(mod, nn.MaxPool2d):
+                self.ops.append(_MaxPool2d(mod))
             elif isinstance(mod, BatchNorm):
                 self.ops.append(_BatchNorm(mod))
                 self.bns.append(self.ops[-1])
             elif isinstance(mod, nn.Dropout):
                 self.ops.append(_Dropout(mod, generator))
             else:
-                self.ops.append(_Activation(mod))
+                prev = self.ops[-1] if self.ops else None
+                self.ops.append(_Activation(mod, in_place=isinstance(prev, (_BatchNorm, _Linear, _Conv2d))))
         out = list(model.children())[-1]
         self.one = torch.ones((), dtype=out.weight.dtype, device=out.weight.device)
 
@@ -263,9 +359,14 @@ class FusedMLPStep:
     @torch.no_grad()
     def __call__(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Forward + backward (+ SGD) on one batch. Returns (mean loss, number correct), 0-d tensors."""
-        h = x
+        # a CNN runs channels_last end to end: oneDNN's convolutions and ATen's BN / pooling kernels
+        # are fastest on it, and every op here keeps the layout of its input
+        h = x.contiguous(memory_format=torch.channels_last) if self.channels_last and x.dim() == 4 else x
+        dtypes = []  # each op's output type: its gradient comes back in it (fp32 ops get fp32 gradients)
         for op in self.ops:
             h = op.forward(h, True)
+            dtypes.append(h.dtype)
+        h = h.float() if h.dtype in (torch.float16, torch.bfloat16) else h  # the loss in float32, as autocast
         logp = torch.log_softmax(h, 1)  # (N, classes)
         loss, total = aten.nll_loss_forward(logp, y, None, 1, -100)  # mean reduction
         correct = (h.argmax(1) == y).sum()
@@ -273,7 +374,7 @@ class FusedMLPStep:
         dlogp = aten.nll_loss_backward(self.one, logp, y, None, 1, -100, total)
         dy = aten._log_softmax_backward_data(dlogp, logp, 1, logp.dtype)
         for i in range(len(self.ops) - 1, -1, -1):
-            dy = self.ops[i].backward(dy, i > 0, self.update)
+            dy = self.ops[i].backward(dy if dy.dtype == dtypes[i] else dy.to(dtypes[i]), i > 0, self.update)
         self.update.flush()
         self._update_running_stats()
         return loss, correct

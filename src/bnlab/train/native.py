@@ -172,9 +172,13 @@ def native_unsupported(model: nn.Sequential, device: torch.device, dtype: torch.
         bad.append(f"device {device.type}")
     if dtype not in (torch.float32, torch.float64):
         bad.append(f"dtype {dtype}")
+    from bnlab.train.fused import CONV_LAYERS
+
     for name, mod in model.named_children():
         if isinstance(mod, nn.Dropout) and mod.p > 0:
             bad.append(f"{name} (Dropout)")
+        if isinstance(mod, CONV_LAYERS):
+            bad.append(f"{name} ({type(mod).__name__}: the native step is for MLPs)")
     if any(not p.requires_grad for p in model.parameters()):
         bad.append("frozen parameters")
     if any(not t.is_contiguous() for t in (*model.parameters(), *model.buffers())):

@@ -195,6 +195,65 @@ def _run(spec, config: TrainConfig, out: Path | None, progress: bool, restart: b
             scratch.cleanup()
 
 
+def stack_refusal(spec, config: TrainConfig) -> str | None:
+    """Why a run of ``spec`` with ``config`` cannot train stacked with its other seeds (None: it can)."""
+    from bnlab.train.stacked import stack_unsupported
+
+    reasons = []
+    if config.precision != "fp32":
+        reasons.append(f"precision {config.precision}")
+    if config.engine != "auto":
+        reasons.append(f"engine {config.engine!r} asked for")
+    if config.probes is not None:
+        reasons.append("probes")
+    if config.tensorboard or config.csv_log:
+        reasons.append("per-run logs (tensorboard / csv_log)")
+    if config.max_seconds is not None:
+        reasons.append("a time budget")
+    if not reasons:
+        reasons += stack_unsupported(build_model(parse_model_spec(spec), seed=0))
+    return "; ".join(reasons) or None
+
+
+def train_runs_stacked(spec, configs: list[TrainConfig], outs: list[Path]) -> list[RunResult]:
+    """Runs that differ only in their seed, trained as one stacked model (``bnlab.train.stacked``), each
+    with the folder, checkpoints, measurements and history.json ``train_run`` gives it. The runs start
+    from zero (the runner stacks only runs without a saved state) and save no resumable state while
+    they train: interrupted, they start again from zero. Raises RunInterrupted(0) on a KeyboardInterrupt."""
+    from bnlab.train.stacked import fit_stacked
+
+    first = configs[0]
+    others = [c.model_dump(exclude={"seed"}) for c in configs]
+    if any(o != others[0] for o in others):
+        raise ValueError("stacked runs must differ in their seed only")
+    why = stack_refusal(spec, first)
+    if why:
+        raise ValueError(f"these runs cannot train stacked: {why}")
+    try:
+        data = load_dataset(first.dataset, data_dir=first.data_dir, validation=first.validation,
+                            scaling=first.scaling, seed=first.data_seed, **first.dataset_options)
+        spec, notes0 = adapt_spec_to_data(parse_model_spec(spec), data.input_shape, data.num_classes)
+        seeds = [c.seed for c in configs]
+        models, notes = [], []
+        for config, out in zip(configs, outs):
+            out = Path(out)
+            models.append(build_model(spec, seed=config.seed))
+            notes.append(notes0 + [f"trained stacked with seeds {seeds} as one model (bnlab.train.stacked)"])
+            _prepare_folder(out, run_settings(spec, config), config, notes[-1], restart=True)
+        aug = RandomAffine(**first.augment.model_dump()) if first.augment else None
+        hists = fit_stacked(models, data, seeds, optimizer=first.optimizer, lr=first.lr, momentum=first.momentum,
+                            nesterov=first.nesterov, weight_decay=first.weight_decay, batch_size=first.batch_size,
+                            epochs=first.epochs, target_accuracy=first.target_accuracy, augment=aug,
+                            checkpoint_dirs=[Path(o) / RUN_CHECKPOINTS["best"] for o in outs],
+                            monitor=first.monitor, patience=first.patience, max_steps=first.max_steps,
+                            keras_defaults=first.keras_defaults, device=first.device,
+                            checkpoint_meta=[{"train": c.model_dump()} for c in configs])
+        return [_finish(m, spec, c, data, n, Path(o), Path(o), h, None)
+                for m, c, n, o, h in zip(models, configs, notes, outs, hists)]
+    except KeyboardInterrupt as e:
+        raise RunInterrupted(0) from e
+
+
 def _prepare_folder(out: Path, settings: dict, config: TrainConfig, notes: list[str], restart: bool) -> TrainState | None:
     """Make ``out`` ready for the run and return the state to continue from (None: from zero)."""
     out.mkdir(parents=True, exist_ok=True)
@@ -220,9 +279,7 @@ def _prepare_folder(out: Path, settings: dict, config: TrainConfig, notes: list[
 
 def _train(model, spec, config, data, notes, out, folder: Path, progress: bool, settings: dict,
            state: TrainState | None, callbacks: list) -> RunResult:
-    best_dir, final_dir = folder / RUN_CHECKPOINTS["best"], folder / RUN_CHECKPOINTS["final"]
-    meta = {"train": config.model_dump(), "dataset": data.name,
-            "classes": list(data.classes) if data.classes else None}
+    best_dir = folder / RUN_CHECKPOINTS["best"]
     aug = RandomAffine(**config.augment.model_dump()) if config.augment else None
     hist = fit(model, data, optimizer=config.optimizer, lr=config.lr, momentum=config.momentum,
                nesterov=config.nesterov, weight_decay=config.weight_decay, batch_size=config.batch_size,
@@ -235,6 +292,16 @@ def _train(model, spec, config, data, notes, out, folder: Path, progress: bool, 
                callbacks=callbacks, precision=config.precision)
     if hist.stopped == "interrupted":  # only without a state folder; an interrupted run has no result
         raise RunInterrupted(0)
+    return _finish(model, spec, config, data, notes, out, folder, hist, state)
+
+
+def _finish(model, spec, config: TrainConfig, data, notes: list[str], out: Path | None, folder: Path,
+            hist: History, state: TrainState | None) -> RunResult:
+    """After training: save and measure the final model (and with precise BN statistics), measure the
+    best checkpoint, write history.json."""
+    best_dir, final_dir = folder / RUN_CHECKPOINTS["best"], folder / RUN_CHECKPOINTS["final"]
+    meta = {"train": config.model_dump(), "dataset": data.name,
+            "classes": list(data.classes) if data.classes else None}
     dev = next(model.parameters()).device
     data = data.to(dev)
     res = RunResult(hist, None, None, spec_to_dict(spec), config, notes, out, test_examples=len(data.y_test),

@@ -44,7 +44,11 @@ from bnlab.train.optim import make_optimizer
 
 def stack_unsupported(model: nn.Module) -> list[str]:
     """Why ``model`` cannot be trained stacked (empty: it can)."""
-    return unsupported_layers(model)
+    from bnlab.train.fused import CONV_LAYERS
+
+    conv = [f"{name} ({type(m).__name__}: stacking is for MLPs)" for name, m in model.named_children()
+            if isinstance(m, CONV_LAYERS)]
+    return conv + unsupported_layers(model)
 
 
 class _Linear:
