@@ -149,11 +149,10 @@ STEP_SPECS = {
 
 
 def training_step_checks(seed: int = 0, steps: int = 3) -> list[CheckRow]:
-    """The engine's fused and native MLP steps against the ordinary autograd step (float64): the
-    weights and running statistics after a few plain-SGD steps, and the losses on the way."""
-    from bnlab.models import build_model
+    """The engine's fused and native MLP steps, and the fused CNN step, against the ordinary autograd
+    step (float64): the weights and running statistics after a few plain-SGD steps, and the losses on
+    the way."""
     from bnlab.train import native
-    from bnlab.train.engine import AutogradStep
     from bnlab.train.fused import FusedMLPStep
 
     kinds = {"fused": FusedMLPStep}
@@ -164,27 +163,40 @@ def training_step_checks(seed: int = 0, steps: int = 3) -> list[CheckRow]:
                 torch.randint(0, 3, (16,), generator=g)) for _ in range(steps)]
     rows = []
     for label, spec in STEP_SPECS.items():
-        spec = {**spec, "input_shape": [12], "num_classes": 3}
-        ref_model = build_model(spec, seed=seed).double()
-        ref_step = AutogradStep(ref_model)
-        ref_losses = []
-        for x, y in batches:
-            ref_losses.append(float(ref_step(x, y)[0]))
-            with torch.no_grad():
-                for p in ref_model.parameters():
-                    p -= 0.05 * p.grad
-        for kind, step_cls in kinds.items():
-            model = build_model(spec, seed=seed).double()
-            step = step_cls(model, sgd_lr=0.05)
-            losses = [float(step(x, y)[0]) for x, y in batches]
-            # per tensor, max|a - b| / max(1, max|b|): a parameter whose true gradient is exactly 0
-            # (the input BN's beta when another BN follows) holds only rounding noise in both
-            state = max(float((a - b).abs().max()) / max(1.0, float(b.abs().max())) for a, b in
-                        zip(model.state_dict().values(), ref_model.state_dict().values()) if a.is_floating_point())
-            rows.append(_row("training step vs autograd (float64, |a - b| / max(1, |b|))", f"{kind}: {label}", "weights, stats",
-                             state, TORCH_TOL[torch.float64]))
-            rows.append(_row("training step vs autograd (float64, |a - b| / max(1, |b|))", f"{kind}: {label}", "losses",
-                             ref.relative_error(np.array(losses), np.array(ref_losses)), TORCH_TOL[torch.float64]))
+        rows += _step_rows(label, {**spec, "input_shape": [12], "num_classes": 3}, batches, kinds, seed)
+    # the fused step on a CNN (channels_last, BN on feature maps, max-pooling); the native step is for MLPs
+    images = [(torch.randn(8, 3, 8, 8, generator=g, dtype=torch.float64), torch.randint(0, 3, (8,), generator=g))
+              for _ in range(steps)]
+    cnn = {"kind": "cnn", "input_shape": [3, 8, 8], "num_classes": 3, "blocks": [4], "final_block": 4,
+           "bn": "before", "norm_options": {"convention": "keras"}}
+    return rows + _step_rows("CNN, BN before ReLU, keras convention", cnn, images, {"fused": FusedMLPStep}, seed)
+
+
+def _step_rows(label: str, spec: dict, batches, kinds: dict, seed: int) -> list[CheckRow]:
+    from bnlab.models import build_model
+    from bnlab.train.engine import AutogradStep
+
+    rows = []
+    ref_model = build_model(spec, seed=seed).double()
+    ref_step = AutogradStep(ref_model)
+    ref_losses = []
+    for x, y in batches:
+        ref_losses.append(float(ref_step(x, y)[0]))
+        with torch.no_grad():
+            for p in ref_model.parameters():
+                p -= 0.05 * p.grad
+    for kind, step_cls in kinds.items():
+        model = build_model(spec, seed=seed).double()
+        step = step_cls(model, sgd_lr=0.05)
+        losses = [float(step(x, y)[0]) for x, y in batches]
+        # per tensor, max|a - b| / max(1, max|b|): a parameter whose true gradient is exactly 0
+        # (the input BN's beta when another BN follows) holds only rounding noise in both
+        state = max(float((a - b).abs().max()) / max(1.0, float(b.abs().max())) for a, b in
+                    zip(model.state_dict().values(), ref_model.state_dict().values()) if a.is_floating_point())
+        rows.append(_row("training step vs autograd (float64, |a - b| / max(1, |b|))", f"{kind}: {label}", "weights, stats",
+                         state, TORCH_TOL[torch.float64]))
+        rows.append(_row("training step vs autograd (float64, |a - b| / max(1, |b|))", f"{kind}: {label}", "losses",
+                         ref.relative_error(np.array(losses), np.array(ref_losses)), TORCH_TOL[torch.float64]))
     return rows
 
 

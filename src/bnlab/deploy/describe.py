@@ -7,10 +7,10 @@ from torch import nn
 
 from bnlab.models.build import GlobalAvgPool
 from bnlab.models.spec import LayerDef, LayersSpec, NormSettings
+from bnlab.nn.activations import ACTIVATIONS
 from bnlab.nn import BatchNorm, BatchRenorm, GhostBatchNorm, GroupNorm, InstanceNorm, LayerNorm, WeightNorm
 
-_ACT = {nn.Sigmoid: "sigmoid", nn.Tanh: "tanh", nn.ReLU: "relu", nn.LeakyReLU: "leaky_relu", nn.ELU: "elu",
-        nn.SELU: "selu", nn.Identity: "linear"}
+_ACT = {a.module: a.name for a in ACTIVATIONS}
 
 
 def describe(model: nn.Sequential, *, input_shape, num_classes: int) -> LayersSpec:

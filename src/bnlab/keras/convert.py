@@ -23,10 +23,10 @@ import numpy as np
 import torch
 
 from bnlab.keras.files import KerasFileError, KerasModel
+from bnlab.nn.activations import NAMES
 from bnlab.models.build import keras_padding
 
-_ACTIVATIONS = {"relu": "relu", "elu": "elu", "selu": "selu", "sigmoid": "sigmoid", "tanh": "tanh",
-                "linear": "linear", "leaky_relu": "leaky_relu"}
+_ACTIVATIONS = NAMES  # Keras's activation names are the specs'
 KERAS3_LEAKY_SLOPE = 0.2  # keras.activations.leaky_relu's default negative_slope
 
 

@@ -12,6 +12,8 @@ import math
 import torch
 from torch import nn
 
+from bnlab.nn.activations import ACTIVATIONS, activation_module
+
 from bnlab.models.init import initialise
 from bnlab.models.spec import CNNSpec, LayerDef, LayersSpec, MLPSpec, parse_model_spec
 from bnlab.nn import BatchNorm, BatchRenorm, GhostBatchNorm, GroupNorm, InstanceNorm, LayerNorm, WeightNorm
@@ -113,13 +115,7 @@ class GlobalAvgPool(nn.Module):
         return x.mean(dim=(2, 3))
 
 
-def activation_module(name: str, slope: float) -> nn.Module:
-    return {"sigmoid": nn.Sigmoid, "tanh": nn.Tanh, "relu": nn.ReLU, "elu": nn.ELU, "selu": nn.SELU,
-            "linear": nn.Identity, "leaky_relu": lambda: nn.LeakyReLU(slope)}[name]()
-
-
-_KERAS_NAMES = {"sigmoid": "sigmoid", "tanh": "tanh", "relu": "re_lu", "leaky_relu": "leaky_re_lu",
-                "elu": "elu", "selu": "selu", "linear": "linear"}
+_KERAS_NAMES = {a.name: a.keras_layer for a in ACTIVATIONS}
 
 
 class SpecModel(nn.Sequential):

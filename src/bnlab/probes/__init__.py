@@ -56,7 +56,9 @@ import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 from torch import nn
 
-ACTIVATIONS = (nn.Sigmoid, nn.Tanh, nn.ReLU, nn.LeakyReLU, nn.ELU, nn.SELU)
+from bnlab.nn.activations import PROBED
+
+ACTIVATIONS = PROBED  # the nonlinearities whose inputs are probed (bnlab.nn.activations)
 PROBE_LAYER = "probe_batch"  # the layer name of the probe batch's own rows (images, from_validation)
 
 

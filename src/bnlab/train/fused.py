@@ -34,9 +34,9 @@ from torch import nn
 
 from bnlab.conventions import RunningUpdate, get_convention, running_update
 from bnlab.nn import BatchNorm
+from bnlab.nn.activations import BY_MODULE, MODULES
 
 aten = torch.ops.aten
-_SELU_ALPHA, _SELU_SCALE = 1.6732632423543772, 1.0507009873554805
 
 
 class _Update:
@@ -170,34 +170,16 @@ class _Activation:
         self.kind, self.module, self.in_place = type(module), module, in_place
 
     def forward(self, h, training):
-        k = self.kind
-        if k is nn.ReLU:
-            out = torch.relu_(h) if self.in_place else torch.relu(h)
-        elif k is nn.LeakyReLU:
-            self.saved = h
-            return F.leaky_relu(h, self.module.negative_slope)
-        elif k is nn.Identity:
-            return h
+        spec = BY_MODULE[self.kind]
+        if self.kind is nn.ReLU and self.in_place:
+            out = torch.relu_(h)
         else:
             out = self.module(h)
-        self.saved = out
+        self.saved = h if spec.saves_input else out
         return out
 
     def backward(self, dy, need_dx, upd):
-        k, s = self.kind, getattr(self, "saved", None)
-        if k is nn.ReLU:
-            return aten.threshold_backward(dy, s, 0)
-        if k is nn.Sigmoid:
-            return aten.sigmoid_backward(dy, s)
-        if k is nn.Tanh:
-            return aten.tanh_backward(dy, s)
-        if k is nn.LeakyReLU:
-            return aten.leaky_relu_backward(dy, s, self.module.negative_slope, False)
-        if k is nn.ELU:
-            return aten.elu_backward(dy, self.module.alpha, 1.0, 1.0, True, s)
-        if k is nn.SELU:
-            return aten.elu_backward(dy, _SELU_ALPHA, _SELU_SCALE, 1.0, True, s)
-        return dy  # Identity
+        return BY_MODULE[self.kind].backward(dy, self.module, self.saved)
 
 
 class _Conv2d:
@@ -258,7 +240,7 @@ class _Dropout:
         return dy if self.mask is None else dy * self.mask
 
 
-_ACTIVATIONS = (nn.ReLU, nn.Sigmoid, nn.Tanh, nn.LeakyReLU, nn.ELU, nn.SELU, nn.Identity)
+_ACTIVATIONS = MODULES
 
 
 def _conv_supported(mod: nn.Module) -> bool:

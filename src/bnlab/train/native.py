@@ -27,11 +27,11 @@ from torch import nn
 
 from bnlab.conventions import get_convention, running_update
 from bnlab.nn import BatchNorm
+from bnlab.nn.activations import BY_MODULE
 
 SOURCE = Path(__file__).with_name("native") / "mlp_step.cpp"
 SLOTS = 7  # tensors and scalars per op, as in mlp_step.cpp
 _LINEAR, _BATCHNORM, _ACTIVATION = 0, 1, 2
-_ACTIVATIONS = {nn.ReLU: 0, nn.Sigmoid: 1, nn.Tanh: 2, nn.LeakyReLU: 3, nn.ELU: 4, nn.SELU: 5, nn.Identity: 6}
 
 _lock = threading.Lock()
 _state: dict[str, object] = {}
@@ -239,7 +239,7 @@ class NativeMLPStep:
                 # factor and variance correction: set per batch size by _set_running_updates
                 values[:4] = [mod.eps, 0.0, 1.0, float(mod.track_running_stats)]
             else:
-                code = (_ACTIVATION, _ACTIVATIONS[type(mod)])
+                code = (_ACTIVATION, BY_MODULE[type(mod)].native)
                 values[0] = float(getattr(mod, "negative_slope", getattr(mod, "alpha", 0.0)))
             codes += code
             tensors += slots
