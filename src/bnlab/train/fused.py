@@ -21,9 +21,8 @@ This program runs the same maths as autograd through the same layers with fewer,
 
 ``tests/test_train.py`` and ``tests/test_fused_cnn.py`` prove it matches the autograd path (float64,
 1e-10); ``tests/test_precision.py`` that its bf16-mixed step matches autocast's within bfloat16's rounding.
-Supported: an ``nn.Sequential`` of Conv2d (zero padding given as numbers, one group), MaxPool2d, bnlab
-BatchNorm (not renorm / ghost), the activations of the model specs and Dropout, then Flatten, Linear,
-BN on (N, C), activations and Dropout, ending in Linear. Anything else takes the autograd path.
+What it supports is ``bnlab.train.program``'s to say (one support check for every engine); anything
+else takes the autograd path.
 """
 
 from __future__ import annotations
@@ -34,7 +33,8 @@ from torch import nn
 
 from bnlab.conventions import RunningUpdate, get_convention, running_update
 from bnlab.nn import BatchNorm
-from bnlab.nn.activations import BY_MODULE, MODULES
+from bnlab.nn.activations import BY_MODULE
+from bnlab.train.program import program_of
 
 aten = torch.ops.aten
 
@@ -240,41 +240,14 @@ class _Dropout:
         return dy if self.mask is None else dy * self.mask
 
 
-_ACTIVATIONS = MODULES
-
-
-def _conv_supported(mod: nn.Module) -> bool:
-    return (type(mod) is nn.Conv2d and mod.padding_mode == "zeros" and not isinstance(mod.padding, str)
-            and mod.groups == 1)
-
-
-CONV_LAYERS = (nn.Conv2d, nn.MaxPool2d)
 # precision -> the type matrix products and convolutions run in (None: the parameters' own); fp16 needs
 # loss scaling and takes the autograd path
 MIXED = {"fp32": None, "bf16-mixed": torch.bfloat16}
 
 
 def unsupported_layers(model: nn.Module) -> list[str]:
-    """Why ``model`` cannot use the fused step (empty list: it can)."""
-    if not isinstance(model, nn.Sequential):
-        return [f"{type(model).__name__} is not an nn.Sequential"]
-    bad = []
-    children = list(model.named_children())
-    flat = False  # after a Flatten only vectors flow
-    for i, (name, mod) in enumerate(children):
-        if isinstance(mod, nn.Flatten) and not flat:
-            flat = True
-            continue
-        if type(mod) in (nn.Linear, nn.Dropout, *_ACTIVATIONS):
-            continue
-        if not flat and (_conv_supported(mod) or type(mod) is nn.MaxPool2d and not mod.return_indices):
-            continue
-        if type(mod) is BatchNorm and (mod.axis in (1, -1) if flat else mod.axis == 1):  # not renorm / ghost
-            continue
-        bad.append(f"{name} ({type(mod).__name__})")
-    if not children or not isinstance(children[-1][1], nn.Linear):
-        bad.append("the last layer is not Linear")
-    return bad
+    """Why ``model`` cannot use the fused step (empty list: it can); ``bnlab.train.program`` decides."""
+    return program_of(model).reasons
 
 
 class FusedMLPStep:
@@ -298,20 +271,22 @@ class FusedMLPStep:
             raise ValueError("mixed precision keeps float32 weights: the update goes through an optimizer")
         low = MIXED[precision]
         self.ops, self.bns = [], []
-        self.channels_last = any(isinstance(m, nn.Conv2d) for m in model.children())
-        for mod in model.children():
-            if isinstance(mod, nn.Flatten):
+        prog = program_of(model)
+        self.channels_last = not prog.is_mlp
+        for op in prog.ops:
+            mod = op.module
+            if op.kind == "flatten":
                 self.ops.append(_Flatten())
-            elif isinstance(mod, nn.Linear):
+            elif op.kind == "linear":
                 self.ops.append(_Linear(mod, low))
-            elif isinstance(mod, nn.Conv2d):
+            elif op.kind == "conv2d":
                 self.ops.append(_Conv2d(mod, low))
-            elif isinstance(mod, nn.MaxPool2d):
+            elif op.kind == "maxpool2d":
                 self.ops.append(_MaxPool2d(mod))
-            elif isinstance(mod, BatchNorm):
+            elif op.kind == "batchnorm":
                 self.ops.append(_BatchNorm(mod))
                 self.bns.append(self.ops[-1])
-            elif isinstance(mod, nn.Dropout):
+            elif op.kind == "dropout":
                 self.ops.append(_Dropout(mod, generator))
             else:
                 prev = self.ops[-1] if self.ops else None

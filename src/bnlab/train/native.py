@@ -28,6 +28,7 @@ from torch import nn
 from bnlab.conventions import get_convention, running_update
 from bnlab.nn import BatchNorm
 from bnlab.nn.activations import BY_MODULE
+from bnlab.train.program import program_of
 
 SOURCE = Path(__file__).with_name("native") / "mlp_step.cpp"
 SLOTS = 7  # tensors and scalars per op, as in mlp_step.cpp
@@ -167,23 +168,7 @@ def load_seconds() -> float | None:
 
 def native_unsupported(model: nn.Sequential, device: torch.device, dtype: torch.dtype) -> list[str]:
     """Why the native step cannot run this (already fused-supported) MLP; empty: it can."""
-    bad = []
-    if device.type != "cpu":
-        bad.append(f"device {device.type}")
-    if dtype not in (torch.float32, torch.float64):
-        bad.append(f"dtype {dtype}")
-    from bnlab.train.fused import CONV_LAYERS
-
-    for name, mod in model.named_children():
-        if isinstance(mod, nn.Dropout) and mod.p > 0:
-            bad.append(f"{name} (Dropout)")
-        if isinstance(mod, CONV_LAYERS):
-            bad.append(f"{name} ({type(mod).__name__}: the native step is for MLPs)")
-    if any(not p.requires_grad for p in model.parameters()):
-        bad.append("frozen parameters")
-    if any(not t.is_contiguous() for t in (*model.parameters(), *model.buffers())):
-        bad.append("non-contiguous parameters")  # the C++ loops walk raw memory
-    return bad
+    return program_of(model).unsupported("native", device, dtype, model)
 
 
 def _check_widths(model: nn.Sequential) -> None:
@@ -222,15 +207,16 @@ class NativeMLPStep:
         tensors: list[torch.Tensor | None] = []
         scalars: list[float] = []
         _check_widths(model)
-        for mod in model.children():
-            if isinstance(mod, (nn.Flatten, nn.Dropout)):  # the step flattens its input; p=0 dropout is identity
+        for op in program_of(model).ops:
+            mod = op.module
+            if op.kind in ("flatten", "dropout"):  # the step flattens its input; p=0 dropout is identity
                 continue
             slots: list[torch.Tensor | None] = [None] * SLOTS
             values = [0.0] * SLOTS
-            if isinstance(mod, nn.Linear):
+            if op.kind == "linear":
                 code = (_LINEAR, 0)
                 slots[:4] = [mod.weight, mod.bias, self._grad(mod.weight), self._grad(mod.bias)]
-            elif isinstance(mod, BatchNorm):
+            elif op.kind == "batchnorm":
                 code = (_BATCHNORM, 0)
                 slots[:4] = [mod.weight, mod.bias, self._grad(mod.weight), self._grad(mod.bias)]
                 if mod.track_running_stats:

@@ -37,18 +37,14 @@ from bnlab.data.augment import RandomAffine
 from bnlab.data.dataset import Dataset
 from bnlab.nn import BatchNorm
 from bnlab.train.callbacks import Monitor, TrainContext
-from bnlab.train.fused import unsupported_layers
+from bnlab.train.program import program_of
 from bnlab.train.history import EpochRecord, History
 from bnlab.train.optim import make_optimizer
 
 
 def stack_unsupported(model: nn.Module) -> list[str]:
     """Why ``model`` cannot be trained stacked (empty: it can)."""
-    from bnlab.train.fused import CONV_LAYERS
-
-    conv = [f"{name} ({type(m).__name__}: stacking is for MLPs)" for name, m in model.named_children()
-            if isinstance(m, CONV_LAYERS)]
-    return conv + unsupported_layers(model)
+    return program_of(model).unsupported("stacked")
 
 
 class _Linear:
@@ -158,22 +154,16 @@ class StackedMLP:
             raise ValueError("stacked training does not support: " + ", ".join(bad))
         self.template = models[0]
         self.names, self.ops = [], []
-        for name, _ in models[0].named_children():
-            mods = [dict(m.named_children())[name] for m in models]
-            first = mods[0]
-            if isinstance(first, nn.Flatten):
-                op = None
-            elif isinstance(first, nn.Linear):
-                op = _Linear(mods)
-            elif isinstance(first, BatchNorm):
-                op = _BatchNorm(mods)
-            elif isinstance(first, nn.Dropout):
-                op = _Dropout(first)
-            else:
-                op = _Elementwise(first)
-            if op is not None:
-                self.names.append(name)
-                self.ops.append(op)
+        programs = [program_of(m).ops for m in models]
+        for step in zip(*programs):
+            first = step[0]
+            mods = [op.module for op in step]
+            if first.kind == "flatten":
+                continue  # forward flattens its input
+            op = {"linear": _Linear, "batchnorm": _BatchNorm}.get(first.kind)
+            op = op(mods) if op else _Dropout(first.module) if first.kind == "dropout" else _Elementwise(first.module)
+            self.names.append(first.name)
+            self.ops.append(op)
         for t in self.parameters():
             t.requires_grad_(True)
 
