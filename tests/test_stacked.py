@@ -219,22 +219,68 @@ def test_stack_groups_keep_apart_what_cannot_stack(tmp_path):
     assert all(len(u) == 1 for u in on_cpu) if not torch.cuda.is_available() else any(len(u) > 1 for u in on_cpu)
 
 
-def test_an_interrupted_stacked_group_starts_again_and_finishes(tmp_path, monkeypatch):
+def test_an_interrupted_stacked_group_continues_from_its_saved_epoch_bit_for_bit(tmp_path, monkeypatch):
     from bnlab.train import stacked
 
-    spec = parse_experiment({**EXP, "variants": {"bn": EXP["variants"]["bn"]}})
-    real = stacked.fit_stacked
-    monkeypatch.setattr(stacked, "fit_stacked", lambda *a, **k: (_ for _ in ()).throw(KeyboardInterrupt))
+    spec = parse_experiment({**EXP, "train": {**EXP["train"], "optimizer": "adam", "lr": 0.01, "patience": None},
+                             "variants": {"bn": EXP["variants"]["bn"]}})
+    real = stacked._evaluate
+    calls = []
+
+    def evaluate_then_stop(*a, **k):  # epoch 3's evaluation: epochs 1 and 2 are saved
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return real(*a, **k)
+
+    monkeypatch.setattr(stacked, "_evaluate", evaluate_then_stop)
     with pytest.raises(ExperimentInterrupted) as e:
         run_experiment(spec, tmp_path / "e", workers=1, stack="on")
-    assert len(e.value.unfinished) == 3 and not e.value.continue_from
-    assert all(r["status"] == "pending" for r in load_results(tmp_path / "e")[1])
-    monkeypatch.setattr(stacked, "fit_stacked", real)
-    prog = run_experiment(spec, tmp_path / "e", workers=1, stack="on")
-    assert prog.done == 3 and all(r["status"] == "done" for r in load_results(tmp_path / "e")[1])
-    run_experiment(spec, tmp_path / "whole", workers=1, stack="on")  # never interrupted: the same results
+    assert e.value.continue_from == {f"bn/seed-{s}": (2, 3) for s in range(3)}
+    monkeypatch.setattr(stacked, "_evaluate", real)
+    messages = []
+    prog = run_experiment(spec, tmp_path / "e", workers=1, stack="on", on_progress=lambda p, m: messages.append(m))
+    assert prog.done == 3 and any("continuing from epoch 2 of 3" in m for m in messages)
+    assert any("3 of them in 1 stacked group" in m for m in messages)
+    run_experiment(spec, tmp_path / "whole", workers=1, stack="on")  # never interrupted
     again, whole = _by_run(tmp_path / "e"), _by_run(tmp_path / "whole")
-    assert {k: r["step_loss"] for k, r in again.items()} == {k: r["step_loss"] for k, r in whole.items()}
+    for rid in whole:
+        for col in ("step_loss", "final_val_accuracy", "test_accuracy", "final_val_loss", "best_epoch"):
+            assert again[rid][col] == whole[rid][col], (rid, col)
+
+
+def test_a_member_state_written_stacked_continues_alone(tmp_path, monkeypatch):
+    """One member's state a different epoch from the others': each run continues alone from its own state
+    (the single-run path reads the stacked state), with the results of the uninterrupted run (float32
+    rounding aside)."""
+    from bnlab.train import stacked
+    from bnlab.train.resume import STATE_DIR
+    import shutil
+
+    spec = parse_experiment({**EXP, "train": {**EXP["train"], "optimizer": "rmsprop", "lr": 0.01, "patience": None},
+                             "variants": {"bn": EXP["variants"]["bn"]}})
+    real = stacked._evaluate
+    calls = []
+
+    def evaluate_then_stop(*a, **k):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return real(*a, **k)
+
+    monkeypatch.setattr(stacked, "_evaluate", evaluate_then_stop)
+    with pytest.raises(ExperimentInterrupted):
+        run_experiment(spec, tmp_path / "e", workers=1, stack="on")
+    monkeypatch.setattr(stacked, "_evaluate", real)
+    shutil.rmtree(tmp_path / "e" / "runs" / "bn" / "seed-0" / STATE_DIR)  # as if its state never got written
+    messages = []
+    run_experiment(spec, tmp_path / "e", workers=1, stack="on", on_progress=lambda p, m: messages.append(m))
+    assert any("bn/seed-1: continuing from epoch 2 of 3" in m for m in messages)
+    run_experiment(spec, tmp_path / "whole", workers=1, stack="on")
+    again, whole = _by_run(tmp_path / "e"), _by_run(tmp_path / "whole")
+    for rid in whole:
+        assert again[rid]["status"] == "done"
+        assert _close(_json.loads(again[rid]["step_loss"]), _json.loads(whole[rid]["step_loss"]), 1e-4), rid
 
 
 def test_a_stacked_group_that_fails_runs_again_run_by_run(tmp_path, monkeypatch):

@@ -55,7 +55,7 @@ def run(
     retry_failed: bool = typer.Option(False, "--retry-failed", help="Run failed runs again."),
     stack: str = typer.Option("auto", "--stack", help="on: the runs of a variant that differ only in their seed "
                               "train as one stacked model where they can (MLPs in fp32 without probes or per-run "
-                              "logs; results stored run by run; an interrupted group starts again); auto: on a "
+                              "logs; results stored run by run, resumable run by run); auto: on a "
                               "GPU only; off: every run alone."),
 ) -> None:
     """Run an experiment (variants x seeds) resumably into a folder, then print its statistics

@@ -183,12 +183,11 @@ STACK_MODES = ("auto", "on", "off")
 
 def stack_groups(pending: list[RunPlan], out: Path, stack: str) -> list[list[RunPlan]]:
     """The units of work. Stacking (``"on"``): the pending runs of one variant that differ only in their
-    seed, start from zero and can train stacked form one group (in the spec's order); every other run
-    is a unit of its own. ``"auto"`` stacks the runs that train on a GPU, where it pays; on a CPU each
-    run goes alone, because there it buys little (docs/results.md: 0.74x the time of separate runs for
-    five demo MLPs, about 1x for eight seed MLPs, whose batch-32 steps are already bound by their matrix
-    products) and an interrupted run continues from its own saved epoch bit for bit. ``"off"``: every
-    run alone."""
+    seed, can train stacked and stand at the same saved epoch (or none) form one group (in the spec's
+    order); every other run is a unit of its own. ``"auto"`` stacks the runs that train on a GPU, where
+    it pays; on a CPU each run goes alone, because there it buys nothing measurable (docs/results.md:
+    0.9-1.6x the time of separate runs, the batch-32 MLP steps being bound by their matrix products).
+    ``"off"``: every run alone."""
     if stack not in STACK_MODES:
         raise ValueError(f"unknown stack mode {stack!r}: expected one of {STACK_MODES}")
     if stack == "off":
@@ -207,9 +206,12 @@ def stack_groups(pending: list[RunPlan], out: Path, stack: str) -> list[list[Run
             on_gpu = resolve_device(config.device).type == "cuda"
         except ValueError:  # a GPU that is not there: the run alone says so
             on_gpu = False
-        if (stack == "auto" and not on_gpu) or resume_point(out / "runs" / p.run_id) or stack_refusal(p.model, config):
+        if (stack == "auto" and not on_gpu) or stack_refusal(p.model, config):
             units.append([p])
-        elif key in groups:
+            continue
+        # runs stack with those at the same saved epoch (none: from zero), so a group continues together
+        key += f"@{resume_point(out / 'runs' / p.run_id)}"
+        if key in groups:
             groups[key].append(p)
         else:
             groups[key] = [p]

@@ -217,9 +217,11 @@ def stack_refusal(spec, config: TrainConfig) -> str | None:
 
 def train_runs_stacked(spec, configs: list[TrainConfig], outs: list[Path]) -> list[RunResult]:
     """Runs that differ only in their seed, trained as one stacked model (``bnlab.train.stacked``), each
-    with the folder, checkpoints, measurements and history.json ``train_run`` gives it. The runs start
-    from zero (the runner stacks only runs without a saved state) and save no resumable state while
-    they train: interrupted, they start again from zero. Raises RunInterrupted(0) on a KeyboardInterrupt."""
+    with the folder, checkpoints, measurements and history.json ``train_run`` gives it. Each member saves
+    the resumable state a single run saves at every epoch's end; runs whose folders all hold states of
+    one unfinished epoch (or none) continue stacked from them. Any other mix raises ValueError before
+    anything is written (the runner then runs them one by one, each from its own state). Raises
+    RunInterrupted on a KeyboardInterrupt."""
     from bnlab.train.stacked import fit_stacked
 
     first = configs[0]
@@ -229,29 +231,36 @@ def train_runs_stacked(spec, configs: list[TrainConfig], outs: list[Path]) -> li
     why = stack_refusal(spec, first)
     if why:
         raise ValueError(f"these runs cannot train stacked: {why}")
+    outs = [Path(o) for o in outs]
     try:
         data = load_dataset(first.dataset, data_dir=first.data_dir, validation=first.validation,
                             scaling=first.scaling, seed=first.data_seed, **first.dataset_options)
         spec, notes0 = adapt_spec_to_data(parse_model_spec(spec), data.input_shape, data.num_classes)
+        settings = [run_settings(spec, c) for c in configs]
+        found = [read_state(o / STATE_DIR, st)[0] for o, st in zip(outs, settings)]
+        if any(f is not None for f in found) and (
+                any(f is None or f.finished for f in found) or len({(f.epoch, f.steps) for f in found}) != 1):
+            raise ValueError("the runs' saved states are not all of one unfinished epoch: they continue one by one")
         seeds = [c.seed for c in configs]
-        models, notes = [], []
-        for config, out in zip(configs, outs):
-            out = Path(out)
+        models, notes, states = [], [], []
+        for config, out, st in zip(configs, outs, settings):
             models.append(build_model(spec, seed=config.seed))
             notes.append(notes0 + [f"trained stacked with seeds {seeds} as one model (bnlab.train.stacked)"])
-            _prepare_folder(out, run_settings(spec, config), config, notes[-1], restart=True)
+            states.append(_prepare_folder(out, st, config, notes[-1], restart=False))
+        resume = states if states[0] is not None else None
         aug = RandomAffine(**first.augment.model_dump()) if first.augment else None
         hists = fit_stacked(models, data, seeds, optimizer=first.optimizer, lr=first.lr, momentum=first.momentum,
                             nesterov=first.nesterov, weight_decay=first.weight_decay, batch_size=first.batch_size,
                             epochs=first.epochs, target_accuracy=first.target_accuracy, augment=aug,
-                            checkpoint_dirs=[Path(o) / RUN_CHECKPOINTS["best"] for o in outs],
+                            checkpoint_dirs=[o / RUN_CHECKPOINTS["best"] for o in outs],
                             monitor=first.monitor, patience=first.patience, max_steps=first.max_steps,
                             keras_defaults=first.keras_defaults, device=first.device,
-                            checkpoint_meta=[{"train": c.model_dump()} for c in configs])
-        return [_finish(m, spec, c, data, n, Path(o), Path(o), h, None)
-                for m, c, n, o, h in zip(models, configs, notes, outs, hists)]
+                            checkpoint_meta=[{"train": c.model_dump()} for c in configs],
+                            state_dirs=[o / STATE_DIR for o in outs], state_settings=settings, resume_from=resume)
+        return [_finish(m, spec, c, data, n, o, o, h, st)
+                for m, c, n, o, h, st in zip(models, configs, notes, outs, hists, states)]
     except KeyboardInterrupt as e:
-        raise RunInterrupted(0) from e
+        raise RunInterrupted(min((resume_point(o) or 0) for o in outs)) from e
 
 
 def _prepare_folder(out: Path, settings: dict, config: TrainConfig, notes: list[str], restart: bool) -> TrainState | None:

@@ -13,7 +13,9 @@ product (``torch.baddbmm``). What stays per member, so that each member's Histor
   is K independent optimizers;
 * divergence and early stopping: a member whose loss becomes non-finite, or whose patience runs out,
   leaves the stack (its tensors and optimizer state are sliced away) and the others go on;
-* its best checkpoint and its History.
+* its best checkpoint and its History;
+* its resumable state (``state_dirs``): the one a single run writes, so the group can continue
+  together, or the member alone.
 
 Each epoch's ``seconds`` is the member's share of the stacked epoch (its wall time over the members
 trained in it). Supported: the MLPs of ``bnlab.train.fused`` (Flatten, Linear, bnlab BatchNorm on
@@ -168,7 +170,35 @@ class StackedMLP:
             t.requires_grad_(True)
 
     def parameters(self) -> list[torch.Tensor]:
+        """The stacked tensors, in the single model's ``parameters()`` order."""
         return [t for op in self.ops if hasattr(op, "tensors") for t in op.tensors()]
+
+    def _transposed(self) -> list[bool]:
+        """Per parameter: stored transposed (a Linear weight is (K, in, out), the model's (out, in))."""
+        return [isinstance(op, _Linear) and t is op.w for op in self.ops if hasattr(op, "tensors")
+                for t in op.tensors()]
+
+    def member_optimizer_state(self, opt: torch.optim.Optimizer, k: int) -> dict:
+        """Member ``k``'s optimizer state as a single model's ``optimizer.state_dict()["state"]``."""
+        out = {}
+        for i, (p, t) in enumerate(zip(self.parameters(), self._transposed())):
+            st = opt.state.get(p)
+            if st:
+                out[i] = {key: (v[k].transpose(0, 1) if t else v[k]).clone().contiguous()
+                          if isinstance(v, torch.Tensor) and v.dim() == p.dim() else
+                          (v.clone() if isinstance(v, torch.Tensor) else v) for key, v in st.items()}
+        return out
+
+    def load_optimizer_states(self, opt: torch.optim.Optimizer, states: list[dict]) -> None:
+        """Stack the members' single-model optimizer states (``member_optimizer_state``'s form) into ``opt``."""
+        for i, (p, t) in enumerate(zip(self.parameters(), self._transposed())):
+            per = [s.get(i) or s.get(str(i)) for s in states]
+            if not per[0]:
+                continue
+            opt.state[p] = {key: torch.stack([(d[key].transpose(0, 1) if t else d[key]) for d in per]).to(p.device)
+                            if isinstance(per[0][key], torch.Tensor) and per[0][key].dim() == p.dim() - 1 else
+                            (per[0][key].clone() if isinstance(per[0][key], torch.Tensor) else per[0][key])
+                            for key in per[0]}
 
     def forward(self, x: torch.Tensor, training: bool, gens=()) -> torch.Tensor:
         """x: (K, B, ...) -> logits (K, B, classes)."""
@@ -224,17 +254,28 @@ def fit_stacked(models: list[nn.Sequential], data: Dataset, seeds: list[int], *,
                 augment: RandomAffine | None = None, checkpoint_dirs: list[str | Path | None] | None = None,
                 monitor: str = "val_accuracy", patience: int | None = None, max_steps: int | None = None,
                 eval_batch_size: int = 1024, keras_defaults: bool = True, checkpoint_meta: list[dict] | None = None,
-                device: str | None = "cpu") -> list[History]:
+                device: str | None = "cpu", state_dirs: list[str | Path] | None = None,
+                state_settings: list[dict] | None = None, resume_from: list | None = None) -> list[History]:
     """Train ``models[k]`` (built for ``seeds[k]``) as one stacked model; return each member's History,
     the History ``fit(models[k], data, seed=seeds[k], ...)`` gives with the same arguments. The models
-    get their final weights back. See the module's docstring for what is per member."""
+    get their final weights back. See the module's docstring for what is per member.
+
+    ``state_dirs`` / ``state_settings``: each member writes the resumable state a single run would
+    (``bnlab.train.resume``) at every epoch's end, so it can continue stacked with the same group or
+    alone. ``resume_from``: every member's state, all of one unfinished epoch, to continue from."""
     from bnlab.train.engine import epoch_order, resolve_device, stream_seed
+    from bnlab.train.resume import TrainState, rng_states, save_state
 
     if len(models) != len(seeds) or not models:
         raise ValueError(f"need one seed per model (got {len(models)} models and {len(seeds)} seeds)")
     if batch_size < 1 or epochs < 1:
         raise ValueError(f"batch_size and epochs must be >= 1 (got batch_size={batch_size}, epochs={epochs})")
     dev = resolve_device(device)
+    if resume_from is not None:
+        if len({(st.epoch, st.steps, st.finished) for st in resume_from}) != 1 or resume_from[0].finished:
+            raise ValueError("stacked members continue together only from unfinished states of one epoch")
+        for m, st in zip(models, resume_from):
+            m.load_state_dict(st.model)
     for m in models:
         m.to(dev).train()
     data = data.to(dev)
@@ -247,6 +288,16 @@ def fit_stacked(models: list[nn.Sequential], data: Dataset, seeds: list[int], *,
                for k, s in enumerate(seeds)]
     opt = make_optimizer(optimizer, stack.parameters(), lr=lr, momentum=momentum, nesterov=nesterov,
                          weight_decay=weight_decay, keras_defaults=keras_defaults)
+    first_epoch, steps_done, elapsed = 1, 0, 0.0
+    if resume_from is not None:
+        first_epoch, steps_done, elapsed = resume_from[0].epoch + 1, resume_from[0].steps, resume_from[0].elapsed
+        stack.load_optimizer_states(opt, [st.optimizer or {} for st in resume_from])
+        for mem, st in zip(members, resume_from):
+            mem.order.set_state(st.rng["order"])
+            mem.noise.set_state(st.rng["noise"])
+            mem.history, mem.history.engine = st.history, f"stacked:{len(models)}"
+            mem.monitor.best_value, mem.monitor.best_epoch, mem.monitor.since_best = (
+                st.best_value, st.best_epoch, st.since_best)
     n = len(data.y_train)
     if n < 2:
         raise ValueError(f"need at least 2 training examples (got {n})")
@@ -254,7 +305,7 @@ def fit_stacked(models: list[nn.Sequential], data: Dataset, seeds: list[int], *,
     if len(batches) > 1 and batches[-1][1] - batches[-1][0] == 1:
         batches.pop()
     alive = list(members)
-    steps_done, start = 0, time.perf_counter()
+    start = time.perf_counter() - elapsed
     dtype = stack.parameters()[0].dtype
 
     def leave(gone: list[_Member]) -> None:
@@ -266,7 +317,7 @@ def fit_stacked(models: list[nn.Sequential], data: Dataset, seeds: list[int], *,
         if alive:
             stack.keep(rows, opt)
 
-    for epoch in range(1, epochs + 1):
+    for epoch in range(first_epoch, epochs + 1):
         if not alive:
             break
         t0 = time.perf_counter()
@@ -331,6 +382,15 @@ def fit_stacked(models: list[nn.Sequential], data: Dataset, seeds: list[int], *,
                 stopping.append(mem)
             elif max_steps is not None and steps_done >= max_steps:
                 mem.history.stopped, mem.history.message = "budget", f"step budget of {max_steps} used"
+        if state_dirs is not None:  # what a single run saves at this epoch's end, member by member
+            for k, mem in enumerate(alive):
+                finished = mem.history.stopped != "completed" or epoch == epochs
+                save_state(state_dirs[mem.index], TrainState(
+                    epoch, steps_done, time.perf_counter() - start, finished, mem.history, mem.monitor.best_value,
+                    mem.monitor.best_epoch, mem.monitor.since_best, f"stacked:{len(models)}",
+                    stack.member_state_dict(k), stack.member_optimizer_state(opt, k),
+                    {**rng_states({"order": mem.order, "noise": mem.noise}, dev)}, None),
+                    state_settings[mem.index])
         if stopping:
             leave(stopping)
         if max_steps is not None and steps_done >= max_steps:
