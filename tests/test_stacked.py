@@ -177,6 +177,7 @@ def test_the_runner_stacks_seeds_and_stores_what_separate_runs_store(tmp_path):
     run_experiment(spec, tmp_path / "auto", workers=1, on_progress=lambda p, m: messages.append(m), stack="on")
     run_experiment(spec, tmp_path / "off", workers=1, stack="off")
     assert any("6 of them in 2 stacked group(s)" in m for m in messages), messages
+    assert "probed: not stacked (probes)" in messages, messages
     auto, off = _by_run(tmp_path / "auto"), _by_run(tmp_path / "off")
     assert auto.keys() == off.keys() and len(auto) == 9
     for rid, a in auto.items():

@@ -181,13 +181,14 @@ def _failed(e: Exception, seconds: float) -> dict:
 STACK_MODES = ("auto", "on", "off")
 
 
-def stack_groups(pending: list[RunPlan], out: Path, stack: str) -> list[list[RunPlan]]:
+def stack_groups(pending: list[RunPlan], out: Path, stack: str,
+                 refused: dict[str, str] | None = None) -> list[list[RunPlan]]:
     """The units of work. Stacking (``"on"``): the pending runs of one variant that differ only in their
     seed, can train stacked and stand at the same saved epoch (or none) form one group (in the spec's
     order); every other run is a unit of its own. ``"auto"`` stacks the runs that train on a GPU, where
     it pays; on a CPU each run goes alone, because there it buys nothing measurable (docs/results.md:
     0.9-1.6x the time of separate runs, the batch-32 MLP steps being bound by their matrix products).
-    ``"off"``: every run alone."""
+    ``"off"``: every run alone. ``refused`` collects, per variant, why its runs could not stack."""
     if stack not in STACK_MODES:
         raise ValueError(f"unknown stack mode {stack!r}: expected one of {STACK_MODES}")
     if stack == "off":
@@ -206,7 +207,10 @@ def stack_groups(pending: list[RunPlan], out: Path, stack: str) -> list[list[Run
             on_gpu = resolve_device(config.device).type == "cuda"
         except ValueError:  # a GPU that is not there: the run alone says so
             on_gpu = False
-        if (stack == "auto" and not on_gpu) or stack_refusal(p.model, config):
+        why = None if stack == "auto" and not on_gpu else stack_refusal(p.model, config)
+        if (stack == "auto" and not on_gpu) or why:
+            if why and refused is not None:
+                refused.setdefault(p.variant, why)
             units.append([p])
             continue
         # runs stack with those at the same saved epoch (none: from zero), so a group continues together
@@ -356,12 +360,16 @@ def _run(spec: ExperimentSpec, plans: list[RunPlan], out: Path, store: RunStore,
     # threads per run as if no run had finished yet: a resumed or continued run computes with the thread
     # count an uninterrupted experiment gives it (results can depend on it in the last bits)
     n_workers, threads = plan_workers(len(plans), workers)
-    units = stack_groups(pending, out, stack)
+    refused: dict[str, str] = {}
+    units = stack_groups(pending, out, stack, refused)
     n_workers = min(n_workers, len(units))
     stacked = [u for u in units if len(u) > 1]
     notify(prog, f"{len(pending)} runs to do ({prog.skipped} already finished), "
                  f"{n_workers} worker(s) x {threads} thread(s)"
                  + (f"; {sum(map(len, stacked))} of them in {len(stacked)} stacked group(s)" if stacked else ""))
+    if stack == "on":  # asked for stacking: say which variants could not
+        for variant, why in refused.items():
+            notify(prog, f"{variant}: not stacked ({why})")
     runs = _Runs(out, store, prog, notify, signals)
     if n_workers == 1:  # in-process: simpler to debug, no spawn cost
         import torch
