@@ -29,6 +29,8 @@ def test_an_mlp_runs_everywhere_except_native_with_dropout_on_a_gpu_or_frozen():
     assert any("Dropout" in r for r in bad) and "device cuda" in bad and "dtype torch.float16" in bad
     next(model.parameters()).requires_grad_(False)
     assert "frozen parameters" in prog.unsupported("native", model=model)
+    assert "frozen parameters" in prog.unsupported("stacked", model=model)
+    assert prog.unsupported("fused", model=model) == []  # the fused step skips frozen tensors
 
 
 def test_what_no_engine_builds_is_named_once_for_all():

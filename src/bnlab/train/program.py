@@ -61,11 +61,10 @@ class Program:
             if dtype is not None and dtype not in (torch.float32, torch.float64):
                 bad.append(f"dtype {dtype}")
             bad += [f"{op.name} (Dropout)" for op in self.ops if op.kind == "dropout" and op.module.p > 0]
-            if model is not None:
-                if any(not p.requires_grad for p in model.parameters()):
-                    bad.append("frozen parameters")
-                if any(not t.is_contiguous() for t in (*model.parameters(), *model.buffers())):
-                    bad.append("non-contiguous parameters")  # the C++ loops walk raw memory
+            if model is not None and any(not t.is_contiguous() for t in (*model.parameters(), *model.buffers())):
+                bad.append("non-contiguous parameters")  # the C++ loops walk raw memory
+        if model is not None and any(not p.requires_grad for p in model.parameters()):
+            bad.append("frozen parameters")  # the native step and the stack train every tensor they hold
         return bad
 
 

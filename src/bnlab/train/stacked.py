@@ -46,7 +46,7 @@ from bnlab.train.optim import make_optimizer
 
 def stack_unsupported(model: nn.Module) -> list[str]:
     """Why ``model`` cannot be trained stacked (empty: it can)."""
-    return program_of(model).unsupported("stacked")
+    return program_of(model).unsupported("stacked", model=model)
 
 
 class _Linear:
