@@ -176,19 +176,22 @@ def test_the_runner_stacks_seeds_and_stores_what_separate_runs_store(tmp_path):
     messages = []
     run_experiment(spec, tmp_path / "auto", workers=1, on_progress=lambda p, m: messages.append(m), stack="on")
     run_experiment(spec, tmp_path / "off", workers=1, stack="off")
-    assert any("6 of them in 2 stacked group(s)" in m for m in messages), messages
-    assert "probed: not stacked (probes)" in messages, messages
+    assert any("9 of them in 3 stacked group(s)" in m for m in messages), messages
     auto, off = _by_run(tmp_path / "auto"), _by_run(tmp_path / "off")
     assert auto.keys() == off.keys() and len(auto) == 9
     for rid, a in auto.items():
         b = off[rid]
         assert a["status"] == b["status"] == "done"
-        assert a["engine"] == ("stacked:3" if not rid.startswith("probed") else b["engine"])
+        assert a["engine"] == "stacked:3" and b["engine"] != "stacked:3"
         assert _close(_json.loads(a["step_loss"]), _json.loads(b["step_loss"]), 2e-4), rid
         for metric in ("final_val_accuracy", "test_accuracy", "best_epoch", "epochs_run", "steps_run"):
             assert a[metric] == b[metric], (rid, metric)
         hist = _json.loads((tmp_path / "auto" / "runs" / rid / "history.json").read_text())
-        assert ("trained stacked" in " ".join(hist["notes"])) == (not rid.startswith("probed"))
+        assert "trained stacked" in " ".join(hist["notes"])
+        if rid.startswith("probed"):  # the probes a separate run records
+            assert hist["probes"] == _json.loads((tmp_path / "off" / "runs" / rid / "history.json").read_text())["probes"] \
+                or _close([r[3] for r in hist["probes"]], [r[3] for r in _json.loads(
+                    (tmp_path / "off" / "runs" / rid / "history.json").read_text())["probes"]], 2e-3)
         assert (tmp_path / "auto" / "runs" / rid / "checkpoint" / "model.safetensors").is_file()
 
 
@@ -197,9 +200,11 @@ def test_stack_groups_keep_apart_what_cannot_stack(tmp_path):
                                                  "bf16": {"model": {"bn": "before"}, "train": {"precision": "bf16-mixed"}},
                                                  "layer": {"model": {"bn": "before", "norm": "layer"}}}})
     plans = expand(spec)
-    units = stack_groups(plans, tmp_path, "on")
+    refused = {}
+    units = stack_groups(plans, tmp_path, "on", refused)
     sizes = {u[0].variant: len(u) for u in units}
-    assert sizes == {"bn": 3, "plain": 3, "probed": 1, "bf16": 1, "layer": 1}
+    assert sizes == {"bn": 3, "plain": 3, "probed": 3, "bf16": 1, "layer": 1}
+    assert refused["bf16"] == "precision bf16-mixed" and "LayerNorm" in refused["layer"]
     assert sum(map(len, units)) == len(plans)
     assert all(len(u) == 1 for u in stack_groups(plans, tmp_path, "off"))
     # a run with a saved state continues alone
@@ -300,3 +305,21 @@ def test_diverged_members_are_recorded_as_diverged_by_the_runner(tmp_path):
     runs = load_results(tmp_path / "e")[1]
     assert all(r["status"] == "diverged" and "diverged" in r["error"] for r in runs), [r["status"] for r in runs]
     assert all(r["engine"] == "stacked:3" for r in runs)
+
+
+def test_probes_of_each_member_are_its_single_runs():
+    from bnlab.probes import ProbeConfig
+
+    spec = {**MLP, "bn": "before", "activation": "sigmoid"}
+    config = ProbeConfig(every=3, tracked_units=2, probe_batch=20, landscape=True, landscape_every=5)
+    kw = dict(lr=0.05, batch_size=16, epochs=2, optimizer="rmsprop")
+    models = _models(spec)
+    hists = fit_stacked(models, _data(), SEEDS, probes=config, **kw)
+    for seed, h in zip(SEEDS, hists):
+        hs = fit(build_model(spec, seed=seed).double(), _data(), seed=seed, progress=False, probes=config, **kw)
+        assert len(h.probes) == len(hs.probes) > 0
+        keys = [tuple(r[:3]) for r in h.probes]
+        assert keys == [tuple(r[:3]) for r in hs.probes]
+        assert {k[2] for k in keys} >= {"update_ratio", "grad_norm"}
+        for a, b in zip(h.probes, hs.probes):
+            assert math.isclose(a[3], b[3], rel_tol=1e-8, abs_tol=1e-10), (seed, a, b)

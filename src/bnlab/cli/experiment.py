@@ -54,8 +54,8 @@ def run(
     workers: int = typer.Option(None, min=1, max=256, help="Worker processes (default: one per core)."),
     retry_failed: bool = typer.Option(False, "--retry-failed", help="Run failed runs again."),
     stack: str = typer.Option("auto", "--stack", help="on: the runs of a variant that differ only in their seed "
-                              "train as one stacked model where they can (MLPs in fp32 without probes or per-run "
-                              "logs; results stored run by run, resumable run by run); auto: on a "
+                              "train as one stacked model where they can (MLPs in fp32 without per-run logs; "
+                              "results stored run by run, resumable run by run); auto: on a "
                               "GPU only; off: every run alone."),
 ) -> None:
     """Run an experiment (variants x seeds) resumably into a folder, then print its statistics

@@ -204,8 +204,6 @@ def stack_refusal(spec, config: TrainConfig) -> str | None:
         reasons.append(f"precision {config.precision}")
     if config.engine != "auto":
         reasons.append(f"engine {config.engine!r} asked for")
-    if config.probes is not None:
-        reasons.append("probes")
     if config.tensorboard or config.csv_log:
         reasons.append("per-run logs (tensorboard / csv_log)")
     if config.max_seconds is not None:
@@ -256,7 +254,8 @@ def train_runs_stacked(spec, configs: list[TrainConfig], outs: list[Path]) -> li
                             monitor=first.monitor, patience=first.patience, max_steps=first.max_steps,
                             keras_defaults=first.keras_defaults, device=first.device,
                             checkpoint_meta=[{"train": c.model_dump()} for c in configs],
-                            state_dirs=[o / STATE_DIR for o in outs], state_settings=settings, resume_from=resume)
+                            state_dirs=[o / STATE_DIR for o in outs], state_settings=settings, resume_from=resume,
+                            probes=first.probes)
         return [_finish(m, spec, c, data, n, o, o, h, st)
                 for m, c, n, o, h, st in zip(models, configs, notes, outs, hists, states)]
     except KeyboardInterrupt as e:

@@ -15,7 +15,8 @@ product (``torch.baddbmm``). What stays per member, so that each member's Histor
   leaves the stack (its tensors and optimizer state are sliced away) and the others go on;
 * its best checkpoint and its History;
 * its resumable state (``state_dirs``): the one a single run writes, so the group can continue
-  together, or the member alone.
+  together, or the member alone;
+* its probes (``probes``): recorded on its own model, loaded with its tensors around each sampled step.
 
 Each epoch's ``seconds`` is the member's share of the stacked epoch (its wall time over the members
 trained in it). Supported: the MLPs of ``bnlab.train.fused`` (Flatten, Linear, bnlab BatchNorm on
@@ -227,6 +228,21 @@ class StackedMLP:
         opt.state.clear()
         opt.state.update(state)
 
+    def member_grads(self, k: int) -> dict[str, torch.Tensor]:
+        """Member ``k``'s gradients under the single model's parameter names."""
+        out = {}
+        for name, op in zip(self.names, self.ops):
+            if isinstance(op, _Linear):
+                out[f"{name}.weight"] = op.w.grad[k].t()
+                if op.b is not None:
+                    out[f"{name}.bias"] = op.b.grad[k]
+            elif isinstance(op, _BatchNorm):
+                for attr in ("weight", "bias"):
+                    t = getattr(op, attr)
+                    if t is not None:
+                        out[f"{name}.{attr}"] = t.grad[k]
+        return out
+
     def member_state_dict(self, k: int) -> dict[str, torch.Tensor]:
         """Member ``k``'s tensors under the single model's state-dict keys."""
         out = {}
@@ -236,7 +252,7 @@ class StackedMLP:
         return out
 
 
-@dataclass
+@dataclass(eq=False)  # identity: members are compared and looked up as themselves
 class _Member:
     seed: int
     index: int  # its position in the caller's list
@@ -244,6 +260,7 @@ class _Member:
     noise: torch.Generator
     history: History
     monitor: Monitor
+    probes: object | None = None  # its bnlab.probes.Probes, on its own model
     losses: list = field(default_factory=list)
     corrects: list = field(default_factory=list)
 
@@ -255,14 +272,17 @@ def fit_stacked(models: list[nn.Sequential], data: Dataset, seeds: list[int], *,
                 monitor: str = "val_accuracy", patience: int | None = None, max_steps: int | None = None,
                 eval_batch_size: int = 1024, keras_defaults: bool = True, checkpoint_meta: list[dict] | None = None,
                 device: str | None = "cpu", state_dirs: list[str | Path] | None = None,
-                state_settings: list[dict] | None = None, resume_from: list | None = None) -> list[History]:
+                state_settings: list[dict] | None = None, resume_from: list | None = None,
+                probes=None) -> list[History]:
     """Train ``models[k]`` (built for ``seeds[k]``) as one stacked model; return each member's History,
     the History ``fit(models[k], data, seed=seeds[k], ...)`` gives with the same arguments. The models
     get their final weights back. See the module's docstring for what is per member.
 
     ``state_dirs`` / ``state_settings``: each member writes the resumable state a single run would
     (``bnlab.train.resume``) at every epoch's end, so it can continue stacked with the same group or
-    alone. ``resume_from``: every member's state, all of one unfinished epoch, to continue from."""
+    alone. ``resume_from``: every member's state, all of one unfinished epoch, to continue from.
+    ``probes``: a ``bnlab.probes.ProbeConfig``; each member records what its single run records, on its
+    own model (loaded with the member's tensors around each sampled step)."""
     from bnlab.train.engine import epoch_order, resolve_device, stream_seed
     from bnlab.train.resume import TrainState, rng_states, save_state
 
@@ -288,6 +308,12 @@ def fit_stacked(models: list[nn.Sequential], data: Dataset, seeds: list[int], *,
                for k, s in enumerate(seeds)]
     opt = make_optimizer(optimizer, stack.parameters(), lr=lr, momentum=momentum, nesterov=nesterov,
                          weight_decay=weight_decay, keras_defaults=keras_defaults)
+    if probes is not None:
+        from bnlab.probes import Probes, select_probe_batch
+
+        batch, from_val = select_probe_batch(data, probes)
+        for mem in members:
+            mem.probes = Probes(models[mem.index], probes, lr=lr, batch=batch, from_validation=from_val)
     first_epoch, steps_done, elapsed = 1, 0, 0.0
     if resume_from is not None:
         first_epoch, steps_done, elapsed = resume_from[0].epoch + 1, resume_from[0].steps, resume_from[0].elapsed
@@ -298,6 +324,8 @@ def fit_stacked(models: list[nn.Sequential], data: Dataset, seeds: list[int], *,
             mem.history, mem.history.engine = st.history, f"stacked:{len(models)}"
             mem.monitor.best_value, mem.monitor.best_epoch, mem.monitor.since_best = (
                 st.best_value, st.best_epoch, st.since_best)
+            if mem.probes is not None and st.probes is not None:
+                mem.probes.load_state(st.probes)
     n = len(data.y_train)
     if n < 2:
         raise ValueError(f"need at least 2 training examples (got {n})")
@@ -332,6 +360,13 @@ def fit_stacked(models: list[nn.Sequential], data: Dataset, seeds: list[int], *,
                 xb = torch.stack([augment(xb[k], mem.noise) for k, mem in enumerate(alive)])
             for p in stack.parameters():
                 p.grad = None
+            step = steps_done + 1
+            sampled = probes is not None and any(mem.probes.wants(step) or mem.probes.wants_landscape(step)
+                                                 for mem in alive)
+            if sampled:  # each member's probes see its own model at the weights this step starts from
+                for k, mem in enumerate(alive):
+                    models[mem.index].load_state_dict(stack.member_state_dict(k))
+                    mem.probes.before_step(step)
             logits = stack.forward(xb, True, [mem.noise for mem in alive])
             k_, b_ = yb.shape
             loss = F.cross_entropy(logits.reshape(k_ * b_, -1), yb.reshape(-1), reduction="none").view(k_, b_).mean(1)
@@ -353,6 +388,15 @@ def fit_stacked(models: list[nn.Sequential], data: Dataset, seeds: list[int], *,
                     break
             opt.step()
             steps_done += 1
+            if sampled:  # weights after the update, this step's gradients and batch
+                rows = {mem: k for k, mem in enumerate(members_then)}
+                for k, mem in enumerate(alive):
+                    model = models[mem.index]
+                    model.load_state_dict(stack.member_state_dict(k))
+                    grads = stack.member_grads(k)
+                    for name, p in model.named_parameters():
+                        p.grad = grads[name].clone()
+                    mem.probes.after_step(step, xb[rows[mem]], yb[rows[mem]])
             for mem, v, c in zip(members_then, values, counts):
                 if mem not in bad:
                     mem.losses.append(v)
@@ -389,7 +433,8 @@ def fit_stacked(models: list[nn.Sequential], data: Dataset, seeds: list[int], *,
                     epoch, steps_done, time.perf_counter() - start, finished, mem.history, mem.monitor.best_value,
                     mem.monitor.best_epoch, mem.monitor.since_best, f"stacked:{len(models)}",
                     stack.member_state_dict(k), stack.member_optimizer_state(opt, k),
-                    {**rng_states({"order": mem.order, "noise": mem.noise}, dev)}, None),
+                    {**rng_states({"order": mem.order, "noise": mem.noise}, dev)},
+                    None if mem.probes is None else mem.probes.state()),
                     state_settings[mem.index])
         if stopping:
             leave(stopping)
@@ -399,6 +444,9 @@ def fit_stacked(models: list[nn.Sequential], data: Dataset, seeds: list[int], *,
         models[mem.index].load_state_dict(stack.member_state_dict(k))
     for mem in members:
         mem.history.best_epoch = mem.monitor.best_epoch
+        if mem.probes is not None:
+            mem.history.probes = [list(r) for r in mem.probes.records]
+            mem.probes.close()
     return [mem.history for mem in members]
 
 
