@@ -3,10 +3,10 @@
 * ``convert(model, "group:32")`` replaces every normalization layer (torch's BatchNorm1d/2d/3d,
   SyncBatchNorm, GroupNorm, LayerNorm, InstanceNorm*d and bnlab's BatchNorm, BatchRenorm, GhostBatchNorm,
   GroupNorm, LayerNorm, InstanceNorm) by the layer a bnlab model spec's ``norm`` names: ``batch``,
-  ``renorm``, ``ghost:S``, ``group:G``, ``layer``, ``instance`` or ``none`` (an Identity), as
+  ``syncbatch``, ``renorm``, ``ghost:S``, ``group:G``, ``layer``, ``instance`` or ``none`` (an Identity), as
   ``torch.nn.SyncBatchNorm.convert_sync_batchnorm`` does for one kind. What transfers is kept: the
   affine parameters (gamma, beta) whenever both layers have one per channel, the running statistics
-  and step count between batch-statistics norms (batch / renorm / ghost), eps unless given.
+  and step count between batch-statistics norms (batch / syncbatch / renorm / ghost), eps unless given.
 * ``to_torch(model)``: bnlab's BatchNorm / LayerNorm / GroupNorm / InstanceNorm become torch's
   ``BatchNorm1d/2d/3d`` / ``LayerNorm`` / ``GroupNorm``, so torch's own tools (which test
   ``isinstance(m, torch.nn.modules.batchnorm._BatchNorm)``) see them. A keras-convention BN gets torch's
@@ -110,14 +110,14 @@ def _inside_replaced(name: str, model: nn.Module) -> bool:
 
 def convert(model: nn.Module, norm: str, *, convention: str = "torch", eps: float | None = None,
             momentum: float | None | str = "default", options: NormSettings | None = None) -> nn.Module:
-    """Every normalization layer of ``model`` replaced by ``norm`` (a bnlab norm name: batch | renorm |
+    """Every normalization layer of ``model`` replaced by ``norm`` (a bnlab norm name: batch | syncbatch | renorm |
     ghost:S | group:G | layer | instance | none). ``convention`` / ``momentum`` apply to the new batch
     norms; ``eps`` defaults to each old layer's own. ``options``: a full ``NormSettings`` instead
     (renorm's r_max, d_max, warm-up)."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"convert() takes a torch nn.Module (got {type(model).__name__})")
     if not isinstance(norm, str) or not re.fullmatch(NORM_PATTERN, norm) or norm == "weight":
-        raise ValueError(f"norm must be batch | renorm | ghost:S | group:G | layer | instance | none "
+        raise ValueError(f"norm must be batch | syncbatch | renorm | ghost:S | group:G | layer | instance | none "
                          f"(got {norm!r}; weight normalization wraps weight layers, not norm layers)")
     if options is None:
         options = NormSettings(convention=convention, eps=eps, momentum=momentum)

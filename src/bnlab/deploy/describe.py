@@ -8,7 +8,8 @@ from torch import nn
 from bnlab.models.build import GlobalAvgPool
 from bnlab.models.spec import LayerDef, LayersSpec, NormSettings
 from bnlab.nn.activations import ACTIVATIONS
-from bnlab.nn import BatchNorm, BatchRenorm, GhostBatchNorm, GroupNorm, InstanceNorm, LayerNorm, WeightNorm
+from bnlab.nn import (BatchNorm, BatchRenorm, GhostBatchNorm, GroupNorm, InstanceNorm, LayerNorm, SyncBatchNorm,
+                      WeightNorm)
 
 _ACT = {a.module: a.name for a in ACTIVATIONS}
 
@@ -37,7 +38,7 @@ def describe(model: nn.Sequential, *, input_shape, num_classes: int) -> LayersSp
                      if isinstance(m, BatchRenorm) else {})
             norm = NormSettings(convention=m.convention, eps=m.eps, momentum=m.momentum, **extra)
             kind = ("renorm" if isinstance(m, BatchRenorm) else f"ghost:{m.ghost_size}"
-                    if isinstance(m, GhostBatchNorm) else "batch")
+                    if isinstance(m, GhostBatchNorm) else "syncbatch" if isinstance(m, SyncBatchNorm) else "batch")
             layers.append(LayerDef(type="batchnorm") if kind == "batch" else LayerDef(type="norm", kind=kind))
         elif isinstance(m, (LayerNorm, GroupNorm)):
             kind = ("instance" if isinstance(m, InstanceNorm) else "layer" if isinstance(m, LayerNorm)

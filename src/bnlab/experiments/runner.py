@@ -181,6 +181,11 @@ def _failed(e: Exception, seconds: float) -> dict:
 STACK_MODES = ("auto", "on", "off")
 
 
+def check_stack_mode(stack: str) -> None:
+    if stack not in STACK_MODES:
+        raise ValueError(f"unknown stack mode {stack!r}: expected one of {STACK_MODES}")
+
+
 def stack_groups(pending: list[RunPlan], out: Path, stack: str,
                  refused: dict[str, str] | None = None) -> list[list[RunPlan]]:
     """The units of work. Stacking (``"on"``): the pending runs of one variant that differ only in their
@@ -189,8 +194,7 @@ def stack_groups(pending: list[RunPlan], out: Path, stack: str,
     it pays; on a CPU each run goes alone, because there it buys nothing measurable (docs/results.md:
     0.9-1.6x the time of separate runs, the batch-32 MLP steps being bound by their matrix products).
     ``"off"``: every run alone. ``refused`` collects, per variant, why its runs could not stack."""
-    if stack not in STACK_MODES:
-        raise ValueError(f"unknown stack mode {stack!r}: expected one of {STACK_MODES}")
+    check_stack_mode(stack)
     if stack == "off":
         return [[p] for p in pending]
     from bnlab.train.config import TrainConfig
@@ -207,9 +211,9 @@ def stack_groups(pending: list[RunPlan], out: Path, stack: str,
             on_gpu = resolve_device(config.device).type == "cuda"
         except ValueError:  # a GPU that is not there: the run alone says so
             on_gpu = False
-        why = None if stack == "auto" and not on_gpu else stack_refusal(p.model, config)
-        if (stack == "auto" and not on_gpu) or why:
-            if why and refused is not None:
+        why = "auto stacks on a GPU only" if stack == "auto" and not on_gpu else stack_refusal(p.model, config)
+        if why:
+            if refused is not None and stack == "on":
                 refused.setdefault(p.variant, why)
             units.append([p])
             continue
@@ -294,8 +298,7 @@ def run_experiment(spec: ExperimentSpec, out: str | Path, *, quick: bool = False
     SIGTERM, or on a KeyboardInterrupt; see the module's docstring. ``stack``: "on" trains the runs of
     a variant that differ only in their seed as one stacked model where they can, "auto" does so on a
     GPU only, "off" runs each alone (``stack_groups``)."""
-    if stack not in STACK_MODES:
-        raise ValueError(f"unknown stack mode {stack!r}: expected one of {STACK_MODES}")
+    check_stack_mode(stack)  # before anything is written
     if quick:
         spec = apply_quick(spec)
     if seeds is not None or data_dir is not None:  # validated like the spec itself (--seeds 0 is refused)
@@ -444,7 +447,7 @@ def _run_pool(units: list[list[RunPlan]], out: Path, runs: _Runs, n_workers: int
                             signals.stop(answer.signal)  # the runs are not failed: they go back to pending
                             continue
                         if isinstance(answer, WorkerDied):
-                            answer = [{"status": "failed", "error": str(answer)}] * len(unit)
+                            answer = [{"status": "failed", "error": str(answer)} for _ in unit]
                         for plan, result in zip(unit, answer):
                             runs.finish(plan, result)
         except KeyboardInterrupt:

@@ -16,11 +16,12 @@ from bnlab.nn.activations import ACTIVATIONS, activation_module
 
 from bnlab.models.init import initialise
 from bnlab.models.spec import CNNSpec, LayerDef, LayersSpec, MLPSpec, parse_model_spec
-from bnlab.nn import BatchNorm, BatchRenorm, GhostBatchNorm, GroupNorm, InstanceNorm, LayerNorm, WeightNorm
+from bnlab.nn import (BatchNorm, BatchRenorm, GhostBatchNorm, GroupNorm, InstanceNorm, LayerNorm, SyncBatchNorm,
+                      WeightNorm)
 
 # norms that subtract a per-channel mean over the batch (or over each sample's positions): a bias
 # right before them is removed by that subtraction
-_MEAN_REMOVING = ("batch", "renorm", "instance")
+_MEAN_REMOVING = ("batch", "syncbatch", "renorm", "instance")
 
 
 def _norm_layer(norm: str) -> list[LayerDef]:
@@ -57,13 +58,15 @@ def make_norm(kind: str, shape: tuple[int, ...], options, layer: LayerDef | None
     center / scale switch a batch norm's beta / gamma off (Keras's switches)."""
     bn_opts = {"convention": options.convention, "eps": options.eps, "momentum": options.momentum}
     if layer is not None and not (layer.center and layer.scale):
-        if kind != "batch":
+        if kind not in ("batch", "syncbatch"):
             raise ValueError(f"center / scale off is supported for batch norm only (got {kind})")
         bn_opts.update(center=layer.center, scale=layer.scale)
     eps = options.eps if options.eps is not None else 1e-5
     c = shape[0]
     if kind == "batch":
         return BatchNorm(c, **bn_opts)
+    if kind == "syncbatch":  # BatchNorm in one process; the global batch's statistics across DDP ranks
+        return SyncBatchNorm(c, **bn_opts)
     if kind == "renorm":
         return BatchRenorm(c, r_max=options.r_max, d_max=options.d_max, warmup_steps=options.warmup_steps, **bn_opts)
     if kind.startswith("ghost:"):
@@ -220,7 +223,8 @@ def _build_layers(spec, seed: int | None) -> SpecModel:
                 module = make_norm(kind, shape, _layer_options(ld, options), ld)
             except ValueError as e:
                 raise ValueError(f"{where}: {e}") from None
-            add({"layer": "layer_normalization", "instance": "instance_normalization", "renorm": "batch_renormalization"}
+            add({"layer": "layer_normalization", "instance": "instance_normalization", "renorm": "batch_renormalization",
+                 "syncbatch": "sync_batch_normalization"}
                 .get(kind, "group_normalization" if kind.startswith("group:") else "ghost_batch_normalization"
                      if kind.startswith("ghost:") else "batch_normalization"), module)
         elif ld.type == "activation":

@@ -37,14 +37,14 @@ class _Spec(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
 
-NORM_PATTERN = r"^(batch|layer|instance|renorm|weight|none|group:[1-9][0-9]*|ghost:[1-9][0-9]*)$"
+NORM_PATTERN = r"^(batch|syncbatch|layer|instance|renorm|weight|none|group:[1-9][0-9]*|ghost:[1-9][0-9]*)$"
 Norm = Annotated[str, Field(pattern=NORM_PATTERN, description=(
-    "batch | layer | group:G | instance | renorm | ghost:S | weight | none"))]
+    "batch | syncbatch | layer | group:G | instance | renorm | ghost:S | weight | none"))]
 
 
 class NormSettings(_Spec):
     """How each normalization layer of a model is made. convention / momentum: batch-statistics norms
-    (batch, renorm, ghost); eps: all (default: the BN convention's, 1e-5 for layer/group/instance)."""
+    (batch, syncbatch, renorm, ghost); eps: all (default: the BN convention's, 1e-5 for layer/group/instance)."""
 
     convention: Literal["torch", "keras"] = "torch"
     eps: float | None = Field(None, gt=0)

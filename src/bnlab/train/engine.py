@@ -23,6 +23,7 @@ from bnlab.train.fused import MIXED, FusedMLPStep, unsupported_layers
 from bnlab.train.history import EpochRecord, History
 from bnlab.train.optim import make_optimizer
 from bnlab.train.precision import OptimizerStep, autocast, check_precision
+from bnlab.train.distributed import SOLO, DistributedStep, Ranks
 from bnlab.train.callbacks import Monitor, ProbeRecorder, ProgressBar, TrainContext, overrides
 from bnlab.train.resume import RunInterrupted, TrainState, read_state, rng_states, save_state, set_rng_states
 
@@ -123,6 +124,17 @@ def stream_seed(seed: int, stream: str) -> int:
     return int(np.random.SeedSequence(words).generate_state(1, np.uint64)[0] >> 1)
 
 
+def batch_bounds(n: int, batch_size: int) -> list[tuple[int, int]]:
+    """The (start, end) of each batch of an epoch over ``n`` examples. A last batch of one sample
+    cannot train BN (and gives a noisy step): it is dropped."""
+    if n < 2:
+        raise ValueError(f"need at least 2 training examples (got {n})")
+    batches = [(i, min(i + batch_size, n)) for i in range(0, n, batch_size)]
+    if len(batches) > 1 and batches[-1][1] - batches[-1][0] == 1:
+        batches.pop()
+    return batches
+
+
 def epoch_order(n: int, generator: torch.Generator) -> torch.Tensor:
     """The order of the ``n`` training examples in one epoch: a permutation drawn from the run's
     data-order generator (seeded by the run seed alone)."""
@@ -149,7 +161,8 @@ def fit(model: nn.Module, data: Dataset, *, optimizer: str = "sgd", lr: float = 
         progress: bool = True, eval_batch_size: int = 1024, keras_defaults: bool = True,
         checkpoint_meta: dict | None = None, state_dir: str | Path | None = None,
         state_settings: dict | None = None, resume_from: TrainState | None = None,
-        callbacks: list | None = None, precision: str = "fp32") -> History:
+        callbacks: list | None = None, precision: str = "fp32", devices: int = 1,
+        _ranks: Ranks | None = None) -> History:
     """Train ``model`` on ``data`` and return the History.
 
     optimizer: sgd (momentum, nesterov) | rmsprop | adam; cross-entropy on logits.
@@ -162,6 +175,9 @@ def fit(model: nn.Module, data: Dataset, *, optimizer: str = "sgd", lr: float = 
     A NaN/inf loss stops the run (history kept, ``stopped="diverged"``).
     precision: fp32 (default: exact numerics) | bf16-mixed | fp16-mixed (CUDA only, with loss scaling);
     ``bnlab.train.precision`` says what runs in which type.
+    devices: data-parallel training over this many processes (DistributedDataParallel; gloo on CPU, nccl on
+    CUDA), the global batch split among them: ``bnlab.train.distributed`` says how; rank 0's History and
+    weights come back. A model's ``syncbatch`` norms then normalise with the global batch's statistics.
     callbacks: ``bnlab.train.callbacks.Callback`` objects (TensorBoard, CSVLogger, your own): the protocol
     is in that module; a callback's ``ctx.request_stop`` ends training after the epoch (``stopped="callback"``).
 
@@ -181,6 +197,8 @@ def fit(model: nn.Module, data: Dataset, *, optimizer: str = "sgd", lr: float = 
     with ``stopped="interrupted"`` (never a finished run); with one, ``RunInterrupted`` is raised,
     carrying the last epoch whose state is saved.
     """
+    args = {k: v for k, v in locals().items() if k not in ("model", "data", "_ranks")}
+    ranks = _ranks or SOLO
     if batch_size < 1 or epochs < 1:
         raise ValueError(f"batch_size and epochs must be >= 1 (got batch_size={batch_size}, epochs={epochs})")
     if monitor not in ("val_accuracy", "val_loss"):
@@ -193,15 +211,23 @@ def fit(model: nn.Module, data: Dataset, *, optimizer: str = "sgd", lr: float = 
             "optimizer": optimizer, "lr": lr, "momentum": momentum, "nesterov": nesterov,
             "weight_decay": weight_decay, "batch_size": batch_size, "epochs": epochs, "seed": seed,
             "target_accuracy": target_accuracy, "augment": None if augment is None else asdict(augment),
-            "engine": engine, "device": device, **({} if precision == "fp32" else {"precision": precision}), "monitor": monitor, "patience": patience, "max_steps": max_steps,
+            "engine": engine, "device": device, **({} if precision == "fp32" else {"precision": precision}),
+            **({} if devices == 1 else {"devices": devices}),
+            "monitor": monitor, "patience": patience, "max_steps": max_steps,
             "max_seconds": max_seconds, "eval_batch_size": eval_batch_size, "keras_defaults": keras_defaults,
             "probes": None if probes is None else getattr(probes, "config", probes).model_dump(mode="json")})
+    if devices != 1 and _ranks is None:  # this process starts the ranks and waits for them
+        from bnlab.train.distributed import fit_on_ranks
+        return fit_on_ranks(model, data, devices, {**args, "state_settings": state_settings})
+    if ranks.world > 1 and not ranks.writes:  # rank 0 alone writes files and talks to the user
+        checkpoint_dir, callbacks, progress = None, None, False
     not_resumed = None  # why a state found in state_dir is not continued from
     if state_dir is not None and resume_from is None:
         resume_from, not_resumed = read_state(state_dir, state_settings)
     dev = resolve_device(device)
     check_precision(precision, dev)
-    torch.manual_seed(seed)  # nn.Dropout in the autograd path draws from the global RNG
+    # nn.Dropout in the autograd path draws from the global RNG (each rank its own masks)
+    torch.manual_seed(seed if ranks.rank == 0 else stream_seed(seed, f"rank {ranks.rank}"))
     # paired design: the data order has a generator of its own, seeded by the run seed only, so runs
     # of different variants with one seed see the same batches in the same order, whatever dropout
     # or augmentation the variants draw from ``gen``; different seeds give different orders
@@ -211,8 +237,11 @@ def fit(model: nn.Module, data: Dataset, *, optimizer: str = "sgd", lr: float = 
     model.to(dev).train()
     data = data.to(dev)
     plain_sgd = optimizer == "sgd" and momentum == 0 and weight_decay == 0
-    step, engine_used = make_step(model, engine, gen, sgd_lr=lr if plain_sgd and precision == "fp32" else None,
-                                  precision=precision)
+    if ranks.world > 1:
+        step, engine_used = DistributedStep(model, ranks, precision), "autograd"
+    else:
+        step, engine_used = make_step(model, engine, gen, sgd_lr=lr if plain_sgd and precision == "fp32" else None,
+                                      precision=precision)
     # the fused step applies plain SGD itself; building a torch.optim optimizer would also cost the
     # ~2 s first-time import of torch._dynamo that torch.optim.Optimizer triggers
     opt = None if step.applies_update else make_optimizer(
@@ -222,12 +251,7 @@ def fit(model: nn.Module, data: Dataset, *, optimizer: str = "sgd", lr: float = 
     if opt_step.scaler is not None:
         step.backward = opt_step.backward
     n = len(data.y_train)
-    if n < 2:
-        raise ValueError(f"need at least 2 training examples (got {n})")
-    # a last batch of one sample cannot train BN (and gives a noisy step): drop it
-    batches = [(i, min(i + batch_size, n)) for i in range(0, n, batch_size)]
-    if len(batches) > 1 and batches[-1][1] - batches[-1][0] == 1:
-        batches.pop()
+    batches = batch_bounds(n, batch_size)
     hist = History(target_accuracy=target_accuracy, engine=engine_used, precision=precision)
     if probes is not None:
         from bnlab.probes import ProbeConfig, Probes, select_probe_batch
@@ -290,13 +314,14 @@ def fit(model: nn.Module, data: Dataset, *, optimizer: str = "sgd", lr: float = 
                 seen += j - i
                 if max_steps is not None and steps_done >= max_steps:
                     break
-                if max_seconds is not None and b % 10 == 9 and time.perf_counter() - start >= max_seconds:
+                if max_seconds is not None and b % 10 == 9 and ranks.agree(time.perf_counter() - start >= max_seconds):
                     break
             done = torch.stack(losses)
             correct = int(torch.stack(corrects).sum())
             hist.step_loss.extend(done.tolist())
             if not math.isfinite(float(done.sum())):
                 raise Diverged(f"loss became non-finite during epoch {epoch}: the run diverged")
+            ranks.share_buffers(model)  # every rank evaluates rank 0's model, and so decides alike
             val_loss, val_acc = evaluate(model, data.x_val, data.y_val, batch_size=eval_batch_size)
             rec = EpochRecord(epoch, float(done.mean()), correct / seen,
                               None if math.isnan(val_loss) else val_loss,
@@ -309,12 +334,12 @@ def fit(model: nn.Module, data: Dataset, *, optimizer: str = "sgd", lr: float = 
                 hist.message = f"no improvement of {monitor} for {patience} epochs"
             elif max_steps is not None and steps_done >= max_steps:
                 hist.stopped, hist.message = "budget", f"step budget of {max_steps} used"
-            elif max_seconds is not None and time.perf_counter() - start >= max_seconds:
+            elif max_seconds is not None and ranks.agree(time.perf_counter() - start >= max_seconds):
                 hist.stopped, hist.message = "budget", f"time budget of {max_seconds} s used"
-            elif ctx.stop_message is not None:
-                hist.stopped, hist.message = "callback", ctx.stop_message
+            elif ranks.agree(ctx.stop_message is not None):
+                hist.stopped, hist.message = "callback", ctx.stop_message or "stopped by a callback on rank 0"
             finished = hist.stopped != "completed" or epoch == epochs
-            if state_dir is not None:  # after the best checkpoint, so the state never runs ahead of it
+            if state_dir is not None and ranks.writes:  # after the best checkpoint, so the state never runs ahead of it
                 save_state(state_dir, TrainState(
                     epoch, steps_done, time.perf_counter() - start, finished, hist, monitor_cb.best_value,
                     monitor_cb.best_epoch, monitor_cb.since_best, engine_used, model.state_dict(),

@@ -119,7 +119,8 @@ def _finite(x: float) -> float | None:
 def run_settings(spec, config: TrainConfig) -> dict:
     """A run's settings as ``run.json`` holds them and its resumable state is keyed by: the resolved
     model spec and the TrainConfig."""
-    return canonical({"model": spec_to_dict(spec), "train": config.model_dump(mode="json", exclude=OUTPUT_FIELDS | later_defaults(config))})
+    train = config.model_dump(mode="json", exclude=OUTPUT_FIELDS | later_defaults(config))
+    return canonical({"model": spec_to_dict(spec), "train": train})
 
 
 def _previous_settings(out: Path) -> dict | None:

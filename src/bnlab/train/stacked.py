@@ -40,6 +40,7 @@ from bnlab.data.augment import RandomAffine
 from bnlab.data.dataset import Dataset
 from bnlab.nn import BatchNorm
 from bnlab.train.callbacks import Monitor, TrainContext
+from bnlab.train.fused import exact_biased_var
 from bnlab.train.program import program_of
 from bnlab.train.history import EpochRecord, History
 from bnlab.train.optim import make_optimizer
@@ -100,9 +101,7 @@ class _BatchNorm:
             y, mean, _ = torch.native_batch_norm(flat, w, bias, None, None, True, 0.0, m.eps)
             if training and self.tracked:
                 with torch.no_grad():
-                    # the biased variance by the corrected two-pass formula, as the single-run step takes it
-                    d = flat.detach() - mean
-                    var = d.square().mean(0).sub_(d.mean(0).square_())
+                    var = exact_biased_var(flat.detach(), mean)  # as the single-run step takes it
                     n_tracked = self.count + 1 if m.momentum is None else 1
                     u = running_update(self.conv, m.momentum, n_tracked, b)
                     self.running_mean.mul_(1.0 - u.factor).add_(mean.view(k, c), alpha=u.factor)
@@ -283,7 +282,7 @@ def fit_stacked(models: list[nn.Sequential], data: Dataset, seeds: list[int], *,
     alone. ``resume_from``: every member's state, all of one unfinished epoch, to continue from.
     ``probes``: a ``bnlab.probes.ProbeConfig``; each member records what its single run records, on its
     own model (loaded with the member's tensors around each sampled step)."""
-    from bnlab.train.engine import epoch_order, resolve_device, stream_seed
+    from bnlab.train.engine import batch_bounds, epoch_order, resolve_device, stream_seed
     from bnlab.train.resume import TrainState, rng_states, save_state
 
     if len(models) != len(seeds) or not models:
@@ -327,11 +326,7 @@ def fit_stacked(models: list[nn.Sequential], data: Dataset, seeds: list[int], *,
             if mem.probes is not None and st.probes is not None:
                 mem.probes.load_state(st.probes)
     n = len(data.y_train)
-    if n < 2:
-        raise ValueError(f"need at least 2 training examples (got {n})")
-    batches = [(i, min(i + batch_size, n)) for i in range(0, n, batch_size)]
-    if len(batches) > 1 and batches[-1][1] - batches[-1][0] == 1:
-        batches.pop()
+    batches = batch_bounds(n, batch_size)
     alive = list(members)
     start = time.perf_counter() - elapsed
     dtype = stack.parameters()[0].dtype
