@@ -229,3 +229,122 @@ def test_fit_devices_refuses_what_cannot_run():
         fit(_model("batch"), data, devices=0, progress=False)
     with pytest.raises(ValueError, match="engine='native' runs in one process"):
         fit(_model("batch"), data, engine="native", devices=2, progress=False)
+
+
+def test_convert_to_syncbatch_keeps_the_state_and_trains_on_two_processes():
+    from torch import nn
+
+    import bnlab
+    from bnlab.train.engine import fit
+    net = nn.Sequential(nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(), nn.Linear(64, 3))
+    with torch.no_grad():
+        net[1].running_mean.fill_(0.5)
+        net[1].weight.fill_(2.0)
+    sync = bnlab.convert(net, "syncbatch")
+    assert isinstance(sync[1], SyncBatchNorm) and isinstance(net[1], nn.BatchNorm2d)  # the input is untouched
+    assert float(sync[1].running_mean[0]) == 0.5 and float(sync[1].weight.detach()[0]) == 2.0
+    data = _tiny_data()
+    one, two = bnlab.convert(net, "syncbatch"), bnlab.convert(net, "syncbatch")
+    kw = dict(optimizer="sgd", lr=0.05, batch_size=8, epochs=1, seed=1, progress=False)
+    h1, h2 = fit(one, data, **kw), fit(two, data, devices=2, **kw)
+    torch.testing.assert_close(torch.tensor(h2.step_loss), torch.tensor(h1.step_loss), atol=2e-5, rtol=2e-5)
+    torch.testing.assert_close(two[1].running_var, one[1].running_var, atol=1e-5, rtol=1e-5)
+    assert h2.devices == 2 and h1.devices == 1
+
+
+# ---------------------------------------------------------------- bnlab train --devices, as a user runs it
+
+def _train_cmd(out, epochs: int, *extra: str) -> list[str]:
+    import sys
+    return [sys.executable, "-m", "bnlab", "train", "fashion-mlp-bn-before", "--dataset", "mnist-5k",
+            "--epochs", str(epochs), "--batch-size", "64", "--devices", "2", "--out", str(out), *extra]
+
+
+def _env() -> dict:
+    return {**os.environ, "PYTHONUNBUFFERED": "1", "COLUMNS": "200", "OMP_WAIT_POLICY": "PASSIVE"}
+
+
+def _children(pid: int) -> list[int]:
+    try:
+        text = open(f"/proc/{pid}/task/{pid}/children").read()
+    except OSError:
+        return []
+    return [int(c) for c in text.split()]
+
+
+def _ranks_of(pid: int) -> list[int]:
+    """The rank processes a command started (multiprocessing's spawn children, not its resource tracker)."""
+    out = []
+    for c in _children(pid):
+        try:
+            cmd = open(f"/proc/{c}/cmdline").read()
+        except OSError:
+            continue
+        if "spawn_main" in cmd:
+            out.append(c)
+    return out
+
+
+def _wait_for_epoch(proc, out, epoch: int, timeout: float = 120) -> None:
+    from bnlab.train.resume import resume_point
+    deadline = time.monotonic() + timeout
+    while (resume_point(out) or 0) < epoch:
+        assert proc.poll() is None, proc.communicate()[0]
+        assert time.monotonic() < deadline, "no epoch saved in time"
+        time.sleep(0.1)
+
+
+def _history(out) -> list[tuple]:
+    import json
+    h = json.loads((out / "history.json").read_text())
+    return [(e["epoch"], e["train_loss"], e["val_accuracy"]) for e in h["epochs"]], h["step_loss"], h["devices"]
+
+
+def test_bnlab_train_devices_stops_on_sigterm_and_resumes_to_the_uninterrupted_result(tmp_path):
+    import subprocess
+    whole, cut = tmp_path / "whole", tmp_path / "cut"
+    done = subprocess.run(_train_cmd(whole, 3), capture_output=True, text=True, env=_env(), timeout=240)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "2 processes" in done.stdout
+    proc = subprocess.Popen(_train_cmd(cut, 3), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env=_env())
+    try:
+        _wait_for_epoch(proc, cut, 1)
+        ranks = _ranks_of(proc.pid)
+        assert len(ranks) == 2
+        proc.send_signal(signal.SIGTERM)
+        text = proc.communicate(timeout=60)[0]
+    finally:
+        proc.kill()
+    assert proc.returncode == 143, text
+    assert "run the same command again to continue from epoch" in text
+    time.sleep(0.5)
+    assert not [r for r in ranks if os.path.exists(f"/proc/{r}") and "Z" not in open(f"/proc/{r}/stat").read().split()[2]]
+    again = subprocess.run(_train_cmd(cut, 3), capture_output=True, text=True, env=_env(), timeout=240)
+    assert again.returncode == 0, again.stdout + again.stderr
+    assert "continued from epoch 1 of 3" in again.stdout
+    a, b = _history(whole), _history(cut)
+    assert b[2] == a[2] == 2
+    assert [e[0] for e in b[0]] == [1, 2, 3]
+    torch.testing.assert_close(torch.tensor(b[1]), torch.tensor(a[1]), atol=1e-6, rtol=1e-6)
+    assert [e[2] for e in b[0]] == pytest.approx([e[2] for e in a[0]], abs=1e-9)
+
+
+def test_bnlab_train_devices_ends_cleanly_when_a_rank_is_killed(tmp_path):
+    import subprocess
+    out = tmp_path / "killed"
+    proc = subprocess.Popen(_train_cmd(out, 50), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env=_env())
+    try:
+        _wait_for_epoch(proc, out, 1)
+        ranks = _ranks_of(proc.pid)
+        assert len(ranks) == 2
+        t0 = time.monotonic()
+        os.kill(ranks[1], signal.SIGKILL)
+        text = proc.communicate(timeout=60)[0]
+    finally:
+        proc.kill()
+    assert time.monotonic() - t0 < 30
+    assert proc.returncode == 2, text
+    assert "data-parallel training failed: rank 1 of 2 died (killed by SIGKILL)" in text
+    assert "Traceback" not in text

@@ -32,6 +32,9 @@ def train(
     precision: str = typer.Option("fp32", help="fp32 (exact, default) | bf16-mixed (bfloat16 matrix products "
                                   "and convolutions; statistics, weights and optimizer state float32) | "
                                   "fp16-mixed (CUDA only, loss scaling)."),
+    devices: int = typer.Option(None, "--devices", help="Data-parallel training over N processes "
+                                "(DistributedDataParallel: gloo on CPU, nccl on CUDA; the batch is split among them; "
+                                "norm 'syncbatch' normalises with the global batch's statistics)."),
     out: Path = typer.Option(None, help="Folder for run.json, history.json, checkpoint/ (the best-validation "
                              "model) and checkpoint-final/ (the final model); an interrupted run continues "
                              "from its last completed epoch when the same command is run again."),
@@ -63,7 +66,7 @@ def train(
     given = {"dataset": dataset, "data_dir": data_dir, "epochs": epochs, "batch_size": batch_size, "lr": lr,
              "optimizer": optimizer, "momentum": momentum, "nesterov": nesterov, "seed": seed,
              "target_accuracy": target, "patience": patience, "max_steps": max_steps, "engine": engine,
-             "device": device, "precision": precision}
+             "device": device, "precision": precision, "devices": devices}
     if validation is not None:
         given["validation"] = int(validation) if float(validation).is_integer() and validation >= 1 else validation
     check_out_folder(out, "--out", "the run")
@@ -93,6 +96,9 @@ def train(
             RecursionError) as e:
         _fail(describe_error(e))
     except RuntimeError as e:  # torch's allocator: a model larger than this machine's memory
+        from bnlab.train.distributed import RankFailed
+        if isinstance(e, RankFailed):
+            _fail(f"data-parallel training failed: {e}")
         if not out_of_memory(e):
             raise
         _fail(describe_error(e))
@@ -101,7 +107,8 @@ def train(
     for note in result.notes:
         say(f"note: {note}")
     h = result.history
-    table = Table(title=escape(f"{model} on {config.dataset} ({h.engine} engine, {h.precision})"), title_justify="left")
+    table = Table(title=escape(f"{model} on {config.dataset} ({h.engine} engine, {h.precision}"
+                               f"{f', {h.devices} processes' if h.devices > 1 else ''})"), title_justify="left")
     for col in ("epoch", "loss", "acc", "val_loss", "val_acc", "seconds"):
         table.add_column(col, justify="right")
     for e in h.epochs:

@@ -99,6 +99,9 @@ def budget_text(spec, runs) -> str:
     precisions = sorted({t.get("precision", "fp32") for t in train})  # absent: a run from before precisions
     if precisions:
         text += f"; precision {' and '.join(precisions)}"
+    devices = sorted({t.get("devices", 1) for t in train})  # absent: one process
+    if devices != [1]:
+        text += f"; data-parallel over {_seq(set(devices))} process{'es' if max(devices) > 1 else ''}"
     return text
 
 

@@ -28,7 +28,7 @@ class AugmentConfig(BaseModel):
 OUTPUT_FIELDS = {"tensorboard", "csv_log"}  # TrainConfig fields that say what is written, not what is computed
 # settings added after experiments were stored: left out of a run's settings while at their default, so
 # a store written before they existed keeps its run keys (and resumes)
-LATER_DEFAULTS = {"precision": "fp32"}
+LATER_DEFAULTS = {"precision": "fp32", "devices": 1}
 
 
 def later_defaults(config: "TrainConfig") -> set[str]:
@@ -67,6 +67,8 @@ class TrainConfig(BaseModel):
     precision: Literal["fp32", "bf16-mixed", "fp16-mixed"] = Field(
         "fp32", description="fp32 | bf16-mixed | fp16-mixed (CUDA only): bnlab.train.precision")
     probes: ProbeConfig | None = None
+    devices: int = Field(1, ge=1, le=64, description="data-parallel processes (DDP; gloo on CPU, nccl on CUDA): "
+                         "bnlab.train.distributed")
     device: str = Field("auto", description="auto | cpu | cuda | cuda:N")
     # outputs, not settings: they change no result, so a run's fingerprint leaves them out (OUTPUT_FIELDS)
     tensorboard: bool = Field(False, description="write TensorBoard logs to <run folder>/tensorboard")

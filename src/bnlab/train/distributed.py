@@ -185,7 +185,7 @@ def run_ranks(fn: Callable[..., Any], world: int, args: tuple = (), *, backend: 
             while not ctx.join(timeout=0.5):
                 pass
         except (mp.ProcessRaisedException, mp.ProcessExitedException) as e:  # join has stopped the other ranks
-            raise RankFailed(_first_failure(e, world, Path(out))) from None
+            raise RankFailed(_first_failure(e, world, Path(out), [p.exitcode for p in ctx.processes])) from None
         except BaseException:
             for p in ctx.processes:
                 if p.is_alive():
@@ -203,19 +203,20 @@ def run_ranks(fn: Callable[..., Any], world: int, args: tuple = (), *, backend: 
 _LOST_PEER = ("Connection closed by peer", "Connection reset by peer", "Broken pipe")
 
 
-def _first_failure(e, world: int, out: Path) -> str:
-    """The rank that failed first and why: a rank's own error rather than a peer's lost connection to it."""
-    errors = {r: (out / f"rank{r}.err").read_text() for r in range(world) if (out / f"rank{r}.err").exists()}
+def _first_failure(e, world: int, out: Path, exitcodes: list[int | None]) -> str:
+    """Which rank failed first, and why: a rank's own error rather than another's lost connection to it,
+    else a rank that died without a word (killed, a crash in native code), else the one join reported."""
+    errors = {r: (out / f"rank{r}.err").read_text().strip() for r in range(world) if (out / f"rank{r}.err").exists()}
     own = [r for r, text in errors.items() if not any(p in text for p in _LOST_PEER)]
     if own:
-        last = errors[own[0]].strip().splitlines()[-1]
-        return f"rank {own[0]} of {world} failed: {last}\n{errors[own[0]].strip()}"
-    if getattr(e, "signal_name", None) or isinstance(e, Exception) and not errors.get(e.error_index):
-        how = f"killed by {e.signal_name}" if getattr(e, "signal_name", None) else f"exit code {getattr(e, 'exit_code', '?')}"
-        return f"rank {e.error_index} of {world} died ({how}); the other ranks were stopped"
-    lost = [r for r in range(world) if r not in errors]
-    return (f"rank {lost[0] if lost else e.error_index} of {world} died without an error of its own; the others "
-            "lost their connection to it")
+        return f"rank {own[0]} of {world} failed: {errors[own[0]].splitlines()[-1]}\n{errors[own[0]]}"
+    # join stops the other ranks with SIGTERM: a rank ended otherwise, with no error of its own, died first
+    silent = [r for r in range(world) if r not in errors and exitcodes[r] not in (None, 0, -signal.SIGTERM)]
+    r = silent[0] if silent else e.error_index
+    code = exitcodes[r]
+    how = (f"killed by {signal.Signals(-code).name}" if code is not None and code < 0 and -code in signal.valid_signals()
+           else f"exit code {code}")
+    return f"rank {r} of {world} died ({how}); the other ranks were stopped"
 
 
 def _fit_rank(ranks: Ranks, model: nn.Module, data, kwargs: dict) -> Any:

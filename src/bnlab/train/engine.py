@@ -252,7 +252,7 @@ def fit(model: nn.Module, data: Dataset, *, optimizer: str = "sgd", lr: float = 
         step.backward = opt_step.backward
     n = len(data.y_train)
     batches = batch_bounds(n, batch_size)
-    hist = History(target_accuracy=target_accuracy, engine=engine_used, precision=precision)
+    hist = History(target_accuracy=target_accuracy, engine=engine_used, precision=precision, devices=ranks.world)
     if probes is not None:
         from bnlab.probes import ProbeConfig, Probes, select_probe_batch
         probes = Probes(model, probes, lr=lr) if isinstance(probes, ProbeConfig) else probes
@@ -263,7 +263,7 @@ def fit(model: nn.Module, data: Dataset, *, optimizer: str = "sgd", lr: float = 
     done_before, elapsed_before, finished = 0, 0.0, False
     if resume_from is not None:
         _restore(resume_from, model, opt, generators, dev, probes)
-        hist, hist.engine, hist.precision = resume_from.history, engine_used, precision
+        hist, hist.engine, hist.precision, hist.devices = resume_from.history, engine_used, precision, ranks.world
         monitor_cb.best_value, monitor_cb.best_epoch = resume_from.best_value, resume_from.best_epoch
         monitor_cb.since_best = resume_from.since_best
         steps_done, done_before = resume_from.steps, resume_from.epoch

@@ -30,6 +30,7 @@ class History:
     best_epoch: int | None = None
     engine: str = ""
     precision: str = "fp32"  # bnlab.train.precision
+    devices: int = 1  # data-parallel processes (bnlab.train.distributed)
     probes: list = field(default_factory=list)  # (step, layer, metric, value) rows, see bnlab.probes
 
     def record(self, rec: EpochRecord, elapsed: float) -> None:

@@ -203,6 +203,8 @@ def stack_refusal(spec, config: TrainConfig) -> str | None:
     reasons = []
     if config.precision != "fp32":
         reasons.append(f"precision {config.precision}")
+    if config.devices != 1:
+        reasons.append(f"data-parallel over {config.devices} processes")
     if config.engine != "auto":
         reasons.append(f"engine {config.engine!r} asked for")
     if config.tensorboard or config.csv_log:
@@ -298,7 +300,7 @@ def _train(model, spec, config, data, notes, out, folder: Path, progress: bool, 
                max_seconds=config.max_seconds, probes=config.probes, progress=progress,
                keras_defaults=config.keras_defaults, checkpoint_meta={"train": config.model_dump()},
                state_dir=None if out is None else out / STATE_DIR, state_settings=settings, resume_from=state,
-               callbacks=callbacks, precision=config.precision)
+               callbacks=callbacks, precision=config.precision, devices=config.devices)
     if hist.stopped == "interrupted":  # only without a state folder; an interrupted run has no result
         raise RunInterrupted(0)
     return _finish(model, spec, config, data, notes, out, folder, hist, state)
