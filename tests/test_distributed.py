@@ -348,3 +348,38 @@ def test_bnlab_train_devices_ends_cleanly_when_a_rank_is_killed(tmp_path):
     assert proc.returncode == 2, text
     assert "data-parallel training failed: rank 1 of 2 died (killed by SIGKILL)" in text
     assert "Traceback" not in text
+
+
+# ---------------------------------------------------------------- the bn-across-devices study, reduced
+
+def test_bn_across_devices_study_runs_and_reports_trends_per_method(tmp_path):
+    """The preset's design (methods x processes x images per process, lr scaled with the global batch),
+    and a reduced run of it on the 8x8 digits: the figure's x axis is the images per device, the ghost
+    arm sits at its ghost size, and every method gets a trend line."""
+    from bnlab.experiments import load_experiment, parse_experiment, run_experiment
+    from bnlab.report import build_report
+    full = load_experiment("bn-across-devices")
+    assert full.seeds >= 5
+    groups = {v.group for v in full.variants.values()}
+    assert groups == {f"{m}, P={p}" for m in ("per-device BN", "SyncBN", "GroupNorm (4 groups)",
+                                               "Ghost BN in one process") for p in (2, 4)}
+    for name, v in full.variants.items():
+        p, b = (int(part[1:]) for part in name.split("-")[1:])
+        assert v.train["batch_size"] == p * b and v.train["lr"] == pytest.approx(0.05 * p * b / 32)
+        assert v.train.get("devices", 1) == (1 if name.startswith("ghost") else p)
+        assert v.model["norm"] == {"bn": "batch", "sync": "syncbatch", "gn": "group:4",
+                                   "ghost": f"ghost:{b}"}[name.split("-")[0]]
+    keep = ["bn-p2-b2", "bn-p2-b4", "sync-p2-b2", "sync-p2-b4", "ghost-p2-b2", "ghost-p2-b4"]
+    data = full.model_dump()
+    data["variants"] = {k: v for k, v in data["variants"].items() if k in keep}
+    data.update(seeds=2, data={"dataset": "digits"}, model={**data["model"], "input_shape": [1, 8, 8]},
+                train={**data["train"], "epochs": 1, "max_steps": 6})
+    run_experiment(parse_experiment(data), tmp_path / "study", workers=1)
+    report = build_report(tmp_path / "study")
+    assert (tmp_path / "study" / "figures" / "error_vs_batch_size.png").is_file()
+    md = report.markdown.read_text()
+    trend_rows = [line for line in md.splitlines() if line.startswith("| ") and ", P=2 |" in line]
+    assert len(trend_rows) == 3 * 2  # 3 methods x (test error with moving averages, with precise statistics)
+    assert all("| 2, 4 |" in row for row in trend_rows)  # images per device, the ghost arm included
+    assert all("points per doubling" in row for row in trend_rows)
+    assert "data-parallel over 1 to 2 processes" in md

@@ -541,3 +541,42 @@ def test_a_quick_report_is_a_smoke_test_without_verdicts(tmp_path):
     out = " ".join(r.output.split())
     assert r.exit_code == 0 and out.startswith("Smoke test (--quick): tiny") and "p =" not in out
     assert "4 runs" in out and "8 optimizer steps per run" in out
+
+
+# ---------------------------------------------------------------- trends over the images per device
+
+def test_trend_matches_an_ols_fit_by_statsmodels():
+    import statsmodels.api as sm
+
+    from bnlab.experiments.stats import trend
+    rng = np.random.default_rng(7)
+    xs = [2, 2, 2, 4, 4, 4, 8, 8, 8, 16, 16, 16]
+    acc = [0.6 + 0.05 * np.log2(x) + rng.normal(0, 0.02) for x in xs]
+    t = trend("bn", "test_accuracy", xs, acc)
+    fit = sm.OLS(100 * (1 - np.array(acc)), sm.add_constant(np.log2(xs))).fit()
+    low, high = fit.conf_int(0.05)[1]
+    assert t.n == 12 and t.settings == 4
+    assert t.slope == pytest.approx(fit.params[1], rel=1e-10)
+    assert (t.low, t.high) == pytest.approx((low, high), rel=1e-9)
+    assert t.p == pytest.approx(fit.pvalues[1], rel=1e-6)
+    assert t.slope < 0 and "points per doubling" in t.text
+
+
+def test_trend_needs_two_settings_and_three_runs_and_says_so():
+    from bnlab.experiments.stats import trend
+    assert trend("g", "m", [4, 4, 4], [0.5, 0.6, 0.7]).p is None  # one setting: no slope
+    assert "no fit (n = 2, 2 settings)" in trend("g", "m", [2, 4], [0.5, 0.6]).text
+    flat = trend("g", "m", [2, 4, 8], [0.9, 0.9, 0.9])
+    assert flat.slope == 0 and flat.p is None  # no variation: a flat line, no p-value
+
+
+@pytest.mark.parametrize("config, expected", [
+    ({"train": {"batch_size": 32}, "model": {"norm": "batch"}}, 32),
+    ({"train": {"batch_size": 32, "devices": 4}, "model": {"norm": "syncbatch"}}, 8),
+    ({"train": {"batch_size": 10, "devices": 4}, "model": {"norm": "batch"}}, 3),  # shares 3, 3, 2, 2
+    ({"train": {"batch_size": 16}, "model": {"norm": "ghost:4"}}, 4),
+    ({"train": {"batch_size": 2}, "model": {"norm": "ghost:4"}}, 2),
+], ids=["one-process", "four-processes", "uneven", "ghost", "ghost-larger-than-batch"])
+def test_device_batch_is_the_images_one_device_normalises(config, expected):
+    from bnlab.experiments.stats import device_batch
+    assert device_batch(config) == expected

@@ -677,3 +677,56 @@ def precise_vs_moving(runs: list[dict], variants: list[str]) -> list[PreciseNote
                                  f"95% CI of their difference ({d.mean:+.4f} ± {(d.high - d.low) / 2:.4f}).")
             notes.append(note)
     return notes
+
+
+# ------------------------------------------------------------------------------------------ trends over a setting
+
+
+def device_batch(config: dict) -> int:
+    """Images per device in one training step of a run (``config``: its stored {"model", "train"}): the
+    batch divided among its data-parallel processes; for Ghost BN in one process, the ghost batch, which
+    normalises as one device of that many images would. The x axis of a grouped batch-size study."""
+    train, norm = config.get("train", {}), str(config.get("model", {}).get("norm", ""))
+    per_device = math.ceil(train.get("batch_size", 32) / train.get("devices", 1))
+    if norm.startswith("ghost:") and train.get("devices", 1) == 1:
+        return min(int(norm.split(":")[1]), per_device)
+    return per_device
+
+
+@dataclass
+class Trend:
+    """Least-squares line of a method's error (%) on log2(images per device), over every finished run
+    (seeds as replicates): ``slope`` is the change of the error per doubling of the per-device batch,
+    with its 95% t interval and the p-value of slope = 0."""
+    group: str
+    metric: str  # the accuracy field the error is 100 x (1 - it)
+    n: int
+    settings: int  # distinct per-device batches
+    slope: float = float("nan")
+    low: float = float("nan")
+    high: float = float("nan")
+    p: float | None = None
+
+    @property
+    def text(self) -> str:
+        if self.p is None:
+            return f"no fit (n = {self.n}, {self.settings} setting{'s' if self.settings != 1 else ''})"
+        return f"{self.slope:+.2f} points per doubling (95% CI {self.low:+.2f} to {self.high:+.2f}), p {_p(self.p)}"
+
+
+def trend(group: str, metric: str, xs, accuracies, level: float = LEVEL) -> Trend:
+    """``Trend`` of the error 100·(1 - accuracy) on log2(x). A fit needs two settings and three runs; the
+    same error in every run gives a flat line without an interval."""
+    pts = [(math.log2(x), 100.0 * (1.0 - a)) for x, a in zip(xs, accuracies)
+           if a is not None and math.isfinite(a) and x > 0]
+    t = Trend(group, metric, len(pts), len({x for x, _ in pts}))
+    if t.settings < 2 or t.n < MIN_N:
+        return t
+    x, y = np.array(pts).T
+    if _constant(y):
+        t.slope, t.low, t.high = 0.0, 0.0, 0.0
+        return t
+    fit = st.linregress(x, y)
+    half = float(st.t.ppf((1 + level) / 2, t.n - 2) * fit.stderr) if t.n > 2 else float("nan")
+    t.slope, t.low, t.high, t.p = float(fit.slope), float(fit.slope) - half, float(fit.slope) + half, float(fit.pvalue)
+    return t

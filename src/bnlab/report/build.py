@@ -165,6 +165,30 @@ def exploratory_rows(comps: list[Comparison]) -> list[list[str]]:
     return rows
 
 
+TREND_HEADER = ["method", "error of", "runs", "images per device", "slope: error change per doubling (95% CI)", "p"]
+TREND_NOTE = ("Each method's error (%) regressed on log2(images per device) by least squares over all its finished "
+              "runs (seeds as replicates, every per-device batch at once): the slope is the change of the error when "
+              "the per-device batch doubles (negative: larger per-device batches help), with its 95% t interval and "
+              "the p-value of a flat line. One test per method and error, unadjusted.")
+
+
+def trend_rows(spec, runs) -> list[list[str]]:
+    """One row per method (variant group) and error panel of the batch-size figure (grouped studies only)."""
+    from bnlab.experiments.stats import trend
+
+    if not any(v.group for v in spec.variants.values()):
+        return []
+    rows = []
+    for metric in plots.error_panels(runs):
+        for group, by in plots.by_device_batch(runs, spec, metric).items():
+            xs = [x for x, vals in by.items() for _ in vals]
+            t = trend(group, metric, xs, [a for vals in by.values() for a in vals])
+            rows.append([group, FIELDS[metric].label.replace("accuracy", "error"), str(t.n),
+                         ", ".join(map(str, sorted(by))), t.text.split(", p ")[0],
+                         "-" if t.p is None else t.text.split(", p ")[1].removeprefix("= ")])
+    return rows
+
+
 PRECISE_HEADER = ["variant", "accuracy", "moving averages", "precise statistics", "difference (precise - moving)",
                   "difference detected?"]
 
@@ -254,6 +278,7 @@ class Texts:
     exploratory: list[list[str]]  # rows under EXPLORATORY_HEADER
     failures: list[tuple[str, str]]
     exploratory_comparisons: list[Comparison]
+    trends: list[list[str]]  # rows under TREND_HEADER
 
 
 def texts(spec, runs, metrics=TABLE_METRICS, compared=None, short: bool = False) -> Texts:
@@ -270,7 +295,7 @@ def texts(spec, runs, metrics=TABLE_METRICS, compared=None, short: bool = False)
     return Texts(report_title(spec), intro(spec, runs), budget_text(spec, runs), runs_line, header, rows, precise,
                  [] if spec.smoke_test else [n.sentence for n in notes if n.disagree], comparisons_note(spec, comps),
                  [c for c in comps if c.role == "primary"], exploratory_rows(comps), failure_lines(runs),
-                 [c for c in comps if c.role == "exploratory"])
+                 [c for c in comps if c.role == "exploratory"], trend_rows(spec, runs))
 
 
 def _md_table(header, rows) -> list[str]:
@@ -287,6 +312,8 @@ def _markdown(t: Texts) -> list[str]:
         md += ["", "## BN statistics at test time", "", PRECISE_NOTE, ""]
         md += _md_table(PRECISE_HEADER, t.precise)
         md += [""] + [f"**{s}**" for s in t.precise_sentences]
+    if t.trends:
+        md += ["", "## Trend with the images per device", "", TREND_NOTE, ""] + _md_table(TREND_HEADER, t.trends)
     md += ["", "## Comparisons", "", t.comparisons_note, ""] + [f"- {c.sentence}" for c in t.primary]
     if t.exploratory:
         md += ["", "### Exploratory comparisons (no verdicts)", ""] + _md_table(EXPLORATORY_HEADER, t.exploratory)
@@ -314,6 +341,8 @@ def _html(spec, t: Texts, figs, env) -> str:
     precise = (f"<h2>BN statistics at test time</h2><p>{e(PRECISE_NOTE)}</p>" + _html_table(PRECISE_HEADER, t.precise) + "".join(f"<p><strong>{e(s)}</strong></p>"
                                                                          for s in t.precise_sentences)
                ) if t.precise else ""
+    trends = (f"<h2>Trend with the images per device</h2><p>{e(TREND_NOTE)}</p>" + _html_table(TREND_HEADER, t.trends)
+              ) if t.trends else ""
     exploratory = ("<h3>Exploratory comparisons (no verdicts)</h3>" + _html_table(EXPLORATORY_HEADER, t.exploratory)
                    ) if t.exploratory else ""
     intro = "".join(f"<p>{e(p)}</p>" for p in t.intro)
@@ -338,6 +367,7 @@ pre {{ background: #f7f7f7; padding: 1em; overflow-x: auto; font-size: 0.85em; }
 <h2>Statistics</h2><p>{e(STATS_NOTE)}</p>
 {table}
 {precise}
+{trends}
 <h2>Comparisons</h2><p>{e(t.comparisons_note)}</p><ul>{verdicts}</ul>
 {exploratory}
 {fails}

@@ -22,6 +22,8 @@ from matplotlib.patches import Patch  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 import numpy as np  # noqa: E402
 
+from bnlab.experiments.results import FIELDS  # noqa: E402
+
 PALETTE = ["#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b", "#e377c2", "#17becf"]
 FINISHED = ("done", "diverged")
 BAND = "band: min..max over seeds"
@@ -401,44 +403,74 @@ def landscape_panels(probes, runs, variants: list[str]):
     return fig, caption
 
 
-def error_vs_batch_size(runs, spec):
-    """Validation error (1 - final validation accuracy) against batch size, one line per variant
-    group (method), mean over seeds with 95% CI bars: the shape of Wu & He 2018, Figure 1."""
-    from bnlab.experiments.stats import mean_ci
+def error_panels(runs) -> list[str]:
+    """The accuracy fields a batch-size figure shows as error: test accuracy with BN's moving averages and
+    with precise statistics where every finished run has them, else validation accuracy."""
+    done = [r for r in runs if r["status"] in FINISHED and r.get("final_val_accuracy") is not None]
+    if done and all(r.get("test_accuracy") is not None for r in done):
+        return ["test_accuracy"] + (["precise_test_accuracy"] if any(r.get("precise_test_accuracy") is not None
+                                                                      for r in done) else [])
+    return ["final_val_accuracy"]
 
-    groups = defaultdict(lambda: defaultdict(list))
+
+def by_device_batch(runs, spec, metric: str) -> dict[str, dict[int, list[float]]]:
+    """group (method) -> images per device (``device_batch``) -> the runs' values of ``metric``."""
+    from bnlab.experiments.stats import device_batch
+
+    groups = {g: defaultdict(list) for g in method_order(spec)}
     for r in runs:
-        if r["status"] not in FINISHED or r.get("final_val_accuracy") is None:
+        if r["status"] not in FINISHED or r.get(metric) is None:
             continue
         v = spec.variants[r["variant"]]
-        bs = json.loads(r["config"])["train"]["batch_size"]
-        groups[v.group or r["variant"]][bs].append(1.0 - r["final_val_accuracy"])
-    if not groups:
+        groups[v.group or r["variant"]][device_batch(json.loads(r["config"]))].append(r[metric])
+    return {g: by for g, by in groups.items() if by}
+
+
+def method_order(spec) -> list[str]:
+    """The methods (variant groups) in the spec's order: one colour each in every panel."""
+    return list(dict.fromkeys(v.group or name for name, v in spec.variants.items()))
+
+
+def error_vs_batch_size(runs, spec):
+    """Error (100 x (1 - accuracy)) against the images per device, one line per variant group (method),
+    mean over seeds with 95% CI bars: the shape of Wu & He 2018, Figure 1. One panel per accuracy of
+    ``error_panels`` (moving averages, precise statistics)."""
+    from bnlab.experiments.stats import mean_ci
+
+    metrics = error_panels(runs)
+    panels = [(m, by_device_batch(runs, spec, m)) for m in metrics]
+    if not panels[0][1]:
         return None
-    fig, axes = _figure(figsize=(7, 4.8))
-    ax = axes[0][0]
-    handles, labels = [], []
-    for i, (g, by_bs) in enumerate(groups.items()):
-        xs = sorted(by_bs)
-        est = [mean_ci(by_bs[b]) for b in xs]
-        means = np.array([e.mean * 100 for e in est])
-        half = np.array([0 if np.isnan(e.low) else (e.high - e.low) / 2 * 100 for e in est])
-        # an error rate lives in [0, 100]: clip the interval's drawing there
-        yerr = [np.minimum(half, means), np.minimum(half, 100 - means)]
-        h = ax.errorbar(xs, means, yerr=yerr, marker="o", capsize=3, color=PALETTE[i % len(PALETTE)], label=g)
-        handles.append(h)
-        labels.append(g)
-    ax.set_xscale("log", base=2)
-    ax.set_xticks(sorted({b for by in groups.values() for b in by}))
-    ax.get_xaxis().set_major_formatter(matplotlib.ticker.ScalarFormatter())
-    ax.set_xlabel("batch size (images per batch)")
-    ax.set_ylabel("validation error (%)")
-    ax.set_title("validation error vs batch size")
-    ax.grid(alpha=0.3)
-    _legend_below(fig, handles, labels, ncols=min(len(labels), 5))
-    n = sorted({len(v) for by in groups.values() for v in by.values()})
+    fig, axes = _figure(1, len(panels), figsize=(6.2 * len(panels), 4.8), sharey=True)
+    handles, labels = {}, {}
+    order = method_order(spec)
+    for k, (metric, groups) in enumerate(panels):
+        ax = axes[0][k]
+        for g, by_bs in groups.items():
+            i = order.index(g)
+            xs = sorted(by_bs)
+            est = [mean_ci([1.0 - a for a in by_bs[b]]) for b in xs]
+            means = np.array([e.mean * 100 for e in est])
+            half = np.array([0 if np.isnan(e.low) else (e.high - e.low) / 2 * 100 for e in est])
+            # an error rate lives in [0, 100]: clip the interval's drawing there
+            yerr = [np.minimum(half, means), np.minimum(half, 100 - means)]
+            h = ax.errorbar(xs, means, yerr=yerr, marker="o", capsize=3, color=PALETTE[i % len(PALETTE)], label=g)
+            handles.setdefault(i, h)
+            labels.setdefault(i, g)
+        ax.set_xscale("log", base=2)
+        ax.set_xticks(sorted({b for by in groups.values() for b in by}))
+        ax.get_xaxis().set_major_formatter(matplotlib.ticker.ScalarFormatter())
+        ax.set_xlabel("images per device (batch size / processes; Ghost BN: its ghost batch)")
+        ax.set_title(FIELDS[metric].label.replace("accuracy", "error"))
+        ax.grid(alpha=0.3)
+    axes[0][0].set_ylabel("error (%)")
+    _legend_below(fig, [handles[i] for i in sorted(handles)], [labels[i] for i in sorted(labels)],
+                  ncols=min(len(labels), 4))
+    n = sorted({len(v) for _, groups in panels for by in groups.values() for v in by.values()})
     seeds = f"{n[0]} seeds" if len(n) == 1 else f"{n[0]} to {n[-1]} seeds"
-    caption = ("Validation error (100 × (1 - final validation accuracy)) against batch size, one line per method; "
-               f"points: mean over the runs at that batch size ({seeds}), bars: 95% t-interval over those runs "
-               "(none with a single run).")
+    caption = ("Error (100 × (1 - accuracy)) against the images per device, one line per method"
+               + (f"; panels: {' and '.join(FIELDS[m].label for m in metrics)}" if len(metrics) > 1 else
+                  f" ({FIELDS[metrics[0]].label})")
+               + f"; points: mean over the runs at that setting ({seeds}), bars: 95% t-interval over those runs "
+               "(none with a single run). The trend table fits each line's slope.")
     return fig, caption
