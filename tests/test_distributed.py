@@ -383,3 +383,18 @@ def test_bn_across_devices_study_runs_and_reports_trends_per_method(tmp_path):
     assert all("| 2, 4 |" in row for row in trend_rows)  # images per device, the ghost arm included
     assert all("points per doubling" in row for row in trend_rows)
     assert "data-parallel over 1 to 2 processes" in md
+
+
+@pytest.mark.parametrize("norm", ["batch", "syncbatch"])
+def test_non_finite_statistics_on_one_rank_make_every_rank_diverge_together(norm):
+    """A NaN image in rank 1's share: per-device BN raises on rank 1 only, SyncBN on both; either way every
+    rank records the divergence at the same step and the job ends (no rank waits on the others)."""
+    from bnlab.train.engine import fit
+    data = _tiny_data()
+    order = torch.randperm(len(data.y_train), generator=torch.Generator().manual_seed(4))
+    data.x_train[order[7]] = float("nan")  # the first batch of 10 is order[0:10]: rank 1 holds 5..9
+    h = fit(_model(norm), data, devices=2, batch_size=10, epochs=1, seed=4, progress=False, lr=0.1)
+    assert h.stopped == "diverged"
+    assert len(h.step_loss) == 0 and "non-finite" in h.message
+    if norm == "batch":  # rank 0's own batch was fine: it says the other process's statistics failed
+        assert "non-finite BN statistics on 1 of 2 processes" in h.message

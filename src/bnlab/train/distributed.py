@@ -118,17 +118,23 @@ class DistributedStep:
             p.grad = None
         n = len(y)
         xs, ys = torch.tensor_split(x, self.ranks.world)[self.ranks.rank], torch.tensor_split(y, self.ranks.world)[self.ranks.rank]
+        why = None
         try:
             with autocast(self.precision, self.device):
                 out = self.ddp(xs)
                 loss_sum = F.cross_entropy(out.float(), ys, reduction="sum")
-            self.backward(loss_sum * (self.ranks.world / n))  # DDP averages: the global batch's mean loss
-            totals = torch.stack([loss_sum.detach().double(), (out.detach().argmax(1) == ys).sum().double()])
-        except FloatingPointError:  # this rank's BN statistics are not finite: the others must not wait
-            zero = sum((p * 0).sum() for p in self.model.parameters())
-            self.backward(zero)  # takes part in DDP's gradient all-reduce
-            totals = torch.tensor([float("nan"), 0.0], dtype=torch.float64, device=self.device)
+            # (loss, correct, failed) summed over ranks BEFORE the backward, so that all ranks know whether any
+            # failed and either all or none enter DDP's gradient all-reduce
+            totals = torch.stack([loss_sum.detach().double(), (out.detach().argmax(1) == ys).sum().double(),
+                                  torch.zeros((), dtype=torch.float64, device=self.device)])
+        except FloatingPointError as e:  # this rank's BN statistics are not finite (per-device BN: this rank only)
+            totals = torch.tensor([float("nan"), 0.0, 1.0], dtype=torch.float64, device=self.device)
+            why = str(e)
         dist.all_reduce(totals)
+        if totals[2] > 0:  # every rank stops here: fit records the divergence and trains no further
+            raise FloatingPointError(why or f"non-finite BN statistics on {int(totals[2])} of {self.ranks.world} "
+                                            "processes (their own batches)")
+        self.backward(loss_sum * (self.ranks.world / n))  # DDP averages: the global batch's mean loss
         return (totals[0] / n).float(), totals[1].long()
 
 

@@ -178,6 +178,8 @@ def fit(model: nn.Module, data: Dataset, *, optimizer: str = "sgd", lr: float = 
     devices: data-parallel training over this many processes (DistributedDataParallel; gloo on CPU, nccl on
     CUDA), the global batch split among them: ``bnlab.train.distributed`` says how; rank 0's History and
     weights come back. A model's ``syncbatch`` norms then normalise with the global batch's statistics.
+    The processes are started with ``spawn``, which re-imports the calling script: call ``fit(devices=N)``
+    under ``if __name__ == "__main__":`` (as with any torch multiprocessing).
     callbacks: ``bnlab.train.callbacks.Callback`` objects (TensorBoard, CSVLogger, your own): the protocol
     is in that module; a callback's ``ctx.request_stop`` ends training after the epoch (``stopped="callback"``).
 
