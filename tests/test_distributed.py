@@ -33,6 +33,8 @@ CASES = [
     ("dense-tiny-variance", (8, 3), (4, 4), torch.float64, "torch", 1e-10),
     ("dense-momentum-1", (8, 3), (5, 3), torch.float64, "torch", 1e-10),
     ("conv-momentum-0-keras", (4, 2, 3, 3), (2, 2), torch.float64, "keras", 1e-10),
+    # bfloat16 activations (bf16-mixed): statistics in float32 on every rank, outputs in bfloat16
+    ("conv-bf16-torch", (6, 4, 5, 5), (3, 3), torch.bfloat16, "torch", 2e-2),
 ]
 
 
