@@ -69,17 +69,23 @@ class BatchNormFunction(torch.autograd.Function):
         sum_dy_xhat = buf.mul_(dy).sum(dims).mul_(inv_std)  # (C,) = dgamma
         dx = None
         if ctx.needs_input_grad[0]:
-            # dx = gamma·inv_std/m · (m·dy - Σdy - x_hat·Σ(dy·x_hat)), expanded per channel as
-            # dx = k·dy + a·(x - mean) + b  with  k = gamma·inv_std
-            k = inv_std if weight is None else inv_std * weight
-            a = -k * inv_std * sum_dy_xhat / m
-            b = -k * sum_dy / m
-            dx = torch.sub(x, mean.view(shape), out=buf)
-            dx.mul_(a.view(shape)).add_(b.view(shape)).addcmul_(dy, k.view(shape))
-            dx = dx.to(x.dtype)
+            dx = input_grad(torch.sub(x, mean.view(shape), out=buf), dy, weight, inv_std, sum_dy, sum_dy_xhat, m,
+                            shape).to(x.dtype)
         dweight = sum_dy_xhat.to(weight.dtype) if weight is not None and ctx.needs_input_grad[1] else None
         dbias = sum_dy.to(ctx.bias_dtype) if ctx.needs_input_grad[2] else None
         return dx, dweight, dbias, None, None
+
+
+def input_grad(xmu: torch.Tensor, dy: torch.Tensor, weight: torch.Tensor | None, inv_std: torch.Tensor,
+               sum_dy: torch.Tensor, sum_dy_xhat: torch.Tensor, m: int, shape: list[int]) -> torch.Tensor:
+    """BN's input gradient from the two per-channel sums over the m values that made the statistics:
+    dx = gamma·inv_std/m · (m·dy - Σdy - x_hat·Σ(dy·x_hat)), expanded per channel as
+    dx = k·dy + a·(x - mean) + b  with  k = gamma·inv_std, a = -k·inv_std·Σ(dy·x_hat)/m, b = -k·Σdy/m.
+    ``xmu`` (x - mean) is overwritten with dx. SyncBN passes sums over every process's values."""
+    k = inv_std if weight is None else inv_std * weight
+    a = -k * inv_std * sum_dy_xhat / m
+    b = -k * sum_dy / m
+    return xmu.mul_(a.view(shape)).add_(b.view(shape)).addcmul_(dy, k.view(shape))
 
 
 def resolve_defaults(convention: str | Convention, eps: float | None,

@@ -15,11 +15,8 @@ running statistics are updated with the global count n (``update_running_stats``
 n/(n-1)·σ², Keras σ²), identically on every rank.
 
 Backward: the only cross-rank quantities are the two per-channel sums Σdy and Σdy·(x - μ); one
-all-reduce (both in one tensor) makes them global, then
-
-    dx = k·dy + a·(x - μ) + b,   k = γ·inv_std,  a = -k·inv_std²·Σdy(x-μ)/n,  b = -k·Σdy/n
-
-as in ``bnlab.nn.functional.BatchNormFunction``. dγ = Σ_local dy·x̂ and dβ = Σ_local dy stay LOCAL:
+all-reduce (both in one tensor) makes them global, and ``bnlab.nn.functional.input_grad`` (BN's own
+backward) turns them into dx with the global count n. dγ = Σ_local dy·x̂ and dβ = Σ_local dy stay LOCAL:
 DistributedDataParallel reduces parameter gradients itself (as torch's SyncBatchNorm does).
 
 Outside a process group (or with one rank) and in eval mode it is exactly ``BatchNorm``.
@@ -32,7 +29,7 @@ import torch.distributed as dist
 from torch.autograd.function import once_differentiable
 
 from bnlab.nn.batchnorm import BatchNorm
-from bnlab.nn.functional import _layout, nonfinite_error, stats_dtype, update_running_stats
+from bnlab.nn.functional import _layout, input_grad, nonfinite_error, stats_dtype, update_running_stats
 from bnlab.conventions import get_convention
 
 
@@ -101,10 +98,7 @@ class SyncBatchNormFunction(torch.autograd.Function):
         g_dy, g_dy_xmu = sums.chunk(2)
         dx = None
         if ctx.needs_input_grad[0]:
-            k = inv_std if weight is None else inv_std * weight
-            a = -k * inv_std.square() * g_dy_xmu / ctx.count
-            b = -k * g_dy / ctx.count
-            dx = xmu.mul_(a.view(shape)).add_(b.view(shape)).addcmul_(dy, k.view(shape)).to(x.dtype)
+            dx = input_grad(xmu, dy, weight, inv_std, g_dy, g_dy_xmu * inv_std, ctx.count, shape).to(x.dtype)
         return dx, dweight, dbias, None, None, None
 
 
