@@ -10,7 +10,7 @@ CHROMIUM ?= /usr/bin/chromium
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --quiet --constraint constraints.txt --editable '.[dev,serve,onnx,keras,tensorboard]'
+	$(BIN)/python -m pip install --quiet --constraint constraints.txt --editable '.[dev,serve,onnx,keras,tensorboard,ray]'
 	touch $(STAMP)
 
 # the report test drives a real headless Chromium (Debian's package; playwright cannot download one here)

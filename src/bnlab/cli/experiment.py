@@ -35,6 +35,10 @@ def _stats_table(folder: Path) -> None:
     console.print(table)
     for s in t.precise_sentences:
         console.print(escape(s))
+    if t.trends:
+        console.print("trend of the error with the images per device (least squares on log2, all runs):")
+        for method, error, n, xs, slope, p in t.trends:
+            console.print(escape(f"  {method}, {error}: {slope}" + (f", p {p}" if p != "-" else "") + f" (n = {n})"))
     console.print(escape(t.comparisons_note))
     for c in t.primary:
         console.print(("[bold]" if c.significant else "") + escape(c.sentence) + ("[/]" if c.significant else ""))
@@ -57,6 +61,11 @@ def run(
                               "train as one stacked model where they can (MLPs in fp32 without per-run logs; "
                               "results stored run by run, resumable run by run); auto: on a "
                               "GPU only; off: every run alone."),
+    backend: str = typer.Option("local", "--backend", help="local: worker processes on this machine; ray: each "
+                                "run (or stacked group) a Ray task, the results and files sent back to this "
+                                "process, which alone writes the folder (needs pip install 'bnlab\\[ray]')."),
+    address: str = typer.Option(None, "--address", help="With --backend ray: auto or HOST:PORT joins a running "
+                                "Ray cluster; without it, a local Ray instance sized to this machine is started."),
 ) -> None:
     """Run an experiment (variants x seeds) resumably into a folder, then print its statistics
     and write the HTML report.
@@ -65,17 +74,30 @@ def run(
     skipped and interrupted ones continue from their last completed epoch. A finished experiment
     grows: more seeds (--seeds) or added variants in its spec run only the new runs.
 
-    Example: bnlab run demo --quick
+    Example: bnlab run demo --quick   (on a Ray cluster: bnlab run demo --backend ray --address auto)
     """
     try:
-        _run(experiment, seeds, quick, out, data_dir, workers, retry_failed, stack)
+        _check_backend(backend, address)  # before anything is loaded or written
+        _run(experiment, seeds, quick, out, data_dir, workers, retry_failed, stack, backend, address)
     except KeyboardInterrupt:  # Ctrl-C while bnlab loads, before the experiment starts: nothing written yet
         console.print("interrupted before the experiment started; nothing was written", style="yellow")
         raise typer.Exit(code=130) from None
 
 
+def _check_backend(backend: str, address: str | None) -> None:
+    from bnlab.experiments.ray_backend import BackendError, check_backend, import_ray
+
+    try:
+        check_backend(backend, address)
+        if backend == "ray":
+            import_ray()
+    except BackendError as e:
+        _fail(str(e))
+
+
 def _run(experiment: str, seeds: int | None, quick: bool, out: Path | None, data_dir: str | None,
-         workers: int | None, retry_failed: bool, stack: str = "auto") -> None:
+         workers: int | None, retry_failed: bool, stack: str = "auto", backend: str = "local",
+         address: str | None = None) -> None:
     from rich.markup import escape
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
@@ -110,7 +132,8 @@ def _run(experiment: str, seeds: int | None, quick: bool, out: Path | None, data
     try:
         with bar:
             progress = run_experiment(spec, folder, quick=quick, workers=workers, data_dir=data_dir, seeds=seeds,
-                                      retry_failed=retry_failed, on_progress=on_progress, stack=stack)
+                                      retry_failed=retry_failed, on_progress=on_progress, stack=stack,
+                                      backend=backend, address=address)
     except ExperimentInterrupted as e:
         for line in e.lines():
             console.print(escape(line), style="yellow", soft_wrap=True)
@@ -118,7 +141,8 @@ def _run(experiment: str, seeds: int | None, quick: bool, out: Path | None, data
                (["--seeds", str(seeds)] if seeds is not None else []) + \
                (["--data-dir", data_dir] if data_dir is not None else []) + \
                (["--workers", str(workers)] if workers is not None else []) + \
-               (["--retry-failed"] if retry_failed else []) + (["--stack", stack] if stack != "auto" else [])
+               (["--retry-failed"] if retry_failed else []) + (["--stack", stack] if stack != "auto" else []) + \
+               (["--backend", backend] if backend != "local" else []) + (["--address", address] if address else [])
         console.print(escape(f"to resume, run the same command: {shlex.join(same)}"), soft_wrap=True)
         raise typer.Exit(code=exit_code(e.signal))
     except (SpecError, StoreError, DatasetUnavailable, ChecksumError, CorruptFileError, ValueError, OSError) as e:

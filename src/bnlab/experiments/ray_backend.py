@@ -16,8 +16,8 @@ system:
 - the driver writes each snapshot under ``out/runs/<run_id>/`` (every file atomically, a ``state.json``
   or ``history.json`` last, then removes what the task no longer has), and, from the task's last item,
   the run folders whole, then records the results (``_Runs.finish``: the result is committed, then the
-  resume state discarded). So a Ctrl-C, a SIGTERM or a killed worker loses at most the epoch in progress,
-  as with the local backend.
+  resume state discarded). So Ctrl-C, SIGTERM, even SIGKILL of the driver, lose at most the epochs in
+  progress, as with the local backend.
 
 A run that raises is the 'failed' result ``execute_run`` produces; a task that dies (worker killed,
 node lost) is a 'failed' result for each of its runs, like ``pool.WorkerDied``. On SIGINT / SIGTERM the
@@ -37,6 +37,8 @@ import signal
 import socket
 import tempfile
 import threading
+import time
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -51,6 +53,7 @@ BACKENDS = ("local", "ray")
 RAY_MISSING = "--backend ray needs Ray, an optional extra: pip install 'bnlab[ray]'"
 POLL_SECONDS = 0.5  # how often a task looks for changed files, and the driver's longest wait
 TEMP_DIR = "bnlab-ray"  # under the worker's temporary folder: <pid>-<random>/runs/<run_id>/
+CRASH_GRACE = 1.0  # seconds: a worker death this close to a stop signal is the stop's, not the run's
 _RACY_NS = 2_000_000_000  # a file modified this recently may have changed without its stat showing it
 
 
@@ -148,7 +151,7 @@ class FolderWatch:
         inode are as shipped is read anyway when it was modified in the last 2 s, as git does with
         "racily clean" files: the clock behind file times ticks in milliseconds."""
         before = _stats(self.folder)
-        now = max((m for _, m, _ in before.values()), default=0)
+        now = time.time_ns()
         files, marks = {}, {}
         for rel, st in before.items():
             old = self.shipped.get(rel)
@@ -263,6 +266,21 @@ def _check_reachable(address: str) -> None:
                            f"'ray start --head --port {port}' on the head node, or check the address") from None
 
 
+@contextmanager
+def _ray_keeps_the_sigterm_handler(ray):
+    """While ray.init runs: leave the process's SIGTERM handler alone (Ray's own calls sys.exit)."""
+    utils = getattr(getattr(ray, "_private", None), "utils", None)
+    original = getattr(utils, "set_sigterm_handler", None)
+    if original is None:  # another Ray: the handlers are put back after ray.init anyway
+        yield
+        return
+    utils.set_sigterm_handler = lambda handler: None
+    try:
+        yield
+    finally:
+        utils.set_sigterm_handler = original
+
+
 class RayBackend:
     """The Ray instance of one ``bnlab run`` and the loop that feeds it. A context manager: on exit it
     shuts down the instance if it started it (and removes the task folders its killed workers left).
@@ -285,7 +303,7 @@ class RayBackend:
             sweep_temp()  # this machine's workers are gone: so are the folders they could not remove
         return False
 
-    def connect(self) -> int:
+    def connect(self, signals: StopSignals | None = None) -> int:
         """Start or join the Ray instance; return its CPUs."""
         ray = self.ray = import_ray()
         if ray.is_initialized():
@@ -296,23 +314,36 @@ class RayBackend:
             logging.getLogger("ray").setLevel(logging.ERROR)
             kwargs = {"include_dashboard": False, "log_to_driver": False, "logging_level": logging.ERROR}
             handlers = {s: signal.getsignal(s) for s in STOP_SIGNALS}
-            self.started = self.address is None
+            local = self.started = self.address is None  # from here on: a half-started instance is shut down too
+            # Starting a local instance takes seconds; a signal then waits for its end (``held``), since an
+            # instance interrupted half-way leaves processes behind (Ray's agents outlive their raylet)
+            # and ray.init would put in its own SIGTERM handler (sys.exit) meanwhile
             try:
-                if self.address is None:
-                    ray.init(address="local", num_cpus=os.cpu_count() or 1, **kwargs)
-                else:
-                    ray.init(address=self.address, **kwargs)
+                with (signals.held() if signals is not None and local else nullcontext()), \
+                        (_ray_keeps_the_sigterm_handler(ray) if local else nullcontext()):
+                    if local:
+                        ray.init(address="local", num_cpus=os.cpu_count() or 1, **kwargs)
+                    else:
+                        ray.init(address=self.address, **kwargs)
+            except SystemExit as e:  # Ray's SIGTERM handler, in place while ray.init joins a cluster
+                if signals is None or e.code != signal.SIGTERM:
+                    raise
+                signals.stop(signal.SIGTERM)  # stops as bnlab does: KeyboardInterrupt, runs left pending
+                raise
             except (ConnectionError, RuntimeError, ValueError, TimeoutError) as e:
+                if self.address is None:
+                    raise BackendError(f"could not start a local Ray instance: {e}") from None
                 raise BackendError(f"could not join the Ray cluster at {self.address}: {e} (start a cluster with "
                                    "'ray start --head' on one node and 'ray start --address HEAD:6379' on the "
-                                   "others; bnlab must be installed on every node)") from None
-            finally:  # ray.init puts in its own SIGTERM handler (sys.exit): bnlab's stop cleanly
+                                   "others; bnlab must be installed on every node; a cluster with token "
+                                   "authentication joined by HOST:PORT also needs RAY_AUTH_MODE=token and its "
+                                   "token in ~/.ray/auth_token here)") from None
+            finally:  # ray.init puts in its own SIGTERM handler (sys.exit): bnlab's stops cleanly
                 for s, h in handlers.items():
                     if h is not None:
                         signal.signal(s, h)
-            self.started = True if self.address is None else False
-            self.where = ("a local Ray instance" if self.address is None
-                          else f"the Ray cluster at {self.address}")
+            self.where = ("a local Ray instance" if local else "the Ray cluster found by --address auto"
+                          if self.address == "auto" else f"the Ray cluster at {self.address}")
         res = ray.cluster_resources()
         self.cpus, self.gpus = int(res.get("CPU", 0)), int(res.get("GPU", 0))
         self.node_cpus = max((int(n["Resources"].get("CPU", 0)) for n in ray.nodes() if n.get("Alive")),
@@ -335,9 +366,8 @@ class RayBackend:
         """Run ``units`` as Ray tasks of ``threads`` CPUs each; ``runs``: the runner's bookkeeping
         (``_Runs``: start and finish)."""
         ray = self.ray
-        threads = max(1, min(threads, self.node_cpus or threads))  # a task fits on one node
         slots = max(1, self.cpus // threads)  # tasks in flight: the runs said to be running are running
-        task = ray.remote(unit_task).options(max_retries=0)  # a task that dies is a failed run, as locally
+        task = ray.remote(max_retries=0)(unit_task)  # a task that dies is a failed run, as locally
         queue, live = list(units), {}
         try:
             while queue or live:
@@ -353,18 +383,24 @@ class RayBackend:
                 ready, _ = ray.wait(list(live), num_returns=1, timeout=POLL_SECONDS)
                 with signals.held():  # what arrived is written and recorded before a signal may stop the loop
                     for gen in ready:
-                        self._take(gen, live, out, runs)
+                        self._take(gen, live, out, runs, signals)
         except KeyboardInterrupt:
-            for gen in list(live):  # what had fully arrived counts: the newest states, finished results
-                for _ in range(100):
-                    if gen not in live or not ray.wait([gen], num_returns=1, timeout=0)[0]:
-                        break
-                    self._take(gen, live, out, runs)
+            try:
+                for gen in list(live):  # what had fully arrived counts: the newest states, finished results
+                    for _ in range(100):
+                        if gen not in live or not ray.wait([gen], num_returns=1, timeout=0)[0]:
+                            break
+                        self._take(gen, live, out, runs, signals)
+            except Exception:  # noqa: BLE001 - the cluster is going too: what was not taken stays pending
+                pass
             for gen in live:
-                ray.cancel(gen, force=True)
+                try:
+                    ray.cancel(gen, force=True)
+                except Exception:  # noqa: BLE001 - gone already (a lost node): nothing to stop
+                    pass
             raise
 
-    def _take(self, gen, live: dict, out: Path, runs) -> None:
+    def _take(self, gen, live: dict, out: Path, runs, signals: StopSignals) -> None:
         """Read the next item of a task that has one and act on it."""
         ray, unit = self.ray, live[gen]
         try:
@@ -374,9 +410,20 @@ class RayBackend:
         except Exception as e:  # noqa: BLE001 - the task died (worker killed, node lost) or raised
             msg = e
         if isinstance(msg, Exception):
+            del live[gen]
+            # a worker that died (rather than a task that raised) may have been stopped by the shutdown
+            # that is stopping bnlab too (docker stop and systemd signal every process): Ray does not
+            # say which signal killed it, so a stop signal reaching bnlab within CRASH_GRACE of the
+            # death counts it as stopped (its runs back to pending, with the states they shipped),
+            # as the local backend counts a worker killed by SIGINT / SIGTERM / SIGHUP
+            if not isinstance(msg, ray.exceptions.RayTaskError):
+                deadline = time.monotonic() + CRASH_GRACE
+                while signals.received is None and time.monotonic() < deadline:
+                    time.sleep(0.05)
+                if signals.received is not None:
+                    return
             first = (str(msg).strip().splitlines() or [""])[0]
             error = f"the Ray task died ({type(msg).__name__}: {first})"
-            del live[gen]
             for plan in unit:
                 runs.finish(plan, {"status": "failed", "error": error})
             return

@@ -26,12 +26,14 @@ import os
 import signal
 import time
 import traceback
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
 from bnlab.experiments.grow import Growth, SpecChanged, grow
 from bnlab.experiments.pool import WorkerDied, WorkerPool
+from bnlab.experiments.ray_backend import RayBackend, check_backend, import_ray
 from bnlab.experiments.spec import ExperimentSpec, RunPlan, SpecError, apply_quick, expand, parse_experiment
 from bnlab.experiments.validate import check_models_fit
 from bnlab.experiments.store import FINISHED, RunStore, StoreError
@@ -291,14 +293,20 @@ def _store_spec(store: RunStore, out: Path, spec: ExperimentSpec, **meta: str) -
 
 def run_experiment(spec: ExperimentSpec, out: str | Path, *, quick: bool = False, workers: int | None = None,
                    data_dir: str | None = None, seeds: int | None = None, retry_failed: bool = False,
-                   on_progress: Callable[[Progress, str], None] | None = None, stack: str = "auto") -> Progress:
+                   on_progress: Callable[[Progress, str], None] | None = None, stack: str = "auto",
+                   backend: str = "local", address: str | None = None) -> Progress:
     """Run every pending run of ``spec`` into ``out``; return the final progress counts.
 
     Raises ExperimentInterrupted (after the workers are gone and the lock released) on SIGINT or
     SIGTERM, or on a KeyboardInterrupt; see the module's docstring. ``stack``: "on" trains the runs of
     a variant that differ only in their seed as one stacked model where they can, "auto" does so on a
-    GPU only, "off" runs each alone (``stack_groups``)."""
+    GPU only, "off" runs each alone (``stack_groups``). ``backend``: "local" (worker processes on this
+    machine) or "ray" (each unit a Ray task; ``address``: None starts a local Ray instance, "auto" or
+    "HOST:PORT" joins a cluster; ``bnlab.experiments.ray_backend``)."""
     check_stack_mode(stack)  # before anything is written
+    check_backend(backend, address)
+    if backend == "ray":
+        import_ray()  # not installed: say so now
     if quick:
         spec = apply_quick(spec)
     if seeds is not None or data_dir is not None:  # validated like the spec itself (--seeds 0 is refused)
@@ -315,12 +323,14 @@ def run_experiment(spec: ExperimentSpec, out: str | Path, *, quick: bool = False
     with StopSignals() as signals:
         try:
             out.mkdir(parents=True, exist_ok=True)
-            with FolderLock(out):
+            # leaving: Ray shut down (if started here), then the lock released
+            with FolderLock(out), (RayBackend(address) if backend == "ray" else nullcontext()) as ray_backend:
                 store = None
                 try:
                     with signals.held():
                         store, growth = open_experiment(out, spec)
-                    return _run(spec, plans, out, store, growth, workers, retry_failed, notify, signals, stack)
+                    return _run(spec, plans, out, store, growth, workers, retry_failed, notify, signals, stack,
+                                ray_backend)
                 except KeyboardInterrupt:
                     if store is not None:
                         left = _after_interrupt(store, plans, out)
@@ -346,7 +356,8 @@ def _after_interrupt(store: RunStore, plans: list[RunPlan], out: Path) -> tuple[
 
 
 def _run(spec: ExperimentSpec, plans: list[RunPlan], out: Path, store: RunStore, growth: Growth | None,
-         workers: int | None, retry_failed: bool, notify, signals: StopSignals, stack: str = "auto") -> Progress:
+         workers: int | None, retry_failed: bool, notify, signals: StopSignals, stack: str = "auto",
+         ray_backend: RayBackend | None = None) -> Progress:
     with signals.held():
         store.add_runs(plans)
         store.reset_interrupted(retry_failed)
@@ -361,20 +372,25 @@ def _run(spec: ExperimentSpec, plans: list[RunPlan], out: Path, store: RunStore,
         notify(prog, "nothing to do: every run is finished")
         return prog
     # threads per run as if no run had finished yet: a resumed or continued run computes with the thread
-    # count an uninterrupted experiment gives it (results can depend on it in the last bits)
-    n_workers, threads = plan_workers(len(plans), workers)
+    # count an uninterrupted experiment gives it (results can depend on it in the last bits); on Ray, the
+    # cores are the Ray instance's (a local one: this machine's, so the same plan as the local backend)
+    cores = ray_backend.connect(signals) if ray_backend else None
+    n_workers, threads = plan_workers(len(plans), workers, cores)
+    if ray_backend:  # a task runs on one node
+        threads = max(1, min(threads, ray_backend.node_cpus))
     refused: dict[str, str] = {}
     units = stack_groups(pending, out, stack, refused)
     n_workers = min(n_workers, len(units))
     stacked = [u for u in units if len(u) > 1]
     notify(prog, f"{len(pending)} runs to do ({prog.skipped} already finished), "
-                 f"{n_workers} worker(s) x {threads} thread(s)"
+                 + (f"Ray tasks of {threads} thread(s) on {ray_backend.where}" if ray_backend
+                    else f"{n_workers} worker(s) x {threads} thread(s)")
                  + (f"; {sum(map(len, stacked))} of them in {len(stacked)} stacked group(s)" if stacked else ""))
     if stack == "on":  # asked for stacking: say which variants could not
         for variant, why in refused.items():
             notify(prog, f"{variant}: not stacked ({why})")
     runs = _Runs(out, store, prog, notify, signals)
-    if n_workers == 1:  # in-process: simpler to debug, no spawn cost
+    if n_workers == 1 and not ray_backend:  # in-process: simpler to debug, no spawn cost
         import torch
 
         torch.set_num_threads(threads)
@@ -387,7 +403,10 @@ def _run(spec: ExperimentSpec, plans: list[RunPlan], out: Path, store: RunStore,
     if any(plan.model.get("kind", "mlp") != "cnn" for plan in pending):  # a run that may take the native step
         from bnlab.train import native
         native.load()  # build it here, once, rather than in every worker at the same time
-    _run_pool(units, out, runs, n_workers, threads, signals)
+    if ray_backend:
+        ray_backend.run(units, out, runs, threads, signals)
+    else:
+        _run_pool(units, out, runs, n_workers, threads, signals)
     return prog
 
 
