@@ -79,6 +79,9 @@ def test_plan_workers_never_oversubscribes():
     assert plan_workers(10, cores=2) == (2, 1)
     assert plan_workers(1, cores=8) == (1, 8)
     assert plan_workers(3, cores=8) == (3, 2)
+    assert plan_workers(10, cores=8, processes_per_run=4) == (2, 4)  # data-parallel runs: 2 x 4 processes
+    assert plan_workers(10, workers=8, cores=2, processes_per_run=2) == (1, 2)
+    assert plan_workers(10, cores=2, processes_per_run=4) == (1, 2)
     for n, c in [(5, 4), (2, 16), (100, 3)]:
         w, t = plan_workers(n, cores=c)
         assert w * t <= c

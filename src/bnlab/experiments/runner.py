@@ -97,10 +97,13 @@ def continuing(run_id: str, epoch: int, epochs: int) -> str:
     return f"{run_id}: continuing from epoch {epoch} of {epochs}"
 
 
-def plan_workers(n_runs: int, workers: int | None = None, cores: int | None = None) -> tuple[int, int]:
-    """(worker processes, torch threads per worker) so that workers x threads <= cores."""
+def plan_workers(n_runs: int, workers: int | None = None, cores: int | None = None,
+                 processes_per_run: int = 1) -> tuple[int, int]:
+    """(worker processes, torch threads per worker) so that workers x threads <= cores. A data-parallel run
+    (``devices`` = P) is P processes sharing its worker's threads, so at most cores / P runs go at once."""
     cores = cores or os.cpu_count() or 1
-    w = max(1, min(n_runs, workers or cores, cores))
+    slots = max(1, cores // processes_per_run)
+    w = max(1, min(n_runs, workers or slots, slots))
     return w, max(1, cores // w)
 
 
@@ -375,7 +378,8 @@ def _run(spec: ExperimentSpec, plans: list[RunPlan], out: Path, store: RunStore,
     # count an uninterrupted experiment gives it (results can depend on it in the last bits); on Ray, the
     # cores are the Ray instance's (a local one: this machine's, so the same plan as the local backend)
     cores = ray_backend.connect(signals) if ray_backend else None
-    n_workers, threads = plan_workers(len(plans), workers, cores)
+    n_workers, threads = plan_workers(len(plans), workers, cores,
+                                      processes_per_run=max(p.train.get("devices", 1) for p in plans))
     if ray_backend:  # a task runs on one node
         threads = max(1, min(threads, ray_backend.node_cpus))
     refused: dict[str, str] = {}
