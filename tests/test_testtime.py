@@ -93,3 +93,65 @@ def test_bad_options_say_what_was_expected():
         for_bn_stats(model, "recalibrated")
     with pytest.raises(ValueError, match="no batch norm"):
         with_batch_statistics(nn.Sequential(nn.Linear(2, 2)))
+
+
+# ---------------------------------------------------------------- bnlab predict / serve --bn-stats
+
+def _npy(tmp_path, name, n, seed=0):
+    import numpy as np
+
+    from bnlab.data import load_dataset
+    raw = load_dataset("digits").x_test[seed:seed + n].numpy() * 16  # the digits' raw pixel values 0..16
+    path = tmp_path / name
+    np.save(path, raw)
+    return path
+
+
+def test_predict_bn_stats_batch_and_recalibrated_match_the_library(digits_checkpoint, tmp_path):
+    import json
+
+    from typer.testing import CliRunner
+
+    from bnlab.checkpoint import load_checkpoint
+    from bnlab.cli import app
+    from bnlab.deploy.predict import read_inputs
+    batch = _npy(tmp_path, "batch.npy", 8)
+    runner = CliRunner()
+    ck = load_checkpoint(digits_checkpoint)
+    x = read_inputs([batch], ck)
+    for stats, model in (("batch", with_batch_statistics(ck.model)),
+                         ("recalibrated", for_bn_stats(ck.model, "recalibrated", x))):
+        extra = ["--recalibrate-on", str(batch)] if stats == "recalibrated" else []
+        res = runner.invoke(app, ["predict", str(digits_checkpoint), str(batch), "--json", "--bn-stats", stats, *extra])
+        assert res.exit_code == 0, res.output
+        got = json.loads(res.stdout)
+        with torch.no_grad():
+            want = torch.softmax(model(x), 1)
+        assert [r["bn_stats"] for r in got] == [stats] * 8
+        torch.testing.assert_close(torch.tensor([r["probabilities"] for r in got]), want, atol=2e-6, rtol=0)
+    running = runner.invoke(app, ["predict", str(digits_checkpoint), str(batch), "--json"])
+    plain = json.loads(running.stdout)
+    assert "bn_stats" not in plain[0] and plain[0]["probabilities"] != got[0]["probabilities"]
+
+
+def test_predict_and_serve_bn_stats_errors_are_clear(digits_checkpoint, tmp_path):
+    from fastapi.testclient import TestClient
+    from typer.testing import CliRunner
+
+    from bnlab.cli import app
+    from bnlab.deploy.serve import create_app
+    one = _npy(tmp_path, "one.npy", 1)
+    runner = CliRunner()
+    res = runner.invoke(app, ["predict", str(digits_checkpoint), str(one), "--bn-stats", "batch"])
+    assert res.exit_code == 2 and "cannot normalise a batch of 1 sample" in res.output
+    res = runner.invoke(app, ["predict", str(digits_checkpoint), str(one), "--bn-stats", "recalibrated"])
+    assert res.exit_code == 2 and "need unlabeled inputs of the test domain" in res.output
+    res = runner.invoke(app, ["predict", str(digits_checkpoint), str(one), "--bn-stats", "moving"])
+    assert res.exit_code == 2 and "expected one of running, batch, recalibrated" in res.output
+    with TestClient(create_app(digits_checkpoint, bn_stats="batch")) as client:
+        assert client.get("/model").json()["bn_stats"] == "batch"
+        import numpy as np
+        rows = (np.load(_npy(tmp_path, "two.npy", 2))).tolist()
+        single = client.post("/predict", json={"inputs": rows[0]})
+        assert single.status_code == 422 and "cannot normalise a batch of 1 sample" in single.text
+        assert client.post("/predict", json={"inputs": rows}).status_code == 200

@@ -145,6 +145,11 @@ def fold_cmd(
 
 _MODEL_HELP = ("Which model of a run folder: best (the best-validation model, checkpoint/; the default, as Keras's "
                "save_best_only) or final (checkpoint-final/). With a checkpoint folder it must match that checkpoint.")
+_BN_STATS_HELP = ("Which statistics BN uses: running (its moving averages; the default), batch (the statistics of the "
+                  "inputs sent together: a file, or a request; one sample cannot be normalised by a BN over "
+                  "features) or recalibrated (precise statistics over --recalibrate-on inputs of the test domain).")
+_RECALIBRATE_ON_HELP = ("Unlabeled inputs of the test domain (images or .npy, raw values like the inputs; repeat for "
+                        "several files) to recalibrate BN on, for --bn-stats recalibrated.")
 
 
 def _chosen_checkpoint(path: Path, which: str | None):
@@ -165,6 +170,8 @@ def predict_cmd(
     as_json: bool = typer.Option(False, "--json", help="Print JSON."),
     prescaled: bool = typer.Option(False, "--prescaled", help="Inputs are already scaled like the training data."),
     which: str = typer.Option(None, "--model", help=_MODEL_HELP),
+    bn_stats: str = typer.Option("running", "--bn-stats", help=_BN_STATS_HELP),
+    recalibrate_on: list[Path] = typer.Option(None, "--recalibrate-on", help=_RECALIBRATE_ON_HELP),
 ) -> None:
     """Predict the class of images or arrays; single samples work (eval mode).
 
@@ -173,6 +180,7 @@ def predict_cmd(
     final, its epoch); with --json, each prediction's "model" and "epoch".
 
     Example: bnlab predict runs/one digit.png --model best --json
+    Shifted test data: bnlab predict runs/one shifted.npy --bn-stats recalibrated --recalibrate-on shifted.npy
     """
     import warnings
 
@@ -181,7 +189,8 @@ def predict_cmd(
     try:  # CheckpointError, InputError (non-finite outputs included: never 'p = nan'), both ValueErrors
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always", LooksPrescaled)
-            ck, results = predict_files(checkpoint, inputs, which=which, prescaled=prescaled)
+            ck, results = predict_files(checkpoint, inputs, which=which, prescaled=prescaled, bn_stats=bn_stats,
+                                        recalibrate_on=recalibrate_on or ())
     except ValueError as e:
         _fail(str(e))
     for w in caught:
@@ -258,6 +267,8 @@ def serve(
     decoders: int = typer.Option(None, "--decoders", help="Processes that decode request bodies (JSON, "
                                  "images) off the event loop. Default: 2."),
     which: str = typer.Option(None, "--model", help=_MODEL_HELP),
+    bn_stats: str = typer.Option("running", "--bn-stats", help=_BN_STATS_HELP),
+    recalibrate_on: list[Path] = typer.Option(None, "--recalibrate-on", help=_RECALIBRATE_ON_HELP),
 ) -> None:
     """Serve a checkpoint over REST: POST /predict, GET /health, GET /model, /docs.
 
@@ -280,7 +291,7 @@ def serve(
     limits = {k: v for k, v in {"max_body_bytes": max_body_bytes, "max_image_pixels": max_image_pixels,
                                 "decoders": decoders}.items() if v is not None}
     try:
-        application = create_app(ck, **limits)
+        application = create_app(ck, **limits, bn_stats=bn_stats, recalibrate_on=recalibrate_on or ())
     except ValueError as e:
         _fail(str(e))
     server = uvicorn.Server(uvicorn.Config(application, host=host, port=port, timeout_graceful_shutdown=30))
@@ -293,7 +304,7 @@ def serve(
 
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, stop)
-    say(f"serving the {ck.describe()}")
+    say(f"serving the {ck.describe()}" + (f", BN statistics: {bn_stats}" if bn_stats != "running" else ""))
     server.run()
     if not server.started:
         _fail(f"the server did not start on {host}:{port} (uvicorn's message above says why)")

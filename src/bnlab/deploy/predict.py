@@ -102,6 +102,9 @@ def predict(model: nn.Module, batch: np.ndarray, preprocessing: dict, classes=No
     try:
         logits = model(torch.as_tensor(np.ascontiguousarray(x), dtype=p.dtype, device=p.device))
     except (RuntimeError, ValueError) as e:  # an input the model cannot take is the input's fault: a 4xx
+        from bnlab.deploy.testtime import batch_too_small, is_batch_too_small
+        if is_batch_too_small(e):  # a model with test-batch BN statistics given one sample
+            raise InputError(batch_too_small(len(x))) from None
         raise InputError(f"the model cannot run on inputs of shape {tuple(np.shape(x))} "
                          f"({type(e).__name__}: {str(e).splitlines()[0][:200]})") from None
     bad = (~torch.isfinite(logits).all(1)).nonzero().flatten().tolist()
@@ -117,20 +120,48 @@ def predict(model: nn.Module, batch: np.ndarray, preprocessing: dict, classes=No
     return out
 
 
-def predict_files(checkpoint: str | Path, paths, *, which: str | None = None, prescaled: bool = False):
+def read_inputs(paths, ck, *, prescaled: bool = False) -> torch.Tensor:
+    """The samples of every file in ``paths``, scaled like the checkpoint's training data unless ``prescaled``."""
+    shape = tuple(ck.model.spec.input_shape)
+    raw = np.concatenate([read_input(p, shape, channels_last=channels_last(ck.model.spec)) for p in paths])
+    x = raw if prescaled or not ck.preprocessing else apply_scaling(raw, ck.preprocessing)
+    return torch.as_tensor(np.ascontiguousarray(x), dtype=torch.float32)
+
+
+def model_for_bn_stats(ck, bn_stats: str = "running", recalibrate_on=(), *, prescaled: bool = False) -> nn.Module:
+    """The checkpoint's model using ``bn_stats`` at test time (``bnlab.deploy.testtime``); "recalibrated"
+    recalibrates on the inputs in the files ``recalibrate_on`` (unlabeled data of the test domain)."""
+    from bnlab.deploy.testtime import check_bn_stats, for_bn_stats
+
+    check_bn_stats(bn_stats)
+    if bn_stats == "recalibrated" and not recalibrate_on:
+        raise ValueError("BN statistics 'recalibrated' need unlabeled inputs of the test domain: give them with "
+                         "--recalibrate-on FILE (images or .npy arrays, raw values like the inputs)")
+    if bn_stats != "recalibrated" and recalibrate_on:
+        raise ValueError(f"--recalibrate-on is for BN statistics 'recalibrated' (got {bn_stats!r})")
+    unlabeled = read_inputs(recalibrate_on, ck, prescaled=prescaled) if recalibrate_on else None
+    return for_bn_stats(ck.model, bn_stats, unlabeled)
+
+
+def predict_files(checkpoint: str | Path, paths, *, which: str | None = None, prescaled: bool = False,
+                  bn_stats: str = "running", recalibrate_on=()):
     """Load a checkpoint (or the ``which`` model of a run folder) and predict every input file.
 
+    ``bn_stats``: "running" (BN's moving averages), "batch" (each file's samples normalised with their own
+    statistics: a file is one batch) or "recalibrated" (on the files ``recalibrate_on``).
     Returns (the Checkpoint, one dict per sample: input, class, name, probabilities, and the model
     used: its kind, "best" or "final", and epoch)."""
     from bnlab.checkpoint import load_checkpoint
 
     ck = load_checkpoint(checkpoint, which=which)
+    model = model_for_bn_stats(ck, bn_stats, recalibrate_on, prescaled=prescaled)
     shape = tuple(ck.model.spec.input_shape)
     results = []
     for path in paths:
         batch = read_input(path, shape, channels_last=channels_last(ck.model.spec))
-        for i, p in enumerate(predict(ck.model, batch, ck.preprocessing, ck.meta.get("classes"), prescaled=prescaled)):
+        for i, p in enumerate(predict(model, batch, ck.preprocessing, ck.meta.get("classes"), prescaled=prescaled)):
             results.append({"input": str(path) + (f"[{i}]" if len(batch) > 1 else ""), "class": p.label,
                             "name": p.name, "probabilities": [round(q, 6) for q in p.probabilities],
-                            "model": ck.kind, "epoch": ck.meta.get("epoch")})
+                            "model": ck.kind, "epoch": ck.meta.get("epoch"),
+                            **({"bn_stats": bn_stats} if bn_stats != "running" else {})})
     return ck, results

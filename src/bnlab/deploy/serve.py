@@ -48,7 +48,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from bnlab import payload
 from bnlab.checkpoint import Checkpoint, load_checkpoint
-from bnlab.deploy.predict import InputError, LooksPrescaled, channels_last, predict
+from bnlab.deploy.predict import InputError, LooksPrescaled, channels_last, model_for_bn_stats, predict
 from bnlab.payload import InputTooLarge, UnreadableInput
 
 MAX_BATCH = 1024
@@ -259,8 +259,12 @@ def _offline_fastapi():
 
 def create_app(checkpoint: "str | Path | Checkpoint", *, which: str | None = None,
                max_body_bytes: int = MAX_BODY_BYTES, max_image_pixels: int | None = None,
-               decoders: int = DECODERS):
+               decoders: int = DECODERS, bn_stats: str = "running", recalibrate_on=()):
     """The ASGI app serving a checkpoint (a folder, a run folder and ``which``, or a loaded Checkpoint).
+
+    ``bn_stats``: which statistics BN uses (``bnlab.deploy.predict.model_for_bn_stats``): "running", "batch"
+    (each request's samples normalised together; a one-sample request to a model with BN over features
+    gets a 422 saying why) or "recalibrated" (on the inputs in the files ``recalibrate_on``, at start).
 
     ``max_image_pixels`` defaults to ``bnlab.payload.default_max_image_pixels`` of the model's input;
     ``decoders`` is the number of decoding processes. Limits out of range raise ValueError."""
@@ -271,7 +275,8 @@ def create_app(checkpoint: "str | Path | Checkpoint", *, which: str | None = Non
     from bnlab.models import summarize
 
     ck = checkpoint if isinstance(checkpoint, Checkpoint) else load_checkpoint(checkpoint, which=which)
-    model, spec = ck.model.eval(), ck.model.spec
+    spec = ck.model.spec
+    model = model_for_bn_stats(ck, bn_stats, recalibrate_on)
     shape = tuple(spec.input_shape)
     if max_image_pixels is None and len(shape) == 3:
         max_image_pixels = payload.default_max_image_pixels(shape)
@@ -284,7 +289,8 @@ def create_app(checkpoint: "str | Path | Checkpoint", *, which: str | None = Non
     classes = ck.meta.get("classes")
     last = channels_last(spec)  # a Keras model's (H, W, C) images
     used = {"kind": ck.kind, "epoch": ck.meta.get("epoch")}
-    info = {"model": {**used, "path": str(ck.path), "description": ck.describe()}, "input_shape": list(shape),
+    info = {"model": {**used, "path": str(ck.path), "description": ck.describe()}, "bn_stats": bn_stats,
+            "input_shape": list(shape),
             "num_classes": spec.num_classes, "classes": classes, "spec": ck.spec,
             "preprocessing": ck.preprocessing,
             "summary": summarize(model, shape, name=Path(ck.path or "model").name).to_text()}

@@ -33,6 +33,17 @@ def check_bn_stats(stats: str) -> None:
         raise ValueError(f"unknown BN statistics {stats!r}: expected one of {', '.join(BN_STATS)}")
 
 
+def batch_too_small(n: int) -> str:
+    """Why test-batch statistics cannot normalise a batch of ``n`` samples (BN said so)."""
+    return (f"test-batch statistics cannot normalise a batch of {n} sample(s): a batch norm over (N, C) features "
+            "needs at least 2 samples (1 value per channel has no variance); send batches of 2 or more, or use "
+            "BN statistics 'running' or 'recalibrated'")
+
+
+def is_batch_too_small(e: Exception) -> bool:
+    return isinstance(e, ValueError) and "value per channel" in str(e)
+
+
 def with_batch_statistics(model: nn.Module) -> nn.Module:
     """A copy of ``model`` in eval mode whose batch norms (bnlab's and torch's) normalise each forward with
     that batch's own statistics and keep no running statistics (so nothing is updated)."""
@@ -87,15 +98,13 @@ def evaluate_bn(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, stats: st
         try:
             out = net(x[idx].to(device)).float()
         except ValueError as e:
-            if stats != "batch" or "value per channel" not in str(e):
+            if stats != "batch" or not is_batch_too_small(e):
                 raise
-            raise ValueError(f"test-batch statistics cannot normalise a batch of {b - a} sample(s): a batch norm over "
-                             "(N, C) features needs at least 2 samples (1 value per channel has no variance); use "
-                             "test batches of 2 or more, or BN statistics 'running' or 'recalibrated'") from None
+            raise ValueError(batch_too_small(b - a)) from None
         yb = y[idx].to(device)
         loss += float(F.cross_entropy(out, yb, reduction="sum"))
         correct += int((out.argmax(1) == yb).sum())
     return loss / len(y), correct / len(y)
 
 
-__all__ = ["BN_STATS", "check_bn_stats", "evaluate_bn", "for_bn_stats", "with_batch_statistics"]
+__all__ = ["BN_STATS", "batch_too_small", "check_bn_stats", "is_batch_too_small", "evaluate_bn", "for_bn_stats", "with_batch_statistics"]
