@@ -17,15 +17,9 @@ from bnlab.experiments import (RunStore, SpecError, StoreError, apply_quick, exp
                                parse_experiment, plan_workers, preset_names, run_experiment)
 from bnlab.experiments.stats import compare, mean_ci
 from bnlab.report import build_report
+from tiny_specs import TWO_VARIANTS
 
-TINY = {
-    "name": "tiny", "seeds": 2, "target_accuracy": 0.5,
-    "data": {"dataset": "synthetic", "validation": 0.25,
-             "options": {"n_train": 120, "n_test": 40, "features": 6, "classes": 2}},
-    "model": {"kind": "mlp", "input_shape": [6], "num_classes": 2, "hidden": [8]},
-    "train": {"lr": 0.05, "epochs": 2, "batch_size": 16},
-    "variants": {"no-bn": {"model": {"bn": "none"}}, "bn": {"model": {"bn": "before"}}},
-}
+TINY = TWO_VARIANTS
 
 
 def test_every_preset_validates_and_has_a_quick_scale():

@@ -21,7 +21,6 @@ import os
 import random
 import re
 import signal
-import sqlite3
 import subprocess
 import sys
 import threading
@@ -33,33 +32,13 @@ import pytest
 
 from bnlab.experiments.results import RESULT_COLUMNS
 from bnlab.train.resume import STATE_DIR, resume_point
+from tiny_specs import harness_toml, store_rows
 
 EPOCHS = 8
-SPEC = f"""
-name = "harness"
-seeds = 3
-[data]
-dataset = "synthetic"
-validation = 0.2
-options = {{ n_train = 6000, n_test = 200, features = 32, classes = 4 }}
-[model]
-kind = "mlp"
-input_shape = [32]
-num_classes = 4
-hidden = [128, 128]
-[train]
-lr = 0.05
-batch_size = 32
-epochs = {EPOCHS}
-[variants.no-bn]
-model = {{ bn = "none" }}
-[variants.bn]
-model = {{ bn = "before" }}
-"""
+SPEC = harness_toml("harness", seeds=3, n_train=6000, hidden=128, batch_size=32, epochs=EPOCHS)
 RUN_IDS = [f"{v}/seed-{s}" for v in ("no-bn", "bn") for s in range(3)]
 # wall-clock values differ between any two runs; everything else must be equal
 COMPARED = [c for c in RESULT_COLUMNS if "seconds" not in c] + ["status", "step_loss"]
-EPOCH_COLUMNS = ["epoch", "train_loss", "train_accuracy", "val_loss", "val_accuracy", "steps"]
 EXIT = {signal.SIGINT: 130, signal.SIGTERM: 143, signal.SIGKILL: -9}
 TIMEOUT = 240  # seconds for one command, however loaded the machine
 
@@ -193,16 +172,7 @@ def _run(cmd: list[str], out: Path, trial: Trial) -> Outcome:
 
 def _store(out: Path) -> dict[str, dict]:
     """run id -> its row (the compared columns, status, finished) and its epoch rows."""
-    con = sqlite3.connect(f"file:{out / 'runs.sqlite'}?mode=ro", uri=True, timeout=30)
-    con.row_factory = sqlite3.Row
-    try:
-        runs = {r["run_id"]: {**{c: r[c] for c in COMPARED}, "finished": r["finished"], "epochs": []}
-                for r in con.execute("SELECT * FROM runs")}
-        for e in con.execute(f"SELECT run_id, {', '.join(EPOCH_COLUMNS)} FROM epochs ORDER BY run_id, epoch"):
-            runs[e["run_id"]]["epochs"].append(tuple(e[c] for c in EPOCH_COLUMNS))
-    finally:
-        con.close()
-    return runs
+    return store_rows(out, COMPARED + ["finished"])
 
 
 def _results(runs: dict[str, dict]) -> dict[str, dict]:

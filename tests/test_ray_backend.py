@@ -13,7 +13,6 @@ import json
 import os
 import re
 import signal
-import sqlite3
 import subprocess
 import sys
 import threading
@@ -29,44 +28,17 @@ from bnlab.experiments.ray_backend import (TEMP_DIR, BackendError, FolderWatch, 
                                           write_tree)
 from bnlab.experiments.results import RESULT_COLUMNS
 from bnlab.train.resume import resume_point
+from tiny_specs import TWO_VARIANTS, harness_toml, store_rows
 
 TIMEOUT = 180  # seconds for one command, however loaded the machine
 # wall-clock values differ between any two runs; everything else must be equal
 COMPARED = [c for c in RESULT_COLUMNS if "seconds" not in c] + ["status", "error"]
-EPOCH_COLUMNS = ["epoch", "train_loss", "train_accuracy", "val_loss", "val_accuracy", "steps"]
 
-TINY = {
-    "name": "tiny", "seeds": 2, "target_accuracy": 0.5,
-    "data": {"dataset": "synthetic", "validation": 0.25,
-             "options": {"n_train": 120, "n_test": 40, "features": 6, "classes": 2}},
-    "model": {"kind": "mlp", "input_shape": [6], "num_classes": 2, "hidden": [8]},
-    "train": {"lr": 0.05, "epochs": 3, "batch_size": 16},
-    "variants": {"no-bn": {"model": {"bn": "none"}}, "bn": {"model": {"bn": "before"}}},
-}
+TINY = {**TWO_VARIANTS, "train": {**TWO_VARIANTS["train"], "epochs": 3}}
 
 # long enough that the driver holds a shipped state before the runs end: ~0.2 s per epoch on one thread
 EPOCHS = 8
-LONG = f"""
-name = "long"
-seeds = 2
-[data]
-dataset = "synthetic"
-validation = 0.2
-options = {{ n_train = 16000, n_test = 200, features = 32, classes = 4 }}
-[model]
-kind = "mlp"
-input_shape = [32]
-num_classes = 4
-hidden = [256, 256]
-[train]
-lr = 0.05
-batch_size = 16
-epochs = {EPOCHS}
-[variants.no-bn]
-model = {{ bn = "none" }}
-[variants.bn]
-model = {{ bn = "before" }}
-"""
+LONG = harness_toml("long", seeds=2, n_train=16000, hidden=256, batch_size=16, epochs=EPOCHS)
 LONG_IDS = [f"{v}/seed-{s}" for v in ("no-bn", "bn") for s in range(2)]
 
 
@@ -92,18 +64,7 @@ def _env() -> dict:
 
 def _rows(out: Path) -> dict[str, dict]:
     """run id -> the compared columns of its row and its epoch rows, read from the store directly."""
-    con = sqlite3.connect(f"file:{out / 'runs.sqlite'}?mode=ro", uri=True, timeout=30)
-    con.row_factory = sqlite3.Row
-    try:
-        runs = {r["run_id"]: {**{c: r[c] for c in COMPARED}, "epochs": []} for r in con.execute("SELECT * FROM runs")}
-        for e in con.execute(f"SELECT run_id, {', '.join(EPOCH_COLUMNS)} FROM epochs ORDER BY run_id, epoch"):
-            runs[e["run_id"]]["epochs"].append(tuple(e[c] for c in EPOCH_COLUMNS))
-        status = {r["run_id"]: r["status"] for r in con.execute("SELECT run_id, status FROM runs")}
-    finally:
-        con.close()
-    for rid, r in runs.items():
-        r["status"] = status[rid]
-    return runs
+    return store_rows(out, COMPARED)
 
 
 def _timeless(obj):
