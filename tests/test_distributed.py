@@ -170,8 +170,9 @@ def test_a_killed_rank_ends_the_job_with_a_clear_error():
 
 
 def test_a_rank_that_raises_stops_the_others_and_names_the_error():
-    with pytest.raises(RankFailed, match=r"(?s)rank 1 of 2 failed.*a planted failure on rank 1"):
+    with pytest.raises(RankFailed, match=r"^rank 1 of 2 failed: ValueError: a planted failure on rank 1$") as e:
         run_ranks(_one_rank_raises, 2)
+    assert "Traceback" in e.value.details and "_one_rank_raises" in e.value.details
 
 
 # ---------------------------------------------------------------- fit(devices=N)
@@ -222,13 +223,31 @@ def test_fit_on_two_processes_with_plain_bn_equals_ghost_bn_of_the_per_device_ba
     assert max(abs(a - b) for a, b in zip(hp.step_loss, hd.step_loss)) > 1e-3  # the ghost batches matter
 
 
+def test_a_last_batch_too_small_to_share_is_dropped_and_per_device_bn_trains():
+    from bnlab.train.distributed import shared_batches
+    from bnlab.train.engine import batch_bounds, fit
+    assert shared_batches(batch_bounds(64, 31), 2) == [(0, 31), (31, 62)]  # the last 2 cannot give 2 each
+    assert shared_batches(batch_bounds(64, 10), 2) == batch_bounds(64, 10)  # the last 4 can
+    assert shared_batches(batch_bounds(64, 31), 1) == batch_bounds(64, 31)
+    h = fit(_model("batch"), _tiny_data(), batch_size=31, devices=2, epochs=1, progress=False, lr=0.05)
+    assert h.stopped == "completed" and h.epochs[-1].steps == 2
+
+
+def _torch_sync_model():
+    from torch import nn
+    return nn.Sequential(nn.Flatten(), nn.Linear(36, 8), nn.SyncBatchNorm(8), nn.ReLU(), nn.Linear(8, 3))
+
+
 def test_fit_devices_refuses_what_cannot_run():
     from bnlab.train.engine import fit
     data = _tiny_data()
-    with pytest.raises(ValueError, match="batch of 1 cannot be split across 2 processes"):
-        fit(_model("batch"), data, batch_size=1, devices=2, progress=False)
+    with pytest.raises(ValueError, match=r"a global batch of 3 cannot give each of 2 processes 2 samples .* "
+                                         r"use batch_size >= 4"):
+        fit(_model("batch"), data, batch_size=3, devices=2, progress=False)
     with pytest.raises(ValueError, match="devices must be an integer from 1 to 64"):
         fit(_model("batch"), data, devices=0, progress=False)
+    with pytest.raises(ValueError, match="torch.nn.SyncBatchNorm works on GPUs only; on CPU use bnlab's"):
+        fit(_torch_sync_model(), data, devices=2, progress=False)
     with pytest.raises(ValueError, match="engine='native' runs in one process"):
         fit(_model("batch"), data, engine="native", devices=2, progress=False)
 

@@ -27,6 +27,7 @@ epoch rank 0 saved (``RunInterrupted``).
 from __future__ import annotations
 
 import datetime
+import logging
 import os
 import signal
 import socket
@@ -49,7 +50,15 @@ COLLECTIVE_TIMEOUT = datetime.timedelta(minutes=10)
 
 
 class RankFailed(RuntimeError):
-    """A rank of a data-parallel run raised or died; the other ranks were stopped."""
+    """A rank of a data-parallel run raised or died; the other ranks were stopped. The message is one line;
+    ``details``: the failing rank's traceback, when it raised."""
+
+    def __init__(self, message: str, details: str = ""):
+        super().__init__(message)
+        self.details = details
+
+    def __reduce__(self):
+        return type(self), (str(self), self.details)
 
 
 @dataclass(frozen=True)
@@ -86,9 +95,9 @@ def check_devices(devices: int, device: torch.device, batch_size: int) -> str:
     """The collective backend for ``devices`` processes on ``device``; a clear error when they cannot run."""
     if not isinstance(devices, int) or isinstance(devices, bool) or not 1 <= devices <= MAX_DEVICES:
         raise ValueError(f"devices must be an integer from 1 to {MAX_DEVICES} (got {devices!r})")
-    if batch_size < devices:
-        raise ValueError(f"a global batch of {batch_size} cannot be split across {devices} processes: "
-                         f"use batch_size >= devices")
+    if batch_size < 2 * devices:
+        raise ValueError(f"a global batch of {batch_size} cannot give each of {devices} processes 2 samples (a batch "
+                         f"norm over features cannot normalise one): use batch_size >= {2 * devices}")
     if device.type == "cuda":
         if devices > torch.cuda.device_count():
             raise ValueError(f"devices={devices} on CUDA needs {devices} GPUs; {torch.cuda.device_count()} visible")
@@ -96,6 +105,14 @@ def check_devices(devices: int, device: torch.device, batch_size: int) -> str:
     if not dist.is_available():
         raise ValueError("this torch build has no torch.distributed: data-parallel training is unavailable")
     return "gloo"
+
+
+def shared_batches(batches: list[tuple[int, int]], world: int) -> list[tuple[int, int]]:
+    """An epoch's batches for ``world`` processes: a last batch that cannot give every process 2 samples
+    is dropped (as one process drops a last batch of one sample: ``engine.batch_bounds``)."""
+    if world > 1 and len(batches) > 1 and batches[-1][1] - batches[-1][0] < 2 * world:
+        return batches[:-1]
+    return batches
 
 
 class DistributedStep:
@@ -184,6 +201,8 @@ def run_ranks(fn: Callable[..., Any], world: int, args: tuple = (), *, backend: 
     import torch.multiprocessing as mp
 
     threads = threads or max(1, torch.get_num_threads() // world)
+    # torch logs a warning for every rank it stops after a failure: RankFailed says what happened instead
+    logging.getLogger("torch.multiprocessing.spawn").setLevel(logging.ERROR)
     with tempfile.TemporaryDirectory(prefix="bnlab-ranks-") as out:
         ctx = mp.start_processes(_rank_main, args=(world, _free_port(), backend, threads, out, fn, args),
                                  nprocs=world, join=False, start_method="spawn")
@@ -191,7 +210,7 @@ def run_ranks(fn: Callable[..., Any], world: int, args: tuple = (), *, backend: 
             while not ctx.join(timeout=0.5):
                 pass
         except (mp.ProcessRaisedException, mp.ProcessExitedException) as e:  # join has stopped the other ranks
-            raise RankFailed(_first_failure(e, world, Path(out), [p.exitcode for p in ctx.processes])) from None
+            raise _first_failure(e, world, Path(out), [p.exitcode for p in ctx.processes]) from None
         except BaseException:
             for p in ctx.processes:
                 if p.is_alive():
@@ -209,20 +228,23 @@ def run_ranks(fn: Callable[..., Any], world: int, args: tuple = (), *, backend: 
 _LOST_PEER = ("Connection closed by peer", "Connection reset by peer", "Broken pipe")
 
 
-def _first_failure(e, world: int, out: Path, exitcodes: list[int | None]) -> str:
+def _first_failure(e, world: int, out: Path, exitcodes: list[int | None]) -> RankFailed:
     """Which rank failed first, and why: a rank's own error rather than another's lost connection to it,
     else a rank that died without a word (killed, a crash in native code), else the one join reported."""
     errors = {r: (out / f"rank{r}.err").read_text().strip() for r in range(world) if (out / f"rank{r}.err").exists()}
     own = [r for r, text in errors.items() if not any(p in text for p in _LOST_PEER)]
     if own:
-        return f"rank {own[0]} of {world} failed: {errors[own[0]].splitlines()[-1]}\n{errors[own[0]]}"
+        return RankFailed(f"rank {own[0]} of {world} failed: {errors[own[0]].splitlines()[-1]}", errors[own[0]])
     # join stops the other ranks with SIGTERM: a rank ended otherwise, with no error of its own, died first
     silent = [r for r in range(world) if r not in errors and exitcodes[r] not in (None, 0, -signal.SIGTERM)]
     r = silent[0] if silent else e.error_index
     code = exitcodes[r]
     how = (f"killed by {signal.Signals(-code).name}" if code is not None and code < 0 and -code in signal.valid_signals()
            else f"exit code {code}")
-    return f"rank {r} of {world} died ({how}); the other ranks were stopped"
+    hint = ("; it ended before reaching bnlab (its start re-imports the calling script: a script that calls "
+            "fit(devices=N) at its top level needs the call under `if __name__ == \"__main__\":`)"
+            if code == 1 and not errors else "")
+    return RankFailed(f"rank {r} of {world} died ({how}); the other ranks were stopped{hint}")
 
 
 def _fit_rank(ranks: Ranks, model: nn.Module, data, kwargs: dict) -> Any:
@@ -243,6 +265,9 @@ def fit_on_ranks(model: nn.Module, data, devices: int, kwargs: dict):
 
     dev = resolve_device(kwargs.get("device", "auto"))
     backend = check_devices(devices, dev, kwargs.get("batch_size", 32))
+    if backend == "gloo" and any(isinstance(m, nn.SyncBatchNorm) for m in model.modules()):
+        raise ValueError("torch.nn.SyncBatchNorm works on GPUs only; on CPU use bnlab's: "
+                         "bnlab.convert(model, 'syncbatch') (or norm = \"syncbatch\" in a model spec)")
     if kwargs.get("probes") is not None:
         raise ValueError("probes record one process's view of the network; train with devices=1 to use them")
     if kwargs.get("engine", "auto") in ("native", "fused"):

@@ -23,7 +23,7 @@ from bnlab.train.fused import MIXED, FusedMLPStep, unsupported_layers
 from bnlab.train.history import EpochRecord, History
 from bnlab.train.optim import make_optimizer
 from bnlab.train.precision import OptimizerStep, autocast, check_precision
-from bnlab.train.distributed import SOLO, DistributedStep, Ranks
+from bnlab.train.distributed import SOLO, DistributedStep, Ranks, shared_batches
 from bnlab.train.callbacks import Monitor, ProbeRecorder, ProgressBar, TrainContext, overrides
 from bnlab.train.resume import RunInterrupted, TrainState, read_state, rng_states, save_state, set_rng_states
 
@@ -253,7 +253,7 @@ def fit(model: nn.Module, data: Dataset, *, optimizer: str = "sgd", lr: float = 
     if opt_step.scaler is not None:
         step.backward = opt_step.backward
     n = len(data.y_train)
-    batches = batch_bounds(n, batch_size)
+    batches = shared_batches(batch_bounds(n, batch_size), ranks.world)
     hist = History(target_accuracy=target_accuracy, engine=engine_used, precision=precision, devices=ranks.world)
     if probes is not None:
         from bnlab.probes import ProbeConfig, Probes, select_probe_batch
