@@ -580,3 +580,22 @@ def test_trend_needs_two_settings_and_three_runs_and_says_so():
 def test_device_batch_is_the_images_one_device_normalises(config, expected):
     from bnlab.experiments.stats import device_batch
     assert device_batch(config) == expected
+
+
+def test_trend_rows_refuse_an_incomplete_method_and_count_diverged_runs():
+    from bnlab.experiments.spec import parse_experiment
+    from bnlab.report.build import trend_rows
+    spec = parse_experiment({"name": "g", "seeds": 3, "variants": {
+        f"{m}-b{b}": {"group": m, "train": {"batch_size": b}} for m in ("bn", "gn") for b in (2, 4)}})
+    runs = []
+    for v in spec.variants:
+        for s in range(3):
+            status = "pending" if v == "gn-b4" and s == 2 else "diverged" if v == "bn-b2" and s == 0 else "done"
+            acc = None if status != "done" else 0.9 - 0.01 * s + (0.02 if v.endswith("b4") else 0)
+            runs.append({"run_id": f"{v}/seed-{s}", "variant": v, "status": status, "final_val_accuracy": acc,
+                         "test_accuracy": acc, "config": json.dumps({"model": {}, "train": spec.variants[v].train})})
+    rows = {r[0]: r for r in trend_rows(spec, runs)}
+    assert rows["gn"][4] == "no fit: incomplete (5 of 6 runs finished)"
+    assert rows["bn"][2] == "5 (1 diverged, left out)" and "points per doubling" in rows["bn"][4]
+    # least squares over the 5 runs: errors 11, 12 at batch 2 (seed 0 diverged), 8, 9, 10 at batch 4
+    assert rows["bn"][4].startswith("-2.50 points per doubling")

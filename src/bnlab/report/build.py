@@ -59,15 +59,22 @@ def stats_rows(runs, variants, target, metrics=TABLE_METRICS, short: bool = Fals
 
 def compare_for(spec, runs, metrics=None):
     """All pairs, or for a grouped study (methods x settings) the methods at equal settings (then
-    the primary metric only)."""
+    the primary metric only). Equal settings: the same training settings but the seed and the learning
+    rate, with the data-parallel processes replaced by the images per device (``device_batch``), so that
+    Ghost BN in one process meets per-device BN on the devices it emulates."""
+    from bnlab.experiments.stats import device_batch
+
     import itertools
 
     variants = list(spec.variants)
     kw = dict(primary=spec.primary_metric, target=spec.target_accuracy, smoke_test=spec.smoke_test)
     if not any(v.group for v in spec.variants.values()):
         return compare(runs, variants, metrics=metrics, **kw)
-    train = {r["variant"]: json.dumps({k: v for k, v in json.loads(r["config"])["train"].items()
-                                       if k not in ("seed", "lr")}, sort_keys=True) for r in runs}
+    def setting(config: dict) -> str:
+        kept = {k: v for k, v in config["train"].items() if k not in ("seed", "lr", "devices")}
+        return json.dumps({**kept, "images_per_device": device_batch(config)}, sort_keys=True)
+
+    train = {r["variant"]: setting(json.loads(r["config"])) for r in runs}
     pairs = [(a, b) for a, b in itertools.combinations(variants, 2)
              if spec.variants[a].group != spec.variants[b].group and train.get(a) == train.get(b)]
     return compare(runs, variants, metrics=(), pairs=pairs, **kw)
@@ -169,7 +176,10 @@ TREND_HEADER = ["method", "error of", "runs", "images per device", "slope: error
 TREND_NOTE = ("Each method's error (%) regressed on log2(images per device) by least squares over all its finished "
               "runs (seeds as replicates, every per-device batch at once): the slope is the change of the error when "
               "the per-device batch doubles (negative: larger per-device batches help), with its 95% t interval and "
-              "the p-value of a flat line. One test per method and error, unadjusted.")
+              "the p-value of a flat line. One test per method and error, unadjusted; a method with runs not "
+              "finished or failed gets no fit, and diverged runs (no accuracy) are left out and counted. At a fixed "
+              "number of epochs a larger batch also means fewer optimizer steps: a slope mixes BN's batch "
+              "statistics with the training budget, which is why methods are compared at equal settings.")
 
 
 def trend_rows(spec, runs) -> list[list[str]]:
@@ -178,14 +188,23 @@ def trend_rows(spec, runs) -> list[list[str]]:
 
     if not any(v.group for v in spec.variants.values()):
         return []
+    group_of = {r["run_id"]: spec.variants[r["variant"]].group or r["variant"] for r in runs}
+    status = {g: [r["status"] for r in runs if group_of[r["run_id"]] == g] for g in set(group_of.values())}
     rows = []
     for metric in plots.error_panels(runs):
         for group, by in plots.by_device_batch(runs, spec, metric).items():
+            label = FIELDS[metric].label.replace("accuracy", "error")
+            settings = ", ".join(map(str, sorted(by)))
+            finished = sum(s in plots.FINISHED for s in status[group])
+            if finished < len(status[group]):
+                rows.append([group, label, str(sum(map(len, by.values()))), settings,
+                             f"no fit: incomplete ({finished} of {len(status[group])} runs finished)", "-"])
+                continue
             xs = [x for x, vals in by.items() for _ in vals]
             t = trend(group, metric, xs, [a for vals in by.values() for a in vals])
-            rows.append([group, FIELDS[metric].label.replace("accuracy", "error"), str(t.n),
-                         ", ".join(map(str, sorted(by))), t.text.split(", p ")[0],
-                         "-" if t.p is None else t.text.split(", p ")[1].removeprefix("= ")])
+            diverged = status[group].count("diverged")
+            rows.append([group, label, str(t.n) + (f" ({diverged} diverged, left out)" if diverged else ""), settings,
+                         t.text.split(", p ")[0], "-" if t.p is None else t.text.split(", p ")[1].removeprefix("= ")])
     return rows
 
 

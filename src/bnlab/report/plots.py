@@ -472,5 +472,5 @@ def error_vs_batch_size(runs, spec):
                + (f"; panels: {' and '.join(FIELDS[m].label for m in metrics)}" if len(metrics) > 1 else
                   f" ({FIELDS[metrics[0]].label})")
                + f"; points: mean over the runs at that setting ({seeds}), bars: 95% t-interval over those runs "
-               "(none with a single run). The trend table fits each line's slope.")
+               "(none with a single run; drawn clipped to 0-100 %). The trend table fits each line's slope.")
     return fig, caption
