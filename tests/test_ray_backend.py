@@ -24,7 +24,7 @@ from typer.testing import CliRunner
 
 from bnlab.cli import app
 from bnlab.experiments import load_results, parse_experiment, run_experiment
-from bnlab.experiments.ray_backend import (TEMP_DIR, BackendError, FolderWatch, _check_reachable, unit_task,
+from bnlab.experiments.ray_backend import (TEMP_DIR, BackendError, FolderWatch, unit_task,
                                           write_tree)
 from bnlab.experiments.results import RESULT_COLUMNS
 from bnlab.train.resume import resume_point
@@ -332,10 +332,14 @@ def test_unknown_backend_and_missing_ray_are_clear_errors(tmp_path, monkeypatch)
     assert not (tmp_path / "e").exists()
 
 
-def test_an_address_where_no_cluster_answers_fails_at_once():
+def test_an_address_where_no_cluster_answers_fails_at_once_and_stores_nothing(tmp_path, monkeypatch):
+    import ray
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)  # as a fresh process: this module's instance aside
     t0 = time.monotonic()
     with pytest.raises(BackendError, match=r"no Ray cluster answers at 127\.0\.0\.1:1 .*ray start --head"):
-        _check_reachable("127.0.0.1:1")
+        run_experiment(parse_experiment(TINY), tmp_path / "e", backend="ray", address="127.0.0.1:1")
     with pytest.raises(BackendError, match="expected auto or HOST:PORT"):
-        _check_reachable("nonsense")
+        run_experiment(parse_experiment(TINY), tmp_path / "f", backend="ray", address="nonsense")
     assert time.monotonic() - t0 < 10
+    assert not (tmp_path / "e" / "runs.sqlite").exists() and not (tmp_path / "e" / "spec.json").exists()
+    assert not (tmp_path / "f").exists()

@@ -67,6 +67,11 @@ def check_backend(backend: str, address: str | None = None) -> None:
         raise BackendError(f"unknown backend {backend!r}: expected {'|'.join(BACKENDS)}")
     if address is not None and backend != "ray":
         raise BackendError(f"--address {address} is the address of a Ray cluster: it needs --backend ray")
+    if address not in (None, "auto") and "://" not in address:
+        host, _, port = address.rpartition(":")
+        if not host or not port.isdigit():
+            raise BackendError(f"--address {address!r}: expected auto or HOST:PORT (the head node's GCS address, "
+                               "port 6379 by default)")
 
 
 def import_ray():
@@ -244,10 +249,11 @@ def unit_task(plans: list[dict], folders: dict[str, dict[str, bytes]], threads: 
                 yield {"kind": "files", "runs": changed}
         if "error" in box:
             raise box["error"]
-        yield {"kind": "done", "results": box["results"], "runs": {rid: w.everything() for rid, w in watches.items()},
-               "worker": {"host": socket.gethostname(), "pid": os.getpid(), "folder": str(root)}}
-    finally:
+        done = {"kind": "done", "results": box["results"], "runs": {rid: w.everything() for rid, w in watches.items()},
+                "worker": {"host": socket.gethostname(), "pid": os.getpid(), "folder": str(root)}}
+    finally:  # before the last item: a generator's code after its last yield runs only when it is resumed
         shutil.rmtree(root, ignore_errors=True)
+    yield done
 
 
 # ---------------------------------------------------------------- in the driver
@@ -255,10 +261,7 @@ def unit_task(plans: list[dict], folders: dict[str, dict[str, bytes]], threads: 
 
 def _check_reachable(address: str) -> None:
     """A HOST:PORT where nothing listens fails here in seconds (Ray itself retries for minutes)."""
-    host, _, port = address.rpartition(":")
-    if not host or not port.isdigit():
-        raise BackendError(f"--address {address!r}: expected auto or HOST:PORT (the head node's GCS address, "
-                           "port 6379 by default)")
+    host, _, port = address.rpartition(":")  # its form was checked by check_backend
     try:
         socket.create_connection((host.strip("[]"), int(port)), timeout=5).close()
     except OSError as e:

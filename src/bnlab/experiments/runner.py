@@ -328,6 +328,8 @@ def run_experiment(spec: ExperimentSpec, out: str | Path, *, quick: bool = False
             out.mkdir(parents=True, exist_ok=True)
             # leaving: Ray shut down (if started here), then the lock released
             with FolderLock(out), (RayBackend(address) if backend == "ray" else nullcontext()) as ray_backend:
+                if ray_backend:  # a cluster that cannot be reached is refused before anything is stored
+                    ray_backend.connect(signals)
                 store = None
                 try:
                     with signals.held():
@@ -377,7 +379,7 @@ def _run(spec: ExperimentSpec, plans: list[RunPlan], out: Path, store: RunStore,
     # threads per run as if no run had finished yet: a resumed or continued run computes with the thread
     # count an uninterrupted experiment gives it (results can depend on it in the last bits); on Ray, the
     # cores are the Ray instance's (a local one: this machine's, so the same plan as the local backend)
-    cores = ray_backend.connect(signals) if ray_backend else None
+    cores = ray_backend.cpus if ray_backend else None
     n_workers, threads = plan_workers(len(plans), workers, cores,
                                       processes_per_run=max(p.train.get("devices", 1) for p in plans))
     if ray_backend:  # a task runs on one node
