@@ -155,3 +155,14 @@ def test_predict_and_serve_bn_stats_errors_are_clear(digits_checkpoint, tmp_path
         single = client.post("/predict", json={"inputs": rows[0]})
         assert single.status_code == 422 and "cannot normalise a batch of 1 sample" in single.text
         assert client.post("/predict", json={"inputs": rows}).status_code == 200
+
+
+def test_serve_refuses_bad_bn_stats_before_starting(digits_checkpoint):
+    pytest.importorskip("fastapi")
+    from typer.testing import CliRunner
+
+    from bnlab.cli import app
+    res = CliRunner().invoke(app, ["serve", str(digits_checkpoint), "--bn-stats", "moving"])
+    assert res.exit_code == 2 and "expected one of running, batch, recalibrated" in res.output
+    res = CliRunner().invoke(app, ["serve", str(digits_checkpoint), "--bn-stats", "recalibrated"])
+    assert res.exit_code == 2 and "--recalibrate-on FILE" in res.output
