@@ -183,13 +183,18 @@ def _rank_main(rank: int, world: int, port: int, backend: str, threads: int, out
         if backend == "nccl":
             torch.cuda.set_device(rank)
         result = fn(Ranks(rank, world), *args)
-        torch.save(result, Path(out) / f"rank{rank}.pt")
+        torch.save(result, Path(out) / f"rank{rank}.pt.tmp")
+        os.replace(Path(out) / f"rank{rank}.pt.tmp", Path(out) / f"rank{rank}.pt")  # complete, or absent
         dist.barrier()  # no rank tears the group down while another still needs it
     except Exception:  # for the parent, which names the rank that failed first, not those that lost their peer
         (Path(out) / f"rank{rank}.err").write_text(traceback.format_exc())
-        raise
-    finally:
         dist.destroy_process_group()
+        raise
+    # the work is done and saved: leave without the interpreter's teardown, where gloo's threads have been
+    # seen to abort a finished rank (SIGABRT, "terminate called without an active exception")
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 def run_ranks(fn: Callable[..., Any], world: int, args: tuple = (), *, backend: str = "gloo",
@@ -210,7 +215,9 @@ def run_ranks(fn: Callable[..., Any], world: int, args: tuple = (), *, backend: 
             while not ctx.join(timeout=0.5):
                 pass
         except (mp.ProcessRaisedException, mp.ProcessExitedException) as e:  # join has stopped the other ranks
-            raise _first_failure(e, world, Path(out), [p.exitcode for p in ctx.processes]) from None
+            if not all((Path(out) / f"rank{r}.pt").is_file() for r in range(world)):
+                raise _first_failure(e, world, Path(out), [p.exitcode for p in ctx.processes]) from None
+            # every rank had saved its result: an exit that failed afterwards loses nothing
         except BaseException:
             for p in ctx.processes:
                 if p.is_alive():
