@@ -18,6 +18,7 @@ import torch
 from bnlab.nn import BatchNorm, GhostBatchNorm, SyncBatchNorm
 from bnlab.nn.syncbn import merge_moments
 from bnlab.train.distributed import RankFailed, run_ranks
+from tiny_specs import command_env
 
 pytestmark = pytest.mark.timeout(240)
 
@@ -281,10 +282,6 @@ def _train_cmd(out, epochs: int, *extra: str) -> list[str]:
             "--epochs", str(epochs), "--batch-size", "64", "--devices", "2", "--out", str(out), *extra]
 
 
-def _env() -> dict:
-    return {**os.environ, "PYTHONUNBUFFERED": "1", "COLUMNS": "200", "OMP_WAIT_POLICY": "PASSIVE"}
-
-
 def _children(pid: int) -> list[int]:
     try:
         text = open(f"/proc/{pid}/task/{pid}/children").read()
@@ -315,6 +312,21 @@ def _wait_for_epoch(proc, out, epoch: int, timeout: float = 120) -> None:
         time.sleep(0.1)
 
 
+def _started(out, epochs: int):
+    """``bnlab train --devices 2`` running into ``out`` once its first epoch is saved: (process, its ranks)."""
+    import subprocess
+    proc = subprocess.Popen(_train_cmd(out, epochs), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env=command_env())
+    try:
+        _wait_for_epoch(proc, out, 1)
+        ranks = _ranks_of(proc.pid)
+        assert len(ranks) == 2
+    except BaseException:
+        proc.kill()
+        raise
+    return proc, ranks
+
+
 def _history(out) -> list[tuple]:
     import json
     h = json.loads((out / "history.json").read_text())
@@ -324,15 +336,11 @@ def _history(out) -> list[tuple]:
 def test_bnlab_train_devices_stops_on_sigterm_and_resumes_to_the_uninterrupted_result(tmp_path):
     import subprocess
     whole, cut = tmp_path / "whole", tmp_path / "cut"
-    done = subprocess.run(_train_cmd(whole, 3), capture_output=True, text=True, env=_env(), timeout=240)
+    done = subprocess.run(_train_cmd(whole, 3), capture_output=True, text=True, env=command_env(), timeout=240)
     assert done.returncode == 0, done.stdout + done.stderr
     assert "2 processes" in done.stdout
-    proc = subprocess.Popen(_train_cmd(cut, 3), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            env=_env())
+    proc, ranks = _started(cut, 3)
     try:
-        _wait_for_epoch(proc, cut, 1)
-        ranks = _ranks_of(proc.pid)
-        assert len(ranks) == 2
         proc.send_signal(signal.SIGTERM)
         text = proc.communicate(timeout=60)[0]
     finally:
@@ -341,7 +349,7 @@ def test_bnlab_train_devices_stops_on_sigterm_and_resumes_to_the_uninterrupted_r
     assert "run the same command again to continue from epoch" in text
     time.sleep(0.5)
     assert not [r for r in ranks if os.path.exists(f"/proc/{r}") and "Z" not in open(f"/proc/{r}/stat").read().split()[2]]
-    again = subprocess.run(_train_cmd(cut, 3), capture_output=True, text=True, env=_env(), timeout=240)
+    again = subprocess.run(_train_cmd(cut, 3), capture_output=True, text=True, env=command_env(), timeout=240)
     assert again.returncode == 0, again.stdout + again.stderr
     assert "continued from epoch 1 of 3" in again.stdout
     a, b = _history(whole), _history(cut)
@@ -352,14 +360,8 @@ def test_bnlab_train_devices_stops_on_sigterm_and_resumes_to_the_uninterrupted_r
 
 
 def test_bnlab_train_devices_ends_cleanly_when_a_rank_is_killed(tmp_path):
-    import subprocess
-    out = tmp_path / "killed"
-    proc = subprocess.Popen(_train_cmd(out, 50), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            env=_env())
+    proc, ranks = _started(tmp_path / "killed", 50)
     try:
-        _wait_for_epoch(proc, out, 1)
-        ranks = _ranks_of(proc.pid)
-        assert len(ranks) == 2
         t0 = time.monotonic()
         os.kill(ranks[1], signal.SIGKILL)
         text = proc.communicate(timeout=60)[0]

@@ -32,7 +32,7 @@ import pytest
 
 from bnlab.experiments.results import RESULT_COLUMNS
 from bnlab.train.resume import STATE_DIR, resume_point
-from tiny_specs import harness_toml, store_rows
+from tiny_specs import command_env, session_processes, harness_toml, store_rows
 
 EPOCHS = 8
 SPEC = harness_toml("harness", seeds=3, n_train=6000, hidden=128, batch_size=32, epochs=EPOCHS)
@@ -43,33 +43,11 @@ EXIT = {signal.SIGINT: 130, signal.SIGTERM: 143, signal.SIGKILL: -9}
 TIMEOUT = 240  # seconds for one command, however loaded the machine
 
 
-def _env() -> dict:
-    # OMP_WAIT_POLICY: on a busy 2-core machine, OpenMP's spin-waiting makes 2-thread runs ~20x slower
-    # (measured); passive waiting changes no result
-    return {**os.environ, "PYTHONUNBUFFERED": "1", "COLUMNS": "200", "OMP_WAIT_POLICY": "PASSIVE"}
-
-
 def _cmd(spec: Path, out: Path, workers: int) -> list[str]:
     return [sys.executable, "-m", "bnlab", "run", str(spec), "--out", str(out), "--workers", str(workers)]
 
 
 # ---------------------------------------------------------------- observing the command
-
-
-def _session_processes(sid: int) -> list[int]:
-    """Live processes (zombies are dead) of session ``sid``, from /proc."""
-    pids = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            stat = (entry / "stat").read_text()
-        except OSError:
-            continue
-        fields = stat[stat.rindex(")") + 2:].split()  # after "pid (comm) ": state ppid pgrp session ...
-        if int(fields[3]) == sid and fields[0] != "Z":
-            pids.append(int(entry.name))
-    return pids
 
 
 def _lock_is_free(out: Path) -> bool:
@@ -128,7 +106,7 @@ def _due(trial: Trial, ticks: int, out: Path, changed: list[Path]) -> bool:
 
 def _run(cmd: list[str], out: Path, trial: Trial) -> Outcome:
     """Run ``cmd``, send the trial's signal when it is due, wait for the end; count the ticks seen."""
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=_env(),
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=command_env(),
                             start_new_session=True)
     lines: list[str] = []
     reader = threading.Thread(target=lambda: lines.extend(proc.stdout), daemon=True)
@@ -150,17 +128,17 @@ def _run(cmd: list[str], out: Path, trial: Trial) -> Outcome:
             time.sleep(0.005)
         proc.wait(timeout=max(1.0, deadline - time.monotonic()))
         reader.join(timeout=10)
-        leftovers = _session_processes(proc.pid)
+        leftovers = session_processes(proc.pid)
         end = time.monotonic() + 20
         while leftovers and trial.signal == signal.SIGKILL and time.monotonic() < end:
             time.sleep(0.05)  # the workers of a SIGKILLed parent die with it: give the kernel a moment
-            leftovers = _session_processes(proc.pid)
+            leftovers = session_processes(proc.pid)
         return Outcome(proc.returncode, lines, sent, ticks, leftovers)
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
-        for pid in _session_processes(proc.pid):
+        for pid in session_processes(proc.pid):
             try:
                 os.kill(pid, signal.SIGKILL)
             except ProcessLookupError:
@@ -368,7 +346,7 @@ def _wait_booted(pid: int) -> None:
 
 @pytest.mark.parametrize("how", ["kill-9-parent", "stop"])
 def test_a_worker_ignores_sigint_and_never_outlives_its_parent(how):
-    proc = subprocess.Popen([sys.executable, "-c", POOL_PARENT, "stop" if how == "stop" else "-"], env=_env(),
+    proc = subprocess.Popen([sys.executable, "-c", POOL_PARENT, "stop" if how == "stop" else "-"], env=command_env(),
                             stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, start_new_session=True)
     try:
         worker = int(proc.stdout.readline())
@@ -393,5 +371,5 @@ def test_a_worker_ignores_sigint_and_never_outlives_its_parent(how):
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
-        for pid in _session_processes(proc.pid):
+        for pid in session_processes(proc.pid):
             os.kill(pid, signal.SIGKILL)

@@ -28,7 +28,7 @@ from bnlab.experiments.ray_backend import (TEMP_DIR, BackendError, FolderWatch, 
                                           write_tree)
 from bnlab.experiments.results import RESULT_COLUMNS
 from bnlab.train.resume import resume_point
-from tiny_specs import TWO_VARIANTS, harness_toml, store_rows
+from tiny_specs import command_env, session_processes, TWO_VARIANTS, harness_toml, store_rows
 
 TIMEOUT = 180  # seconds for one command, however loaded the machine
 # wall-clock values differ between any two runs; everything else must be equal
@@ -55,11 +55,6 @@ def ray_instance(tmp_path_factory):
         yield ray.get_runtime_context().gcs_address, worker_tmp
     finally:
         ray.shutdown()
-
-
-def _env() -> dict:
-    # OMP_WAIT_POLICY: on a busy 2-core machine OpenMP's spin-waiting slows 2-thread runs many times over
-    return {**os.environ, "PYTHONUNBUFFERED": "1", "COLUMNS": "200", "OMP_WAIT_POLICY": "PASSIVE"}
 
 
 def _rows(out: Path) -> dict[str, dict]:
@@ -161,27 +156,12 @@ def test_a_killed_worker_fails_its_runs_and_the_others_go_on(ray_instance, tmp_p
 # ---------------------------------------------------------------- (c) interruption and resume
 
 
-def _session_processes(sid: int) -> list[int]:
-    pids = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            stat = (entry / "stat").read_text()
-        except OSError:
-            continue
-        fields = stat[stat.rindex(")") + 2:].split()
-        if int(fields[3]) == sid and fields[0] != "Z":
-            pids.append(int(entry.name))
-    return pids
-
-
 def _bnlab_run(args: list[str], stop: signal.Signals | None = None, group: bool = False,
                at_epoch: int = 1, out: Path | None = None) -> tuple[int, str, list[int]]:
     """Run ``bnlab run ARGS``; with ``stop``, send it once a run folder in ``out`` holds a saved state of
     ``at_epoch`` or later (shipped there by the driver). (exit code, output, processes left.)"""
     proc = subprocess.Popen([sys.executable, "-m", "bnlab", "run", *args], stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, env=_env(), start_new_session=True)
+                            stderr=subprocess.STDOUT, text=True, env=command_env(), start_new_session=True)
     lines: list[str] = []
     reader = threading.Thread(target=lambda: lines.extend(proc.stdout), daemon=True)
     reader.start()
@@ -194,16 +174,16 @@ def _bnlab_run(args: list[str], stop: signal.Signals | None = None, group: bool 
             time.sleep(0.02)
         proc.wait(timeout=max(1.0, deadline - time.monotonic()))
         reader.join(timeout=10)
-        left, end = _session_processes(proc.pid), time.monotonic() + 20
+        left, end = session_processes(proc.pid), time.monotonic() + 20
         while left and time.monotonic() < end:  # Ray's processes take a moment to go
             time.sleep(0.1)
-            left = _session_processes(proc.pid)
+            left = session_processes(proc.pid)
         return proc.returncode, "".join(lines), left
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
-        for pid in _session_processes(proc.pid):
+        for pid in session_processes(proc.pid):
             os.kill(pid, signal.SIGKILL)
 
 

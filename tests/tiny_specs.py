@@ -72,3 +72,30 @@ def store_rows(out, columns) -> dict[str, dict]:
     finally:
         con.close()
     return runs
+
+
+def command_env() -> dict:
+    """The environment of a bnlab command a test runs as a user would. OMP_WAIT_POLICY: on a busy 2-core
+    machine, OpenMP's spin-waiting makes 2-thread runs ~20x slower (measured); passive waiting changes
+    no result."""
+    import os
+
+    return {**os.environ, "PYTHONUNBUFFERED": "1", "COLUMNS": "200", "OMP_WAIT_POLICY": "PASSIVE"}
+
+
+def session_processes(sid: int) -> list[int]:
+    """Live processes (zombies are dead) of session ``sid``, from /proc."""
+    from pathlib import Path
+
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+        except OSError:
+            continue
+        fields = stat[stat.rindex(")") + 2:].split()  # after "pid (comm) ": state ppid pgrp session ...
+        if int(fields[3]) == sid and fields[0] != "Z":
+            pids.append(int(entry.name))
+    return pids

@@ -83,6 +83,11 @@ def prescaled_warning(batch: np.ndarray, preprocessing: dict, prescaled: bool) -
     return None
 
 
+def model_scaled(batch: np.ndarray, preprocessing: dict, prescaled: bool) -> np.ndarray:
+    """Raw inputs scaled as the model's training data was (as given when ``prescaled`` or no scaling)."""
+    return batch if prescaled or not preprocessing else apply_scaling(batch, preprocessing)
+
+
 @torch.no_grad()
 def predict(model: nn.Module, batch: np.ndarray, preprocessing: dict, classes=None, *,
             prescaled: bool = False) -> list[Prediction]:
@@ -97,7 +102,7 @@ def predict(model: nn.Module, batch: np.ndarray, preprocessing: dict, classes=No
     why = prescaled_warning(batch, preprocessing, prescaled)
     if why:
         warnings.warn(why, LooksPrescaled, stacklevel=2)
-    x = batch if prescaled or not preprocessing else apply_scaling(batch, preprocessing)
+    x = model_scaled(batch, preprocessing, prescaled)
     p = next(model.parameters())
     try:
         logits = model(torch.as_tensor(np.ascontiguousarray(x), dtype=p.dtype, device=p.device))
@@ -124,7 +129,7 @@ def read_inputs(paths, ck, *, prescaled: bool = False) -> torch.Tensor:
     """The samples of every file in ``paths``, scaled like the checkpoint's training data unless ``prescaled``."""
     shape = tuple(ck.model.spec.input_shape)
     raw = np.concatenate([read_input(p, shape, channels_last=channels_last(ck.model.spec)) for p in paths])
-    x = raw if prescaled or not ck.preprocessing else apply_scaling(raw, ck.preprocessing)
+    x = model_scaled(raw, ck.preprocessing, prescaled)
     return torch.as_tensor(np.ascontiguousarray(x), dtype=torch.float32)
 
 

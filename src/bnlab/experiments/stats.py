@@ -708,10 +708,18 @@ class Trend:
     p: float | None = None
 
     @property
-    def text(self) -> str:
+    def slope_text(self) -> str:
         if self.p is None:
             return f"no fit (n = {self.n}, {self.settings} setting{'s' if self.settings != 1 else ''})"
-        return f"{self.slope:+.2f} points per doubling (95% CI {self.low:+.2f} to {self.high:+.2f}), p {_p(self.p)}"
+        return f"{self.slope:+.2f} points per doubling (95% CI {self.low:+.2f} to {self.high:+.2f})"
+
+    @property
+    def p_text(self) -> str:
+        return "-" if self.p is None else _p(self.p).removeprefix("= ")
+
+    @property
+    def text(self) -> str:
+        return self.slope_text + (f", p {_p(self.p)}" if self.p is not None else "")
 
 
 def trend(group: str, metric: str, xs, accuracies, level: float = LEVEL) -> Trend:

@@ -204,7 +204,7 @@ def trend_rows(spec, runs) -> list[list[str]]:
             t = trend(group, metric, xs, [a for vals in by.values() for a in vals])
             diverged = status[group].count("diverged")
             rows.append([group, label, str(t.n) + (f" ({diverged} diverged, left out)" if diverged else ""), settings,
-                         t.text.split(", p ")[0], "-" if t.p is None else t.text.split(", p ")[1].removeprefix("= ")])
+                         t.slope_text, t.p_text])
     return rows
 
 
