@@ -36,8 +36,9 @@ COMPARED = [c for c in RESULT_COLUMNS if "seconds" not in c] + ["status", "error
 
 TINY = {**TWO_VARIANTS, "train": {**TWO_VARIANTS["train"], "epochs": 3}}
 
-# long enough that the driver holds a shipped state before the runs end: ~0.2 s per epoch on one thread
-EPOCHS = 8
+# long enough that the driver holds a shipped state before the runs end: ~0.2 s per epoch on one thread; 12
+# epochs leave a signal sent after the first shipped epoch seconds to arrive, even on a loaded machine
+EPOCHS = 12
 LONG = harness_toml("long", seeds=2, n_train=16000, hidden=256, batch_size=16, epochs=EPOCHS)
 LONG_IDS = [f"{v}/seed-{s}" for v in ("no-bn", "bn") for s in range(2)]
 
