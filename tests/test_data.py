@@ -295,3 +295,16 @@ def test_augmentation_is_batched_seeded_and_shape_preserving():
     assert a.shape == x.shape and torch.equal(a, b) and not torch.allclose(a, x)
     with pytest.raises(ValueError, match=r"\(N, C, H, W\)"):
         aug(torch.rand(4, 784))
+
+
+def test_train_and_test_limits_keep_a_prefix_of_the_splits():
+    """A smoke test's smaller data (a [quick] section): the first N of the shuffled training set (before the
+    validation split) and of the test set; everything else as the full dataset."""
+    from bnlab.data import OptionsError, load_dataset
+    full = load_dataset("digits")
+    small = load_dataset("digits", train_limit=500, test_limit=100)
+    assert len(small.y_train) + len(small.y_val) == 500 and len(small.y_test) == 100
+    assert torch.equal(small.x_test, full.x_test[:100]) and torch.equal(small.y_test, full.y_test[:100])
+    for bad in ({"train_limit": 1}, {"test_limit": 0}, {"train_limit": 2.5}):
+        with pytest.raises(OptionsError, match=next(iter(bad))):
+            load_dataset("digits", **bad)

@@ -97,6 +97,9 @@ CASES = {
     "probes-with-landscape": (MLP, {"lr": 0.05, "probes": {"every": 7, "landscape": True, "landscape_every": 11,
                                                            "probe_batch": 32}}, "native"),
     "target-accuracy": (MLP, {"lr": 0.1, "momentum": 0.5, "target_accuracy": 0.5}, "native"),
+    # a learning-rate schedule continues at the update it stopped at
+    "cosine-schedule-cnn": (CNN, {"lr": 0.05, "momentum": 0.9, "lr_schedule": "cosine"}, "fused"),
+    "step-schedule-plain-sgd": (MLP, {"lr": 0.1, "lr_schedule": "step"}, "native"),
 }
 
 

@@ -59,6 +59,8 @@ MLP = {"hidden": [16, 8], "input_shape": [12], "num_classes": 3}
     ({"bn": "before", "norm_options": {"momentum": None}}, {"optimizer": "sgd"}),  # cumulative average
     ({"bn": "before", "norm_options": {"convention": "keras", "momentum": 0.0}}, {"optimizer": "sgd"}),
     ({"bn": "before", "norm_options": {"momentum": 1.0}}, {"optimizer": "adam"}),
+    ({"bn": "before"}, {"optimizer": "sgd", "momentum": 0.9, "lr_schedule": "cosine"}),
+    ({"bn": "before"}, {"optimizer": "sgd", "lr_schedule": "step"}),
 ])
 def test_each_member_is_its_single_run_in_float64(variant, optimizer):
     spec = {**MLP, **variant}

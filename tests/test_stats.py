@@ -599,3 +599,90 @@ def test_trend_rows_refuse_an_incomplete_method_and_count_diverged_runs():
     assert rows["bn"][2] == "5 (1 diverged, left out)" and "points per doubling" in rows["bn"][4]
     # least squares over the 5 runs: errors 11, 12 at batch 2 (seed 0 diverged), 8, 9, 10 at batch 4
     assert rows["bn"][4].startswith("-2.50 points per doubling")
+
+
+def _interaction_oracle(points, group, reference):
+    """The interaction by hand: the design matrix, least squares, the classical standard error."""
+    rows = [(g, np.log2(x), s, 100 * (1 - a)) for g, x, s, a in points if g in (group, reference)]
+    seeds = sorted({s for _, _, s, _ in rows})
+    X = np.array([[1.0, lx, g == group, lx * (g == group)] + [s == k for k in seeds[1:]] for g, lx, s, _ in rows],
+                 dtype=float)
+    y = np.array([e for *_, e in rows])
+    beta, *_ = np.linalg.lstsq(X, y, rcond=None)
+    dof = len(y) - X.shape[1]
+    s2 = float(((y - X @ beta) ** 2).sum()) / dof
+    se = np.sqrt(s2 * np.linalg.inv(X.T @ X)[3, 3])
+    half = st.t.ppf(0.975, dof) * se
+    return beta[3], beta[3] - half, beta[3] + half, 2 * st.t.sf(abs(beta[3] / se), dof)
+
+
+def test_interaction_matches_least_squares_by_hand():
+    from bnlab.experiments.stats import interaction
+    rng = np.random.default_rng(3)
+    points = []
+    for s in range(5):
+        offset = rng.normal(0, 0.01)  # a seed's runs share an offset: the paired design
+        for x in (2, 4, 8, 16, 32):
+            points.append(("bn", x, s, 1 - (0.12 - 0.02 * np.log2(x) + offset + rng.normal(0, 0.004))))
+            points.append(("gn", x, s, 1 - (0.05 + 0.002 * np.log2(x) + offset + rng.normal(0, 0.004))))
+            points.append(("other", x, s, 0.5))  # not in the fit
+    it = interaction("bn", "gn", "test_accuracy", points)
+    d, low, high, p = _interaction_oracle(points, "bn", "gn")
+    assert it.n == 50
+    assert (it.d, it.low, it.high, it.p) == pytest.approx((d, low, high, p), rel=1e-9)
+    assert it.low < -2.2 < it.high  # the planted difference of slopes, in points per doubling
+    assert it.d_text.startswith(f"{d:+.2f} points per doubling")
+
+
+def test_interaction_needs_two_settings_per_method():
+    from bnlab.experiments.stats import interaction
+    points = [("bn", 8, s, 0.9 + 0.01 * s) for s in range(3)] + [("gn", x, s, 0.9) for x in (2, 4) for s in range(3)]
+    it = interaction("bn", "gn", "test_accuracy", points)
+    assert it.p is None and it.d_text == "no fit: bn has runs at fewer than two batch sizes"
+
+
+def test_interaction_rows_use_the_reference_group_and_refuse_incomplete_methods():
+    from bnlab.experiments.spec import SpecError, parse_experiment
+    from bnlab.report.build import interaction_rows
+    variants = {f"{m}-b{b}": {"group": m, "train": {"batch_size": b}} for m in ("bn", "gn", "ln") for b in (2, 4, 8)}
+    with pytest.raises(SpecError, match="reference_group must be one of the variants' groups"):
+        parse_experiment({"name": "g", "seeds": 3, "reference_group": "GN", "variants": variants})
+    spec = parse_experiment({"name": "g", "seeds": 3, "reference_group": "gn", "variants": variants})
+    runs, points = [], []
+    for v in spec.variants:
+        m, b = v.split("-b")[0], int(v.split("-b")[1])
+        for s in range(3):
+            status = "running" if v == "ln-b8" and s == 1 else "done"
+            acc = 0.9 + (0.01 * np.log2(b) if m == "bn" else 0) + 0.003 * s + 0.001 * ((b + s) % 3)
+            runs.append({"run_id": f"{v}/seed-{s}", "variant": v, "seed": s, "status": status,
+                         "final_val_accuracy": acc, "test_accuracy": acc,
+                         "config": json.dumps({"model": {}, "train": spec.variants[v].train})})
+            points.append((m, b, s, acc))
+    rows = {r[0]: r for r in interaction_rows(spec, runs)}
+    assert set(rows) == {"bn", "ln"} and rows["ln"][4] == "no fit: runs not finished"
+    d, low, high, _ = _interaction_oracle(points, "bn", "gn")
+    assert rows["bn"][1] == "gn" and rows["bn"][3] == "18"
+    assert rows["bn"][4] == f"{d:+.2f} points per doubling (95% CI {low:+.2f} to {high:+.2f})"
+
+
+def test_curves_by_method_draw_one_panel_per_method_and_one_line_per_batch():
+    from bnlab.experiments.spec import parse_experiment
+    from bnlab.report.plots import curves_by_method
+    spec = parse_experiment({"name": "g", "seeds": 2, "variants": {
+        f"{m}-b{b}": {"group": m, "train": {"batch_size": b}} for m in ("bn", "gn", "ln") for b in (2, 4, 8)}})
+    runs, epochs = [], []
+    for v in spec.variants:
+        for s in range(2):
+            rid = f"{v}/seed-{s}"
+            runs.append({"run_id": rid, "variant": v, "seed": s, "status": "done",
+                         "config": json.dumps({"model": {}, "train": spec.variants[v].train})})
+            epochs += [{"run_id": rid, "epoch": e, "val_accuracy": 0.5 + 0.1 * e} for e in (1, 2, 3)]
+    fig, caption = curves_by_method(runs, epochs, spec)
+    panels = [ax for ax in fig.axes if ax.get_visible() and ax.get_title()]
+    assert [ax.get_title() for ax in panels] == ["bn", "gn", "ln"]
+    assert all(len(ax.get_lines()) == 3 for ax in panels)  # batches 2, 4, 8
+    errors = panels[0].get_lines()[0].get_ydata()
+    assert errors == pytest.approx([40, 30, 20])  # 100 x (1 - accuracy), mean over the seeds
+    assert "2 seeds per variant" in caption
+    one_epoch = [e for e in epochs if e["epoch"] == 1]
+    assert curves_by_method(runs, one_epoch, spec) is None

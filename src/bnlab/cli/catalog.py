@@ -80,7 +80,8 @@ def list_cmd() -> None:
         table.add_column(col)
     for name in preset_names():
         spec = load_experiment(name)
-        table.add_row(*(escape(c) for c in (name, spec.data.dataset, ", ".join(spec.variants),
+        data = spec.data.dataset + (f" (else {spec.data.fallback.dataset})" if spec.data.fallback else "")
+        table.add_row(*(escape(c) for c in (name, data, ", ".join(spec.variants),
                                             str(len(spec.seed_list())), spec.description.split("\n")[0])))
     console.print(table)
     models_cmd()

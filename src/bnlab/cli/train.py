@@ -19,6 +19,8 @@ def train(
     epochs: int = typer.Option(None, help="Epochs (default: the preset's recipe, else 10)."),
     batch_size: int = typer.Option(None, "--batch-size"),
     lr: float = typer.Option(None, help="Learning rate."),
+    lr_schedule: str = typer.Option(None, "--lr-schedule", help="constant (default) | cosine (to 0 over the run's "
+                                    "updates) | step (x0.1 at half the updates, x0.01 at three quarters)."),
     optimizer: str = typer.Option(None, help="sgd | rmsprop | adam."),
     momentum: float = typer.Option(None),
     nesterov: bool = typer.Option(None, "--nesterov/--no-nesterov"),
@@ -64,7 +66,7 @@ def train(
     from bnlab.train.single import train_run
 
     given = {"dataset": dataset, "data_dir": data_dir, "epochs": epochs, "batch_size": batch_size, "lr": lr,
-             "optimizer": optimizer, "momentum": momentum, "nesterov": nesterov, "seed": seed,
+             "optimizer": optimizer, "lr_schedule": lr_schedule, "momentum": momentum, "nesterov": nesterov, "seed": seed,
              "target_accuracy": target, "patience": patience, "max_steps": max_steps, "engine": engine,
              "device": device, "precision": precision, "devices": devices}
     if validation is not None:

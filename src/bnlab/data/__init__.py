@@ -7,7 +7,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Callable
 
 import torch
@@ -28,6 +28,10 @@ class NoOptions(BaseModel):
 
 class SplitOptions(NoOptions):
     split_seed: int = Field(0, ge=0, le=2**31 - 1, description="the seeded shuffle of the examples")
+    # smaller sizes for a smoke test that keeps a study's protocol (a preset's [quick] section)
+    train_limit: int | None = Field(None, ge=2, le=10_000_000, description="keep the first N training examples "
+                                    "(of the shuffled training set, before the validation split)")
+    test_limit: int | None = Field(None, ge=1, le=10_000_000, description="keep the first N test examples")
 
 
 class DigitsOptions(SplitOptions):
@@ -94,6 +98,14 @@ def dataset_info(name: str) -> DatasetInfo:
         raise ValueError(f"unknown dataset {name!r}: expected one of {sorted(DATASETS)}") from None
 
 
+def available_offline(name: str, data_dir: str | None = None) -> bool:
+    """Whether ``load_dataset(name, data_dir=data_dir)`` can load without a download: an embedded
+    dataset, or one whose files are all in ``data_dir`` or the cache (``sources.files_present``; a
+    file there that fails its checksum is a ChecksumError). Downloads nothing."""
+    info = dataset_info(name)
+    return info.embedded or sources.files_present(name, data_dir)
+
+
 def check_dataset_options(name: str, options: dict) -> dict:
     """``options`` for dataset ``name``, typed and bounded by its options model; unknown keys, wrong
     types, NaN/inf and out-of-range values are an OptionsError naming the key."""
@@ -116,11 +128,16 @@ def load_dataset(name: str, *, data_dir: str | None = None, download: bool = Tru
     """Load ``name``, split off validation, scale every split with TRAIN statistics, and put
     the tensors on ``device``. ``options`` go to the source (e.g. synthetic's ``n_train``)."""
     info = dataset_info(name)
-    raw = info.load_raw(data_dir=data_dir, download=download, **check_dataset_options(name, options))
+    options = check_dataset_options(name, options)
+    train_limit, test_limit = options.pop("train_limit", None), options.pop("test_limit", None)
+    raw = info.load_raw(data_dir=data_dir, download=download, **options)
+    if train_limit is not None or test_limit is not None:
+        raw = replace(raw, x_train=raw.x_train[:train_limit], y_train=raw.y_train[:train_limit],
+                      x_test=raw.x_test[:test_limit], y_test=raw.y_test[:test_limit])
     return prepare(name, raw, validation=info.validation if validation is None else validation,
                    scaling=info.scaling if scaling is None else scaling, seed=seed, device=device)
 
 
-__all__ = ["DATASETS", "OptionsError", "check_dataset_options", "dataset_info", "SCALINGS", "ChecksumError", "CorruptFileError", "Dataset", "DatasetInfo",
+__all__ = ["DATASETS", "OptionsError", "available_offline", "check_dataset_options", "dataset_info", "SCALINGS", "ChecksumError", "CorruptFileError", "Dataset", "DatasetInfo",
            "DatasetUnavailable", "RandomAffine", "RawData", "cache_dir", "list_datasets", "load_dataset",
            "read_idx", "write_idx"]

@@ -106,6 +106,17 @@ def apply_scaling(x: np.ndarray, params: dict) -> np.ndarray:
     return out
 
 
+def unscale(x: np.ndarray, params: dict) -> np.ndarray:
+    """The inverse of ``apply_scaling``: raw values (as the source gives them) from scaled ones."""
+    out = x.astype(np.float64)
+    if params["scaling"] == "center":
+        out += params["mean"]
+    elif params["scaling"] == "standardize":
+        shape = (1, -1) + (1,) * (x.ndim - 2)
+        out = out * np.asarray(params["std"]).reshape(shape) + np.asarray(params["mean"]).reshape(shape)
+    return (out * params["divide"]).astype(np.float32)
+
+
 def prepare(name: str, raw: RawData, *, validation: int | float, scaling: str, seed: int = 0,
             device: str | torch.device = "cpu") -> Dataset:
     x_tr, y_tr, x_val, y_val = split_validation(raw.x_train, raw.y_train, validation, seed)

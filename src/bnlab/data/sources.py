@@ -16,7 +16,7 @@ import numpy as np
 
 from bnlab.data.cifar import read_cifar_tarball
 from bnlab.data.dataset import RawData
-from bnlab.data.download import RemoteFile, cache_dir, locate
+from bnlab.data.download import DatasetUnavailable, RemoteFile, cache_dir, locate
 from bnlab.data.idx import CorruptFileError, read_idx
 from bnlab.hashing import file_digest
 
@@ -54,6 +54,20 @@ def _find_idx(dataset: str, data_dir, download: bool) -> dict[str, Path]:
         if all(raw.values()):
             return raw
     return locate(dataset, files, data_dir=data_dir, download=download)
+
+
+def files_present(dataset: str, data_dir=None) -> bool:
+    """Whether every file of a downloadable ``dataset`` is on this machine (in ``data_dir`` or the cache),
+    found and verified as loading would, without downloading anything. A file there that fails its
+    checksum raises ChecksumError: a damaged download is reported, never taken for an absent one."""
+    try:
+        if dataset in IDX_FILES:
+            _find_idx(dataset, data_dir, download=False)
+        else:
+            locate(dataset, [CIFAR_FILES[dataset]], data_dir=data_dir, download=False)
+    except DatasetUnavailable:
+        return False
+    return True
 
 
 def load_idx_dataset(dataset: str, *, data_dir=None, download: bool = True) -> RawData:

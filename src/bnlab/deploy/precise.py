@@ -57,6 +57,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from bnlab.conventions import get_convention, running_update
 from bnlab.nn import BatchNorm
+from bnlab.nn.layout import for_inference
 
 MODES = ("train", "inference")
 
@@ -197,7 +198,8 @@ def recalibrate(model: nn.Module, x: torch.Tensor, *, batch_size: int = 32, mode
                              "they always use batch statistics and there is nothing to recalibrate")
         raise ValueError("the model has no batch-statistics normalization (batch, renorm, ghost) to recalibrate; "
                          "layer, group and instance norm use each sample's own statistics and have none")
-    new = copy.deepcopy(model)
+    new = for_inference(model) if x.dim() == 4 else model
+    new = copy.deepcopy(model) if new is model else new
     names = {m: name or type(m).__name__ for name, m in new.named_modules()}
     layers = [m for m in new.modules() if _recalibrated(m)]
     params = next(new.parameters(), None)

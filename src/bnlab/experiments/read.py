@@ -40,6 +40,16 @@ def load_probes(out: str | Path) -> list[dict]:
         store.close()
 
 
+def load_shift(out: str | Path) -> list[dict]:
+    """Every distribution-shift row (run_id, corruption, severity, bn_stats, test_batch, accuracy, loss,
+    note) of an experiment folder; [] for a store from before them."""
+    store = _open(Path(out))
+    try:
+        return store.shift_rows()
+    finally:
+        store.close()
+
+
 def load_results(out: str | Path) -> tuple[ExperimentSpec, list[dict], list[dict]]:
     """(spec, runs, epochs) of an experiment folder, for statistics and reports."""
     out = Path(out)
@@ -79,4 +89,4 @@ def _fill_stopping_points(runs: list[dict], epochs: list[dict]) -> None:
             r["train_seconds"] = seconds[r["run_id"]]
 
 
-__all__ = ["STORE", "load_probes", "load_results"]
+__all__ = ["STORE", "load_probes", "load_results", "load_shift"]

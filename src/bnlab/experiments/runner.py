@@ -34,7 +34,8 @@ from typing import Callable
 from bnlab.experiments.grow import Growth, SpecChanged, grow
 from bnlab.experiments.pool import WorkerDied, WorkerPool
 from bnlab.experiments.ray_backend import RayBackend, check_backend, import_ray
-from bnlab.experiments.spec import ExperimentSpec, RunPlan, SpecError, apply_quick, expand, parse_experiment
+from bnlab.experiments.spec import (DataChoice, ExperimentSpec, RunPlan, SpecError, apply_quick, choose_data, expand,
+                                    parse_experiment)
 from bnlab.experiments.validate import check_models_fit
 from bnlab.experiments.store import FINISHED, RunStore, StoreError
 from bnlab.signals import StopSignals
@@ -168,7 +169,7 @@ def _result(plan: dict, res, seconds: float, out_dir: str) -> dict:
     return {
         "status": "diverged" if h.stopped == "diverged" else "done",
         "error": h.message if h.stopped == "diverged" else None,
-        "seconds": seconds, "history": h.to_dict(),
+        "seconds": seconds, "history": h.to_dict(), "shift": res.shift,
         "environment": environment(device="cuda" if torch.cuda.is_available() and
                                    plan["train"].get("device") in ("auto", "cuda") else "cpu"),
         **{f.name: summary[f.name] for f in RESULT_FIELDS},
@@ -253,10 +254,24 @@ class FolderLock:
         return False
 
 
-def open_experiment(out: Path, spec: ExperimentSpec) -> tuple[RunStore, Growth | None]:
+def _stored_data_choice(out: Path) -> DataChoice | None:
+    """The data choice a folder's experiment was started with (None: a new folder, or no [data] fallback)."""
+    if not (out / STORE).is_file():
+        return None
+    store = RunStore(out / STORE, readonly=True)
+    try:
+        text = store.get_meta("data_choice")
+    finally:
+        store.close()
+    return None if text is None else DataChoice.from_json(text)
+
+
+def open_experiment(out: Path, spec: ExperimentSpec,
+                    data_choice: DataChoice | None = None) -> tuple[RunStore, Growth | None]:
     """Create or reopen the folder's store. A folder holding this experiment, or one this spec only adds
     seeds or variants to, is reopened and its stored spec becomes the union (``Growth``; None for a new
-    folder); any other difference is refused with the settings that differ."""
+    folder); any other difference is refused with the settings that differ. ``data_choice`` (a spec with a
+    ``[data] fallback``) is stored as meta ``data_choice`` when the folder is made."""
     out.mkdir(parents=True, exist_ok=True)
     store = RunStore(out / STORE)
     stored = store.get_meta("spec")
@@ -264,7 +279,8 @@ def open_experiment(out: Path, spec: ExperimentSpec) -> tuple[RunStore, Growth |
         if stored is None:
             from bnlab import __version__
             _store_spec(store, out, spec, name=spec.name, created=str(time.time()), bnlab=__version__,
-                        results_version=str(RESULTS_VERSION))
+                        results_version=str(RESULTS_VERSION),
+                        **({"data_choice": data_choice.to_json()} if data_choice is not None else {}))
             return store, None
         if (version := store.get_meta("results_version")) != str(RESULTS_VERSION):
             raise StoreError(f"{out} holds runs made by an earlier bnlab whose results are not comparable with "
@@ -316,12 +332,16 @@ def run_experiment(spec: ExperimentSpec, out: str | Path, *, quick: bool = False
         data = {**spec.data.model_dump(), **({"data_dir": data_dir} if data_dir is not None else {})}
         spec = parse_experiment({**spec.model_dump(), "data": data, **({"seeds": seeds} if seeds is not None else {})},
                                 "the spec with the command's options")
-    plans = expand(spec)
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise SpecError(f"--out {out}: expected a folder for the experiment, but it is a file")
-    check_models_fit(plans, _prefetch_data(spec))  # before anything is stored or spawned
+    # the data, chosen once: a [data] fallback when the dataset is not here, or what the folder was started on
+    runs_spec, data_choice = choose_data(spec, _stored_data_choice(out), str(out))
+    plans = expand(runs_spec)
+    check_models_fit(plans, _prefetch_data(runs_spec))  # before anything is stored or spawned
     notify = on_progress or (lambda p, msg: None)
+    if data_choice is not None:
+        notify(Progress(total=len(plans)), data_choice.note())
     left: tuple[list[str], dict[str, tuple[int, int]]] = ([], {})
     with StopSignals() as signals:
         try:
@@ -333,7 +353,7 @@ def run_experiment(spec: ExperimentSpec, out: str | Path, *, quick: bool = False
                 store = None
                 try:
                     with signals.held():
-                        store, growth = open_experiment(out, spec)
+                        store, growth = open_experiment(out, spec, data_choice)
                     return _run(spec, plans, out, store, growth, workers, retry_failed, notify, signals, stack,
                                 ray_backend)
                 except KeyboardInterrupt:

@@ -5,6 +5,7 @@
     target_accuracy = 0.9           # for epochs / steps / seconds to target
     primary_metric = "final_val_accuracy"   # the one metric verdicts are drawn on (Holm over its pairs)
     [data]    dataset = "mnist-5k"  # + validation, scaling, data_dir, options
+              fallback = { dataset = "mnist-5k", validation = 0.125 }  # when dataset's files are not here
     [model]   preset = "paper-mnist-mlp"   # and/or inline model-spec keys
     [train]   optimizer = "sgd" ...        # TrainConfig keys (not dataset/seed)
     [variants.no-bn]     model = { bn = "none" }
@@ -47,6 +48,40 @@ MAX_VARIANTS = 256
 MAX_SEED = 2**31 - 1
 
 
+class DataFallback(BaseModel):
+    """``[data] fallback``: an embedded dataset to run on when the primary dataset's files are not on this
+    machine (``choose_data``); its own split and scaling, the primary's ``data_dir``."""
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+    dataset: str
+    validation: TrainConfig.model_fields["validation"].annotation = None
+    scaling: TrainConfig.model_fields["scaling"].annotation = None
+    options: dict = {}
+
+    @field_validator("dataset")
+    @classmethod
+    def _embedded(cls, v):
+        from bnlab.data import dataset_info
+
+        if not dataset_info(v).embedded:  # unknown: a ValueError listing the known ones
+            embedded = sorted(d.name for d in _datasets() if d.embedded)
+            raise ValueError(f"a fallback must be available offline: one of the embedded datasets {embedded} "
+                             f"(got {v!r}, which is downloaded)")
+        return v
+
+    @model_validator(mode="after")
+    def _options(self):
+        from bnlab.data import check_dataset_options
+
+        check_dataset_options(self.dataset, self.options)
+        return self
+
+
+def _datasets():
+    from bnlab.data import list_datasets
+
+    return list_datasets()
+
+
 class DataSection(BaseModel):
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
     dataset: str = "mnist-5k"
@@ -54,6 +89,7 @@ class DataSection(BaseModel):
     validation: TrainConfig.model_fields["validation"].annotation = None  # as TrainConfig: a count or a fraction
     scaling: TrainConfig.model_fields["scaling"].annotation = None
     options: dict = {}
+    fallback: DataFallback | None = None  # used when ``dataset``'s files are not here (choose_data)
 
     @field_validator("dataset")
     @classmethod
@@ -65,10 +101,86 @@ class DataSection(BaseModel):
 
     @model_validator(mode="after")
     def _options(self):
-        from bnlab.data import check_dataset_options
+        from bnlab.data import check_dataset_options, dataset_info
 
         check_dataset_options(self.dataset, self.options)
+        if self.fallback is not None and dataset_info(self.dataset).embedded:
+            raise ValueError(f"fallback: dataset {self.dataset!r} is embedded, always available, so a fallback "
+                             "would never be used; remove it")
         return self
+
+
+# how to put MNIST-like files on this machine (bnlab has no separate download command: loading downloads)
+DOWNLOAD_HINT = "python -c \"from bnlab.data import load_dataset; load_dataset('{name}')\""
+
+
+@dataclass(frozen=True)
+class DataChoice:
+    """Which data an experiment with a ``[data] fallback`` runs on, decided once when it is planned and
+    stored with it (meta ``data_choice``): a resumed experiment keeps the stored choice."""
+    dataset: str  # the dataset the runs use
+    primary: str  # the spec's [data] dataset
+    fallback: bool  # True: the primary's files were not here
+    reason: str
+
+    def note(self) -> str:
+        """The one line ``bnlab run`` prints."""
+        if not self.fallback:
+            return f"data: {self.dataset} ({self.reason})"
+        return (f"data: {self.dataset} (embedded), the fallback for {self.primary}, because {self.reason}; to run "
+                f"on {self.primary}, download it ({DOWNLOAD_HINT.format(name=self.primary)}, or put its files in a "
+                f"folder and pass --data-dir) and use a new --out folder")
+
+    def to_json(self) -> str:
+        return json.dumps({"dataset": self.dataset, "primary": self.primary, "fallback": self.fallback,
+                           "reason": self.reason})
+
+    @classmethod
+    def from_json(cls, text: str) -> "DataChoice":
+        d = json.loads(text)
+        return cls(d["dataset"], d["primary"], bool(d["fallback"]), d["reason"])
+
+
+def choose_data(spec: "ExperimentSpec", stored: DataChoice | None = None,
+                where: str = "the experiment folder") -> tuple["ExperimentSpec", DataChoice | None]:
+    """(the spec with the data its runs use, the choice); a spec without ``[data] fallback`` comes back
+    as it is, with None. The primary dataset is used when ``bnlab.data.available_offline`` finds its
+    files (nothing is downloaded), else the fallback. ``stored``: the choice a folder was started with,
+    which is kept, so a resumed experiment never mixes data (MNIST downloaded meanwhile: the folder
+    goes on with its fallback; a folder started on the primary whose files are gone: a SpecError)."""
+    from bnlab.data import available_offline
+
+    data = spec.data
+    if data.fallback is None:
+        return spec, None
+    here = available_offline(data.dataset, data.data_dir)
+    if stored is not None:
+        if stored.dataset not in (data.dataset, data.fallback.dataset):
+            raise SpecError(f"{where} was run on {stored.dataset!r}, which is neither {data.dataset!r} nor its "
+                            f"fallback {data.fallback.dataset!r}; use another --out folder")
+        if not stored.fallback and not here:
+            raise SpecError(f"{where} was started on {data.dataset!r}, whose files are no longer found (in "
+                            f"{data.data_dir or 'the cache'}); put them back (or pass --data-dir) to continue it, "
+                            f"or use another --out folder to run on the fallback {data.fallback.dataset!r}")
+        kept = f"kept from {where}, started on it: {stored.reason}"
+        if stored.fallback and here:
+            kept += f" ({data.dataset} is here now, but a folder never switches data)"
+        choice = DataChoice(stored.dataset, data.dataset, stored.fallback, kept)
+    elif here:
+        choice = DataChoice(data.dataset, data.dataset, False, f"its files are on this machine"
+                            + (f" (in {data.data_dir} or the cache)" if data.data_dir else " (in the cache)"))
+    else:
+        from bnlab.data import cache_dir
+
+        looked = ([data.data_dir] if data.data_dir else []) + [str(cache_dir() / data.dataset)]
+        choice = DataChoice(data.fallback.dataset, data.dataset, True,
+                            f"{data.dataset} is not downloaded (its files are not in {' or '.join(looked)})")
+    if not choice.fallback:
+        return spec.model_copy(update={"data": data.model_copy(update={"fallback": None})}), choice
+    fb = data.fallback
+    return spec.model_copy(update={"data": DataSection(dataset=fb.dataset, data_dir=data.data_dir,
+                                                       validation=fb.validation, scaling=fb.scaling,
+                                                       options=fb.options)}), choice
 
 
 class Variant(BaseModel):
@@ -109,6 +221,9 @@ class ExperimentSpec(BaseModel):
     # the metric the experiment is about: verdicts are drawn on it alone (Holm's correction over
     # its pairs of variants); every other metric is reported as exploratory
     primary_metric: str = DEFAULT_PRIMARY
+    # a grouped study's reference method (a variant group): every other method's trend with the batch size is
+    # tested against it (the method x log2(images per device) interaction, bnlab.experiments.stats.interaction)
+    reference_group: str = ""
     # set by apply_quick: a --quick run checks that the experiment runs; its report draws no verdicts
     smoke_test: bool = False
 
@@ -152,6 +267,14 @@ class ExperimentSpec(BaseModel):
         if bad:
             raise ValueError(f"{sorted(bad)} belong in [data] or seeds, not [train]")
         return v
+
+    @model_validator(mode="after")
+    def _reference_is_a_group(self):
+        groups = {v.group for v in self.variants.values() if v.group}
+        if self.reference_group and self.reference_group not in groups:
+            raise ValueError(f"reference_group must be one of the variants' groups ({', '.join(sorted(groups)) or 'none'}"
+                             f"); got {self.reference_group!r}")
+        return self
 
     @model_validator(mode="after")
     def _primary_needs_target(self):

@@ -738,3 +738,65 @@ def trend(group: str, metric: str, xs, accuracies, level: float = LEVEL) -> Tren
     half = float(st.t.ppf((1 + level) / 2, t.n - 2) * fit.stderr) if t.n > 2 else float("nan")
     t.slope, t.low, t.high, t.p = float(fit.slope), float(fit.slope) - half, float(fit.slope) + half, float(fit.pvalue)
     return t
+
+
+@dataclass
+class Interaction:
+    """How much faster a method's error (%) changes per doubling of images per device than the reference
+    method's: the method x log2(batch) interaction of one regression over every finished run of both,
+
+        error = a + b·log2(x) + c·[method] + d·[method]·log2(x) + (one offset per seed)
+
+    (ordinary least squares; the seed offsets use the paired design: a seed's runs share data order and
+    initial weights). ``d`` with its 95% t interval and the p-value of d = 0: d < 0 means the method's
+    error falls faster than the reference's as the batch grows, i.e. it suffers more from small batches."""
+    group: str
+    reference: str
+    metric: str
+    n: int
+    d: float = float("nan")
+    low: float = float("nan")
+    high: float = float("nan")
+    p: float | None = None
+    why: str = ""  # no fit: why
+
+    @property
+    def d_text(self) -> str:
+        if self.p is None:
+            return f"no fit: {self.why}"
+        return f"{self.d:+.2f} points per doubling (95% CI {self.low:+.2f} to {self.high:+.2f})"
+
+    @property
+    def p_text(self) -> str:
+        return "-" if self.p is None else _p(self.p).removeprefix("= ")
+
+
+def interaction(group: str, reference: str, metric: str, points, level: float = LEVEL) -> Interaction:
+    """``Interaction`` of ``group`` against ``reference`` from ``points``: (group, images per device, seed,
+    accuracy) of every finished run of the two (other groups and non-finite accuracies are left out).
+    Fitted with statsmodels' OLS; a fit needs two settings in each method and more runs than coefficients."""
+    import pandas as pd
+    import statsmodels.formula.api as smf
+
+    rows = [(g, math.log2(x), str(s), 100.0 * (1.0 - a)) for g, x, s, a in points
+            if g in (group, reference) and a is not None and math.isfinite(a) and x > 0]
+    out = Interaction(group, reference, metric, len(rows))
+    df = pd.DataFrame(rows, columns=["method", "log2x", "seed", "error"])
+    for g in (group, reference):
+        if df[df.method == g].log2x.nunique() < 2:
+            out.why = f"{g} has runs at fewer than two batch sizes"
+            return out
+    df["is_method"] = (df.method == group).astype(float)
+    seeds = " + C(seed)" if df.seed.nunique() > 1 else ""
+    model = smf.ols(f"error ~ log2x * is_method{seeds}", data=df)
+    if len(df) <= model.exog.shape[1]:
+        out.why = f"{len(df)} runs for {model.exog.shape[1]} coefficients"
+        return out
+    if _constant(df.error.to_numpy()):
+        out.d, out.low, out.high, out.why = 0.0, 0.0, 0.0, "the same error in every run"
+        return out
+    fit = model.fit()
+    name = "log2x:is_method"
+    low, high = fit.conf_int(alpha=1 - level).loc[name]
+    out.d, out.low, out.high, out.p = float(fit.params[name]), float(low), float(high), float(fit.pvalues[name])
+    return out

@@ -40,6 +40,11 @@ CREATE TABLE IF NOT EXISTS probes (
     metric TEXT NOT NULL, value REAL NOT NULL
 );
 CREATE INDEX IF NOT EXISTS probes_run ON probes (run_id);
+CREATE TABLE IF NOT EXISTS shift (
+    run_id TEXT NOT NULL REFERENCES runs(run_id), corruption TEXT NOT NULL, severity INTEGER NOT NULL,
+    bn_stats TEXT NOT NULL, test_batch INTEGER, accuracy REAL, loss REAL, note TEXT NOT NULL DEFAULT ''
+);
+CREATE INDEX IF NOT EXISTS shift_run ON shift (run_id);
 CREATE TABLE IF NOT EXISTS epochs (
     run_id TEXT NOT NULL REFERENCES runs(run_id), epoch INTEGER NOT NULL,
     train_loss REAL, train_accuracy REAL, val_loss REAL, val_accuracy REAL, seconds REAL, steps INTEGER,
@@ -53,7 +58,9 @@ BUSY_TIMEOUT = 60.0  # seconds a writer waits for a store another process holds 
 REQUIRED_TABLES = {"meta": ("key", "value"),
                    "runs": ("run_id", "variant", "seed", "config_hash", "config", "status"),
                    "epochs": ("run_id", "epoch")}
-LATER_TABLES = ("probes",)  # added by a later bnlab: older stores lack it (no probes); writers create it
+# added by a later bnlab: older stores lack them (no probes, no shift rows); writers create them
+LATER_TABLES = ("probes", "shift")
+SHIFT_COLUMNS = ("corruption", "severity", "bn_stats", "test_batch", "accuracy", "loss", "note")
 
 
 class StoreError(RuntimeError):
@@ -73,6 +80,7 @@ class RunStore:
         self.readonly = readonly
         self._absent_columns: list[str] = []  # result columns an older store lacks (readers: None)
         self._has_probes = True
+        self._has_shift = True
         try:
             if readonly:
                 self.db = sqlite3.connect(self.path.resolve().as_uri() + "?mode=ro", uri=True, timeout=timeout,
@@ -124,10 +132,11 @@ class RunStore:
         have = {row[1] for row in self.db.execute("PRAGMA table_info(runs)")}
         self._absent_columns = [f.name for f in RESULT_FIELDS if f.name not in have]
         self._has_probes = "probes" in tables
+        self._has_shift = "shift" in tables
         if not self.readonly:
             self.db.executescript(SCHEMA)  # IF NOT EXISTS: only the tables of later versions
             self._add_missing_columns()
-            self._absent_columns, self._has_probes = [], True
+            self._absent_columns, self._has_probes, self._has_shift = [], True, True
 
     def _add_missing_columns(self) -> None:
         """A store written by an older bnlab lacks the newer result columns: add them (NULL for its runs)."""
@@ -186,7 +195,7 @@ class RunStore:
             db.execute("UPDATE runs SET status = 'running', started = ? WHERE run_id = ?", (time.time(), run_id))
 
     def record(self, run_id: str, result: dict) -> None:
-        """A finished run's row and epochs, atomically."""
+        """A finished run's row, epochs, probes and shift rows, atomically."""
         hist = result.get("history") or {}
         epochs = hist.get("epochs", [])
         values = {k: result.get(k) for k in RESULT_COLUMNS}
@@ -201,6 +210,10 @@ class RunStore:
             db.execute("DELETE FROM probes WHERE run_id = ?", (run_id,))
             db.executemany("INSERT INTO probes (run_id, step, layer, metric, value) VALUES (?, ?, ?, ?, ?)",
                            [(run_id, *row) for row in hist.get("probes", [])])
+            db.execute("DELETE FROM shift WHERE run_id = ?", (run_id,))
+            db.executemany(f"INSERT INTO shift (run_id, {', '.join(SHIFT_COLUMNS)}) VALUES (?{', ?' * len(SHIFT_COLUMNS)})",
+                           [(run_id, *(r.get(c) for c in SHIFT_COLUMNS[:-1]), r.get("note") or "")
+                            for r in result.get("shift", [])])
             db.executemany(
                 "INSERT INTO epochs (run_id, epoch, train_loss, train_accuracy, val_loss, val_accuracy, seconds, steps) "
                 "VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
@@ -227,3 +240,9 @@ class RunStore:
         if not self._has_probes:
             return []
         return [dict(r) for r in self.db.execute("SELECT * FROM probes ORDER BY run_id, step")]
+
+    def shift_rows(self) -> list[dict]:
+        """Every run's distribution-shift rows (run_id and ``SHIFT_COLUMNS``); [] for a store from before them."""
+        if not self._has_shift:
+            return []
+        return [dict(r) for r in self.db.execute(f"SELECT run_id, {', '.join(SHIFT_COLUMNS)} FROM shift ORDER BY rowid")]

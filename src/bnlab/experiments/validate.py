@@ -13,6 +13,7 @@ def check_models_fit(plans: list[RunPlan], data) -> None:
     A model that cannot (a CNN on feature vectors, a kernel or pooling larger than the image) is a
     SpecError naming the variant, so no run starts that would only fail."""
     from bnlab.models import build_model, parse_model_spec
+    from bnlab.nn.norms import plan_run_length
     from bnlab.train.single import adapt_spec_to_data
 
     problems = []
@@ -21,6 +22,7 @@ def check_models_fit(plans: list[RunPlan], data) -> None:
         try:
             spec, _ = adapt_spec_to_data(parse_model_spec(plan.model), data.input_shape, data.num_classes)
             model = build_model(spec, seed=0)
+            plan_run_length(model, 1)  # a training-mode forward: layers sized by the run's length need one
             with torch.no_grad():
                 out = model.train()(x.to(next(model.parameters()).dtype))
             if tuple(out.shape) != (len(x), data.num_classes):

@@ -68,7 +68,8 @@ def make_norm(kind: str, shape: tuple[int, ...], options, layer: LayerDef | None
     if kind == "syncbatch":  # BatchNorm in one process; the global batch's statistics across DDP ranks
         return SyncBatchNorm(c, **bn_opts)
     if kind == "renorm":
-        return BatchRenorm(c, r_max=options.r_max, d_max=options.d_max, warmup_steps=options.warmup_steps, **bn_opts)
+        return BatchRenorm(c, r_max=options.r_max, d_max=options.d_max, warmup_steps=options.warmup_steps,
+                           warmup_fraction=options.warmup_fraction, **bn_opts)
     if kind.startswith("ghost:"):
         return GhostBatchNorm(c, ghost_size=int(kind.split(":")[1]), **bn_opts)
     if kind == "layer":

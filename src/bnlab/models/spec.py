@@ -52,6 +52,13 @@ class NormSettings(_Spec):
     r_max: float = Field(3.0, ge=1, description="batch renorm")
     d_max: float = Field(5.0, ge=0, description="batch renorm")
     warmup_steps: int = Field(0, ge=0, le=10**9, description="batch renorm: steps over which r_max, d_max grow from 1, 0")
+    warmup_fraction: float | None = Field(None, gt=0, le=1, description="batch renorm: the warm-up as this share of "
+                                          "the run's planned updates (fit sets it; replaces warmup_steps)")
+
+
+# norm settings added after specs were stored: left out of a spec's dict while at their default, so the
+# fingerprints of runs stored before they existed do not change
+LATER_NORM_DEFAULTS = {"warmup_fraction": None}
 
 
 class _Common(_Spec):
@@ -161,4 +168,10 @@ def parse_model_spec(data: dict | BaseModel) -> MLPSpec | CNNSpec | LayersSpec:
 
 
 def spec_to_dict(spec) -> dict:
-    return spec.model_dump(mode="json")
+    d = spec.model_dump(mode="json")
+    options = d.get("norm_options")
+    if isinstance(options, dict):
+        for k, v in LATER_NORM_DEFAULTS.items():
+            if k in options and options[k] == v:
+                del options[k]
+    return d

@@ -120,19 +120,33 @@ class BatchRenorm(BatchNorm):
     """Batch Renormalization (Ioffe 2017). Training: x_hat = (x - μ_B)/σ_B · r + d with
     r = clip(σ_B/σ, 1/r_max, r_max), d = clip((μ_B - μ)/σ, -d_max, d_max) held constant in the backward
     pass, σ = sqrt(running_var + eps). r_max and d_max grow linearly from 1 and 0 over ``warmup_steps``
-    (the paper's schedule shape). With r_max = 1, d_max = 0 it is exactly ``BatchNorm``.
+    (the paper's schedule shape), or over ``warmup_fraction`` of the run's planned updates, which
+    ``plan_updates`` sets (bnlab's fit calls it: ``plan_run_length``), so a warm-up keeps its share of a run
+    whatever the batch size and run length. With r_max = 1, d_max = 0 it is exactly ``BatchNorm``.
     Running statistics follow the layer's convention, as in BatchNorm; eval mode is BatchNorm's."""
 
     def __init__(self, num_features: int, *, r_max: float = 3.0, d_max: float = 5.0, warmup_steps: int = 0,
-                 **kwargs):
+                 warmup_fraction: float | None = None, **kwargs):
         super().__init__(num_features, **kwargs)
         if r_max < 1 or d_max < 0:
             raise ValueError(f"expected r_max >= 1 and d_max >= 0 (got r_max={r_max}, d_max={d_max})")
         if not self.track_running_stats:
             raise ValueError("batch renorm corrects toward the running statistics: track_running_stats must be True")
+        if warmup_fraction is not None and not 0 < warmup_fraction <= 1:
+            raise ValueError(f"warmup_fraction must be in (0, 1] (got {warmup_fraction})")
         self.r_max, self.d_max, self.warmup_steps = r_max, d_max, warmup_steps
+        self.warmup_fraction, self.planned = warmup_fraction, False
+
+    def plan_updates(self, total: int) -> None:
+        """The run will make ``total`` updates: a ``warmup_fraction`` becomes its share of them."""
+        if self.warmup_fraction is not None:
+            self.warmup_steps, self.planned = max(1, round(self.warmup_fraction * total)), True
 
     def limits(self) -> tuple[float, float]:
+        if self.warmup_fraction is not None and not self.planned:
+            raise RuntimeError("this batch renorm's warm-up is a fraction of the run (warmup_fraction="
+                               f"{self.warmup_fraction}): call plan_run_length(model, total_updates) before "
+                               "training (bnlab's fit does), or give warmup_steps instead")
         t = 1.0 if self.warmup_steps <= 0 else min(1.0, int(self.num_batches_tracked) / self.warmup_steps)
         return 1.0 + (self.r_max - 1.0) * t, self.d_max * t
 
@@ -164,6 +178,14 @@ class BatchRenorm(BatchNorm):
 
     def extra_repr(self):
         return super().extra_repr() + f", r_max={self.r_max}, d_max={self.d_max}, warmup_steps={self.warmup_steps}"
+
+
+def plan_run_length(model: nn.Module, total: int) -> None:
+    """Tell the layers whose training depends on the run's length (batch renorm's warm-up fraction) that the
+    run makes ``total`` updates."""
+    for m in model.modules():
+        if isinstance(m, BatchRenorm):
+            m.plan_updates(total)
 
 
 class GhostBatchNorm(BatchNorm):

@@ -26,6 +26,11 @@ needs hundreds of steps), so the panel would show the lag of the averages rather
 distribution the next layer is trained on. Dropout is switched off for the probe forward (it
 would make the probe random and draw from the training's random stream); augmentation is not applied.
 
+Test accuracy (``test_accuracy = true``; Ioffe & Szegedy 2015, Fig. 1(a)): at each sampled step, before
+its update, the model's accuracy on the whole test set in EVAL mode (BN with its moving averages, as the
+model would be deployed; no gradient, forwards of ``TEST_BATCH`` images; no buffer changes, each module's
+mode restored), recorded as (step, "model", "test_accuracy", value).
+
 Per Linear / Conv (1d, 2d, 3d) weight at any depth, on the training step's batch: ``grad_norm`` and ``update_ratio`` =
 ||W_after - W_before|| / ||W_before||.
 
@@ -68,6 +73,8 @@ class ProbeConfig(BaseModel):
     tracked_units: int = Field(3, ge=0, description="units per activation layer whose own percentiles are kept")
     probe_batch: int = Field(256, ge=2, description="images in the fixed held-out probe batch")
     probe_seed: int = Field(0, description="seeds the choice of probe images and tracked units (not the run's seed)")
+    test_accuracy: bool = Field(False, description="at every sampled step, the model's accuracy on the test set "
+                                "in eval mode (Ioffe & Szegedy 2015, Fig. 1(a))")
     landscape: bool = False
     landscape_every: int = Field(500, ge=1)
     landscape_scales: list[float] = Field([0.5, 1.0, 2.0, 4.0], min_length=1,
@@ -91,6 +98,31 @@ def select_probe_batch(data, config: ProbeConfig) -> tuple[torch.Tensor, bool]:
     k = min(config.probe_batch, len(x))
     idx = torch.randperm(len(x), generator=torch.Generator().manual_seed(config.probe_seed))[:k].sort().values
     return x.index_select(0, idx.to(x.device)), from_val
+
+
+def probe_test_set(data, config: ProbeConfig) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """The test images and labels the ``test_accuracy`` probe measures on (None: not asked for, or no test set)."""
+    if not config.test_accuracy or len(data.y_test) == 0:
+        return None
+    return data.x_test, data.y_test
+
+
+TEST_BATCH = 2048  # images per forward of the test-accuracy probe (the result does not depend on it)
+
+
+@torch.no_grad()
+def eval_accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int = TEST_BATCH) -> float:
+    """Accuracy of ``model`` on (x, y) in eval mode: BN with its moving averages, dropout off. Eval mode
+    changes no buffer; every module's mode is put back."""
+    modes = [(m, m.training) for m in model.modules()]
+    model.eval()
+    try:
+        correct = sum(int((model(x[i:i + batch_size]).argmax(1) == y[i:i + batch_size]).sum())
+                      for i in range(0, len(y), batch_size))
+    finally:
+        for m, t in modes:
+            m.training = t
+    return correct / len(y)
 
 
 def saturated_fraction(kind: type, h) -> float | None:
@@ -147,11 +179,13 @@ class Probes:
     which no activation probes are taken. ``lr`` scales the landscape's step sizes."""
 
     def __init__(self, model: nn.Module, config: ProbeConfig | None = None, *, lr: float = 1.0,
-                 batch: torch.Tensor | None = None, from_validation: bool = True):
+                 batch: torch.Tensor | None = None, from_validation: bool = True,
+                 test: tuple[torch.Tensor, torch.Tensor] | None = None):
         self.config = config or ProbeConfig()
         self.lr = lr
         self.model = model
         self.batch, self.from_validation = batch, from_validation
+        self.test = test  # (images, labels) of the test_accuracy probe (``probe_test_set``)
         # every activation / weight layer at any depth (a ResNet's are inside blocks); names are dotted paths
         self.activations = {m: name for name, m in model.named_modules() if isinstance(m, ACTIVATIONS)}
         self.weights = [(name, m.weight) for name, m in model.named_modules()
@@ -196,6 +230,8 @@ class Probes:
                     self._record_activations(step, captured)
                 # the raw pre-activations of the latest sampled step, for histograms (TensorBoard)
                 self.last_inputs = (step, {self.activations[m]: h for m, h in captured.items()})
+            if self.test is not None and self.config.test_accuracy:
+                self._add(step, "model", "test_accuracy", eval_accuracy(self.model, *self.test))
         self._land = (([p.detach().clone() for p in self.model.parameters()],
                        [b.detach().clone() for b in self.model.buffers()])
                       if self.wants_landscape(step) else None)

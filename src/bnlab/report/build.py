@@ -6,13 +6,14 @@ from __future__ import annotations
 import base64
 import html
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
-from bnlab.experiments.read import load_probes, load_results
+from bnlab.experiments.read import load_probes, load_results, load_shift
 from bnlab.experiments.results import COMPACT_FIELDS, FIELDS, TABLE_FIELDS
 from bnlab.experiments.stats import ALPHA, EXACT_N, MIN_N, Comparison, compare, precise_vs_moving, variant_stats
 from bnlab.report import plots
+from bnlab.report import shift as shift_report
 
 TABLE_METRICS = TABLE_FIELDS  # the report's statistics table: the result fields marked table=True
 COMPACT_METRICS = COMPACT_FIELDS  # the terminal's (bnlab run / compare)
@@ -95,7 +96,10 @@ def budget_text(spec, runs) -> str:
     caps = {t.get("max_steps") for t in train if t.get("max_steps")}
     text = (f"{len(spec.variants)} variant{'s' if len(spec.variants) != 1 else ''} × {len(seeds)} "
             f"seed{'s' if len(seeds) != 1 else ''} ({', '.join(map(str, seeds))}) = {len(runs)} runs")
-    if epochs:
+    ran = {r["epochs_run"] for r in runs if r["status"] in ("done", "diverged") and r.get("epochs_run") is not None}
+    if epochs and ran and max(ran) < min(epochs):  # a step budget ended the runs: the epochs they had
+        text += f", {_seq(ran)} epoch{'s' if max(ran) != 1 else ''} each (of {_seq(epochs)} planned)"
+    elif epochs:
         text += f", {_seq(epochs)} epoch{'s' if max(epochs) != 1 else ''} each"
     if steps:
         text += f", {_seq(steps)} optimizer steps per run"
@@ -208,6 +212,42 @@ def trend_rows(spec, runs) -> list[list[str]]:
     return rows
 
 
+INTERACTION_HEADER = ["method", "against", "error of", "runs", "interaction: slope difference per doubling (95% CI)",
+                      "p"]
+INTERACTION_NOTE = ("Does a method suffer more from small batches than the reference? One regression per method over "
+                    "the finished runs of both: error (%) on log2(images per device), the method, their interaction "
+                    "and one offset per seed (a seed's runs share data order and initial weights), by ordinary least "
+                    "squares (statsmodels). The interaction is how much steeper the method's line is than the "
+                    "reference's (negative: its error falls faster as the batch grows, i.e. small batches hurt it "
+                    "more), with its 95% t interval and the p-value of equal slopes; unadjusted, one per method.")
+
+
+def interaction_rows(spec, runs) -> list[list[str]]:
+    """One row per method and error panel: its interaction with log2(images per device) against
+    ``spec.reference_group`` (complete methods only)."""
+    from bnlab.experiments.stats import device_batch, interaction
+
+    ref = spec.reference_group
+    if not ref:
+        return []
+    group_of = {name: v.group or name for name, v in spec.variants.items()}
+    unfinished = {group_of[r["variant"]] for r in runs if r["status"] not in plots.FINISHED}
+    rows = []
+    for metric in plots.error_panels(runs):
+        label = FIELDS[metric].label.replace("accuracy", "error")
+        points = [(group_of[r["variant"]], device_batch(json.loads(r["config"])), r["seed"], r.get(metric))
+                  for r in runs if r["status"] == "done"]
+        for group in plots.method_order(spec):
+            if group == ref:
+                continue
+            if {group, ref} & unfinished:
+                rows.append([group, ref, label, "-", "no fit: runs not finished", "-"])
+                continue
+            it = interaction(group, ref, metric, points)
+            rows.append([group, ref, label, str(it.n), it.d_text, it.p_text])
+    return rows
+
+
 PRECISE_HEADER = ["variant", "accuracy", "moving averages", "precise statistics", "difference (precise - moving)",
                   "difference detected?"]
 
@@ -250,16 +290,24 @@ def build_report(folder: str | Path) -> Report:
             made = plots.error_vs_batch_size(runs, spec)
             if made is not None:
                 figs = {"error_vs_batch_size": _png(made), **figs}
+            made = plots.curves_by_method(runs, epochs, spec)
+            if made is not None:
+                figs["curves_by_method"] = _png(made)
         probes = load_probes(folder)
         if probes:
-            for name, make in (("probe_percentiles", plots.percentile_panels),
+            for name, make in (("probe_test_accuracy", plots.test_accuracy_panel),
+                               ("probe_percentiles", plots.percentile_panels),
                                ("probe_gradient_norms", plots.gradient_norm_panels),
                                ("probe_saturation", plots.saturation_panel),
                                ("probe_landscape", plots.landscape_panels)):
                 made = make(probes, runs, variants)
                 if made is not None:
                     figs[name] = _png(made)
+    shift, made = shift_report.section(spec, runs, load_shift(folder))  # the bn-shift study: its figure first
+    if made is not None:
+        figs = {shift_report.FIGURE: _png(made), **figs}
     t = texts(spec, runs)
+    _figure1_texts(t, folder, spec, runs, probes if finished else [])
     env = next((json.loads(r["environment"]) for r in runs if r.get("environment")), {})
 
     fig_dir = folder / "figures"
@@ -269,7 +317,7 @@ def build_report(folder: str | Path) -> Report:
         (fig_dir / f"{name}.png").write_bytes(png)
         paths.append(fig_dir / f"{name}.png")
 
-    md = _markdown(t)
+    md = _markdown(t, shift_report.markdown(shift, _md_table) if shift else [])
     md += ["", "## Figures", ""] + [line for p in paths for line in (
         f"![{p.stem.replace('_', ' ')}](figures/{p.name})", "", f"*{figs[p.stem][1]}*", "")]
     md += ["", "## Environment", "", "```json", json.dumps(env, indent=2), "```"]
@@ -277,7 +325,7 @@ def build_report(folder: str | Path) -> Report:
     md_path.write_text("\n".join(md) + "\n")
 
     html_path = folder / "report.html"
-    html_path.write_text(_html(spec, t, figs, env))
+    html_path.write_text(_html(spec, t, figs, env, shift_report.html(shift, _html_table) if shift else ""))
     return Report(html_path, md_path, paths, spec.smoke_test)
 
 
@@ -298,6 +346,8 @@ class Texts:
     failures: list[tuple[str, str]]
     exploratory_comparisons: list[Comparison]
     trends: list[list[str]]  # rows under TREND_HEADER
+    interactions: list[list[str]] = field(default_factory=list)  # rows under INTERACTION_HEADER
+    drift: tuple[str, list[str], list[list[str]]] | None = None  # (note, header, rows): figure1.drift_table
 
 
 def texts(spec, runs, metrics=TABLE_METRICS, compared=None, short: bool = False) -> Texts:
@@ -314,7 +364,8 @@ def texts(spec, runs, metrics=TABLE_METRICS, compared=None, short: bool = False)
     return Texts(report_title(spec), intro(spec, runs), budget_text(spec, runs), runs_line, header, rows, precise,
                  [] if spec.smoke_test else [n.sentence for n in notes if n.disagree], comparisons_note(spec, comps),
                  [c for c in comps if c.role == "primary"], exploratory_rows(comps), failure_lines(runs),
-                 [c for c in comps if c.role == "exploratory"], trend_rows(spec, runs))
+                 [c for c in comps if c.role == "exploratory"], trend_rows(spec, runs),
+                 interaction_rows(spec, runs))
 
 
 def _md_table(header, rows) -> list[str]:
@@ -322,7 +373,7 @@ def _md_table(header, rows) -> list[str]:
         "| " + " | ".join(c.replace("|", "\\|") for c in r) + " |" for r in rows]
 
 
-def _markdown(t: Texts) -> list[str]:
+def _markdown(t: Texts, shift: list[str] = ()) -> list[str]:
     md = [f"# {t.title}", ""]
     for p in t.intro:
         md += [p, ""]
@@ -331,14 +382,34 @@ def _markdown(t: Texts) -> list[str]:
         md += ["", "## BN statistics at test time", "", PRECISE_NOTE, ""]
         md += _md_table(PRECISE_HEADER, t.precise)
         md += [""] + [f"**{s}**" for s in t.precise_sentences]
+    md += list(shift)
     if t.trends:
         md += ["", "## Trend with the images per device", "", TREND_NOTE, ""] + _md_table(TREND_HEADER, t.trends)
+    if t.interactions:
+        md += ["", "### Against the reference method", "", INTERACTION_NOTE, ""]
+        md += _md_table(INTERACTION_HEADER, t.interactions)
+    if t.drift:
+        md += ["", "## Drift of the last hidden layer's input", "", t.drift[0], ""] + _md_table(*t.drift[1:])
     md += ["", "## Comparisons", "", t.comparisons_note, ""] + [f"- {c.sentence}" for c in t.primary]
     if t.exploratory:
         md += ["", "### Exploratory comparisons (no verdicts)", ""] + _md_table(EXPLORATORY_HEADER, t.exploratory)
     if t.failures:
         md += ["", "## Runs without a regular result", ""] + [f"- {rid}: {what}" for rid, what in t.failures]
     return md
+
+
+def _figure1_texts(t: Texts, folder: Path, spec, runs, probes) -> None:
+    """The data sentence of an experiment with a [data] fallback, and the drift table of the last hidden
+    layer's input (``bnlab.report.figure1``)."""
+    from bnlab.report import figure1
+
+    choice = figure1.data_choice(folder)
+    if choice is not None:
+        t.intro.append(figure1.data_sentence(choice))
+    layer, _ = plots.last_hidden_activation(probes)
+    header, rows = figure1.drift_table(probes, runs, list(spec.variants), layer, spec.smoke_test)
+    if rows:
+        t.drift = (figure1.drift_note(layer), header, rows)
 
 
 def _png(made) -> tuple[bytes, str]:
@@ -353,7 +424,7 @@ def _html_table(header, rows) -> str:
         "<tr>" + "".join(f"<td>{e(c)}</td>" for c in r) + "</tr>" for r in rows) + "</tbody></table>"
 
 
-def _html(spec, t: Texts, figs, env) -> str:
+def _html(spec, t: Texts, figs, env, shift: str = "") -> str:
     e = html.escape
     table = _html_table(t.header, t.rows)
     verdicts = "".join(f"<li class='{'sig' if c.significant else 'nosig'}'>{e(c.sentence)}</li>" for c in t.primary)
@@ -362,9 +433,14 @@ def _html(spec, t: Texts, figs, env) -> str:
                ) if t.precise else ""
     trends = (f"<h2>Trend with the images per device</h2><p>{e(TREND_NOTE)}</p>" + _html_table(TREND_HEADER, t.trends)
               ) if t.trends else ""
+    if t.interactions:
+        trends += (f"<h3>Against the reference method</h3><p>{e(INTERACTION_NOTE)}</p>"
+                   + _html_table(INTERACTION_HEADER, t.interactions))
     exploratory = ("<h3>Exploratory comparisons (no verdicts)</h3>" + _html_table(EXPLORATORY_HEADER, t.exploratory)
                    ) if t.exploratory else ""
     intro = "".join(f"<p>{e(p)}</p>" for p in t.intro)
+    drift = (f"<h2>Drift of the last hidden layer's input</h2><p>{e(t.drift[0])}</p>" + _html_table(*t.drift[1:])
+             ) if t.drift else ""
     images = "".join(
         f"<figure><img alt='{e(name.replace('_', ' '))}' src='data:image/png;base64,{base64.b64encode(png).decode()}'>"
         f"<figcaption>{e(caption)}</figcaption></figure>" for name, (png, caption) in figs.items())
@@ -386,7 +462,9 @@ pre {{ background: #f7f7f7; padding: 1em; overflow-x: auto; font-size: 0.85em; }
 <h2>Statistics</h2><p>{e(STATS_NOTE)}</p>
 {table}
 {precise}
+{shift}
 {trends}
+{drift}
 <h2>Comparisons</h2><p>{e(t.comparisons_note)}</p><ul>{verdicts}</ul>
 {exploratory}
 {fails}

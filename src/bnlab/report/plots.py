@@ -121,6 +121,47 @@ def learning_curves(runs, epochs, variants: list[str], title: str):
     return fig, caption
 
 
+def curves_by_method(runs, epochs, spec):
+    """Validation error per epoch, one panel per method (variant group) and one line per images-per-device
+    setting in it (mean over seeds, band min..max): whether every setting's training had levelled off by the
+    end of its budget, the precondition for reading the batch-size figure as BN's effect."""
+    from bnlab.experiments.stats import device_batch
+
+    val = _curves(runs, epochs, "val_accuracy")
+    config = {r["variant"]: json.loads(r["config"]) for r in runs}
+    order = method_order(spec)
+    panels = {g: [v for v, var in spec.variants.items() if (var.group or v) == g and val.get(v)] for g in order}
+    panels = {g: vs for g, vs in panels.items() if vs}
+    if not panels or max(len(c) for vs in panels.values() for v in vs for c in val[v]) < 2:
+        return None  # no run has two epochs: nothing to see levelling off
+    sizes = sorted({device_batch(config[v]) for vs in panels.values() for v in vs})
+    cols = min(len(panels), 4)
+    rows = -(-len(panels) // cols)
+    fig, axes = _figure(rows, cols, figsize=(4.2 * cols, 3.6 * rows), sharey=True)
+    counts = {}
+    for k, (g, vs) in enumerate(panels.items()):
+        ax = axes[k // cols][k % cols]
+        for v in sorted(vs, key=lambda v: device_batch(config[v])):
+            counts[v] = len(val[v])
+            b = device_batch(config[v])
+            _band(ax, [100 * (1 - c) for c in val[v]], plt.cm.viridis(sizes.index(b) / max(len(sizes) - 1, 1)),
+                  f"{b}")
+        ax.set_title(g)
+        ax.set_xlabel("epoch")
+        ax.set_yscale("log")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.grid(alpha=0.3)
+        ax.legend(title="images per device", fontsize=8, title_fontsize=8)
+    for k in range(len(panels), rows * cols):
+        axes[k // cols][k % cols].set_visible(False)
+    for r in range(rows):
+        axes[r][0].set_ylabel("validation error (%, log scale)")
+    caption = ("Validation error per epoch, one panel per method and one line per images-per-device setting "
+               f"(mean over the finished runs, {_seeds_text(counts)}; bands: min..max over them). Flat ends mean "
+               "the runs had converged within their budget.")
+    return fig, caption
+
+
 def epoch_time(runs, variants: list[str]):
     fig, axes = _figure(figsize=(6 if len(variants) <= 6 else 10, 3.8))
     ax = axes[0][0]
@@ -400,6 +441,42 @@ def landscape_panels(probes, runs, variants: list[str]):
                f"max ||∇L(W - ηg) - g|| / ||ηg|| "
                f"(Santurkar et al. 2018). Lines: mean over the runs "
                f"({_seeds_text(counts)}); bands: min..max over those runs.")
+    return fig, caption
+
+
+def test_accuracy_panel(probes, runs, variants: list[str]):
+    """Ioffe & Szegedy 2015, Fig. 1(a), over all seeds: test accuracy against optimizer steps, from the
+    ``test_accuracy`` probe (eval mode, every sampled step)."""
+    if not any(p["metric"] == "test_accuracy" for p in probes):
+        return None
+    table = ProbeTable(probes, runs)
+    fig, axes = _figure(1, 2, figsize=(11, 4.2))
+    handles, counts, bottom, top = [], {}, 1.0, 0.0
+    for i, v in enumerate(variants):
+        band = table.band(v, "model", "test_accuracy")
+        if band is None:
+            continue
+        counts[v] = band.runs
+        for ax in axes[0]:
+            line = _draw(ax, band, PALETTE[i % len(PALETTE)], "-", v)
+        handles.append((line, v))
+        late = band.steps >= band.steps.min() + 0.5 * (band.steps.max() - band.steps.min())  # the zoom's range
+        bottom = min(bottom, float(band.lo[late].min()) if late.any() else 0.0)
+        top = max(top, float(band.hi.max()))
+    bottom = max(0.0, bottom - 0.01)
+    for ax, title in zip(axes[0], ("whole run", f"zoomed: accuracy axis from {bottom:.2f}")):
+        ax.set_title(title, fontsize=9)
+        ax.set_xlabel(STEP)
+        ax.set_ylabel("test accuracy (eval mode)")
+        ax.grid(alpha=0.3)
+    axes[0][1].set_ylim(bottom, min(1.0, top + 0.01))
+    _legend_below(fig, [h for h, _ in handles] + [Patch(color="#888888", alpha=0.3)],
+                  [lab for _, lab in handles] + [BAND], ncols=min(len(handles) + 1, 5))
+    every = table.probe_setting("every")
+    caption = (f"Test accuracy against optimizer steps (Ioffe & Szegedy 2015, Fig. 1(a)): the whole test set, in eval "
+               f"mode (BN with its moving averages), measured every {every or 'sampled'} steps before that step's "
+               f"update (step 1: the initial weights). Left: the whole run; right: the same, the accuracy axis from "
+               f"{bottom:.2f} (the lowest run in the second half of training). Lines: mean over the runs ({_seeds_text(counts)}); bands: min..max over those runs.")
     return fig, caption
 
 

@@ -8,6 +8,7 @@ from typing import Annotated, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from bnlab.probes import ProbeConfig
+from bnlab.train.optim import LR_SCHEDULES
 
 
 # bounds that keep a run possible: a typo such as 1e12 epochs is refused before anything starts
@@ -25,10 +26,68 @@ class AugmentConfig(BaseModel):
     horizontal_flip: bool = False
 
 
+def _all_corruptions() -> list[str]:
+    from bnlab.data.corrupt import CORRUPTIONS
+
+    return list(CORRUPTIONS)
+
+
+def _all_test_batches() -> list[int]:
+    from bnlab.deploy.shift import TEST_BATCH_SIZES
+
+    return list(TEST_BATCH_SIZES)
+
+
+class ShiftConfig(BaseModel):
+    """The distribution-shift evaluation of a run's final model (``bnlab.deploy.shift.shift_grid``; the
+    ``bn-shift`` study): every corruption at every severity, BN with each statistics option, and test-batch
+    statistics at each test batch size."""
+
+    model_config = ConfigDict(extra="forbid")
+    corruptions: list[str] = Field(default_factory=_all_corruptions, min_length=1,
+                                   description="names from bnlab.data.corrupt.CORRUPTIONS (default: all)")
+    severities: list[int] = Field([1, 2, 3], min_length=1, description="from bnlab.data.corrupt.SEVERITIES")
+    test_batch_sizes: list[Annotated[int, Field(ge=1, le=MAX_BATCH)]] = Field(
+        default_factory=_all_test_batches, description="test batches for BN's test-batch statistics ([]: none)")
+    test_images: int | None = Field(None, ge=1, le=10**8, description="None: the whole test set; N: its first N")
+    seed: int = Field(0, ge=0, le=MAX_SEED, description="of the corruptions' random draws: the same in every run")
+
+    @field_validator("corruptions")
+    @classmethod
+    def _corruptions(cls, v):
+        from bnlab.data.corrupt import CORRUPTIONS
+
+        if unknown := [c for c in v if c not in CORRUPTIONS]:
+            raise ValueError(f"unknown corruption(s) {', '.join(map(repr, unknown))}: expected names from "
+                             f"{', '.join(CORRUPTIONS)}")
+        return _distinct(v, "corruptions")
+
+    @field_validator("severities")
+    @classmethod
+    def _severities(cls, v):
+        from bnlab.data.corrupt import SEVERITIES
+
+        if bad := [s for s in v if s not in SEVERITIES]:
+            raise ValueError(f"severity {', '.join(map(str, bad))} unknown: expected values from "
+                             f"{', '.join(map(str, SEVERITIES))}")
+        return _distinct(v, "severities")
+
+    @field_validator("test_batch_sizes")
+    @classmethod
+    def _batches(cls, v):
+        return _distinct(v, "test_batch_sizes")
+
+
+def _distinct(values: list, name: str) -> list:
+    if len(set(values)) != len(values):
+        raise ValueError(f"{name} must not repeat a value (got {values})")
+    return values
+
+
 OUTPUT_FIELDS = {"tensorboard", "csv_log"}  # TrainConfig fields that say what is written, not what is computed
 # settings added after experiments were stored: left out of a run's settings while at their default, so
 # a store written before they existed keeps its run keys (and resumes)
-LATER_DEFAULTS = {"precision": "fp32", "devices": 1}
+LATER_DEFAULTS = {"precision": "fp32", "devices": 1, "lr_schedule": "constant", "shift": None}
 
 
 def later_defaults(config: "TrainConfig") -> set[str]:
@@ -48,6 +107,8 @@ class TrainConfig(BaseModel):
     dataset_options: dict = {}
     optimizer: Literal["sgd", "rmsprop", "adam"] = "sgd"
     lr: float = Field(1e-3, gt=0)  # finite (huge values are a way to study divergence)
+    lr_schedule: Literal[LR_SCHEDULES] = Field(
+        "constant", description="constant | cosine | step over the run's budget: bnlab.train.optim.scheduled_lr")
     momentum: float = Field(0.0, ge=0, lt=1)
     nesterov: bool = False
     weight_decay: float = Field(0.0, ge=0)
@@ -67,6 +128,8 @@ class TrainConfig(BaseModel):
     precision: Literal["fp32", "bf16-mixed", "fp16-mixed"] = Field(
         "fp32", description="fp32 | bf16-mixed | fp16-mixed (CUDA only): bnlab.train.precision")
     probes: ProbeConfig | None = None
+    # after training: the final model under distribution shift (None: not measured)
+    shift: ShiftConfig | None = None
     devices: int = Field(1, ge=1, le=64, description="data-parallel processes (DDP; gloo on CPU, nccl on CUDA): "
                          "bnlab.train.distributed")
     device: str = Field("auto", description="auto | cpu | cuda | cuda:N")

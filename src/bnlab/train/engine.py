@@ -21,7 +21,9 @@ from bnlab.data.augment import RandomAffine
 from bnlab.data.dataset import Dataset
 from bnlab.train.fused import MIXED, FusedMLPStep, unsupported_layers
 from bnlab.train.history import EpochRecord, History
-from bnlab.train.optim import make_optimizer
+from bnlab.nn.layout import for_inference
+from bnlab.nn.norms import plan_run_length
+from bnlab.train.optim import LRSchedule, make_optimizer, planned_updates
 from bnlab.train.precision import OptimizerStep, autocast, check_precision
 from bnlab.train.distributed import SOLO, DistributedStep, Ranks, shared_batches
 from bnlab.train.callbacks import Monitor, ProbeRecorder, ProgressBar, TrainContext, overrides
@@ -50,6 +52,8 @@ def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, batch_size: 
     in ``precision``."""
     if len(y) == 0:
         return float("nan"), float("nan")
+    if x.dim() == 4:  # image batches: a channels_last copy, in chunks that stay in cache (2x faster measured)
+        model, batch_size = for_inference(model), min(batch_size, 256)
     was = model.training
     model.eval()
     loss, correct = torch.zeros((), dtype=torch.float64), 0
@@ -162,7 +166,7 @@ def fit(model: nn.Module, data: Dataset, *, optimizer: str = "sgd", lr: float = 
         checkpoint_meta: dict | None = None, state_dir: str | Path | None = None,
         state_settings: dict | None = None, resume_from: TrainState | None = None,
         callbacks: list | None = None, precision: str = "fp32", devices: int = 1,
-        _ranks: Ranks | None = None) -> History:
+        lr_schedule: str = "constant", _ranks: Ranks | None = None) -> History:
     """Train ``model`` on ``data`` and return the History.
 
     optimizer: sgd (momentum, nesterov) | rmsprop | adam; cross-entropy on logits.
@@ -172,6 +176,7 @@ def fit(model: nn.Module, data: Dataset, *, optimizer: str = "sgd", lr: float = 
     patience: stop after this many epochs without improvement of ``monitor``.
     max_steps / max_seconds: budgets; the run ends (after evaluating) once either is used up.
     probes: a ``bnlab.probes.ProbeConfig`` (or ``Probes``) to record what happens inside the network.
+    lr_schedule: constant | cosine | step over the run's budget of updates (``optim.scheduled_lr``).
     A NaN/inf loss stops the run (history kept, ``stopped="diverged"``).
     precision: fp32 (default: exact numerics) | bf16-mixed | fp16-mixed (CUDA only, with loss scaling);
     ``bnlab.train.precision`` says what runs in which type.
@@ -215,6 +220,7 @@ def fit(model: nn.Module, data: Dataset, *, optimizer: str = "sgd", lr: float = 
             "target_accuracy": target_accuracy, "augment": None if augment is None else asdict(augment),
             "engine": engine, "device": device, **({} if precision == "fp32" else {"precision": precision}),
             **({} if devices == 1 else {"devices": devices}),
+            **({} if lr_schedule == "constant" else {"lr_schedule": lr_schedule}),
             "monitor": monitor, "patience": patience, "max_steps": max_steps,
             "max_seconds": max_seconds, "eval_batch_size": eval_batch_size, "keras_defaults": keras_defaults,
             "probes": None if probes is None else getattr(probes, "config", probes).model_dump(mode="json")})
@@ -238,7 +244,8 @@ def fit(model: nn.Module, data: Dataset, *, optimizer: str = "sgd", lr: float = 
     generators = {"order": order_gen, "noise": gen}
     model.to(dev).train()
     data = data.to(dev)
-    plain_sgd = optimizer == "sgd" and momentum == 0 and weight_decay == 0
+    # the fused steps apply a constant-rate plain SGD themselves; a schedule goes through torch.optim
+    plain_sgd = optimizer == "sgd" and momentum == 0 and weight_decay == 0 and lr_schedule == "constant"
     if ranks.world > 1:
         step, engine_used = DistributedStep(model, ranks, precision), "autograd"
     else:
@@ -254,12 +261,17 @@ def fit(model: nn.Module, data: Dataset, *, optimizer: str = "sgd", lr: float = 
         step.backward = opt_step.backward
     n = len(data.y_train)
     batches = shared_batches(batch_bounds(n, batch_size), ranks.world)
+    planned = planned_updates(epochs, len(batches), max_steps)
+    schedule = LRSchedule(opt, lr, lr_schedule, planned)
+    plan_run_length(model, planned)
     hist = History(target_accuracy=target_accuracy, engine=engine_used, precision=precision, devices=ranks.world)
     if probes is not None:
-        from bnlab.probes import ProbeConfig, Probes, select_probe_batch
+        from bnlab.probes import ProbeConfig, Probes, probe_test_set, select_probe_batch
         probes = Probes(model, probes, lr=lr) if isinstance(probes, ProbeConfig) else probes
         if probes.batch is None:  # the fixed held-out probe batch: the same images at every sampled step
             probes.batch, probes.from_validation = select_probe_batch(data, probes.config)
+        if probes.test is None:
+            probes.test = probe_test_set(data, probes.config)
     monitor_cb = Monitor(monitor, patience, checkpoint_dir, checkpoint_meta)
     steps_done = 0
     done_before, elapsed_before, finished = 0, 0.0, False
@@ -307,6 +319,7 @@ def fit(model: nn.Module, data: Dataset, *, optimizer: str = "sgd", lr: float = 
                 if b % check_every == 0 and not math.isfinite(float(loss)):
                     raise Diverged(f"loss became {float(loss)} at epoch {epoch}, step {steps_done + 1}: "
                                    "the run diverged (lower the learning rate?)")
+                schedule(steps_done)
                 opt_step()
                 steps_done += 1
                 for c in step_end:

@@ -18,6 +18,7 @@ import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import torch
 
 from bnlab.checkpoint import RUN_CHECKPOINTS, load_checkpoint, save_checkpoint, update_meta
 from bnlab.data import load_dataset
@@ -53,6 +54,8 @@ class RunResult:
     checkpoints: dict[str, str] = field(default_factory=dict)  # "best" / "final" -> folder name in out
     test_examples: int = 0
     resumed_from: int | None = None  # the saved epoch this run continued from (None: it started from zero)
+    # the final model under distribution shift (config.shift): bnlab.deploy.shift.ShiftRow records
+    shift: list[dict] = field(default_factory=list)
 
     @property
     def best_epoch(self) -> int | None:
@@ -258,7 +261,7 @@ def train_runs_stacked(spec, configs: list[TrainConfig], outs: list[Path]) -> li
                             keras_defaults=first.keras_defaults, device=first.device,
                             checkpoint_meta=[{"train": c.model_dump()} for c in configs],
                             state_dirs=[o / STATE_DIR for o in outs], state_settings=settings, resume_from=resume,
-                            probes=first.probes)
+                            probes=first.probes, lr_schedule=first.lr_schedule)
         return [_finish(m, spec, c, data, n, o, o, h, st)
                 for m, c, n, o, h, st in zip(models, configs, notes, outs, hists, states)]
     except KeyboardInterrupt as e:
@@ -300,7 +303,8 @@ def _train(model, spec, config, data, notes, out, folder: Path, progress: bool, 
                max_seconds=config.max_seconds, probes=config.probes, progress=progress,
                keras_defaults=config.keras_defaults, checkpoint_meta={"train": config.model_dump()},
                state_dir=None if out is None else out / STATE_DIR, state_settings=settings, resume_from=state,
-               callbacks=callbacks, precision=config.precision, devices=config.devices)
+               callbacks=callbacks, precision=config.precision, devices=config.devices,
+               lr_schedule=config.lr_schedule)
     if hist.stopped == "interrupted":  # only without a state folder; an interrupted run has no result
         raise RunInterrupted(0)
     return _finish(model, spec, config, data, notes, out, folder, hist, state)
@@ -333,28 +337,39 @@ def _finish(model, spec, config: TrainConfig, data, notes: list[str], out: Path 
         res.checkpoints["final"] = final_dir.name
         from bnlab.deploy.precise import can_recalibrate
 
-        if can_recalibrate(model):
-            _precise(model, data, config, res, notes)
+        precise = _precise(model, data, config, res, notes) if can_recalibrate(model) else None
+        if config.shift is not None:
+            res.shift = _shift(model, data, config, notes, precise)
     if hist.best_epoch is not None and (best_dir / "config.json").is_file():
         best = load_checkpoint(best_dir, device=dev).model  # the saved file: what predict / serve use
-        loss, acc = evaluate(best, data.x_test, data.y_test)
-        res.best_test_loss, res.best_test_accuracy = _finite(loss), _finite(acc)
+        if res.test_accuracy is not None and _same_weights(best, model):  # the best epoch was the last one
+            res.best_test_loss, res.best_test_accuracy = res.test_loss, res.test_accuracy
+        else:
+            loss, acc = evaluate(best, data.x_test, data.y_test)
+            res.best_test_loss, res.best_test_accuracy = _finite(loss), _finite(acc)
         update_meta(best_dir, test_accuracy=res.best_test_accuracy, test_loss=res.best_test_loss)
         res.checkpoints["best"] = best_dir.name
     if out is not None:
         write_atomic(out / HISTORY, json.dumps(
             {**hist.to_dict(), "test_loss": res.test_loss, "test_accuracy": res.test_accuracy,
              "results": res.summary(), "checkpoints": res.checkpoints, "notes": notes,
-             "resumed_from": res.resumed_from}, indent=2).encode())
+             "resumed_from": res.resumed_from, **({"shift": res.shift} if config.shift is not None else {})},
+            indent=2).encode())
     return res
+
+
+def _same_weights(a, b) -> bool:
+    """Whether two models hold bit-identical parameters and buffers (then they measure alike)."""
+    sa, sb = a.state_dict(), b.state_dict()
+    return sa.keys() == sb.keys() and all(torch.equal(sa[k].cpu(), sb[k].cpu()) for k in sa)
 
 
 PRECISE_BATCH = 512  # examples per forward pass of the precise-statistics pass (any size gives the same result)
 
 
-def _precise(model, data, config: TrainConfig, res: RunResult, notes: list[str]) -> None:
+def _precise(model, data, config: TrainConfig, res: RunResult, notes: list[str]):
     """Validation and test accuracy of the final model with precise BN statistics over the training
-    data (the model itself keeps its moving averages).
+    data (the model itself keeps its moving averages); returns that recalibrated copy (None: none made).
 
     Mode "inference": the population statistics of the network as deployed (each layer's, with the
     layers before it already on their new statistics). Mode "train" would measure each layer under
@@ -368,7 +383,28 @@ def _precise(model, data, config: TrainConfig, res: RunResult, notes: list[str])
                               mode="inference", seed=config.seed)
     except ValueError as e:  # e.g. fewer training examples than one batch
         notes.append(f"no precise BN statistics: {e}")
-        return
+        return None
     if len(data.y_val):
         res.precise_val_accuracy = _finite(evaluate(precise, data.x_val, data.y_val)[1])
     res.precise_test_accuracy = _finite(evaluate(precise, data.x_test, data.y_test)[1])
+    return precise
+
+
+def _shift(model, data, config: TrainConfig, notes: list[str], precise=None) -> list[dict]:
+    """The final model's shift grid (``bnlab.deploy.shift.shift_grid``) on the test set (its first
+    ``test_images``), 'precise' over the clean training inputs; the corruptions apply to the images' pixels
+    in [0, 1] and the run's scaling is redone on them."""
+    from bnlab.deploy.shift import as_records, shift_grid
+
+    sc = config.shift
+    n = len(data.y_test) if sc.test_images is None else min(sc.test_images, len(data.y_test))
+    if sc.test_images is not None and sc.test_images > len(data.y_test):
+        notes.append(f"shift: test_images {sc.test_images} > the {len(data.y_test)} test images: all of them used")
+    try:
+        rows = shift_grid(model, data.x_test[:n], data.y_test[:n], x_train=data.x_train, corruptions=sc.corruptions,
+                          severities=sc.severities, batch_sizes=sc.test_batch_sizes, seed=sc.seed,
+                          preprocessing=data.preprocessing, precise=precise)
+    except ValueError as e:  # e.g. a dataset whose inputs are not images in [0, max]
+        notes.append(f"no shift evaluation: {e}")
+        return []
+    return [{**r, "accuracy": _finite(r["accuracy"]), "loss": _finite(r["loss"])} for r in as_records(rows)]

@@ -43,7 +43,8 @@ from bnlab.train.callbacks import Monitor, TrainContext
 from bnlab.train.fused import exact_biased_var
 from bnlab.train.program import program_of
 from bnlab.train.history import EpochRecord, History
-from bnlab.train.optim import make_optimizer
+from bnlab.nn.norms import plan_run_length
+from bnlab.train.optim import LRSchedule, make_optimizer, planned_updates
 
 
 def stack_unsupported(model: nn.Module) -> list[str]:
@@ -272,7 +273,7 @@ def fit_stacked(models: list[nn.Sequential], data: Dataset, seeds: list[int], *,
                 eval_batch_size: int = 1024, keras_defaults: bool = True, checkpoint_meta: list[dict] | None = None,
                 device: str | None = "cpu", state_dirs: list[str | Path] | None = None,
                 state_settings: list[dict] | None = None, resume_from: list | None = None,
-                probes=None) -> list[History]:
+                probes=None, lr_schedule: str = "constant") -> list[History]:
     """Train ``models[k]`` (built for ``seeds[k]``) as one stacked model; return each member's History,
     the History ``fit(models[k], data, seed=seeds[k], ...)`` gives with the same arguments. The models
     get their final weights back. See the module's docstring for what is per member.
@@ -308,11 +309,12 @@ def fit_stacked(models: list[nn.Sequential], data: Dataset, seeds: list[int], *,
     opt = make_optimizer(optimizer, stack.parameters(), lr=lr, momentum=momentum, nesterov=nesterov,
                          weight_decay=weight_decay, keras_defaults=keras_defaults)
     if probes is not None:
-        from bnlab.probes import Probes, select_probe_batch
+        from bnlab.probes import Probes, probe_test_set, select_probe_batch
 
         batch, from_val = select_probe_batch(data, probes)
+        test = probe_test_set(data, probes)
         for mem in members:
-            mem.probes = Probes(models[mem.index], probes, lr=lr, batch=batch, from_validation=from_val)
+            mem.probes = Probes(models[mem.index], probes, lr=lr, batch=batch, from_validation=from_val, test=test)
     first_epoch, steps_done, elapsed = 1, 0, 0.0
     if resume_from is not None:
         first_epoch, steps_done, elapsed = resume_from[0].epoch + 1, resume_from[0].steps, resume_from[0].elapsed
@@ -327,6 +329,10 @@ def fit_stacked(models: list[nn.Sequential], data: Dataset, seeds: list[int], *,
                 mem.probes.load_state(st.probes)
     n = len(data.y_train)
     batches = batch_bounds(n, batch_size)
+    planned = planned_updates(epochs, len(batches), max_steps)
+    schedule = LRSchedule(opt, lr, lr_schedule, planned)
+    for m in models:
+        plan_run_length(m, planned)
     alive = list(members)
     start = time.perf_counter() - elapsed
     dtype = stack.parameters()[0].dtype
@@ -381,6 +387,7 @@ def fit_stacked(models: list[nn.Sequential], data: Dataset, seeds: list[int], *,
                 leave(bad)
                 if not alive:
                     break
+            schedule(steps_done)
             opt.step()
             steps_done += 1
             if sampled:  # weights after the update, this step's gradients and batch
