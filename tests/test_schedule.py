@@ -142,3 +142,9 @@ def test_an_experiment_with_a_renorm_warmup_share_passes_the_model_check():
     spec = parse_experiment({"name": "w", "seeds": 1, "model": {**RENORM, "norm_options": {"warmup_fraction": 0.25}},
                              "data": {"dataset": "digits"}, "variants": {"a": {}}})
     check_models_fit(expand(spec), load_dataset("digits"))  # raised before plan_run_length was called there
+
+
+def test_a_renorm_warmup_is_given_once():
+    from bnlab.models import parse_model_spec
+    with pytest.raises(ValidationError, match=r"warmup_steps \(10\) or warmup_fraction \(0.5\), not both"):
+        parse_model_spec({**RENORM, "norm_options": {"warmup_fraction": 0.5, "warmup_steps": 10}})

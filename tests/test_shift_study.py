@@ -206,3 +206,23 @@ def test_an_older_store_without_the_shift_table_opens(study, tmp_path):
     assert "BN under distribution shift" not in (old / "report.md").read_text()
     RunStore(old / "runs.sqlite").close()  # a writer adds the table
     assert RunStore(old / "runs.sqlite", readonly=True).shift_rows() == []
+
+
+def test_the_sentence_names_the_options_as_good_as_the_best():
+    """The maximum alone would read as a winner: options whose mean lies in the best one's 95% interval are
+    named with it, the others are not."""
+    from bnlab.experiments.spec import parse_experiment as parse
+    from bnlab.report import shift as report_shift
+    spec = parse({"name": "s", "seeds": 3, "variants": {"bn": {}}})
+    runs = [{"run_id": f"bn/seed-{s}", "variant": "bn", "seed": s, "status": "done", "config": "{}"} for s in range(3)]
+    rows = []
+    for s in range(3):
+        for stats, test_batch, shifted in (("running", None, 0.50), ("recalibrated", None, 0.90),
+                                           ("batch", 64, 0.89), ("batch", 8, 0.70)):
+            for corruption, severity, acc in (("none", 0, 0.97), ("contrast", 1, shifted + 0.01 * s)):
+                rows.append({"run_id": f"bn/seed-{s}", "corruption": corruption, "severity": severity,
+                             "bn_stats": stats, "test_batch": test_batch, "accuracy": acc, "note": ""})
+    text = report_shift.sentence(report_shift.study(spec, runs, rows))
+    assert "the most accurate option is bn: recalibrated on the shifted inputs: 0.9100" in text
+    assert "Within the 95% interval of its mean: bn: test-batch statistics, batch 64 (0.9000)." in text
+    assert "batch 8 (" not in text.split("Within")[1].split(".")[0]

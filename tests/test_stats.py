@@ -686,3 +686,29 @@ def test_curves_by_method_draw_one_panel_per_method_and_one_line_per_batch():
     assert "2 seeds per variant" in caption
     one_epoch = [e for e in epochs if e["epoch"] == 1]
     assert curves_by_method(runs, one_epoch, spec) is None
+
+
+def test_a_method_without_batch_statistics_is_its_own_precise_model():
+    from bnlab.report.plots import accuracy_of, has_batch_statistics
+    gn = {"model": {"kind": "cnn", "bn": "before", "norm": "group:4"}}
+    bn = {"model": {"kind": "cnn", "bn": "before", "norm": "batch"}}
+    assert not has_batch_statistics(gn) and has_batch_statistics(bn)
+    assert has_batch_statistics({"model": {"kind": "cnn", "bn": "before", "norm": "ghost:4"}})
+    assert not has_batch_statistics({"model": {"kind": "mlp", "bn": "none"}})
+
+    def run(config, status="done", precise=None):
+        return {"status": status, "config": json.dumps(config), "test_accuracy": 0.9,
+                "precise_test_accuracy": precise, "final_val_accuracy": 0.8, "precise_val_accuracy": precise}
+    assert accuracy_of(run(gn), "precise_test_accuracy") == 0.9
+    assert accuracy_of(run(gn), "precise_val_accuracy") == 0.8
+    assert accuracy_of(run(bn), "precise_test_accuracy") is None  # BN without precise statistics: missing
+    assert accuracy_of(run(bn, precise=0.95), "precise_test_accuracy") == 0.95
+    assert accuracy_of(run(gn, status="diverged"), "precise_test_accuracy") is None
+
+
+def test_the_interaction_reads_in_words():
+    from bnlab.experiments.stats import Interaction
+    assert Interaction("bn", "gn", "m", 20, -2.0, -3.0, -1.0, 0.001).reading == "small batches hurt bn more than gn"
+    assert Interaction("bn", "gn", "m", 20, 2.0, 1.0, 3.0, 0.001).reading == "small batches hurt bn less than gn"
+    assert Interaction("bn", "gn", "m", 20, 0.5, -1.0, 2.0, 0.4).reading == "no difference between the slopes detected"
+    assert Interaction("bn", "gn", "m", 3).reading == "-"

@@ -770,6 +770,17 @@ class Interaction:
     def p_text(self) -> str:
         return "-" if self.p is None else _p(self.p).removeprefix("= ")
 
+    @property
+    def reading(self) -> str:
+        """The interval in words (unadjusted, like the p-value)."""
+        if self.p is None:
+            return "-"
+        if self.high < 0:
+            return f"small batches hurt {self.group} more than {self.reference}"
+        if self.low > 0:
+            return f"small batches hurt {self.group} less than {self.reference}"
+        return "no difference between the slopes detected"
+
 
 def interaction(group: str, reference: str, metric: str, points, level: float = LEVEL) -> Interaction:
     """``Interaction`` of ``group`` against ``reference`` from ``points``: (group, images per device, seed,

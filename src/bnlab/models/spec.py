@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from typing import Annotated, Literal, Union
 
-from pydantic import BaseModel, ConfigDict, Field, TypeAdapter
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, model_validator
 
 Activation = Literal["sigmoid", "tanh", "relu", "leaky_relu", "elu", "selu", "linear"]
 Placement = Literal["none", "before", "after"]
@@ -54,6 +54,13 @@ class NormSettings(_Spec):
     warmup_steps: int = Field(0, ge=0, le=10**9, description="batch renorm: steps over which r_max, d_max grow from 1, 0")
     warmup_fraction: float | None = Field(None, gt=0, le=1, description="batch renorm: the warm-up as this share of "
                                           "the run's planned updates (fit sets it; replaces warmup_steps)")
+
+    @model_validator(mode="after")
+    def _one_warmup(self):
+        if self.warmup_fraction is not None and self.warmup_steps:
+            raise ValueError(f"give batch renorm's warm-up once: warmup_steps ({self.warmup_steps}) or warmup_fraction "
+                             f"({self.warmup_fraction}), not both")
+        return self
 
 
 # norm settings added after specs were stored: left out of a spec's dict while at their default, so the

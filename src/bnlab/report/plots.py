@@ -490,16 +490,43 @@ def error_panels(runs) -> list[str]:
     return ["final_val_accuracy"]
 
 
+# a model without batch statistics (GroupNorm, LayerNorm, no norm) has none to make precise: its accuracy
+# with precise statistics is its own accuracy
+OWN_ACCURACY = {"precise_test_accuracy": "test_accuracy", "precise_val_accuracy": "final_val_accuracy"}
+BATCH_STATISTICS = ("batch", "syncbatch", "renorm")
+
+
+def has_batch_statistics(config: dict) -> bool:
+    """Whether the stored run ``config``'s model (an mlp / cnn spec) normalises with batch statistics."""
+    model = config.get("model", {})
+    if model.get("kind") not in ("mlp", "cnn", None):
+        return True  # a layers / factory model: not told from its spec here
+    norm = str(model.get("norm", "batch"))
+    return (model.get("bn", "none") != "none" or model.get("input_bn", False)) and (
+        norm in BATCH_STATISTICS or norm.startswith("ghost:"))
+
+
+def accuracy_of(run: dict, metric: str) -> float | None:
+    """``run``'s value of ``metric``; for a precise-statistics accuracy of a finished run whose model has no
+    batch statistics, its own accuracy (``OWN_ACCURACY``)."""
+    value = run.get(metric)
+    if value is None and metric in OWN_ACCURACY and run["status"] == "done" and not has_batch_statistics(
+            json.loads(run["config"])):
+        value = run.get(OWN_ACCURACY[metric])
+    return value
+
+
 def by_device_batch(runs, spec, metric: str) -> dict[str, dict[int, list[float]]]:
-    """group (method) -> images per device (``device_batch``) -> the runs' values of ``metric``."""
+    """group (method) -> images per device (``device_batch``) -> the runs' values of ``metric``
+    (``accuracy_of``)."""
     from bnlab.experiments.stats import device_batch
 
     groups = {g: defaultdict(list) for g in method_order(spec)}
     for r in runs:
-        if r["status"] not in FINISHED or r.get(metric) is None:
+        if r["status"] not in FINISHED or accuracy_of(r, metric) is None:
             continue
         v = spec.variants[r["variant"]]
-        groups[v.group or r["variant"]][device_batch(json.loads(r["config"]))].append(r[metric])
+        groups[v.group or r["variant"]][device_batch(json.loads(r["config"]))].append(accuracy_of(r, metric))
     return {g: by for g, by in groups.items() if by}
 
 
@@ -549,5 +576,7 @@ def error_vs_batch_size(runs, spec):
                + (f"; panels: {' and '.join(FIELDS[m].label for m in metrics)}" if len(metrics) > 1 else
                   f" ({FIELDS[metrics[0]].label})")
                + f"; points: mean over the runs at that setting ({seeds}), bars: 95% t-interval over those runs "
-               "(none with a single run; drawn clipped to 0-100 %). The trend table fits each line's slope.")
+               "(none with fewer than 3 runs; drawn clipped to 0-100 %). The trend table fits each line's slope."
+               + (" A method without batch statistics has none to make precise: its precise panel shows its own "
+                  "accuracy." if any(m in OWN_ACCURACY for m in metrics) else ""))
     return fig, caption

@@ -199,6 +199,10 @@ def sentence(s: ShiftStudy, smoke_test: bool = False) -> str:
         beyond = (" (beyond the seed-to-seed noise)" if d.has_interval and (d.low > 0 or d.high < 0) else
                   " (within the seed-to-seed noise)" if d.has_interval else "")
         text += f" against {ref_e.mean:.4f} for {ref.label}, a paired difference of {_inline(d)}{beyond}."
+    close = [(e, o) for e, o in scored if o is not best and best_e.has_interval and e.mean >= best_e.low]
+    if close:  # the maximum alone would read as a winner where others are as good
+        text += (" Within the 95% interval of its mean: " + "; ".join(f"{o.label} ({e.mean:.4f})" for e, o in
+                                                                      sorted(close, key=lambda t: -t[0].mean)) + ".")
     for o in [o for o in s.options if o.bn_stats == "batch" and o.test_batch in (1, 2) and o.variant == ref.variant]:
         if o.failed:
             text += f" At test batch {o.test_batch}, test-batch statistics cannot predict: {o.notes[0] if o.notes else 'no accuracy'}."

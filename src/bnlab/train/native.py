@@ -60,13 +60,15 @@ def compile_flags() -> list[str]:
 
 def build_dir() -> Path:
     """Where the compiled library is cached: $BNLAB_NATIVE_DIR, else the user cache folder, in a
-    sub-folder per torch version, CPU and source text (so checkouts and versions never collide)."""
+    sub-folder per torch version, torch installation, CPU and source text (so checkouts, environments and
+    versions never collide: the build files name the installation's include paths)."""
     if os.environ.get("BNLAB_NATIVE_DIR"):
         root = Path(os.environ["BNLAB_NATIVE_DIR"])
     else:
         from platformdirs import user_cache_dir
         root = Path(user_cache_dir("bnlab")) / "native"
-    key = hashlib.sha256(f"{platform.machine()} {_cpu_flags()}".encode() + SOURCE.read_bytes()).hexdigest()[:16]
+    key = hashlib.sha256(f"{platform.machine()} {_cpu_flags()} {Path(torch.__file__).parent}".encode()
+                         + SOURCE.read_bytes()).hexdigest()[:16]
     return root / f"torch-{torch.__version__}-{key}"
 
 
