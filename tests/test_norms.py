@@ -316,15 +316,20 @@ def test_small_batch_study_reports_error_vs_batch_size(tmp_path):
     from bnlab.report import build_report
     full = load_experiment("small-batch")
     groups = {v.group for v in full.variants.values()}
-    assert groups == {"bn", "gn", "ln", "renorm"}
+    assert groups == {"BatchNorm", "GroupNorm", "Batch Renorm", "Ghost BN, batch 32"}
+    assert full.reference_group == "GroupNorm" and full.seed_list() == [0, 1, 2, 3, 4]
     sizes = sorted({v.train["batch_size"] for v in full.variants.values()})
     assert sizes == [2, 4, 8, 16, 32]
     lrs = {v.train["batch_size"]: v.train["lr"] for v in full.variants.values()}
     assert lrs[32] == 0.05 and lrs[2] == pytest.approx(0.05 * 2 / 32)  # linear lr scaling
+    assert full.train["lr_schedule"] == "cosine" and full.model["norm_options"]["warmup_fraction"] == 0.25
+    ghost = [v for v in full.variants.values() if v.group.startswith("Ghost")]
+    assert {v.train["batch_size"] for v in ghost} == {32} and {v.train["lr"] for v in ghost} == {0.05}
     keep = ["bn-b4", "bn-b16", "gn-b4", "gn-b16"]
     data = full.model_dump()
     data["variants"] = {k: v for k, v in data["variants"].items() if k in keep}
-    data.update(seeds=2, train={**data["train"], "epochs": 1, "max_steps": 30})
+    data.update(seeds=2, train={**data["train"], "epochs": 1, "max_steps": 30},
+                data={**data["data"], "options": {"train_limit": 600, "test_limit": 500}})
     spec = parse_experiment(data)
     run_experiment(spec, tmp_path / "sb", workers=2)
     report = build_report(tmp_path / "sb")
@@ -333,3 +338,4 @@ def test_small_batch_study_reports_error_vs_batch_size(tmp_path):
     comparisons = [line for line in md.splitlines() if line.startswith("- ") and "bn-b" in line]
     assert len(comparisons) == 2  # bn vs gn at batch 4, and at batch 16; never across batch sizes
     assert all(("b4" in c and "b16" not in c) or ("b16" in c and "b4" not in c) for c in comparisons)
+    assert "### Against the reference method" in md and "| BatchNorm | GroupNorm | test error (final model) | 8 |" in md
