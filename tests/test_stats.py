@@ -712,3 +712,12 @@ def test_the_interaction_reads_in_words():
     assert Interaction("bn", "gn", "m", 20, 2.0, 1.0, 3.0, 0.001).reading == "small batches hurt bn less than gn"
     assert Interaction("bn", "gn", "m", 20, 0.5, -1.0, 2.0, 0.4).reading == "no difference between the slopes detected"
     assert Interaction("bn", "gn", "m", 3).reading == "-"
+
+
+def test_the_report_says_when_the_data_were_cut():
+    from bnlab.experiments.spec import apply_quick, load_experiment
+    from bnlab.report.build import limits_text
+    assert limits_text(apply_quick(load_experiment("small-batch"))) == (
+        "Data cut to the first 1,500 training examples (before the validation split) and the first 1,000 test "
+        "examples (data options train_limit / test_limit).")
+    assert limits_text(load_experiment("small-batch")) == ""

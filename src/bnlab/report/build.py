@@ -120,13 +120,23 @@ def report_title(spec) -> str:
     return f"Smoke test (--quick): {spec.name}" if spec.smoke_test else spec.name
 
 
+def limits_text(spec) -> str:
+    """What the data options ``train_limit`` / ``test_limit`` cut (a description names the full sizes)."""
+    options = spec.data.options or {}
+    cuts = [f"the first {options[k]:,} {what}" for k, what in (
+        ("train_limit", "training examples (before the validation split)"), ("test_limit", "test examples"))
+        if options.get(k) is not None]
+    return f"Data cut to {' and '.join(cuts)} (data options train_limit / test_limit)." if cuts else ""
+
+
 def intro(spec, runs) -> list[str]:
-    """The paragraphs under the title: the description, or for a smoke test what was really run."""
+    """The paragraphs under the title: the description, or for a smoke test what was really run; and what the
+    data options cut."""
     if spec.smoke_test:
-        return [f"A smoke test, not an experiment: {budget_text(spec, runs)}. It checks that every variant runs end "
-                f"to end; its numbers are not results, and it draws no verdicts. Run `bnlab run` without --quick for "
-                f"the experiment itself."]
-    return [p for p in (spec.description, f"Budget run: {budget_text(spec, runs)}.") if p]
+        return [p for p in (f"A smoke test, not an experiment: {budget_text(spec, runs)}. It checks that every "
+                            f"variant runs end to end; its numbers are not results, and it draws no verdicts. Run "
+                            f"`bnlab run` without --quick for the experiment itself.", limits_text(spec)) if p]
+    return [p for p in (spec.description, f"Budget run: {budget_text(spec, runs)}.", limits_text(spec)) if p]
 
 
 STATS_NOTE = (f"Outcomes: mean ± half-width of the 95% confidence interval over seeds (t distribution; no interval "
