@@ -693,6 +693,15 @@ def device_batch(config: dict) -> int:
     return per_device
 
 
+def _per_doubling(value: float, low: float, high: float) -> str:
+    """A change of the error per doubling of the batch, with its 95% interval, as tables show it."""
+    return f"{value:+.2f} points per doubling (95% CI {low:+.2f} to {high:+.2f})"
+
+
+def _p_cell(p: float | None) -> str:
+    return "-" if p is None else _p(p).removeprefix("= ")
+
+
 @dataclass
 class Trend:
     """Least-squares line of a method's error (%) on log2(images per device), over every finished run
@@ -711,11 +720,11 @@ class Trend:
     def slope_text(self) -> str:
         if self.p is None:
             return f"no fit (n = {self.n}, {self.settings} setting{'s' if self.settings != 1 else ''})"
-        return f"{self.slope:+.2f} points per doubling (95% CI {self.low:+.2f} to {self.high:+.2f})"
+        return _per_doubling(self.slope, self.low, self.high)
 
     @property
     def p_text(self) -> str:
-        return "-" if self.p is None else _p(self.p).removeprefix("= ")
+        return _p_cell(self.p)
 
     @property
     def text(self) -> str:
@@ -762,13 +771,11 @@ class Interaction:
 
     @property
     def d_text(self) -> str:
-        if self.p is None:
-            return f"no fit: {self.why}"
-        return f"{self.d:+.2f} points per doubling (95% CI {self.low:+.2f} to {self.high:+.2f})"
+        return f"no fit: {self.why}" if self.p is None else _per_doubling(self.d, self.low, self.high)
 
     @property
     def p_text(self) -> str:
-        return "-" if self.p is None else _p(self.p).removeprefix("= ")
+        return _p_cell(self.p)
 
     @property
     def reading(self) -> str:

@@ -114,15 +114,14 @@ TEST_BATCH = 2048  # images per forward of the test-accuracy probe (the result d
 def eval_accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int = TEST_BATCH) -> float:
     """Accuracy of ``model`` on (x, y) in eval mode: BN with its moving averages, dropout off. Eval mode
     changes no buffer; every module's mode is put back."""
-    modes = [(m, m.training) for m in model.modules()]
-    model.eval()
+    from bnlab.train.engine import evaluate
+
+    modes = [(m, m.training) for m in model.modules()]  # evaluate restores the top module's mode only
     try:
-        correct = sum(int((model(x[i:i + batch_size]).argmax(1) == y[i:i + batch_size]).sum())
-                      for i in range(0, len(y), batch_size))
+        return evaluate(model, x, y, batch_size=batch_size)[1]
     finally:
         for m, t in modes:
             m.training = t
-    return correct / len(y)
 
 
 def saturated_fraction(kind: type, h) -> float | None:

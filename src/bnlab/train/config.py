@@ -57,25 +57,28 @@ class ShiftConfig(BaseModel):
     def _corruptions(cls, v):
         from bnlab.data.corrupt import CORRUPTIONS
 
-        if unknown := [c for c in v if c not in CORRUPTIONS]:
-            raise ValueError(f"unknown corruption(s) {', '.join(map(repr, unknown))}: expected names from "
-                             f"{', '.join(CORRUPTIONS)}")
-        return _distinct(v, "corruptions")
+        return _known(v, CORRUPTIONS, "corruptions", lambda bad: f"unknown corruption(s) {', '.join(map(repr, bad))}: "
+                      f"expected names from {', '.join(CORRUPTIONS)}")
 
     @field_validator("severities")
     @classmethod
     def _severities(cls, v):
         from bnlab.data.corrupt import SEVERITIES
 
-        if bad := [s for s in v if s not in SEVERITIES]:
-            raise ValueError(f"severity {', '.join(map(str, bad))} unknown: expected values from "
-                             f"{', '.join(map(str, SEVERITIES))}")
-        return _distinct(v, "severities")
+        return _known(v, SEVERITIES, "severities", lambda bad: f"severity {', '.join(map(str, bad))} unknown: "
+                      f"expected values from {', '.join(map(str, SEVERITIES))}")
 
     @field_validator("test_batch_sizes")
     @classmethod
     def _batches(cls, v):
         return _distinct(v, "test_batch_sizes")
+
+
+def _known(values: list, allowed, name: str, complaint) -> list:
+    """``values`` if each is in ``allowed`` and none repeats; else a ValueError (``complaint(unknown ones)``)."""
+    if bad := [v for v in values if v not in allowed]:
+        raise ValueError(complaint(bad))
+    return _distinct(values, name)
 
 
 def _distinct(values: list, name: str) -> list:
