@@ -14,8 +14,8 @@ def test_the_spec_vocabulary_is_the_table():
 
 
 def test_native_codes_follow_the_cpp_enum_order():
-    src = open("src/bnlab/train/native/mlp_step.cpp").read()
-    enum = src[src.index("enum Act"):].split("{", 1)[1].split("}", 1)[0]
+    src = open("src/bnlab/train/native/activations.h").read()
+    enum = src[src.index("enum Act :"):].split("{", 1)[1].split("}", 1)[0]
     names = [n.strip().split("=")[0].strip() for n in enum.split(",")]
     assert [n.lower() for n in names] == [a.name if a.name != "linear" else "identity"
                                           for a in sorted(ACTIVATIONS, key=lambda a: a.native)]

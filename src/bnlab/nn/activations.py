@@ -1,10 +1,11 @@
 """The activations bnlab's models, engines, probes and importers know: one table (Python's only one;
-the C++ step has its own ``enum Act`` in ``train/native/mlp_step.cpp``, in ``native`` order).
+the native kernels have theirs, ``enum Act`` with each formula forward and backward, in
+``train/native/activations.h``, in ``native`` order).
 
 Adding an activation: a row here, its name in ``bnlab.models.spec.Activation`` (the torch-free
 vocabulary pydantic validates specs with; ``tests/test_activations.py`` holds the two equal) and, for
-the native MLP step, a case in mlp_step.cpp. The builder, the describer, the Keras importer, the
-probes, the fused and native steps all read this table.
+the native MLP step and the fused BN kernels, its case in activations.h. The builder, the describer, the
+Keras importer, the probes, the fused and native steps all read this table.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ class ActivationDef:
     backward: Callable[[torch.Tensor, nn.Module, torch.Tensor], torch.Tensor]
     saves_input: bool  # the backward needs the input (else the output)
     keras_layer: str  # Keras's layer-name stem (re_lu, leaky_re_lu, ...)
-    native: int  # the C++ step's ``enum Act`` value
+    native: int  # its ``enum Act`` value in train/native/activations.h
     probed: bool = True  # a nonlinearity the probes record the inputs of
 
 
@@ -53,6 +54,12 @@ BY_MODULE = {a.module: a for a in ACTIVATIONS}
 NAMES = tuple(BY_NAME)
 MODULES = tuple(BY_MODULE)
 PROBED = tuple(a.module for a in ACTIVATIONS if a.probed)
+
+
+def activation_parameter(module: nn.Module | None) -> float:
+    """The one number an activation module carries (LeakyReLU's slope, ELU's alpha; else 0), as the
+    native kernels take it."""
+    return float(getattr(module, "negative_slope", getattr(module, "alpha", 0.0)))
 
 
 def activation_module(name: str, slope: float) -> nn.Module:

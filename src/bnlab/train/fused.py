@@ -33,7 +33,7 @@ from torch import nn
 
 from bnlab.conventions import RunningUpdate, get_convention, running_update
 from bnlab.nn import BatchNorm
-from bnlab.nn.activations import BY_MODULE
+from bnlab.nn.activations import BY_MODULE, activation_parameter
 from bnlab.train.program import program_of
 
 aten = torch.ops.aten
@@ -167,6 +167,40 @@ def exact_biased_var(h: torch.Tensor, mean: torch.Tensor) -> torch.Tensor:
     return d.square_().mean(dims).sub_(drift.square_())
 
 
+class _BatchNormAct(_BatchNorm):
+    """Training-mode BN and the activation after it (or none) in the native fused kernels
+    (``native/bn_act.cpp``): two passes forward and two backward over rows of channels, where ATen's
+    BN kernels on channels_last maps take several times as long and the activation two passes more.
+    Only the BN input is kept: the backward recomputes the normalised value from it."""
+
+    def __init__(self, module: BatchNorm, act: nn.Module | None, kernels):
+        super().__init__(module)
+        self.act = act
+        spec = BY_MODULE[type(act)] if act is not None else BY_MODULE[nn.Identity]
+        self.code = spec.native
+        self.param = activation_parameter(act)
+        self.kernels = kernels
+
+    def forward(self, h, training):
+        m = self.m
+        if h.dim() == 4 and not h.is_contiguous(memory_format=torch.channels_last):
+            h = h.contiguous(memory_format=torch.channels_last)  # the kernels walk rows of channels
+        self.h = h
+        batch = training or not m.track_running_stats  # else the running statistics (evaluation)
+        y, self.mean, self.invstd, self.var = self.kernels.bn_act_forward(
+            h, m.weight, m.bias, m.running_mean, m.running_var, batch, m.eps, self.code, self.param)
+        self.stats = training and m.track_running_stats
+        return y
+
+    def backward(self, dy, need_dx, upd):
+        m = self.m
+        dx, dgamma, dbeta = self.kernels.bn_act_backward(
+            dy, self.h, m.weight, m.bias, self.mean, self.invstd, self.code, self.param, need_dx)
+        upd.vector(m.weight, dgamma)
+        upd.vector(m.bias, dbeta)
+        return dx
+
+
 class _Activation:
     def __init__(self, module, in_place: bool = False):
         # in_place: the op before it keeps no reference to its output (BN, Linear, Conv), so ReLU
@@ -224,14 +258,35 @@ class _MaxPool2d:
         return aten.max_pool2d_with_indices_backward(dy, self.h, *self.args, self.idx) if need_dx else None
 
 
+KERNEL_TYPES = (torch.bfloat16, torch.float32, torch.float64)  # what the native kernels take
+
+
+def hashes_dropout(kernels, h: torch.Tensor) -> bool:
+    """Whether a dropout over ``h`` runs in the native hashed kernel (else a float per value is drawn)."""
+    return kernels is not None and h.device.type == "cpu" and h.dtype in KERNEL_TYPES
+
+
+def dropout_seed(generator: torch.Generator | None) -> int:
+    """The seed of one layer's hashed mask for one step: one draw from the run's noise generator."""
+    return int(torch.randint(2**62, (), generator=generator))
+
+
 class _Dropout:
-    def __init__(self, module: nn.Dropout, generator):
-        self.p, self.generator, self.mask = module.p, generator, None
+    """With the native kernels: a mask hashed from a seed drawn from the run's generator (one per
+    layer and step) and the position, recomputed in the backward pass (``native/dropout.cpp``);
+    without them: a uniform float per element from the generator, kept for the backward pass."""
+
+    def __init__(self, module: nn.Dropout, generator, kernels=None):
+        self.p, self.generator, self.mask, self.seed = module.p, generator, None, None
+        self.kernels = kernels
 
     def forward(self, h, training):
+        self.mask = self.seed = None
         if not training or self.p == 0:
-            self.mask = None
             return h
+        if hashes_dropout(self.kernels, h):
+            self.seed, self.h = dropout_seed(self.generator), h
+            return self.kernels.hashed_dropout(h, self.p, self.seed)
         if h.dim() == 2:
             keep = torch.rand(h.shape, generator=self.generator).to(h.device) >= self.p
         else:  # drawn in the tensor's own memory order, so a channels_last tensor stays channels_last
@@ -241,6 +296,10 @@ class _Dropout:
         return h * self.mask
 
     def backward(self, dy, need_dx, upd):
+        if self.seed is not None:
+            if dy.stride() != self.h.stride():  # the mask follows memory order: the forward input's
+                dy = torch.empty_like(self.h).copy_(dy)
+            return self.kernels.hashed_dropout(dy, self.p, self.seed)
         return dy if self.mask is None else dy * self.mask
 
 
@@ -252,6 +311,16 @@ MIXED = {"fp32": None, "bf16-mixed": torch.bfloat16}
 def unsupported_layers(model: nn.Module) -> list[str]:
     """Why ``model`` cannot use the fused step (empty list: it can); ``bnlab.train.program`` decides."""
     return program_of(model).reasons
+
+
+def _bn_kernels(model: nn.Module):
+    """The native BN + activation kernels where they can run this model (a CPU, float types they take),
+    else None (ATen's BN kernels then)."""
+    w = next(model.parameters(), None)
+    if w is None or w.device.type != "cpu" or w.dtype not in KERNEL_TYPES:
+        return None
+    from bnlab.train import native
+    return native.bn_kernels()
 
 
 class FusedMLPStep:
@@ -277,9 +346,19 @@ class FusedMLPStep:
         self.ops, self.bns = [], []
         prog = program_of(model)
         self.channels_last = not prog.is_mlp
-        for op in prog.ops:
+        kernels = _bn_kernels(model)
+        fused_into_bn = set()  # activations run inside the BN kernel before them
+        for i, op in enumerate(prog.ops):
             mod = op.module
-            if op.kind == "flatten":
+            if i in fused_into_bn:
+                continue
+            if op.kind == "batchnorm" and kernels is not None:
+                act = prog.ops[i + 1] if i + 1 < len(prog.ops) and prog.ops[i + 1].kind == "activation" else None
+                if act is not None:
+                    fused_into_bn.add(i + 1)
+                self.ops.append(_BatchNormAct(mod, act.module if act else None, kernels))
+                self.bns.append(self.ops[-1])
+            elif op.kind == "flatten":
                 self.ops.append(_Flatten())
             elif op.kind == "linear":
                 self.ops.append(_Linear(mod, low))
@@ -291,7 +370,7 @@ class FusedMLPStep:
                 self.ops.append(_BatchNorm(mod))
                 self.bns.append(self.ops[-1])
             elif op.kind == "dropout":
-                self.ops.append(_Dropout(mod, generator))
+                self.ops.append(_Dropout(mod, generator, kernels))
             else:
                 prev = self.ops[-1] if self.ops else None
                 self.ops.append(_Activation(mod, in_place=isinstance(prev, (_BatchNorm, _Linear, _Conv2d))))

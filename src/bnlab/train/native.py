@@ -27,10 +27,12 @@ from torch import nn
 
 from bnlab.conventions import get_convention, running_update
 from bnlab.nn import BatchNorm
-from bnlab.nn.activations import BY_MODULE
+from bnlab.nn.activations import BY_MODULE, activation_parameter
 from bnlab.train.program import program_of
 
-SOURCE = Path(__file__).with_name("native") / "mlp_step.cpp"
+NATIVE_DIR = Path(__file__).with_name("native")
+SOURCES = ("mlp_step.cpp", "bn_act.cpp", "dropout.cpp")  # compiled into one library
+HEADERS = ("activations.h", "lanes.h")
 SLOTS = 7  # tensors and scalars per op, as in mlp_step.cpp
 _LINEAR, _BATCHNORM, _ACTIVATION = 0, 1, 2
 
@@ -55,7 +57,15 @@ def compile_flags() -> list[str]:
     build to another."""
     if sys.platform == "win32":
         return ["/O2"]
-    return ["-O3", "-march=native"] if _cpu_flags() and platform.machine() in ("x86_64", "AMD64") else ["-O3"]
+    flags = ["-O3", "-march=native"] if _cpu_flags() and platform.machine() in ("x86_64", "AMD64") else ["-O3"]
+    return flags + openmp_flags()
+
+
+def openmp_flags() -> list[str]:
+    """-fopenmp where torch's threads are OpenMP's on Linux: ``at::parallel_for`` is an inline OpenMP
+    loop, so without it the kernels run on one thread. The library then uses the OpenMP runtime torch
+    has already loaded (same soname), not a second one."""
+    return ["-fopenmp"] if sys.platform.startswith("linux") and torch.backends.openmp.is_available() else []
 
 
 def build_dir() -> Path:
@@ -68,7 +78,7 @@ def build_dir() -> Path:
         from platformdirs import user_cache_dir
         root = Path(user_cache_dir("bnlab")) / "native"
     key = hashlib.sha256(f"{platform.machine()} {_cpu_flags()} {Path(torch.__file__).parent}".encode()
-                         + SOURCE.read_bytes()).hexdigest()[:16]
+                         + b"".join((NATIVE_DIR / f).read_bytes() for f in SOURCES + HEADERS)).hexdigest()[:16]
     return root / f"torch-{torch.__version__}-{key}"
 
 
@@ -135,18 +145,20 @@ def load(verbose: bool = False):
                 from torch.utils.cpp_extension import load as build
                 folder = build_dir()
                 folder.mkdir(parents=True, exist_ok=True)
-                # compiled from a copy inside the folder: the same command line from every checkout,
+                # compiled from copies inside the folder: the same command line from every checkout,
                 # so ninja's log stays valid and no checkout rebuilds another's library
-                source, text = folder / SOURCE.name, SOURCE.read_bytes()
-                if not source.exists() or source.read_bytes() != text:
-                    source.write_bytes(text)
+                for name in SOURCES + HEADERS:
+                    copy, text = folder / name, (NATIVE_DIR / name).read_bytes()
+                    if not copy.exists() or copy.read_bytes() != text:
+                        copy.write_bytes(text)
                 if not (folder / "bnlab_native.so").exists() and not verbose:
-                    print("bnlab: compiling the native MLP step for this machine (once, ~15 s)...",
+                    print("bnlab: compiling the native kernels for this machine (once, ~30 s)...",
                           file=sys.stderr, flush=True)
                 t0 = time.perf_counter()
                 with _build_lock(folder), _bundled_ninja():
-                    build("bnlab_native", [str(source)], extra_cflags=compile_flags(), build_directory=str(folder),
-                          is_python_module=False, verbose=verbose)
+                    build("bnlab_native", [str(folder / name) for name in SOURCES], extra_cflags=compile_flags(),
+                          extra_ldflags=openmp_flags(), build_directory=str(folder), is_python_module=False,
+                          verbose=verbose)
                 _state["seconds"] = time.perf_counter() - t0
                 ops = torch.classes.bnlab_native
             except Exception as e:  # no compiler, no ninja, a read-only cache...: the Python step still works
@@ -156,6 +168,12 @@ def load(verbose: bool = False):
                       file=sys.stderr, flush=True)
         _state["ops"], _state["reason"] = ops, reason
         return ops
+
+
+def bn_kernels():
+    """The fused BN + activation kernels (``torch.ops.bnlab_native.bn_act_forward`` / ``_backward``), or
+    None where the library cannot be built or is turned off."""
+    return torch.ops.bnlab_native if load() is not None else None
 
 
 def unavailable_reason() -> str | None:
@@ -228,7 +246,7 @@ class NativeMLPStep:
                 values[:4] = [mod.eps, 0.0, 1.0, float(mod.track_running_stats)]
             else:
                 code = (_ACTIVATION, BY_MODULE[type(mod)].native)
-                values[0] = float(getattr(mod, "negative_slope", getattr(mod, "alpha", 0.0)))
+                values[0] = activation_parameter(mod)
             codes += code
             tensors += slots
             scalars += values

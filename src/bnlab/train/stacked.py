@@ -40,7 +40,8 @@ from bnlab.data.augment import RandomAffine
 from bnlab.data.dataset import Dataset
 from bnlab.nn import BatchNorm
 from bnlab.train.callbacks import Monitor, TrainContext
-from bnlab.train.fused import exact_biased_var
+from bnlab.train import native
+from bnlab.train.fused import dropout_seed, exact_biased_var, hashes_dropout
 from bnlab.train.program import program_of
 from bnlab.train.history import EpochRecord, History
 from bnlab.nn.norms import plan_run_length
@@ -144,6 +145,10 @@ class _Dropout:
         if not training or self.p == 0:
             return h
         # each member's mask from its own noise generator, drawn as the fused single-run step draws it
+        kernels = native.bn_kernels() if h.device.type == "cpu" else None
+        if hashes_dropout(kernels, h):
+            ones = torch.ones(h.shape[1:], dtype=h.dtype)
+            return h * torch.stack([kernels.hashed_dropout(ones, self.p, dropout_seed(g)) for g in gens])
         keep = torch.stack([torch.rand(h.shape[1:], generator=g) for g in gens]).to(h.device) >= self.p
         return h * keep.to(h.dtype).div_(1 - self.p)
 

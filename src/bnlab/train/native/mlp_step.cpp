@@ -37,12 +37,12 @@
 #include <cmath>
 #include <vector>
 
+#include "activations.h"
+
 namespace {
 
 constexpr int64_t SLOTS = 7;
 enum Kind : int64_t { LINEAR = 0, BATCHNORM = 1, ACTIVATION = 2 };
-enum Act : int64_t { RELU = 0, SIGMOID, TANH, LEAKY_RELU, ELU, SELU, IDENTITY };
-constexpr double SELU_ALPHA = 1.6732632423543772, SELU_SCALE = 1.0507009873554805;
 
 enum Buf : int64_t { OUT = 0, MEAN, INVSTD, DX, BUFS_PER_OP };  // per op, then one for d loss / d logits
 
@@ -118,38 +118,20 @@ void bn_backward(const T* dy, const T* x, const T* gamma, const T* mean, const T
   }
 }
 
+// the activation of `kind` over m values (activations.h holds the formulas)
 template <typename T>
 void act_forward(int64_t kind, double p, const T* x, T* y, int64_t m) {
-  switch (kind) {
-    case RELU: for (int64_t i = 0; i < m; ++i) y[i] = x[i] < T(0) ? T(0) : x[i]; break;  // NaN stays NaN
-    case SIGMOID: for (int64_t i = 0; i < m; ++i) y[i] = T(1) / (T(1) + std::exp(-x[i])); break;
-    case TANH: for (int64_t i = 0; i < m; ++i) y[i] = std::tanh(x[i]); break;
-    case LEAKY_RELU: for (int64_t i = 0; i < m; ++i) y[i] = x[i] > T(0) ? x[i] : x[i] * T(p); break;
-    case ELU: for (int64_t i = 0; i < m; ++i) y[i] = x[i] > T(0) ? x[i] : T(p) * std::expm1(x[i]); break;
-    case SELU:
-      for (int64_t i = 0; i < m; ++i)
-        y[i] = T(SELU_SCALE) * (x[i] > T(0) ? x[i] : T(SELU_ALPHA) * std::expm1(x[i]));
-      break;
-    default: for (int64_t i = 0; i < m; ++i) y[i] = x[i];
-  }
+  bnlab::with_act(kind, [&](auto A) {
+    for (int64_t i = 0; i < m; ++i) y[i] = bnlab::act<decltype(A)::value>(x[i], T(p));
+  });
 }
 
 // the gradient g through the activation, in place, from its input x and output y
 template <typename T>
 void act_backward(int64_t kind, double p, T* __restrict g, const T* __restrict x, const T* __restrict y, int64_t m) {
-  const T slope = T(p);
-  switch (kind) {
-    case RELU: for (int64_t i = 0; i < m; ++i) g[i] = x[i] <= T(0) ? T(0) : g[i]; break;
-    case SIGMOID: for (int64_t i = 0; i < m; ++i) g[i] = g[i] * (T(1) - y[i]) * y[i]; break;
-    case TANH: for (int64_t i = 0; i < m; ++i) g[i] = g[i] * (T(1) - y[i] * y[i]); break;
-    case LEAKY_RELU: for (int64_t i = 0; i < m; ++i) g[i] = x[i] > T(0) ? g[i] : g[i] * slope; break;
-    case ELU: for (int64_t i = 0; i < m; ++i) g[i] = y[i] <= T(0) ? g[i] * (y[i] + slope) : g[i]; break;
-    case SELU:
-      for (int64_t i = 0; i < m; ++i)
-        g[i] = y[i] <= T(0) ? g[i] * (y[i] + T(SELU_ALPHA * SELU_SCALE)) : g[i] * T(SELU_SCALE);
-      break;
-    default: break;
-  }
+  bnlab::with_act(kind, [&](auto A) {
+    for (int64_t i = 0; i < m; ++i) g[i] = bnlab::act_backward<decltype(A)::value>(g[i], x[i], y[i], T(p));
+  });
 }
 
 // mean cross-entropy, number correct, and d loss / d logits = (softmax - onehot) / n

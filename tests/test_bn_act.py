@@ -1,0 +1,157 @@
+"""The native fused BN + activation kernels and the hashed dropout (``train/native/bn_act.cpp``,
+``dropout.cpp``) against independent oracles: float64 autograd through torch's own BatchNorm and
+activation modules, ATen's bfloat16 kernels, the direct formulas over the whole batch."""
+
+import pytest
+import torch
+from torch import nn
+
+from bnlab.nn.activations import ACTIVATIONS, activation_parameter
+from bnlab.train import native
+from bnlab.train.fused import FusedMLPStep, _BatchNormAct, _Dropout
+from bnlab.models import build_model
+
+K = native.bn_kernels()
+pytestmark = pytest.mark.skipif(K is None, reason="the native library cannot be built here")
+
+
+def _maps(shape, dtype, seed=0, scale=2.0, shift=3.0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(shape, generator=g, dtype=torch.float64) * scale + shift
+    return (x.to(dtype).contiguous(memory_format=torch.channels_last) if x.dim() == 4 else x.to(dtype))
+
+
+def _oracle(x, w, b, act, dy, eps=1e-3):
+    """float64 autograd: BN over every axis but 1 (biased variance, eps in the root), then the activation."""
+    x = x.detach().double().requires_grad_(True)
+    w = w.detach().double().requires_grad_(True)
+    b = b.detach().double().requires_grad_(True)
+    dims = [0] + list(range(2, x.dim()))
+    shape = [1, -1] + [1] * (x.dim() - 2)
+    mean, var = x.mean(dims), x.var(dims, unbiased=False)
+    z = (x - mean.view(shape)) / torch.sqrt(var.view(shape) + eps) * w.view(shape) + b.view(shape)
+    y = act(z)
+    dx, dw, db = torch.autograd.grad(y, (x, w, b), dy.double())
+    return y.detach(), mean.detach(), var.detach(), dx, dw, db
+
+
+SHAPES = [(6, 7), (40, 64), (5, 60, 3, 3), (4, 17, 2, 5), (3, 1001)]  # 1001: the one-value-at-a-time walk
+
+
+@pytest.mark.parametrize("spec", ACTIVATIONS, ids=lambda a: a.name)
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+def test_float64_equals_autograd(spec, shape):
+    x = _maps(shape, torch.float64)
+    c = shape[1]
+    g = torch.Generator().manual_seed(1)
+    w, b = torch.rand(c, generator=g, dtype=torch.float64) + 0.5, torch.randn(c, generator=g, dtype=torch.float64)
+    dy = _maps(shape, torch.float64, seed=2, scale=1.0, shift=0.0)
+    module = spec.make(0.2)
+    y, mean, invstd, var = K.bn_act_forward(x, w, b, None, None, True, 1e-3, spec.native, activation_parameter(module))
+    want = _oracle(x, w, b, module, dy)
+    assert torch.allclose(y, want[0], rtol=1e-10, atol=1e-12)
+    assert torch.allclose(mean, want[1], rtol=1e-12, atol=1e-12)
+    assert torch.allclose(var, want[2], rtol=1e-10, atol=0)
+    assert torch.allclose(invstd, (want[2] + 1e-3).rsqrt(), rtol=1e-12)
+    dx, dw, db = K.bn_act_backward(dy, x, w, b, mean, invstd, spec.native, activation_parameter(module), True)
+    for got, ref in zip((dx, dw, db), want[3:]):
+        assert torch.allclose(got, ref, rtol=1e-10, atol=1e-10)
+    assert dx.stride() == x.stride()  # channels_last in, channels_last out
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_low_precision_agrees_with_aten_and_keeps_float32_statistics(dtype):
+    x = _maps((8, 60, 6, 6), dtype)
+    w, b = torch.rand(60) + 0.5, torch.randn(60)
+    y, mean, invstd, var = K.bn_act_forward(x, w, b, None, None, True, 1e-3, 0, 0.0)
+    assert y.dtype == dtype and mean.dtype == invstd.dtype == var.dtype == torch.float32
+    want = x.double().var((0, 2, 3), unbiased=False)
+    assert torch.allclose(var.double(), want, rtol=1e-5)  # statistics of the very values the layer saw
+    ya, ma, ia = torch.native_batch_norm(x, w, b, None, None, True, 0.0, 1e-3)
+    tol = 2 ** -7 if dtype == torch.bfloat16 else 1e-5
+    assert torch.allclose(y.double(), torch.relu(ya).double(), rtol=tol, atol=tol * 4)
+    assert torch.allclose(mean, ma, rtol=1e-5) and torch.allclose(invstd, ia, rtol=1e-4)
+    dy = _maps((8, 60, 6, 6), dtype, seed=3, scale=1.0, shift=0.0)
+    dx, dw, db = K.bn_act_backward(dy, x, w, b, mean, invstd, 0, 0.0, True)
+    dz = torch.ops.aten.threshold_backward(dy, y, 0)  # the same mask: ties at 0 may round either way
+    dxa, dwa, dba = torch.ops.aten.native_batch_norm_backward(dz, x, w, None, None, mean, invstd, True, 1e-3,
+                                                              [True, True, True])
+    assert torch.allclose(dx.double(), dxa.double(), rtol=tol, atol=tol * 8)
+    assert torch.allclose(dw, dwa, rtol=1e-3, atol=1e-3) and torch.allclose(db, dba, rtol=1e-3, atol=1e-3)
+
+
+def test_tiny_variance_is_computed_not_rebuilt_from_invstd():
+    x = _maps((32, 5), torch.float32, scale=1e-5, shift=1.0)  # var ~1e-10 << eps, float32 values
+    _, _, invstd, var = K.bn_act_forward(x, None, None, None, None, True, 1e-3, 6, 0.0)
+    want = x.double().var(0, unbiased=False)
+    assert torch.allclose(var.double(), want, rtol=1e-5, atol=0)
+    rebuilt = invstd.double().pow(-2) - 1e-3
+    assert not torch.allclose(rebuilt, want, rtol=0.1, atol=0)  # what a variance rebuilt from invstd would have lost
+
+
+def test_evaluation_uses_the_running_statistics():
+    x = _maps((5, 6, 2, 2), torch.float64)
+    rm, rv = torch.randn(6, dtype=torch.float64), torch.rand(6, dtype=torch.float64) + 0.1
+    bn = nn.BatchNorm2d(6, eps=1e-3).double().eval()
+    bn.running_mean.copy_(rm), bn.running_var.copy_(rv)
+    y, mean, _, var = K.bn_act_forward(x, bn.weight, bn.bias, rm, rv, False, 1e-3, 1, 0.0)
+    assert torch.allclose(y, torch.sigmoid(bn(x)), rtol=1e-12) and torch.equal(mean, rm) and torch.equal(var, rv)
+
+
+def test_no_affine_and_nan_and_clear_errors():
+    x = _maps((4, 3), torch.float32)
+    y, *_ = K.bn_act_forward(x, None, None, None, None, True, 1e-5, 6, 0.0)
+    assert torch.allclose(y.mean(0), torch.zeros(3), atol=1e-6)
+    x[0, 1] = float("nan")
+    y, mean, *_ = K.bn_act_forward(x, None, None, None, None, True, 1e-5, 0, 0.0)
+    assert torch.isnan(mean[1]) and torch.isnan(y[:, 1]).all() and not torch.isnan(y[:, 0]).any()
+    with pytest.raises(RuntimeError, match="more than one value per channel"):
+        K.bn_act_forward(torch.ones(1, 3), None, None, None, None, True, 1e-5, 0, 0.0)
+    with pytest.raises(RuntimeError, match="channels_last"):
+        K.bn_act_forward(torch.ones(2, 3, 4, 4), None, None, None, None, True, 1e-5, 0, 0.0)
+    with pytest.raises(RuntimeError, match="weight must be a vector of 3 values"):
+        K.bn_act_forward(torch.ones(2, 3), torch.ones(4), None, None, None, True, 1e-5, 0, 0.0)
+    with pytest.raises(RuntimeError, match="unknown activation code 9"):
+        K.bn_act_forward(torch.ones(2, 3), None, None, None, None, True, 1e-5, 9, 0.0)
+    with pytest.raises(RuntimeError, match="bfloat16, float32 or float64"):
+        K.bn_act_forward(torch.ones(2, 3, dtype=torch.float16), None, None, None, None, True, 1e-5, 0, 0.0)
+
+
+def test_the_fused_cnn_step_runs_its_bn_and_dropout_in_the_kernels():
+    spec = {"kind": "cnn", "input_shape": [3, 8, 8], "num_classes": 5, "blocks": [4], "final_block": 5,
+            "bn": "before", "dropout": 0.2}
+    step = FusedMLPStep(build_model(spec, seed=0))
+    kinds = [type(op) for op in step.ops]
+    assert _BatchNormAct in kinds and nn.ReLU not in [getattr(op, "kind", None) for op in step.ops]
+    assert all(op.kernels is K for op in step.ops if isinstance(op, (_BatchNormAct, _Dropout)))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32, torch.float64])
+def test_hashed_dropout_rate_scale_determinism(dtype):
+    x = _maps((50, 12, 10, 10), dtype, shift=5.0)
+    y = K.hashed_dropout(x, 0.3, 1234)
+    kept = y != 0
+    n = kept.numel()
+    assert abs(kept.double().mean().item() - 0.7) < 4 * (0.21 / n) ** 0.5  # binomial: 4 standard errors
+    tol = 2 ** -8 if dtype == torch.bfloat16 else 1e-12 if dtype == torch.float64 else 1e-6
+    assert torch.allclose(y[kept].double(), x[kept].double() / 0.7, rtol=tol)
+    assert torch.equal(y, K.hashed_dropout(x, 0.3, 1234)) and not torch.equal(y, K.hashed_dropout(x, 0.3, 1235))
+    assert y.stride() == x.stride()
+    # the mask depends on the position in memory only: the gradient through it uses the same mask
+    ones = torch.ones_like(x)
+    assert torch.equal(K.hashed_dropout(ones, 0.3, 1234) != 0, kept)
+    assert torch.equal(K.hashed_dropout(x, 0.0, 9), x) and not K.hashed_dropout(x, 1.0, 9).any()
+    with pytest.raises(RuntimeError, match=r"dropout rate must be in \[0, 1\]"):
+        K.hashed_dropout(x, 1.5, 0)
+
+
+def test_fused_dropout_backward_follows_the_forward_mask_across_layouts():
+    g = torch.Generator().manual_seed(0)
+    op = _Dropout(nn.Dropout(0.4), g, K)
+    h = _maps((6, 5, 4, 4), torch.float64)
+    y = op.forward(h, True)
+    dy = torch.ones(6, 5, 4, 4, dtype=torch.float64)  # NCHW, as a Flatten's gradient comes back
+    dx = op.backward(dy, True, None)
+    assert torch.equal(dx != 0, y != 0)
+    g2 = torch.Generator().manual_seed(0)
+    assert torch.equal(_Dropout(nn.Dropout(0.4), g2, K).forward(h, True), y)  # seeded by the run's generator
