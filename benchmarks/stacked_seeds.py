@@ -4,7 +4,7 @@ one model's epoch through ``fit`` (the engine it picks: the C++ native step wher
     .venv/bin/python benchmarks/stacked_seeds.py [--samples 11000] [--rounds 2]
 
 Workloads: (1) the seed MLP (fashion-mlp-bn-before: 784-300-100-10 with BN, batch 32, SGD lr 1e-3), K = 8;
-goal: K = 8 stacked per epoch <= 2.5x one model's epoch. (2) the demo's network (paper-mnist-mlp-bn:
+goal: K = 8 stacked per epoch <= 2.5x one model's epoch; in fp32 and, both sides, in bf16-mixed. (2) the demo's network (paper-mnist-mlp-bn:
 784-100-100-100-10 sigmoid with BN, batch 60, SGD lr 0.1), K = 5 (the demo's seeds): stacked against five
 separate runs. Synthetic 28x28 pixels; each time is the best of ``--rounds`` epochs after a warm-up epoch.
 Prints each ratio, the seed MLP's matrix-product floor (``train_speed.gemm_only_epoch``: 8 seeds cannot
@@ -42,22 +42,24 @@ def _best(f, rounds: int) -> float:
     return min(times)
 
 
-def workload(name: str, k: int, batch: int, lr: float, data: Dataset, rounds: int) -> tuple[float, float, str]:
+def workload(name: str, k: int, batch: int, lr: float, data: Dataset, rounds: int,
+             precision: str = "fp32") -> tuple[float, float, str]:
     spec = load_model_spec(name)
     engine = []
 
     def one():
-        h = fit(build_model(spec, seed=0), data, lr=lr, batch_size=batch, epochs=1, progress=False)
+        h = fit(build_model(spec, seed=0), data, lr=lr, batch_size=batch, epochs=1, progress=False, precision=precision)
         engine.append(h.engine)
 
     def stacked():
         fit_stacked([build_model(spec, seed=s) for s in range(k)], data, list(range(k)), lr=lr, batch_size=batch,
-                    epochs=1)
+                    epochs=1, precision=precision)
 
     warm = Dataset("warm", data.x_train[:2000], data.y_train[:2000], data.x_val, data.y_val, data.x_test,
                    data.y_test, 10)
-    fit(build_model(spec, seed=0), warm, lr=lr, batch_size=batch, epochs=1, progress=False)
-    fit_stacked([build_model(spec, seed=s) for s in range(k)], warm, list(range(k)), lr=lr, batch_size=batch, epochs=1)
+    fit(build_model(spec, seed=0), warm, lr=lr, batch_size=batch, epochs=1, progress=False, precision=precision)
+    fit_stacked([build_model(spec, seed=s) for s in range(k)], warm, list(range(k)), lr=lr, batch_size=batch, epochs=1,
+                precision=precision)
     t_one = _best(one, rounds)
     t_stacked = _best(stacked, rounds)
     return t_one, t_stacked, engine[-1]
@@ -84,6 +86,11 @@ def main() -> None:
     floor = _best(lambda: gemm_only_epoch(data.x_train, 0), args.rounds)
     print(f"seed MLP, batch 32: one model {one:.3f} s/epoch ({engine} engine); 8 seeds stacked {stacked:.3f} s/epoch; "
           f"one model's matrix products alone {floor:.3f} s/epoch (x8 = {8 * floor:.3f} s)")
+    print(f"  ratio stacked(8) / one = {stacked / one:.2f} (goal <= 2.5); stacked / 8 separate = "
+          f"{stacked / (8 * one):.2f}")
+    one, stacked, engine = workload("fashion-mlp-bn-before", 8, 32, 1e-3, data, args.rounds, "bf16-mixed")
+    print(f"seed MLP, batch 32, bf16-mixed (both): one model {one:.3f} s/epoch ({engine} engine); 8 seeds stacked "
+          f"{stacked:.3f} s/epoch")
     print(f"  ratio stacked(8) / one = {stacked / one:.2f} (goal <= 2.5); stacked / 8 separate = "
           f"{stacked / (8 * one):.2f}")
     one, stacked, engine = workload("paper-mnist-mlp-bn", 5, 60, 0.1, data, args.rounds)

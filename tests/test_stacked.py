@@ -325,3 +325,29 @@ def test_probes_of_each_member_are_its_single_runs():
         assert {k[2] for k in keys} >= {"update_ratio", "grad_norm"}
         for a, b in zip(h.probes, hs.probes):
             assert math.isclose(a[3], b[3], rel_tol=1e-8, abs_tol=1e-10), (seed, a, b)
+
+
+@pytest.mark.parametrize("dropout", [0.0, 0.3])
+def test_bf16_mixed_members_follow_their_single_bf16_runs(dropout):
+    spec = {**MLP, "bn": "before", "dropout": dropout}
+    kw = dict(lr=0.05, batch_size=16, epochs=1, precision="bf16-mixed")
+    data = _data(dtype=torch.float32)
+    models = _models(spec, torch.float32)
+    hists = fit_stacked(models, data, SEEDS, **kw)
+    for seed, h, m in zip(SEEDS, hists, models):
+        single = build_model(spec, seed=seed)
+        hs = fit(single, data, seed=seed, progress=False, **kw)
+        assert h.precision == hs.precision == "bf16-mixed" and h.engine.startswith("stacked")
+        # both round products and activations to bfloat16, at slightly different points (autocast's
+        # batched products and ATen's BN here, the fused step's kernels there): the same path, not the same bits
+        assert _close(h.step_loss[:3], hs.step_loss[:3], 2e-2), (h.step_loss[:3], hs.step_loss[:3])
+        for k, v in single.state_dict().items():
+            if v.is_floating_point():
+                assert m.state_dict()[k].dtype == torch.float32, k
+                cos = torch.nn.functional.cosine_similarity(m.state_dict()[k].flatten(), v.flatten(), 0)
+                assert cos > 0.99, (seed, k, float(cos))
+
+
+def test_stacking_refuses_fp16():
+    with pytest.raises(ValueError, match="stacked training runs precision fp32 or bf16-mixed"):
+        fit_stacked(_models(MLP), _data(), SEEDS, precision="fp16-mixed", epochs=1)

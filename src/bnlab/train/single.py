@@ -201,10 +201,10 @@ def _run(spec, config: TrainConfig, out: Path | None, progress: bool, restart: b
 
 def stack_refusal(spec, config: TrainConfig) -> str | None:
     """Why a run of ``spec`` with ``config`` cannot train stacked with its other seeds (None: it can)."""
-    from bnlab.train.stacked import stack_unsupported
+    from bnlab.train.stacked import STACKED_PRECISIONS, stack_unsupported
 
     reasons = []
-    if config.precision != "fp32":
+    if config.precision not in STACKED_PRECISIONS:
         reasons.append(f"precision {config.precision}")
     if config.devices != 1:
         reasons.append(f"data-parallel over {config.devices} processes")
@@ -261,7 +261,7 @@ def train_runs_stacked(spec, configs: list[TrainConfig], outs: list[Path]) -> li
                             keras_defaults=first.keras_defaults, device=first.device,
                             checkpoint_meta=[{"train": c.model_dump()} for c in configs],
                             state_dirs=[o / STATE_DIR for o in outs], state_settings=settings, resume_from=resume,
-                            probes=first.probes, lr_schedule=first.lr_schedule)
+                            probes=first.probes, lr_schedule=first.lr_schedule, precision=first.precision)
         return [_finish(m, spec, c, data, n, o, o, h, st)
                 for m, c, n, o, h, st in zip(models, configs, notes, outs, hists, states)]
     except KeyboardInterrupt as e:

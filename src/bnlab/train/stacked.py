@@ -20,7 +20,7 @@ product (``torch.baddbmm``). What stays per member, so that each member's Histor
 
 Each epoch's ``seconds`` is the member's share of the stacked epoch (its wall time over the members
 trained in it). Supported: the MLPs of ``bnlab.train.fused`` (Flatten, Linear, bnlab BatchNorm on
-(N, C), the activations, Dropout; ending in Linear) under the fp32 precision; ``stack_unsupported``
+(N, C), the activations, Dropout; ending in Linear) in fp32 or bf16-mixed; ``stack_unsupported``
 says why another model is not.
 """
 
@@ -46,6 +46,10 @@ from bnlab.train.program import program_of
 from bnlab.train.history import EpochRecord, History
 from bnlab.nn.norms import plan_run_length
 from bnlab.train.optim import LRSchedule, make_optimizer, planned_updates
+from bnlab.train.precision import autocast, check_precision
+
+
+STACKED_PRECISIONS = ("fp32", "bf16-mixed")  # fp16-mixed needs a loss scale per member
 
 
 def stack_unsupported(model: nn.Module) -> list[str]:
@@ -278,7 +282,7 @@ def fit_stacked(models: list[nn.Sequential], data: Dataset, seeds: list[int], *,
                 eval_batch_size: int = 1024, keras_defaults: bool = True, checkpoint_meta: list[dict] | None = None,
                 device: str | None = "cpu", state_dirs: list[str | Path] | None = None,
                 state_settings: list[dict] | None = None, resume_from: list | None = None,
-                probes=None, lr_schedule: str = "constant") -> list[History]:
+                probes=None, lr_schedule: str = "constant", precision: str = "fp32") -> list[History]:
     """Train ``models[k]`` (built for ``seeds[k]``) as one stacked model; return each member's History,
     the History ``fit(models[k], data, seed=seeds[k], ...)`` gives with the same arguments. The models
     get their final weights back. See the module's docstring for what is per member.
@@ -287,7 +291,9 @@ def fit_stacked(models: list[nn.Sequential], data: Dataset, seeds: list[int], *,
     (``bnlab.train.resume``) at every epoch's end, so it can continue stacked with the same group or
     alone. ``resume_from``: every member's state, all of one unfinished epoch, to continue from.
     ``probes``: a ``bnlab.probes.ProbeConfig``; each member records what its single run records, on its
-    own model (loaded with the member's tensors around each sampled step)."""
+    own model (loaded with the member's tensors around each sampled step).
+    ``precision``: fp32 or bf16-mixed (matrix products in bfloat16 under autocast, BN statistics, weights
+    and optimizer state float32: each member within bfloat16's rounding of its single bf16-mixed run)."""
     from bnlab.train.engine import batch_bounds, epoch_order, resolve_device, stream_seed
     from bnlab.train.resume import TrainState, rng_states, save_state
 
@@ -296,6 +302,9 @@ def fit_stacked(models: list[nn.Sequential], data: Dataset, seeds: list[int], *,
     if batch_size < 1 or epochs < 1:
         raise ValueError(f"batch_size and epochs must be >= 1 (got batch_size={batch_size}, epochs={epochs})")
     dev = resolve_device(device)
+    if precision not in STACKED_PRECISIONS:
+        raise ValueError(f"stacked training runs precision {' or '.join(STACKED_PRECISIONS)} (got {precision!r})")
+    check_precision(precision, dev)
     if resume_from is not None:
         if len({(st.epoch, st.steps, st.finished) for st in resume_from}) != 1 or resume_from[0].finished:
             raise ValueError("stacked members continue together only from unfinished states of one epoch")
@@ -308,7 +317,8 @@ def fit_stacked(models: list[nn.Sequential], data: Dataset, seeds: list[int], *,
     dirs = checkpoint_dirs or [None] * len(models)
     metas = checkpoint_meta or [None] * len(models)
     members = [_Member(s, k, torch.Generator().manual_seed(s), torch.Generator().manual_seed(stream_seed(s, "noise")),
-                       History(target_accuracy=target_accuracy, engine=f"stacked:{len(models)}"),
+                       History(target_accuracy=target_accuracy, engine=f"stacked:{len(models)}",
+                               precision=precision),
                        Monitor(monitor, patience, dirs[k], metas[k]))
                for k, s in enumerate(seeds)]
     opt = make_optimizer(optimizer, stack.parameters(), lr=lr, momentum=momentum, nesterov=nesterov,
@@ -373,7 +383,9 @@ def fit_stacked(models: list[nn.Sequential], data: Dataset, seeds: list[int], *,
                 for k, mem in enumerate(alive):
                     models[mem.index].load_state_dict(stack.member_state_dict(k))
                     mem.probes.before_step(step)
-            logits = stack.forward(xb, True, [mem.noise for mem in alive])
+            with autocast(precision, dev):
+                logits = stack.forward(xb, True, [mem.noise for mem in alive])
+            logits = logits.float()  # the loss in float32, as autocast and the fused step take it
             k_, b_ = yb.shape
             loss = F.cross_entropy(logits.reshape(k_ * b_, -1), yb.reshape(-1), reduction="none").view(k_, b_).mean(1)
             loss.sum().backward()
