@@ -200,13 +200,14 @@ def test_the_runner_stacks_seeds_and_stores_what_separate_runs_store(tmp_path):
 def test_stack_groups_keep_apart_what_cannot_stack(tmp_path):
     spec = parse_experiment({**EXP, "variants": {**EXP["variants"],
                                                  "bf16": {"model": {"bn": "before"}, "train": {"precision": "bf16-mixed"}},
+                                                 "fp16": {"model": {"bn": "before"}, "train": {"precision": "fp16-mixed"}},
                                                  "layer": {"model": {"bn": "before", "norm": "layer"}}}})
     plans = expand(spec)
     refused = {}
     units = stack_groups(plans, tmp_path, "on", refused)
     sizes = {u[0].variant: len(u) for u in units}
-    assert sizes == {"bn": 3, "plain": 3, "probed": 3, "bf16": 1, "layer": 1}
-    assert refused["bf16"] == "precision bf16-mixed" and "LayerNorm" in refused["layer"]
+    assert sizes == {"bn": 3, "plain": 3, "probed": 3, "bf16": 3, "fp16": 1, "layer": 1}
+    assert refused["fp16"] == "precision fp16-mixed" and "LayerNorm" in refused["layer"] and "bf16" not in refused
     assert sum(map(len, units)) == len(plans)
     assert all(len(u) == 1 for u in stack_groups(plans, tmp_path, "off"))
     # a run with a saved state continues alone

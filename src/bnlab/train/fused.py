@@ -37,6 +37,7 @@ from bnlab.nn.activations import BY_MODULE, activation_parameter
 from bnlab.train.program import program_of
 
 aten = torch.ops.aten
+KERNEL_TYPES = (torch.bfloat16, torch.float32, torch.float64)  # what the native kernels take
 
 
 class _Update:
@@ -243,22 +244,35 @@ class _Conv2d:
 
 
 class _MaxPool2d:
-    def __init__(self, module: nn.MaxPool2d):
+    def __init__(self, module: nn.MaxPool2d, kernels=None):
         m = module
         pair = lambda v: [v, v] if isinstance(v, int) else list(v)  # noqa: E731
         self.args = (pair(m.kernel_size), pair(m.stride if m.stride is not None else m.kernel_size),
                      pair(m.padding), pair(m.dilation), m.ceil_mode)
+        k, stride, padding, dilation, ceil = self.args
+        # the native kernel: square windows side by side (stride = window, no padding / dilation, floor)
+        tiles = k[0] == k[1] and stride == k and padding == [0, 0] and dilation == [1, 1] and not ceil
+        self.kernels = kernels if tiles and k[0] <= 15 else None
+        self.native = False
 
     def forward(self, h, training):
         self.h = h
+        self.native = (self.kernels is not None and h.device.type == "cpu" and h.dtype in KERNEL_TYPES
+                       and h.is_contiguous(memory_format=torch.channels_last))
+        if self.native:
+            y, self.idx = self.kernels.max_pool_forward(h, self.args[0][0])
+            return y
         y, self.idx = aten.max_pool2d_with_indices(h, *self.args)
         return y
 
     def backward(self, dy, need_dx, upd):
-        return aten.max_pool2d_with_indices_backward(dy, self.h, *self.args, self.idx) if need_dx else None
-
-
-KERNEL_TYPES = (torch.bfloat16, torch.float32, torch.float64)  # what the native kernels take
+        if not need_dx:
+            return None
+        if self.native:
+            if dy.stride() != self.idx.stride():
+                dy = dy.contiguous(memory_format=torch.channels_last)
+            return self.kernels.max_pool_backward(dy, self.idx, list(self.h.shape), self.args[0][0])
+        return aten.max_pool2d_with_indices_backward(dy, self.h, *self.args, self.idx)
 
 
 def hashes_dropout(kernels, h: torch.Tensor) -> bool:
@@ -365,7 +379,7 @@ class FusedMLPStep:
             elif op.kind == "conv2d":
                 self.ops.append(_Conv2d(mod, low))
             elif op.kind == "maxpool2d":
-                self.ops.append(_MaxPool2d(mod))
+                self.ops.append(_MaxPool2d(mod, kernels))
             elif op.kind == "batchnorm":
                 self.ops.append(_BatchNorm(mod))
                 self.bns.append(self.ops[-1])

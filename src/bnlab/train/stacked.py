@@ -385,7 +385,8 @@ def fit_stacked(models: list[nn.Sequential], data: Dataset, seeds: list[int], *,
                     mem.probes.before_step(step)
             with autocast(precision, dev):
                 logits = stack.forward(xb, True, [mem.noise for mem in alive])
-            logits = logits.float()  # the loss in float32, as autocast and the fused step take it
+            if logits.dtype in (torch.float16, torch.bfloat16):  # the loss in float32, as the fused step takes it
+                logits = logits.float()
             k_, b_ = yb.shape
             loss = F.cross_entropy(logits.reshape(k_ * b_, -1), yb.reshape(-1), reduction="none").view(k_, b_).mean(1)
             loss.sum().backward()

@@ -66,23 +66,41 @@ template <typename V, typename S, typename F> void each(int64_t n, int64_t len, 
   for (int64_t i = periods * len; i < n; ++i) f(i, i - periods * len, S{});
 }
 
-// per-channel sums of the two quantities term(i, k, W{}) returns, over every value: in the maths type S
-// over FLUSH periods, then in double
+template <typename V> inline void add_into(double* dst, V v) {
+  if constexpr (std::is_arithmetic_v<V>) {
+    *dst += v;
+  } else {
+    for (int i = 0; i < int(sizeof(V) / sizeof(v[0])); ++i) dst[i] += v[i];
+  }
+}
+
+// per-channel sums of the two quantities term(i, k, W{}) returns, over every value: for each pack
+// offset k of a period, summed in registers of the maths type S down FLUSH periods (four chains, so
+// the adds overlap; the block stays in L1 while its packs are visited), then in double
 template <typename V, typename S, typename F> std::vector<double> sums(int64_t n, int64_t c, int64_t len, F&& term) {
   const int64_t periods = n / len, threads = at::get_num_threads();
   std::vector<double> part(threads * 2 * len, 0.0);
   at::parallel_for(0, periods, std::max<int64_t>(1, MIN_TASK / len), [&](int64_t p0, int64_t p1) {
     double* d = part.data() + at::get_thread_num() * 2 * len;
-    std::vector<S> a(2 * len);
     for (int64_t q0 = p0; q0 < p1; q0 += FLUSH) {
-      std::fill(a.begin(), a.end(), S(0));
-      for (int64_t p = q0; p < std::min(q0 + FLUSH, p1); ++p)
-        for (int64_t k = 0; k < len; k += width<V, S>()) {
+      const int64_t q1 = std::min(q0 + FLUSH, p1);
+      for (int64_t k = 0; k < len; k += width<V, S>()) {
+        V a[4] = {}, b[4] = {};
+        int64_t p = q0;
+        for (; p + 4 <= q1; p += 4)
+          for (int u = 0; u < 4; ++u) {
+            std::pair<V, V> t = term((p + u) * len + k, k, V{});
+            a[u] += t.first;
+            b[u] += t.second;
+          }
+        for (; p < q1; ++p) {
           std::pair<V, V> t = term(p * len + k, k, V{});
-          store(&a[k], load<V>(&a[k]) + t.first);
-          store(&a[len + k], load<V>(&a[len + k]) + t.second);
+          a[0] += t.first;
+          b[0] += t.second;
         }
-      for (int64_t k = 0; k < 2 * len; ++k) d[k] += a[k];
+        add_into(d + k, (a[0] + a[1]) + (a[2] + a[3]));
+        add_into(d + len + k, (b[0] + b[1]) + (b[2] + b[3]));
+      }
     }
   });
   std::vector<double> total(2 * c, 0.0);

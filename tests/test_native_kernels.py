@@ -1,6 +1,6 @@
-"""The native fused BN + activation kernels and the hashed dropout (``train/native/bn_act.cpp``,
-``dropout.cpp``) against independent oracles: float64 autograd through torch's own BatchNorm and
-activation modules, ATen's bfloat16 kernels, the direct formulas over the whole batch."""
+"""The native kernels of the fused step (``train/native/bn_act.cpp``, ``dropout.cpp``, ``pool.cpp``) against
+independent oracles: float64 autograd through torch's own BatchNorm and activation modules, ATen's
+bfloat16 and max-pool kernels, the direct formulas over the whole batch."""
 
 import pytest
 import torch
@@ -8,7 +8,7 @@ from torch import nn
 
 from bnlab.nn.activations import ACTIVATIONS, activation_parameter
 from bnlab.train import native
-from bnlab.train.fused import FusedMLPStep, _BatchNormAct, _Dropout
+from bnlab.train.fused import FusedMLPStep, _BatchNormAct, _Dropout, _MaxPool2d
 from bnlab.models import build_model
 
 K = native.bn_kernels()
@@ -155,3 +155,49 @@ def test_fused_dropout_backward_follows_the_forward_mask_across_layouts():
     assert torch.equal(dx != 0, y != 0)
     g2 = torch.Generator().manual_seed(0)
     assert torch.equal(_Dropout(nn.Dropout(0.4), g2, K).forward(h, True), y)  # seeded by the run's generator
+
+
+def _aten_pool(x, k, dy):
+    y, idx = torch.ops.aten.max_pool2d_with_indices(x, [k, k], [k, k], [0, 0], [1, 1], False)
+    return y, torch.ops.aten.max_pool2d_with_indices_backward(dy, x, [k, k], [k, k], [0, 0], [1, 1], False, idx)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32, torch.float64])
+@pytest.mark.parametrize("shape,k", [((3, 60, 8, 8), 2), ((2, 5, 7, 9), 2), ((2, 17, 9, 6), 3), ((1, 3, 4, 4), 1)])
+def test_max_pool_equals_atens_values_and_gradients(dtype, shape, k):
+    x = _maps(shape, dtype)
+    x[0, 0, :2, :2] = x[0, 0, 0, 0]  # a tie: the first position in the window wins, as in ATen
+    x[-1, -1, 0, 0] = float("nan")  # a NaN is the maximum
+    y, where = K.max_pool_forward(x, k)
+    dy = _maps(y.shape, dtype, seed=5)
+    want_y, want_dx = _aten_pool(x, k, dy)
+    assert y.isnan().any() and torch.equal(y.isnan(), want_y.isnan()) and torch.equal(y.nan_to_num(0), want_y.nan_to_num(0))
+    dx = K.max_pool_backward(dy, where, list(x.shape), k)
+    assert torch.equal(dx, want_dx)  # every gradient where ATen puts it, 0 elsewhere (uncovered rows too)
+    assert y.is_contiguous(memory_format=torch.channels_last) and dx.is_contiguous(memory_format=torch.channels_last)
+
+
+def test_max_pool_refuses_what_it_does_not_take():
+    x = _maps((2, 3, 4, 4), torch.float32)
+    with pytest.raises(RuntimeError, match="channels_last"):
+        K.max_pool_forward(x.contiguous(), 2)
+    with pytest.raises(RuntimeError, match="does not fit"):
+        K.max_pool_forward(x, 5)
+    y, where = K.max_pool_forward(x, 2)
+    with pytest.raises(RuntimeError, match="do not pool to"):
+        K.max_pool_backward(y, where, [2, 3, 8, 8], 2)
+
+
+@pytest.mark.parametrize("module,native", [(nn.MaxPool2d(2), True), (nn.MaxPool2d(3), True),
+                                           (nn.MaxPool2d(2, stride=1), False), (nn.MaxPool2d(2, padding=1), False),
+                                           (nn.MaxPool2d(2, ceil_mode=True), False)])
+def test_the_fused_step_pools_natively_only_side_by_side_windows(module, native):
+    op = _MaxPool2d(module, K)
+    x = _maps((2, 4, 7, 7), torch.float64)
+    y = op.forward(x, True)
+    assert op.native is native
+    dy = torch.ones_like(y)  # NCHW: the op puts it in the forward's layout first
+    dx = op.backward(dy, True, None)
+    ref = x.detach().clone().requires_grad_(True)
+    module(ref).backward(torch.ones_like(y))
+    assert torch.equal(y, module(x)) and torch.equal(dx, ref.grad)
