@@ -1,13 +1,15 @@
-"""The native MLP step: ``native/mlp_step.cpp``, built on first use, cached, and driven from here.
+"""The native library, built on first use, cached, and driven from here: the MLP step
+(``native/mlp_step.cpp``) and the kernels the fused CNN step calls (``bn_act.cpp``: BN with the activation
+after it; ``dropout.cpp``: hashed dropout; ``pool.cpp``: side-by-side max-pooling).
 
-Why: the Python fused step (``bnlab.train.fused``) still dispatches ~40 small ops per batch, which
-at batch 32 on a CPU costs more than the arithmetic. The C++ step runs the same maths in one call:
+Why the MLP step: the Python fused step (``bnlab.train.fused``) still dispatches ~40 small ops per batch,
+which at batch 32 on a CPU costs more than the arithmetic. The C++ step runs the same maths in one call:
 plain loops for BN, activations and the loss, ATen for the matrix products.
 
 It is built with PyTorch's own extension builder (a C++ compiler and ninja are needed; the first
-build takes ~15 s, later runs load the cached library from ``build_dir()``). Where it cannot be
+build takes ~30 s, later runs load the cached library from ``build_dir()``). Where it cannot be
 built, or for what it does not support (CUDA, dropout, frozen parameters), the engine uses
-the Python fused step instead and says so in ``History.engine``. ``BNLAB_NATIVE=0`` turns it off;
+the Python fused step (with ATen's kernels) instead and says so in ``History.engine``. ``BNLAB_NATIVE=0`` turns it off;
 ``python -c "from bnlab.train import native; native.load(verbose=True)"`` shows the compiler's output.
 """
 
@@ -102,7 +104,7 @@ def _bundled_ninja():
             os.environ["PATH"] = old
 
 
-STALE_LOCK_SECONDS = 600  # without OS locks: a build takes ~15 s, so an older lock file was left behind
+STALE_LOCK_SECONDS = 600  # without OS locks: a build takes ~30 s, so an older lock file was left behind
 
 
 @contextlib.contextmanager
@@ -163,8 +165,8 @@ def load(verbose: bool = False):
                 ops = torch.classes.bnlab_native
             except Exception as e:  # no compiler, no ninja, a read-only cache...: the Python step still works
                 reason = f"{type(e).__name__}: {str(e).strip().splitlines()[-1] if str(e).strip() else ''}"
-                print(f"bnlab: the native MLP step is unavailable ({reason}); MLPs train with the Python "
-                      "fused step (slower). native.load(verbose=True) shows the compiler's output.",
+                print(f"bnlab: the native library is unavailable ({reason}); models train with the Python "
+                      "fused step and ATen's kernels (slower). native.load(verbose=True) shows the compiler's output.",
                       file=sys.stderr, flush=True)
         _state["ops"], _state["reason"] = ops, reason
         return ops
