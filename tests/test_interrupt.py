@@ -31,7 +31,7 @@ from pathlib import Path
 import pytest
 
 from bnlab.experiments.results import RESULT_COLUMNS
-from bnlab.train.resume import STATE_DIR, resume_point
+from bnlab.train.resume import STATE_DIR, resume_point, saved_progress
 from tiny_specs import command_env, session_processes, harness_toml, store_rows
 
 EPOCHS = 8
@@ -206,16 +206,19 @@ def _check_interrupted(trial: Trial, o: Outcome, out: Path, before: dict, refere
                 f"{what}: {rid}, finished before, was redone"
     if trial.signal != signal.SIGKILL:
         assert not [rid for rid, r in runs.items() if r["status"] == "running"], f"{what}: runs left running"
-        said = {m[1]: (int(m[2]), int(m[3]))
+        said = {m[1]: (int(m[2]), int(m[3]), False)
                 for m in re.finditer(r"^(\S+) will continue from epoch (\d+) of (\d+)$", o.text, re.M)}
-        on_disk = {rid: (k, EPOCHS) for rid in RUN_IDS if runs.get(rid, {}).get("status") != "done"
-                   and (k := resume_point(out / "runs" / rid))}
+        said |= {m[1]: (int(m[2]), int(m[3]), True) for m in re.finditer(
+            r"^(\S+) finished training \(epoch (\d+) of (\d+)\); its evaluation will be redone$", o.text, re.M)}
+        on_disk = {rid: (at[0], EPOCHS, at[1]) for rid in RUN_IDS if runs.get(rid, {}).get("status") != "done"
+                   and (at := saved_progress(out / "runs" / rid)) and at[0]}
         assert said == on_disk, f"{what}: said {said}, the states on disk say {on_disk}\n{o.text}"
 
 
 def _check_rerun_said(o: Outcome, expected: dict[str, int], what: str) -> None:
     """Each run the rerun started with a saved state said 'continuing from epoch k', k as saved."""
-    said = {m[1]: int(m[2]) for m in re.finditer(r"\] (\S+): continuing from epoch (\d+) of \d+ \(", o.text)}
+    said = {m[1]: int(m[2]) for m in re.finditer(
+        r"\] (\S+): (?:continuing from|training finished at) epoch (\d+) of \d+[ ;]", o.text)}
     started = set(re.findall(r"\] (\S+) started \(", o.text))
     for rid, k in said.items():
         assert expected.get(rid) == k, f"{what}: {rid} continued from epoch {k}, the state said {expected.get(rid)}"

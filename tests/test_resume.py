@@ -25,8 +25,10 @@ from bnlab.train.config import TrainConfig
 from bnlab.train.engine import fit
 from bnlab.train.history import History
 from bnlab.train.resume import (STATE_DIR, RunInterrupted, SettingsChanged, TrainState, discard_state, read_state,
-                                resume_point, save_state, setting_differences)
+                                resume_point, save_state, saved_progress, setting_differences)
 from bnlab.train.single import train_run
+from bnlab.cli.train import _how_to_resume
+from bnlab.experiments.runner import ExperimentInterrupted, continuing
 
 MLP = {"input_shape": [1, 8, 8], "hidden": [24, 16], "bn": "before"}
 CNN = {"kind": "cnn", "input_shape": [1, 8, 8], "blocks": [4], "final_block": 6, "bn": "before", "dropout": 0.2}
@@ -167,7 +169,14 @@ def test_a_run_interrupted_after_training_redoes_only_the_evaluation(tmp_path, m
     with pytest.raises(RunInterrupted) as stop:
         train_run(MLP, cfg, out=tmp_path / "cut", progress=False)
     assert stop.value.epoch == 4 == resume_point(tmp_path / "cut")
+    assert saved_progress(tmp_path / "cut") == (4, True)  # training over: only the evaluation is left
     assert not (tmp_path / "cut" / "history.json").exists()
+    # what the user is told: the evaluation is redone, not "continue from epoch 4 of 4"
+    assert "redo only the evaluation" in _how_to_resume(tmp_path / "cut", 4)
+    assert continuing("r", 4, 4, True) == "r: training finished at epoch 4 of 4; redoing its evaluation"
+    lines = ExperimentInterrupted(2, tmp_path, ["r", "s"], {"r": (4, 4, True), "s": (2, 4, False)}).lines()
+    assert "r finished training (epoch 4 of 4); its evaluation will be redone" in lines
+    assert "s will continue from epoch 2 of 4" in lines
     monkeypatch.setattr(single, "evaluate", real)
     taken = _interrupt_at_step(monkeypatch, 10 ** 9)
     res = train_run(MLP, cfg, out=tmp_path / "cut", progress=False)

@@ -145,13 +145,17 @@ def train(
 
 
 def _how_to_resume(out: Path | None, epoch: int) -> str:
-    from bnlab.train.resume import STATE_DIR
+    from bnlab.train.resume import STATE_DIR, saved_progress
 
     if out is None:
         return "interrupted: nothing was saved (a run resumes only with --out); nothing was recorded"
     if epoch == 0:
         return (f"interrupted before the first epoch ended: nothing to resume and no result recorded in {out}; "
                 "run the same command again to start over")
+    if (saved_progress(out) or (0, False))[1]:
+        return (f"interrupted during the evaluation after training: no result recorded; the trained state (epoch "
+                f"{epoch}) is saved in {out / STATE_DIR}; run the same command again to redo only the evaluation "
+                "(or add --restart to start from zero)")
     return (f"interrupted: no result recorded; the state after epoch {epoch} is saved in {out / STATE_DIR}; "
             f"run the same command again to continue from epoch {epoch} (or add --restart to start from zero)")
 

@@ -39,7 +39,7 @@ from bnlab.experiments.spec import (DataChoice, ExperimentSpec, RunPlan, SpecErr
 from bnlab.experiments.validate import check_models_fit
 from bnlab.experiments.store import FINISHED, RunStore, StoreError
 from bnlab.signals import StopSignals
-from bnlab.train.resume import discard_state, resume_point
+from bnlab.train.resume import discard_state, resume_point, saved_progress
 
 STORE = "runs.sqlite"
 # bumped when runs of the same spec stop being comparable; a folder of another version is not resumed
@@ -71,11 +71,12 @@ class Progress:
 class ExperimentInterrupted(KeyboardInterrupt):
     """The experiment was stopped by ``signal`` (SIGINT or SIGTERM). Raised once every worker is gone
     and the folder's lock is released. ``unfinished``: the runs asked for that have no result;
-    ``continue_from``: those of them with a saved state, run id -> (last saved epoch, epochs);
-    the others start from the beginning. Running the same command again resumes."""
+    ``continue_from``: those of them with a saved state, run id -> (last saved epoch, epochs, whether
+    training is over and only its evaluation is left); the others start from the beginning. Running the
+    same command again resumes."""
 
     def __init__(self, signum: int, folder: str | Path, unfinished: list[str] | None = None,
-                 continue_from: dict[str, tuple[int, int]] | None = None):
+                 continue_from: dict[str, tuple[int, int, bool]] | None = None):
         self.signal = signal.Signals(signum)
         self.folder = Path(folder)
         self.unfinished = list(unfinished or [])
@@ -86,15 +87,19 @@ class ExperimentInterrupted(KeyboardInterrupt):
         """What to tell the user, one line each."""
         out = [f"interrupted by {self.signal.name}: finished runs are saved in {self.folder}"
                + (f"; {len(self.unfinished)} run(s) unfinished, none recorded as finished" if self.unfinished else "")]
-        out += [f"{rid} will continue from epoch {k} of {n}" for rid, (k, n) in self.continue_from.items()]
+        out += [f"{rid} finished training (epoch {k} of {n}); its evaluation will be redone" if over else
+                f"{rid} will continue from epoch {k} of {n}" for rid, (k, n, over) in self.continue_from.items()]
         fresh = [rid for rid in self.unfinished if rid not in self.continue_from]
         if fresh:
             out.append(f"{len(fresh)} run(s) will start from the beginning: {', '.join(fresh)}")
         return out
 
 
-def continuing(run_id: str, epoch: int, epochs: int) -> str:
-    """The line that says a run continues from a saved state (printed before it starts)."""
+def continuing(run_id: str, epoch: int, epochs: int, over: bool = False) -> str:
+    """The line that says a run continues from a saved state (printed before it starts); ``over``:
+    its training is over and only the evaluation after it is redone."""
+    if over:
+        return f"{run_id}: training finished at epoch {epoch} of {epochs}; redoing its evaluation"
     return f"{run_id}: continuing from epoch {epoch} of {epochs}"
 
 
@@ -369,14 +374,15 @@ def run_experiment(spec: ExperimentSpec, out: str | Path, *, quick: bool = False
             raise ExperimentInterrupted(signals.received or signal.SIGINT, out, *left) from None
 
 
-def _after_interrupt(store: RunStore, plans: list[RunPlan], out: Path) -> tuple[list[str], dict[str, tuple[int, int]]]:
+def _after_interrupt(store: RunStore, plans: list[RunPlan],
+                     out: Path) -> tuple[list[str], dict[str, tuple[int, int, bool]]]:
     """Runs left in progress go back to pending; (the runs asked for without a result, those of them
     that will continue from a saved state)."""
     store.reset_interrupted()
     finished = {r["run_id"] for r in store.runs(FINISHED)}
     unfinished = [p for p in plans if p.run_id not in finished]
-    resumable = {p.run_id: (k, p.train["epochs"]) for p in unfinished
-                 if (k := resume_point(out / "runs" / p.run_id))}
+    resumable = {p.run_id: (at[0], p.train["epochs"], at[1]) for p in unfinished
+                 if (at := saved_progress(out / "runs" / p.run_id)) and at[0]}
     return [p.run_id for p in unfinished], resumable
 
 
@@ -454,8 +460,9 @@ class _Runs:
         with self.signals.held():
             self.store.mark_running(plan.run_id)
             self.prog.running += 1
-            k = resume_point(self.out / "runs" / plan.run_id)
-            self.notify(self.prog, continuing(plan.run_id, k, plan.train["epochs"]) if k else f"{plan.run_id} started")
+            at = saved_progress(self.out / "runs" / plan.run_id)
+            self.notify(self.prog, continuing(plan.run_id, at[0], plan.train["epochs"], at[1]) if at and at[0]
+                        else f"{plan.run_id} started")
 
     def finish(self, plan: RunPlan, result: dict) -> None:
         with self.signals.held():

@@ -275,10 +275,10 @@ def _run_settings(run_dir: Path) -> dict | None:
         return None
 
 
-def resume_point(run_dir: str | Path) -> int | None:
-    """The last completed epoch of the valid saved state in ``run_dir/resume`` of the settings in
-    ``run_dir/run.json``; None when there is none (no state, unreadable, failing its digests, or of
-    other settings)."""
+def saved_progress(run_dir: str | Path) -> tuple[int, bool] | None:
+    """(the last completed epoch, whether training is over and only the evaluation is left) of the valid
+    saved state in ``run_dir/resume`` of the settings in ``run_dir/run.json``; None when there is none
+    (no state, unreadable, failing its digests, or of other settings)."""
     run_dir = Path(run_dir)
     settings = _run_settings(run_dir)
     if settings is None:
@@ -286,7 +286,13 @@ def resume_point(run_dir: str | Path) -> int | None:
     body, _ = _read_body(run_dir / STATE_DIR, settings)
     if body is None or _tensor_blob(run_dir / STATE_DIR, body)[0] is None:
         return None
-    return int(body["epoch"])
+    return int(body["epoch"]), bool(body["finished"])
+
+
+def resume_point(run_dir: str | Path) -> int | None:
+    """The last completed epoch of the valid saved state in ``run_dir`` (``saved_progress``); None: none."""
+    progress = saved_progress(run_dir)
+    return None if progress is None else progress[0]
 
 
 def discard_state(run_dir: str | Path) -> None:
