@@ -247,6 +247,7 @@ def test_cli_run_quick_report_compare_list(tmp_path):
     assert r.exit_code == 0 and "report.html" in r.output
     r = CliRunner().invoke(app, ["list"])
     assert r.exit_code == 0 and "demo" in r.output and "seed-002-cifar100" in r.output
+    assert "bn-across-devices" in r.output and "presets/NAME.toml" in r.output.replace("\n", "")
     r = CliRunner().invoke(app, ["report", str(tmp_path / "missing")])
     assert r.exit_code == 2 and "no experiment here" in r.output
     r = CliRunner().invoke(app, ["run", "no-such-preset"])
@@ -298,3 +299,12 @@ def test_report_renders_in_headless_chromium(tmp_path):
     assert errors == []
     assert len(images) == 3 and all(ok and w > 100 and h > 100 for ok, w, h in images)
     assert len(shot) > 10_000
+
+
+def test_the_preset_list_shows_whole_first_sentences_and_counts_long_variant_lists():
+    from bnlab.cli.catalog import _variants_cell, first_sentence
+    assert first_sentence("Does it\nwork? More text.\nAnd more.") == "Does it work?"
+    assert first_sentence("no stop at all\nhere") == "no stop at all here"
+    assert first_sentence("BN (e.g. x) works. Then") == "BN (e.g. x) works."
+    assert _variants_cell(["a", "b"]) == "a, b"
+    assert _variants_cell([f"v{i}" for i in range(32)]) == "32: v0, v1, v2, v3, …"

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import typer
 from rich.markup import escape
 from rich.table import Table
@@ -67,6 +69,17 @@ def summary(model: str = typer.Argument(..., help="A model preset, a .toml/.json
     print(text)
 
 
+def first_sentence(text: str) -> str:
+    """The text's first sentence, its line breaks joined (a preset's description is wrapped TOML)."""
+    flat = " ".join(text.split())
+    end = re.search(r"(?<=[.?!])\s+(?=[A-Z])", flat)  # "e.g. x" does not end one
+    return flat[:end.start()] if end else flat
+
+
+def _variants_cell(names: list[str]) -> str:
+    return ", ".join(names) if len(names) <= 6 else f"{len(names)}: " + ", ".join(names[:4]) + ", …"
+
+
 @app.command("list")
 def list_cmd() -> None:
     """List the experiment presets (bnlab run PRESET), then the model presets and datasets.
@@ -76,13 +89,16 @@ def list_cmd() -> None:
     from bnlab.experiments import load_experiment, preset_names
 
     table = Table(title="experiment presets (bnlab run NAME [--quick])", title_justify="left")
-    for col in ("name", "dataset", "variants", "seeds", "description"):
+    table.add_column("name", no_wrap=True)
+    for col in ("dataset", "variants", "seeds", "description"):
         table.add_column(col)
     for name in preset_names():
         spec = load_experiment(name)
         data = spec.data.dataset + (f" (else {spec.data.fallback.dataset})" if spec.data.fallback else "")
-        table.add_row(*(escape(c) for c in (name, data, ", ".join(spec.variants),
-                                            str(len(spec.seed_list())), spec.description.split("\n")[0])))
+        table.add_row(*(escape(c) for c in (name, data, _variants_cell(list(spec.variants)),
+                                            str(len(spec.seed_list())), first_sentence(spec.description))))
     console.print(table)
+    from importlib import resources
+    console.print(f"each preset in full: {escape(str(resources.files('bnlab.experiments') / 'presets'))}/NAME.toml\n")
     models_cmd()
     datasets_cmd()
