@@ -514,3 +514,23 @@ def test_paper_mnist_quick_report_shows_percentiles_and_landscape(tmp_path):
     assert html.count("<figcaption>") == len(report.figures)
     md = report.markdown.read_text()
     assert "*15th, 50th and 85th percentiles of the input to sigmoid_2" in md
+
+
+def test_with_one_seed_no_figure_promises_a_band():
+    import matplotlib.pyplot as plt
+
+    from bnlab.report import plots
+    runs = [r for r in _fake_runs() if r["seed"] == SEEDS[0]]
+    probes, epochs = _fake_probes(runs), _fake_epochs(runs)
+    figures = {"learning_curves": plots.learning_curves(runs, epochs, VARIANTS, "t"),
+               "probe_percentiles": plots.percentile_panels(probes, runs, VARIANTS),
+               "probe_gradient_norms": plots.gradient_norm_panels(probes, runs, VARIANTS),
+               "probe_saturation": plots.saturation_panel(probes, runs, VARIANTS),
+               "probe_landscape": plots.landscape_panels(probes, runs, VARIANTS)}
+    for name, (fig, caption) in figures.items():
+        labels = [t.get_text() for legend in fig.legends for t in legend.get_texts()]
+        assert plots.BAND not in labels and "min..max" not in caption and "1 seed per variant" in caption, name
+        plt.close(fig)
+    fig, caption = _all_figures()["probe_percentiles"]  # three seeds: the band is there and named
+    assert plots.BAND in [t.get_text() for legend in fig.legends for t in legend.get_texts()] and "min..max" in caption
+    plt.close(fig)

@@ -41,6 +41,15 @@ def _legend_below(fig, handles, labels, *, ncols: int | None = None) -> None:
                    fontsize=8, frameon=False)
 
 
+def _band_key(counts: dict[str, int]) -> tuple[list, list[str]]:
+    """The legend entry for the min..max bands: none when no line has more than one run (no band drawn)."""
+    return ([Patch(color="#888888", alpha=0.3)], [BAND]) if max(counts.values(), default=0) > 1 else ([], [])
+
+
+def _bands_text(counts: dict[str, int]) -> str:
+    return "; bands: min..max over those runs" if max(counts.values(), default=0) > 1 else ""
+
+
 def _seeds_text(counts: dict[str, int]) -> str:
     """'3 seeds' when every variant has as many runs, else the count per variant."""
     values = set(counts.values())
@@ -117,7 +126,7 @@ def learning_curves(runs, epochs, variants: list[str], title: str):
     fig.suptitle(title)
     what = "validation (solid)" if many else "validation (solid) and training (dashed, the epoch's running mean)"
     caption = (f"Accuracy and cross-entropy loss per epoch, {what}, for each variant; lines: mean over the "
-               f"finished runs ({_seeds_text(counts)}), bands: min..max over those runs.")
+               f"finished runs ({_seeds_text(counts)}){_bands_text(counts)}.")
     return fig, caption
 
 
@@ -157,7 +166,7 @@ def curves_by_method(runs, epochs, spec):
     for r in range(rows):
         axes[r][0].set_ylabel("validation error (%, log scale)")
     caption = ("Validation error per epoch, one panel per method and one line per images-per-device setting "
-               f"(mean over the finished runs, {_seeds_text(counts)}; bands: min..max over them). Flat ends mean "
+               f"(mean over the finished runs, {_seeds_text(counts)}{_bands_text(counts)}). Flat ends mean "
                "the runs had converged within their budget.")
     return fig, caption
 
@@ -330,9 +339,9 @@ def percentile_panels(probes, runs, variants: list[str], *, max_units: int = 3):
             ax.set_xlabel(STEP)
             ax.set_ylabel(f"input to {layer}")
             ax.grid(alpha=0.3)
-    handles = [plt.Line2D([], [], ls=s, color=col) for _, s, col, _ in PERCENTILES] + [
-        Patch(color="#888888", alpha=0.3)]
-    _legend_below(fig, handles, [lab for *_, lab in PERCENTILES] + [BAND], ncols=4)
+    band_handle, band_label = _band_key(counts)
+    handles = [plt.Line2D([], [], ls=s, color=col) for _, s, col, _ in PERCENTILES] + band_handle
+    _legend_below(fig, handles, [lab for *_, lab in PERCENTILES] + band_label, ncols=4)
     fig.suptitle(f"Input to {layer} (last hidden activation layer): 15th / 50th / 85th percentiles over training")
     tracked = (f"; rows below: tracked unit{'s' if len(units) > 1 else ''} {', '.join(u[4:] for u in units)} "
                "alone (the same unit indices in every run, each seed's own neuron there)") if units else ""
@@ -340,7 +349,7 @@ def percentile_panels(probes, runs, variants: list[str], *, max_units: int = 3):
                f"on {_probe_batch_text(table)} before the update of each sampled step, with BN using the probe "
                f"batch's own statistics (train mode; running statistics untouched). Top row: percentiles over all "
                f"{f'{int(width)} ' if width else ''}units and images together{tracked}. Lines: mean over the runs "
-               f"({_seeds_text(counts)}); bands: min..max over those runs.")
+               f"({_seeds_text(counts)}){_bands_text(counts)}.")
     return fig, caption
 
 
@@ -363,10 +372,11 @@ def gradient_norm_panels(probes, runs, variants: list[str]):
         ax.set_ylabel("weight gradient L2 norm (log scale)")
         ax.grid(alpha=0.3)
     handles = [plt.Line2D([], [], color=PALETTE[i % len(PALETTE)]) for i in range(len(layers))]
-    _legend_below(fig, handles + [Patch(color="#888888", alpha=0.3)], layers + [BAND], ncols=min(len(layers) + 1, 6))
+    band_handle, band_label = _band_key(counts)
+    _legend_below(fig, handles + band_handle, layers + band_label, ncols=min(len(layers) + 1, 6))
     caption = ("L2 norm of each weight layer's gradient of the training loss on the batch of each sampled step "
                "(with plain SGD in the fused or native step: ||W_after - W_before|| / lr), one column per variant; "
-               f"lines: mean over the runs ({_seeds_text(counts)}); bands: min..max over those runs.")
+               f"lines: mean over the runs ({_seeds_text(counts)}){_bands_text(counts)}.")
     return fig, caption
 
 
@@ -390,11 +400,12 @@ def saturation_panel(probes, runs, variants: list[str]):
     ax.set_ylabel("saturated inputs (fraction)")
     ax.set_title("share of activation inputs where the derivative < 5% of its maximum", fontsize=9)
     ax.grid(alpha=0.3)
-    _legend_below(fig, handles + [Patch(color="#888888", alpha=0.3)], labels + [BAND], ncols=3)
+    band_handle, band_label = _band_key(counts)
+    _legend_below(fig, handles + band_handle, labels + band_label, ncols=3)
     caption = ("Fraction of each sigmoid / tanh layer's inputs on "
                f"{_probe_batch_text(table)} at which the activation's derivative is below 5% of its maximum "
                "(sigmoid' < 0.0125, tanh' < 0.05), before the update of each sampled step; lines: mean over the "
-               f"runs ({_seeds_text(counts)}); bands: min..max over those runs.")
+               f"runs ({_seeds_text(counts)}){_bands_text(counts)}.")
     return fig, caption
 
 
@@ -427,8 +438,9 @@ def landscape_panels(probes, runs, variants: list[str]):
         ax.set_ylabel(ylabel)
         ax.set_yscale("log")
         ax.grid(alpha=0.3)
-    _legend_below(fig, [h for h, _ in handles] + [Patch(color="#888888", alpha=0.3)],
-                  [lab for _, lab in handles] + [BAND], ncols=min(len(handles) + 1, 5))
+    band_handle, band_label = _band_key(counts)
+    _legend_below(fig, [h for h, _ in handles] + band_handle, [lab for _, lab in handles] + band_label,
+                  ncols=min(len(handles) + 1, 5))
     scales = table.probe_setting("landscape_scales")
     every = table.probe_setting("landscape_every")
     lrs = sorted({c.get("lr") for c in table.config.values() if c.get("lr") is not None})
@@ -440,7 +452,7 @@ def landscape_panels(probes, runs, variants: list[str]):
                f"predictiveness, max ||∇L(W - ηg) - g||; right: effective β-smoothness, "
                f"max ||∇L(W - ηg) - g|| / ||ηg|| "
                f"(Santurkar et al. 2018). Lines: mean over the runs "
-               f"({_seeds_text(counts)}); bands: min..max over those runs.")
+               f"({_seeds_text(counts)}){_bands_text(counts)}.")
     return fig, caption
 
 
@@ -470,13 +482,14 @@ def test_accuracy_panel(probes, runs, variants: list[str]):
         ax.set_ylabel("test accuracy (eval mode)")
         ax.grid(alpha=0.3)
     axes[0][1].set_ylim(bottom, min(1.0, top + 0.01))
-    _legend_below(fig, [h for h, _ in handles] + [Patch(color="#888888", alpha=0.3)],
-                  [lab for _, lab in handles] + [BAND], ncols=min(len(handles) + 1, 5))
+    band_handle, band_label = _band_key(counts)
+    _legend_below(fig, [h for h, _ in handles] + band_handle, [lab for _, lab in handles] + band_label,
+                  ncols=min(len(handles) + 1, 5))
     every = table.probe_setting("every")
     caption = (f"Test accuracy against optimizer steps (Ioffe & Szegedy 2015, Fig. 1(a)): the whole test set, in eval "
                f"mode (BN with its moving averages), measured every {every or 'sampled'} steps before that step's "
                f"update (step 1: the initial weights). Left: the whole run; right: the same, the accuracy axis from "
-               f"{bottom:.2f} (the lowest run in the second half of training). Lines: mean over the runs ({_seeds_text(counts)}); bands: min..max over those runs.")
+               f"{bottom:.2f} (the lowest run in the second half of training). Lines: mean over the runs ({_seeds_text(counts)}){_bands_text(counts)}.")
     return fig, caption
 
 
