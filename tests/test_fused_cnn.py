@@ -106,3 +106,28 @@ def test_without_the_native_kernels_the_aten_path_matches_autograd_too(activatio
     step = FusedMLPStep(copy.deepcopy(model))
     assert not any(isinstance(op, fused._BatchNormAct) for op in step.ops)
     assert _compare(model) == "fused"
+
+
+@pytest.mark.parametrize("optimizer", ["adam", "rmsprop", "sgd"])
+def test_optimizer_steps_on_fused_gradients_equal_autograds(optimizer):
+    """The fused step's gradients keep each parameter's layout (autograd's contract): torch's fused Adam
+    reads .grad as flat memory in the parameter's order, so a channels_last conv-weight gradient under a
+    contiguous weight updated the wrong elements."""
+    from bnlab.train.optim import make_optimizer
+    model = _cnn("elu")
+    ref = copy.deepcopy(model)
+    fused, _ = make_step(model, "auto", None)
+    auto = AutogradStep(ref)
+    opt_a = make_optimizer(optimizer, list(model.parameters()), lr=0.03, momentum=0.9 if optimizer == "sgd" else 0.0)
+    opt_b = make_optimizer(optimizer, list(ref.parameters()), lr=0.03, momentum=0.9 if optimizer == "sgd" else 0.0)
+    g = torch.Generator().manual_seed(1)
+    for _ in range(3):
+        x, y = torch.randn(16, 3, 8, 8, generator=g, dtype=torch.float64), torch.randint(0, 5, (16,), generator=g)
+        fused(x, y)
+        auto(x, y)
+        for p in model.parameters():
+            assert p.grad.stride() == p.stride()
+        opt_a.step()
+        opt_b.step()
+    for (name, p), q in zip(model.named_parameters(), ref.parameters()):
+        assert torch.allclose(p, q, rtol=1e-10, atol=1e-10), name

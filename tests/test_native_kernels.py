@@ -109,7 +109,7 @@ def test_no_affine_and_nan_and_clear_errors():
         K.bn_act_forward(torch.ones(1, 3), None, None, None, None, True, 1e-5, 0, 0.0)
     with pytest.raises(RuntimeError, match="channels_last"):
         K.bn_act_forward(torch.ones(2, 3, 4, 4), None, None, None, None, True, 1e-5, 0, 0.0)
-    with pytest.raises(RuntimeError, match="weight must be a vector of 3 values"):
+    with pytest.raises(RuntimeError, match="weight must be a contiguous vector of 3 values"):
         K.bn_act_forward(torch.ones(2, 3), torch.ones(4), None, None, None, True, 1e-5, 0, 0.0)
     with pytest.raises(RuntimeError, match="unknown activation code 9"):
         K.bn_act_forward(torch.ones(2, 3), None, None, None, None, True, 1e-5, 9, 0.0)
@@ -201,3 +201,58 @@ def test_the_fused_step_pools_natively_only_side_by_side_windows(module, native)
     ref = x.detach().clone().requires_grad_(True)
     module(ref).backward(torch.ones_like(y))
     assert torch.equal(y, module(x)) and torch.equal(dx, ref.grad)
+
+
+# ---- found by a user trial (session 9): each failed before its fix
+
+def _pool_then_flatten(filters, pool):
+    return {"kind": "layers", "input_shape": [2, 6, 6], "num_classes": 3, "layers": [
+        {"type": "conv2d", "filters": filters, "padding": "same"}, {"type": "batchnorm"},
+        {"type": "activation", "activation": "relu"}, {"type": "maxpool", "pool_size": pool},
+        {"type": "flatten"}, {"type": "dense", "units": 3}]}
+
+
+@pytest.mark.parametrize("filters,pool", [(1, 2), (5, 6)])  # C == 1, or a 1x1 pooled map, then Flatten
+def test_pooling_into_flatten_with_size_one_dimensions(filters, pool):
+    import copy
+
+    from bnlab.train.engine import AutogradStep
+    model = build_model(_pool_then_flatten(filters, pool), seed=0).double()
+    ref = copy.deepcopy(model)
+    x, y = torch.randn(4, 2, 6, 6, dtype=torch.float64), torch.randint(0, 3, (4,))
+    FusedMLPStep(model)(x, y)  # the gradient reaching the pool is NCHW with size-1 dims: still its layout
+    AutogradStep(ref)(x, y)
+    for p, q in zip(model.parameters(), ref.parameters()):
+        assert torch.allclose(p.grad, q.grad, rtol=1e-10, atol=1e-12)
+
+
+def test_bfloat16_subnormals_are_kept_as_aten_keeps_them():
+    x = (torch.rand(2, 16, 4, 4, generator=torch.Generator().manual_seed(0)) * 1e-39).bfloat16()
+    x = x.contiguous(memory_format=torch.channels_last)
+    assert torch.equal(K.max_pool_forward(x, 2)[0], torch.nn.functional.max_pool2d(x, 2))
+    x = torch.randn(65, 16, generator=torch.Generator().manual_seed(0)).bfloat16()
+    w, b = torch.full((16,), 1e-39), torch.zeros(16)
+    y = K.bn_act_forward(x, w, b, None, None, True, 1e-5, 6, 0.0)[0]
+    ref = torch.nn.functional.batch_norm(x.float(), None, None, w, b, True, 0.1, 1e-5).bfloat16()
+    assert (y != 0).sum() > 900 and torch.equal(y != 0, ref != 0)  # subnormal outputs, not flushed to 0
+
+
+def test_an_outlying_first_row_keeps_the_variance_digits():
+    g = torch.Generator().manual_seed(0)
+    x = 10 + 0.01 * torch.randn(4096, 8, generator=g)
+    x[0] = 0.0  # the first row far from the others: sums of x - x[0] in float lost 1e-4 of the variance
+    var = K.bn_act_forward(x, None, None, None, None, True, 1e-5, 6, 0.0)[3]
+    assert torch.allclose(var.double(), x.double().var(0, unbiased=False), rtol=1e-5)
+
+
+def test_parameter_and_window_errors_are_clear():
+    x = _maps((4, 37), torch.float32)
+    with pytest.raises(RuntimeError, match="weight must be float32 or float64"):
+        K.bn_act_forward(x, torch.ones(37, dtype=torch.float16), None, None, None, True, 1e-5, 0, 0.0)
+    with pytest.raises(RuntimeError, match="weight must be a contiguous vector of 37 values"):
+        K.bn_act_forward(x, torch.ones(74)[::2], None, None, None, True, 1e-5, 0, 0.0)
+    with pytest.raises(RuntimeError, match="empty"):
+        K.bn_act_forward(torch.ones(0, 3), None, None, None, None, True, 1e-5, 0, 0.0)
+    dy = _maps((2, 3, 4, 4), torch.float32)
+    with pytest.raises(RuntimeError, match="windows of 1 to 15"):  # was a division by zero (SIGFPE)
+        K.max_pool_backward(dy, torch.zeros_like(dy), [2, 3, 8, 8], 0)

@@ -13,12 +13,11 @@ CNN = {"kind": "cnn", "input_shape": [3, 8, 8], "num_classes": 4, "blocks": [4],
 MLP = {"hidden": [8], "input_shape": [6], "num_classes": 3, "bn": "before", "dropout": 0.3}
 
 
-def test_a_cnn_is_fused_only_and_each_engine_says_why():
+def test_a_cnn_is_fused_and_stacked_not_native_and_the_native_step_says_why():
     prog = program_of(build_model(CNN, seed=0))
     assert [op.kind for op in prog.ops][:4] == ["conv2d", "batchnorm", "activation", "conv2d"]
-    assert not prog.is_mlp and prog.unsupported("fused") == []
+    assert not prog.is_mlp and prog.unsupported("fused") == [] and prog.unsupported("stacked") == []
     assert any("the native step is for MLPs" in r for r in prog.unsupported("native"))
-    assert any("stacking is for MLPs" in r for r in prog.unsupported("stacked"))
 
 
 def test_an_mlp_runs_everywhere_except_native_with_dropout_on_a_gpu_or_frozen():

@@ -144,10 +144,10 @@ def test_step_budget_and_the_seed_mlp_on_images():
 
 
 def test_unsupported_models_are_named():
-    cnn = build_model({"kind": "cnn", "input_shape": [3, 8, 8], "num_classes": 4, "blocks": [4], "final_block": 4})
-    assert stack_unsupported(cnn)
+    layer = build_model({**MLP, "bn": "before", "norm": "layer"})
+    assert any("LayerNorm" in r for r in stack_unsupported(layer))
     with pytest.raises(ValueError, match="stacked training does not support"):
-        fit_stacked([cnn], _data(), [0])
+        fit_stacked([layer], _data(), [0])
     with pytest.raises(ValueError, match="one seed per model"):
         fit_stacked(_models(MLP), _data(), [0, 1])
 
@@ -245,7 +245,7 @@ def test_an_interrupted_stacked_group_continues_from_its_saved_epoch_bit_for_bit
     monkeypatch.setattr(stacked, "_evaluate", evaluate_then_stop)
     with pytest.raises(ExperimentInterrupted) as e:
         run_experiment(spec, tmp_path / "e", workers=1, stack="on")
-    assert e.value.continue_from == {f"bn/seed-{s}": (2, 3) for s in range(3)}
+    assert e.value.continue_from == {f"bn/seed-{s}": (2, 3, False) for s in range(3)}
     monkeypatch.setattr(stacked, "_evaluate", real)
     messages = []
     prog = run_experiment(spec, tmp_path / "e", workers=1, stack="on", on_progress=lambda p, m: messages.append(m))
@@ -352,3 +352,49 @@ def test_bf16_mixed_members_follow_their_single_bf16_runs(dropout):
 def test_stacking_refuses_fp16():
     with pytest.raises(ValueError, match="stacked training runs precision fp32 or bf16-mixed"):
         fit_stacked(_models(MLP), _data(), SEEDS, precision="fp16-mixed", epochs=1)
+
+
+CNN = {"kind": "cnn", "input_shape": [2, 8, 8], "num_classes": 3, "blocks": [3, 4], "final_block": 5}
+
+
+def _images(n=120, dtype=torch.float64, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, 2, 8, 8, generator=g, dtype=dtype)
+    y = (x[:, 0, :4].mean((1, 2)) > 0).long() + (x[:, 1, 4:].mean((1, 2)) > 0).long()
+    return Dataset("toy-maps", x[:90], y[:90], x[90:], y[90:], x[:0], y[:0], 3)
+
+
+@pytest.mark.parametrize("variant,optimizer", [
+    ({"bn": "before", "dropout": 0.2}, {"optimizer": "sgd", "momentum": 0.9}),
+    ({"bn": "after", "activation": "elu", "norm_options": {"convention": "keras"}}, {"optimizer": "adam"}),
+    ({"bn": "before", "activation": "tanh", "norm_options": {"momentum": None}}, {"optimizer": "rmsprop"}),
+    ({"bn": "none", "dropout": 0.3}, {"optimizer": "sgd"}),
+])
+def test_each_cnn_member_is_its_single_run_in_float64(variant, optimizer):
+    spec = {**CNN, **variant}
+    kw = dict(lr=0.03, batch_size=16, epochs=2, **optimizer)
+    data = _images()
+    models = _models(spec)
+    hists = fit_stacked(models, data, SEEDS, **kw)
+    assert all(h.engine == "stacked:3" for h in hists)
+    _check_members(spec, hists, models, kw, 1e-9, data=data)  # grouped vs single convolutions: summation order
+
+
+def test_cnn_members_in_float32():
+    spec = {**CNN, "bn": "before", "dropout": 0.2}
+    data = _images(dtype=torch.float32)
+    kw = dict(lr=0.03, batch_size=16, epochs=2, optimizer="adam")
+    models = _models(spec, torch.float32)
+    hists = fit_stacked(models, data, SEEDS, **kw)
+    _check_members(spec, hists, models, kw, 2e-4, dtype=torch.float32, data=data)
+
+
+def test_a_diverging_cnn_member_leaves_and_the_others_go_on():
+    spec = {**CNN, "bn": "none"}
+    data = _images()
+    data.x_train[60:62] *= 1e300  # a batch that overflows: each seed meets it at its own step
+    kw = dict(lr=0.03, batch_size=16, epochs=2)
+    models = _models(spec)
+    hists = fit_stacked(models, data, SEEDS, **kw)
+    assert all(h.stopped == "diverged" for h in hists) and len({h.message for h in hists}) == 3  # at 3 steps
+    _check_members(spec, hists, models, kw, 1e-9, data=data)

@@ -58,7 +58,8 @@ def run(
     workers: int = typer.Option(None, min=1, max=256, help="Worker processes (default: one per core)."),
     retry_failed: bool = typer.Option(False, "--retry-failed", help="Run failed runs again."),
     stack: str = typer.Option("auto", "--stack", help="on: the runs of a variant that differ only in their seed "
-                              "train as one stacked model where they can (MLPs in fp32 without per-run logs; "
+                              "train as one stacked model where they can (the fused step's MLPs and CNNs, fp32 or "
+                              "bf16-mixed, without per-run logs; "
                               "results stored run by run, resumable run by run); auto: on a "
                               "GPU only; off: every run alone."),
     backend: str = typer.Option("local", "--backend", help="local: worker processes on this machine; ray: each "

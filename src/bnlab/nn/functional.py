@@ -47,7 +47,9 @@ class BatchNormFunction(torch.autograd.Function):
         m = x.numel() // x.shape[axis]
         mean = x.mean(dims, dtype=stats_dtype(x.dtype))  # (C,), float32 for half x
         y = torch.sub(x, mean.view(shape))  # the one allocation (float32 for half x); holds x - mean for now
-        var = torch.linalg.vector_norm(y, 2, dim=dims).square_().div_(m)  # (C,) biased
+        # (C,) biased. Not linalg.vector_norm: over several dims it sums float32 squares with a relative
+        # error of 2e-4 (measured on a CNN's first BN on MNIST), where sum() sums pairwise (2e-7)
+        var = y.square().sum(dims).div_(m)
         inv_std = torch.rsqrt(var + eps)  # eps inside the root
         scale = inv_std if weight is None else inv_std * weight
         y.mul_(scale.view(shape))

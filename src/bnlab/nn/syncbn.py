@@ -58,7 +58,7 @@ class SyncBatchNormFunction(torch.autograd.Function):
         n_local = x.numel() // c
         if n_local:
             mean_local = x.mean(dims, dtype=sd)
-            m2_local = torch.linalg.vector_norm(x.to(sd) - mean_local.view(shape), 2, dim=dims).square_()
+            m2_local = (x.to(sd) - mean_local.view(shape)).square_().sum(dims)  # pairwise sums (as functional.py)
         else:  # an empty rank: nothing to say about the statistics
             mean_local = torch.zeros(c, dtype=sd, device=x.device)
             m2_local = torch.zeros(c, dtype=sd, device=x.device)

@@ -53,6 +53,10 @@ class _Update:
         if p is None or not p.requires_grad:
             return
         g = _low(g, p.dtype)  # mixed precision: float32 gradients
+        if g.stride() != p.stride():
+            # the layout autograd gives .grad (its layout contract): a channels_last conv-weight gradient
+            # under a contiguous weight made torch's fused Adam update the wrong elements (measured)
+            g = torch.empty_like(p).copy_(g)
         if self.lr is None:
             p.grad = g
         else:
@@ -269,8 +273,8 @@ class _MaxPool2d:
         if not need_dx:
             return None
         if self.native:
-            if dy.stride() != self.idx.stride():
-                dy = dy.contiguous(memory_format=torch.channels_last)
+            if not dy.is_contiguous(memory_format=torch.channels_last):
+                dy = torch.empty_like(self.idx).copy_(dy)  # the positions' layout
             return self.kernels.max_pool_backward(dy, self.idx, list(self.h.shape), self.args[0][0])
         return aten.max_pool2d_with_indices_backward(dy, self.h, *self.args, self.idx)
 

@@ -5,9 +5,9 @@ activation computes forward and backward lives in ``bnlab.nn.activations``.
 
 Supported by the fused step: an ``nn.Sequential`` of Conv2d (zero padding given as numbers, one group),
 MaxPool2d, bnlab BatchNorm (not renorm / ghost), activations and Dropout on feature maps, then a Flatten
-and Linear, BN on (N, C), activations and Dropout, ending in Linear. The native step and stacking take
-the MLPs among these (no Conv2d / MaxPool2d); the native step also needs a CPU, float32/64, no active
-dropout, no frozen and no non-contiguous tensors.
+and Linear, BN on (N, C), activations and Dropout, ending in Linear. Stacking takes all of these; the
+native step the MLPs among them (no Conv2d / MaxPool2d), on a CPU, float32/64, with no active dropout and
+no frozen or non-contiguous tensors.
 """
 
 from __future__ import annotations
@@ -52,10 +52,9 @@ class Program:
         bad = list(self.reasons)
         if engine == "fused":
             return bad
-        what = "the native step" if engine == "native" else "stacking"
-        bad += [f"{op.name} ({type(op.module).__name__}: {what} is for MLPs)" for op in self.ops
-                if op.kind in ("conv2d", "maxpool2d")]
         if engine == "native":
+            bad += [f"{op.name} ({type(op.module).__name__}: the native step is for MLPs)" for op in self.ops
+                    if op.kind in ("conv2d", "maxpool2d")]
             if device is not None and device.type != "cpu":
                 bad.append(f"device {device.type}")
             if dtype is not None and dtype not in (torch.float32, torch.float64):

@@ -1,8 +1,9 @@
-"""Many seeds as one model: K runs of one MLP that differ only in their seed, trained as one stacked model.
+"""Many seeds as one model: K runs of one network that differ only in their seed, trained as one stacked model.
 
 Why: a seed MLP step at batch 32 is dominated by per-step overhead and small matrix products; K
 members stacked along a leading axis share that overhead and turn K small products into one batched
-product (``torch.baddbmm``). What stays per member, so that each member's History is its single run's
+product (``torch.baddbmm``); a small CNN's K convolutions become one grouped convolution over the
+members' feature maps side by side, (B, K·C, H, W). What stays per member, so that each member's History is its single run's
 (``fit(model_k, seed=seed_k)``; float64 within 1e-10, tested):
 
 * its initial weights (the K models are built by the caller, one per seed, and stacked here);
@@ -19,9 +20,9 @@ product (``torch.baddbmm``). What stays per member, so that each member's Histor
 * its probes (``probes``): recorded on its own model, loaded with its tensors around each sampled step.
 
 Each epoch's ``seconds`` is the member's share of the stacked epoch (its wall time over the members
-trained in it). Supported: the MLPs of ``bnlab.train.fused`` (Flatten, Linear, bnlab BatchNorm on
-(N, C), the activations, Dropout; ending in Linear) in fp32 or bf16-mixed; ``stack_unsupported``
-says why another model is not.
+trained in it). Supported: the networks of ``bnlab.train.fused`` (Conv2d, MaxPool2d, BN, activations and
+Dropout on maps, Flatten, Linear, BN on (N, C), ending in Linear) in fp32 or bf16-mixed;
+``stack_unsupported`` says why another model is not.
 """
 
 from __future__ import annotations
@@ -77,6 +78,48 @@ class _Linear:
         return out
 
 
+class _Conv2d:
+    """K convolutions as one grouped convolution over the members' channels side by side, (B, K·C, H, W)."""
+
+    def __init__(self, mods: list[nn.Conv2d]):
+        self.m = mods[0]
+        self.w = torch.stack([c.weight.detach() for c in mods])  # (K, out, in, kh, kw): members lead
+        self.b = None if self.m.bias is None else torch.stack([c.bias.detach() for c in mods])
+
+    def tensors(self):
+        return [t for t in (self.w, self.b) if t is not None]
+
+    def forward(self, h, training, gens):
+        m, k = self.m, self.w.shape[0]
+        return F.conv2d(h, self.w.reshape(-1, *self.w.shape[2:]), None if self.b is None else self.b.reshape(-1),
+                        m.stride, m.padding, m.dilation, groups=k)
+
+    def state(self, k):
+        out = {"weight": self.w[k]}
+        if self.b is not None:
+            out["bias"] = self.b[k]
+        return out
+
+
+class _Flatten:
+    """From the members' maps side by side, (B, K·C, H, W), to each member's rows, (K, B, C·H·W), each
+    flattened in its single model's (C, H, W) order."""
+
+    def __init__(self, channels: int):
+        self.c = channels
+
+    def forward(self, h, training, gens):
+        b, kc = h.shape[:2]
+        k = kc // self.c
+        return h.reshape(b, k, -1).transpose(0, 1)
+
+
+def members_side_by_side(x: torch.Tensor) -> torch.Tensor:
+    """(K, B, C, H, W) -> (B, K·C, H, W) channels_last: member k's channels are k·C .. (k+1)·C - 1."""
+    k, b = x.shape[:2]
+    return x.transpose(0, 1).reshape(b, k * x.shape[2], *x.shape[3:]).contiguous(memory_format=torch.channels_last)
+
+
 class _BatchNorm:
     def __init__(self, mods: list[BatchNorm]):
         m = self.m = mods[0]
@@ -95,13 +138,19 @@ class _BatchNorm:
     def buffers(self):
         return [self.running_mean, self.running_var] if self.tracked else []
 
-    def forward(self, h, training, gens):  # h: (K, B, C)
+    def forward(self, h, training, gens):  # h: (K, B, C), or maps side by side (B, K·C, H, W)
         m = self.m
+        maps = h.dim() == 4
         if training or not self.tracked:
-            # every member's channels side by side, (B, K·C): one ATen batch-norm op forward and one
-            # backward for all members, the kernels the single-run steps use
-            k, b, c = h.shape
-            flat = h.transpose(0, 1).reshape(b, k * c)
+            # every member's channels side by side, (B, K·C[, H, W]): one ATen batch-norm op forward and
+            # one backward for all members, the kernels the single-run steps use
+            if maps:
+                c = m.num_features
+                k, b = h.shape[1] // c, h.shape[0] * h.shape[2] * h.shape[3]  # b: values per channel
+                flat = h
+            else:
+                k, b, c = h.shape
+                flat = h.transpose(0, 1).reshape(b, k * c)
             w = None if self.weight is None else self.weight.reshape(-1)
             bias = None if self.bias is None else self.bias.reshape(-1)
             y, mean, _ = torch.native_batch_norm(flat, w, bias, None, None, True, 0.0, m.eps)
@@ -113,12 +162,14 @@ class _BatchNorm:
                     self.running_mean.mul_(1.0 - u.factor).add_(mean.view(k, c), alpha=u.factor)
                     self.running_var.mul_(1.0 - u.factor).add_(var.view(k, c) * u.var_correction, alpha=u.factor)
                     self.count += 1
-            return y.view(b, k, c).transpose(0, 1)
-        y = (h - self.running_mean.unsqueeze(1)) * torch.rsqrt(self.running_var.unsqueeze(1) + m.eps)
+            return y if maps else y.view(b, k, c).transpose(0, 1)
+        # evaluation: each member's running statistics, broadcast over its rows or its maps
+        shape = (1, -1, 1, 1) if maps else (self.running_mean.shape[0], 1, -1)
+        y = (h - self.running_mean.reshape(shape)) * torch.rsqrt(self.running_var.reshape(shape) + m.eps)
         if self.weight is not None:
-            y = y * self.weight.unsqueeze(1)
+            y = y * self.weight.reshape(shape)
         if self.bias is not None:
-            y = y + self.bias.unsqueeze(1)
+            y = y + self.bias.reshape(shape)
         return y
 
     def state(self, k):
@@ -148,17 +199,23 @@ class _Dropout:
     def forward(self, h, training, gens):
         if not training or self.p == 0:
             return h
-        # each member's mask from its own noise generator, drawn as the fused single-run step draws it
+        # each member's mask from its own noise generator, drawn as the fused single-run step draws it:
+        # over its rows (K, B, C), or over its channels_last maps, side by side in (B, K·C, H, W)
+        maps = h.dim() == 4
+        one = (h.shape[0], h.shape[1] // len(gens), *h.shape[2:]) if maps else h.shape[1:]
+        layout = torch.channels_last if maps else torch.contiguous_format
         kernels = native.bn_kernels() if h.device.type == "cpu" else None
         if hashes_dropout(kernels, h):
-            ones = torch.ones(h.shape[1:], dtype=h.dtype)
-            return h * torch.stack([kernels.hashed_dropout(ones, self.p, dropout_seed(g)) for g in gens])
-        keep = torch.stack([torch.rand(h.shape[1:], generator=g) for g in gens]).to(h.device) >= self.p
-        return h * keep.to(h.dtype).div_(1 - self.p)
+            ones = torch.ones(one, dtype=h.dtype).contiguous(memory_format=layout)
+            masks = [kernels.hashed_dropout(ones, self.p, dropout_seed(g)) for g in gens]
+        else:
+            masks = [(torch.empty(one, memory_format=layout).uniform_(generator=g) >= self.p).to(h.dtype)
+                     .div_(1 - self.p) for g in gens]
+        return h * (torch.cat(masks, 1) if maps else torch.stack(masks)).to(h.device)
 
 
-class StackedMLP:
-    """K copies of one ``nn.Sequential`` MLP as tensors with a leading member axis."""
+class StackedNet:
+    """K copies of one ``nn.Sequential`` network (an MLP or a CNN) as tensors with a leading member axis."""
 
     def __init__(self, models: list[nn.Sequential]):
         bad = stack_unsupported(models[0])
@@ -167,13 +224,21 @@ class StackedMLP:
         self.template = models[0]
         self.names, self.ops = [], []
         programs = [program_of(m).ops for m in models]
+        self.maps = not program_of(models[0]).is_mlp  # a CNN: maps side by side until its Flatten
+        channels = None  # of the maps reaching each op
         for step in zip(*programs):
             first = step[0]
             mods = [op.module for op in step]
+            if first.kind == "flatten" and not self.maps:
+                continue  # forward flattens an MLP's input
             if first.kind == "flatten":
-                continue  # forward flattens its input
-            op = {"linear": _Linear, "batchnorm": _BatchNorm}.get(first.kind)
-            op = op(mods) if op else _Dropout(first.module) if first.kind == "dropout" else _Elementwise(first.module)
+                op = _Flatten(channels)
+            elif first.kind == "conv2d":
+                op, channels = _Conv2d(mods), first.module.out_channels
+            elif first.kind in ("linear", "batchnorm"):
+                op = {"linear": _Linear, "batchnorm": _BatchNorm}[first.kind](mods)
+            else:
+                op = _Dropout(first.module) if first.kind == "dropout" else _Elementwise(first.module)
             self.names.append(first.name)
             self.ops.append(op)
         for t in self.parameters():
@@ -212,7 +277,7 @@ class StackedMLP:
 
     def forward(self, x: torch.Tensor, training: bool, gens=()) -> torch.Tensor:
         """x: (K, B, ...) -> logits (K, B, classes)."""
-        h = x.reshape(x.shape[0], x.shape[1], -1)
+        h = members_side_by_side(x) if self.maps else x.reshape(x.shape[0], x.shape[1], -1)
         for op in self.ops:
             h = op.forward(h, training, gens)
         return h
@@ -241,8 +306,8 @@ class StackedMLP:
         """Member ``k``'s gradients under the single model's parameter names."""
         out = {}
         for name, op in zip(self.names, self.ops):
-            if isinstance(op, _Linear):
-                out[f"{name}.weight"] = op.w.grad[k].t()
+            if isinstance(op, (_Linear, _Conv2d)):
+                out[f"{name}.weight"] = op.w.grad[k].t() if isinstance(op, _Linear) else op.w.grad[k]
                 if op.b is not None:
                     out[f"{name}.bias"] = op.b.grad[k]
             elif isinstance(op, _BatchNorm):
@@ -313,7 +378,7 @@ def fit_stacked(models: list[nn.Sequential], data: Dataset, seeds: list[int], *,
     for m in models:
         m.to(dev).train()
     data = data.to(dev)
-    stack = StackedMLP(models)
+    stack = StackedNet(models)
     dirs = checkpoint_dirs or [None] * len(models)
     metas = checkpoint_meta or [None] * len(models)
     members = [_Member(s, k, torch.Generator().manual_seed(s), torch.Generator().manual_seed(stream_seed(s, "noise")),
@@ -471,7 +536,7 @@ def fit_stacked(models: list[nn.Sequential], data: Dataset, seeds: list[int], *,
 
 
 @torch.no_grad()
-def _evaluate(stack: StackedMLP, x: torch.Tensor, y: torch.Tensor, batch_size: int):
+def _evaluate(stack: StackedNet, x: torch.Tensor, y: torch.Tensor, batch_size: int):
     """Each member's (mean cross-entropy, accuracy) in eval mode; None without validation data."""
     if len(y) == 0:
         return None

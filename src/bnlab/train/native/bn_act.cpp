@@ -12,10 +12,10 @@
 // Maths (the same as bnlab.nn.BatchNorm and ATen's kernels): biased batch variance, eps inside the
 // root, y = act((x - mean) * invstd * gamma + beta), and the usual input gradient
 // dx = (g - mean(g) - (x - mean) * invstd^2 * mean(g * (x - mean))) * invstd * gamma.
-// The statistics are sums of x - x[0] (one pass; no cancellation when |mean| >> std) accumulated in
-// double; the variance is returned as computed (not rebuilt from invstd, which loses it when var << eps).
+// The statistics are sums of x - ref (ref: the mean of the first rows; one pass, no cancellation when
+// |mean| >> std) accumulated in the maths type over 64 periods, then in double; the variance is returned as computed (not rebuilt from invstd, which loses it when var << eps).
 // bfloat16 inputs run their maths in float with float statistics, as ATen's mixed-type kernels.
-// tests/test_bn_act.py holds it to ATen and autograd.
+// tests/test_native_kernels.py holds it to ATen and autograd.
 
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
@@ -39,6 +39,7 @@ namespace {
 constexpr int64_t MAX_PERIOD = 8192;  // beyond it (a large odd C) the walk goes one value at a time
 constexpr int64_t FLUSH = 64;         // periods summed in the maths type before the sums meet the doubles
 constexpr int64_t MIN_TASK = 32768;   // values per thread below which a pass is not split
+constexpr int64_t REF_ROWS = 256;     // rows whose mean shifts the statistics' sums
 
 // f(V{}, len): V the 64-byte pack of S when its period fits MAX_PERIOD, else S itself (len = C)
 template <typename S, typename F> void with_width(int64_t c, F&& f) {
@@ -137,19 +138,22 @@ at::Tensor tensor_of(const std::vector<double>& v, const at::TensorOptions& opts
   return t;
 }
 
-// the normalisation's constants, repeated over a period: z = x * scale + shift = (x - mean) * invstd * gamma + beta
+// the normalisation's constants, repeated over a period: z = (x - mean) * scale + beta, scale = invstd * gamma
+// (x - mean first: no cancellation between x * scale and a shift of the same size when |mean| >> std)
 template <typename S> struct Affine {
-  std::vector<S> scale, shift, mean;
+  std::vector<S> scale, beta, mean;
 
   Affine(const std::vector<double>& m, const std::vector<double>& inv, const std::vector<double>& w,
          const std::vector<double>& b, int64_t len) {
     const size_t c = m.size();
-    std::vector<double> sc(c), sh(c);
-    for (size_t j = 0; j < c; ++j) sc[j] = inv[j] * w[j], sh[j] = b[j] - m[j] * sc[j];
-    scale = repeated<S>(sc, len), shift = repeated<S>(sh, len), mean = repeated<S>(m, len);
+    std::vector<double> sc(c);
+    for (size_t j = 0; j < c; ++j) sc[j] = inv[j] * w[j];
+    scale = repeated<S>(sc, len), beta = repeated<S>(b, len), mean = repeated<S>(m, len);
   }
 
-  template <typename V> V z(V x, int64_t k) const { return x * load<V>(&scale[k]) + load<V>(&shift[k]); }
+  template <typename V> V z(V x, int64_t k) const {
+    return (x - load<V>(&mean[k])) * load<V>(&scale[k]) + load<V>(&beta[k]);
+  }
 };
 
 template <typename T>
@@ -165,8 +169,13 @@ std::vector<at::Tensor> forward(const at::Tensor& x, const at::Tensor& w, const 
     using V = decltype(tag);
     std::vector<double> mean(c), var(c), invstd(c);
     if (training) {
-      std::vector<double> first(c);
-      for (int64_t j = 0; j < c; ++j) first[j] = double(load<S>(xp + j));
+      // shifted by the mean of the first rows (at most REF_ROWS), so the sums stay small even when one
+      // row is far from the others (a float sum of x - x[0] lost 1e-4 of the variance to an outlying x[0])
+      std::vector<double> first(c, 0.0);
+      const int64_t head = std::min(rows, REF_ROWS);
+      for (int64_t r = 0; r < head; ++r)
+        for (int64_t j = 0; j < c; ++j) first[j] += double(load<S>(xp + r * c + j));
+      for (int64_t j = 0; j < c; ++j) first[j] = double(S(first[j] / head));  // in S: d = x - ref exactly as summed
       const std::vector<S> ref = repeated<S>(first, len);
       std::vector<double> s = sums<V, S>(n, c, len, [&](int64_t i, int64_t k, auto t) {
         using W = decltype(t);
@@ -246,7 +255,7 @@ void check_layout(const at::Tensor& x, const char* what) {
               x.sizes(), ", strides ", x.strides(), ")");
   TORCH_CHECK(x.scalar_type() == at::kBFloat16 || x.scalar_type() == at::kFloat || x.scalar_type() == at::kDouble,
               "the fused BN kernels take bfloat16, float32 or float64 (", what, " is ", x.scalar_type(), ")");
-  TORCH_CHECK(x.numel() > 0, "the fused BN kernels need a non-empty ", what);
+  TORCH_CHECK(x.numel() > 0, "the fused BN kernels need values: ", what, " is empty (", x.sizes(), ")");
 }
 
 template <typename F> auto dispatch(at::ScalarType t, F&& f) {
@@ -258,8 +267,12 @@ template <typename F> auto dispatch(at::ScalarType t, F&& f) {
 at::Tensor value_or_undefined(const std::optional<at::Tensor>& t) { return t ? *t : at::Tensor(); }
 
 void check_channels(const std::optional<at::Tensor>& t, int64_t c, const char* what) {
-  TORCH_CHECK(!t || (t->dim() == 1 && t->numel() == c && t->is_contiguous()), what, " must be a vector of ", c,
-              " values (got ", t ? t->sizes() : at::IntArrayRef{}, ")");
+  if (!t) return;
+  TORCH_CHECK(t->dim() == 1 && t->numel() == c && t->is_contiguous(), what, " must be a contiguous vector of ", c,
+              " values (got sizes ", t->sizes(), ", strides ", t->strides(), ")");
+  TORCH_CHECK(t->scalar_type() == at::kFloat || t->scalar_type() == at::kDouble, what,
+              " must be float32 or float64 (got ", t->scalar_type(), ")");
+  TORCH_CHECK(t->device().is_cpu(), what, " must be on the CPU (got ", t->device(), ")");
 }
 
 // training: batch statistics (x needs two or more rows); else running_mean / running_var.

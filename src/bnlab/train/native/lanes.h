@@ -2,7 +2,8 @@
 // lowers them to the widest registers -march=native offers (AVX-512, AVX2, NEON...), where plain loops
 // over a row of a few dozen channels are vectorised across rows or not at all.
 //
-// load / store move a value or a pack to and from the storage type T (float, double, bfloat16); a bfloat16 is the top half of a float, stored rounded to nearest
+// load / store move a value or a pack to and from the storage type T (float, double, bfloat16); (not the
+// CPU's own vcvtneps2bf16: it flushes subnormals to zero, which c10 and ATen keep); a bfloat16 is the top half of a float, stored rounded to nearest
 // even with NaN kept a NaN (c10's rounding).
 #pragma once
 
@@ -10,10 +11,6 @@
 
 #include <cstdint>
 #include <cstring>
-
-#if defined(__AVX512BF16__)
-#include <immintrin.h>
-#endif
 
 #include "activations.h"
 
@@ -87,11 +84,6 @@ template <typename V, typename T> inline void store(T* p, V v) {
   } else if constexpr (std::is_same_v<T, c10::BFloat16>) {
     if constexpr (std::is_same_v<V, float>) {
       reinterpret_cast<uint16_t*>(p)[0] = float_to_bf16(v);
-#if defined(__AVX512BF16__)
-    } else if constexpr (sizeof(V) == 64) {  // the CPU's own conversion (same rounding), one instruction
-      __m256bh h = _mm512_cvtneps_pbh(v);
-      std::memcpy(p, &h, sizeof(h));
-#endif
     } else {
       using Half = typename VecOf<float, sizeof(V)>::half;
       using Word = typename VecOf<float, sizeof(V)>::word;

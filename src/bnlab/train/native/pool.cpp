@@ -110,8 +110,11 @@ std::vector<at::Tensor> max_pool_forward(at::Tensor x, int64_t k) {
 // the input's gradient (input sizes `sizes`): dy at each window's maximum, 0 elsewhere
 at::Tensor max_pool_backward(at::Tensor dy, at::Tensor where, std::vector<int64_t> sizes, int64_t k) {
   check_maps(dy, "the gradient");
-  TORCH_CHECK(where.sizes() == dy.sizes() && where.strides() == dy.strides() && where.scalar_type() == dy.scalar_type(),
-              "the positions must match the gradient (", where.sizes(), " vs ", dy.sizes(), ")");
+  check_maps(where, "the positions");  // both channels_last: the same memory order (whatever size-1 strides say)
+  TORCH_CHECK(k >= 1 && k <= 15, "the native max-pool takes windows of 1 to 15 (got ", k, ")");
+  TORCH_CHECK(where.sizes() == dy.sizes() && where.scalar_type() == dy.scalar_type(),
+              "the positions must match the gradient (", where.scalar_type(), " ", where.sizes(), " vs ",
+              dy.scalar_type(), " ", dy.sizes(), ")");
   TORCH_CHECK(sizes.size() == 4 && sizes[0] == dy.size(0) && sizes[1] == dy.size(1) && sizes[2] / k == dy.size(2) &&
                   sizes[3] / k == dy.size(3),
               "input sizes ", at::IntArrayRef(sizes), " do not pool to ", dy.sizes(), " with ", k, "x", k, " windows");
