@@ -44,7 +44,9 @@ def _check_members(spec, hists, stacked_models, kw, tol, engine="auto", dtype=to
         if h.stopped == "diverged":  # its final weights are neither saved nor measured (the single
             continue                 # step may have applied its non-finite update already)
         for k, v in single.state_dict().items():
-            assert torch.allclose(m.state_dict()[k].to(v.dtype), v, rtol=tol, atol=tol), (seed, k)
+            # atol at least 1e-9: a parameter whose gradient is zero by symmetry (an input BN's bias before a
+            # Linear and BN) moves only by its rounding noise, which RMSprop / Adam normalise up to ~1e-10
+            assert torch.allclose(m.state_dict()[k].to(v.dtype), v, rtol=tol, atol=max(tol, 1e-9)), (seed, k)
 
 
 MLP = {"hidden": [16, 8], "input_shape": [12], "num_classes": 3}
