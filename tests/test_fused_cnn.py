@@ -101,7 +101,7 @@ def test_layers_the_fused_step_does_not_cover_are_named():
 @pytest.mark.parametrize("activation", ["relu", "elu"])
 def test_without_the_native_kernels_the_aten_path_matches_autograd_too(activation, monkeypatch):
     import bnlab.train.fused as fused
-    monkeypatch.setattr(fused, "_bn_kernels", lambda model: None)  # no compiler: ATen's BN, uniform dropout
+    monkeypatch.setattr(fused, "_native_kernels", lambda model: None)  # no compiler: ATen's BN, uniform dropout
     model = _cnn(activation, bn="after")
     step = FusedMLPStep(copy.deepcopy(model))
     assert not any(isinstance(op, fused._BatchNormAct) for op in step.ops)

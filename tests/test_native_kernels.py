@@ -11,7 +11,7 @@ from bnlab.train import native
 from bnlab.train.fused import FusedMLPStep, _BatchNormAct, _Dropout, _MaxPool2d
 from bnlab.models import build_model
 
-K = native.bn_kernels()
+K = native.kernels()
 pytestmark = pytest.mark.skipif(K is None, reason="the native library cannot be built here")
 
 

@@ -52,11 +52,10 @@ class _Update:
     def vector(self, p: torch.Tensor | None, g: torch.Tensor) -> None:
         if p is None or not p.requires_grad:
             return
-        g = _low(g, p.dtype)  # mixed precision: float32 gradients
-        if g.stride() != p.stride():
-            # the layout autograd gives .grad (its layout contract): a channels_last conv-weight gradient
-            # under a contiguous weight made torch's fused Adam update the wrong elements (measured)
-            g = torch.empty_like(p).copy_(g)
+        # mixed precision: float32 gradients, in the layout autograd gives .grad (its layout contract): a
+        # channels_last conv-weight gradient under a contiguous weight made torch's fused Adam update the
+        # wrong elements (measured)
+        g = in_layout_of(_low(g, p.dtype), p)
         if self.lr is None:
             p.grad = g
         else:
@@ -85,6 +84,11 @@ class _Flatten:
 
     def backward(self, dy, need_dx, upd):
         return dy.reshape(self.shape) if need_dx else None
+
+
+def in_layout_of(t: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
+    """``t`` with ``ref``'s strides (a copy only where they differ)."""
+    return t if t.stride() == ref.stride() else torch.empty_like(ref, dtype=t.dtype).copy_(t)
 
 
 def _low(t: torch.Tensor | None, dtype: torch.dtype | None) -> torch.Tensor | None:
@@ -180,9 +184,7 @@ class _BatchNormAct(_BatchNorm):
 
     def __init__(self, module: BatchNorm, act: nn.Module | None, kernels):
         super().__init__(module)
-        self.act = act
-        spec = BY_MODULE[type(act)] if act is not None else BY_MODULE[nn.Identity]
-        self.code = spec.native
+        self.code = BY_MODULE[type(act) if act is not None else nn.Identity].native
         self.param = activation_parameter(act)
         self.kernels = kernels
 
@@ -261,8 +263,7 @@ class _MaxPool2d:
 
     def forward(self, h, training):
         self.h = h
-        self.native = (self.kernels is not None and h.device.type == "cpu" and h.dtype in KERNEL_TYPES
-                       and h.is_contiguous(memory_format=torch.channels_last))
+        self.native = native_takes(self.kernels, h) and h.is_contiguous(memory_format=torch.channels_last)
         if self.native:
             y, self.idx = self.kernels.max_pool_forward(h, self.args[0][0])
             return y
@@ -273,20 +274,30 @@ class _MaxPool2d:
         if not need_dx:
             return None
         if self.native:
-            if not dy.is_contiguous(memory_format=torch.channels_last):
-                dy = torch.empty_like(self.idx).copy_(dy)  # the positions' layout
+            dy = dy if dy.is_contiguous(memory_format=torch.channels_last) else in_layout_of(dy, self.idx)
             return self.kernels.max_pool_backward(dy, self.idx, list(self.h.shape), self.args[0][0])
         return aten.max_pool2d_with_indices_backward(dy, self.h, *self.args, self.idx)
 
 
-def hashes_dropout(kernels, h: torch.Tensor) -> bool:
-    """Whether a dropout over ``h`` runs in the native hashed kernel (else a float per value is drawn)."""
+def native_takes(kernels, h: torch.Tensor) -> bool:
+    """Whether the native kernels (None: not built) can run on ``h``: a CPU tensor of a type they take."""
     return kernels is not None and h.device.type == "cpu" and h.dtype in KERNEL_TYPES
 
 
 def dropout_seed(generator: torch.Generator | None) -> int:
     """The seed of one layer's hashed mask for one step: one draw from the run's noise generator."""
     return int(torch.randint(2**62, (), generator=generator))
+
+
+def dropout_mask(shape, layout: torch.memory_format, dtype: torch.dtype, p: float, generator, kernels) -> torch.Tensor:
+    """The multiplier (0 or 1 / (1 - p)) a dropout over a tensor of ``shape`` in ``layout`` applies, drawn
+    from ``generator`` as the fused step draws it: hashed from one seed (``kernels`` given: the native
+    kernels, CPU types they take) or a uniform float per value in memory order. On the CPU."""
+    if kernels is not None and dtype in KERNEL_TYPES:
+        ones = torch.ones(shape, dtype=dtype).contiguous(memory_format=layout)
+        return kernels.hashed_dropout(ones, p, dropout_seed(generator))
+    keep = torch.empty(shape, memory_format=layout).uniform_(generator=generator) >= p
+    return keep.to(dtype).div_(1 - p)
 
 
 class _Dropout:
@@ -302,22 +313,18 @@ class _Dropout:
         self.mask = self.seed = None
         if not training or self.p == 0:
             return h
-        if hashes_dropout(self.kernels, h):
+        if native_takes(self.kernels, h):  # the mask is not stored: the backward pass hashes it again
             self.seed, self.h = dropout_seed(self.generator), h
             return self.kernels.hashed_dropout(h, self.p, self.seed)
-        if h.dim() == 2:
-            keep = torch.rand(h.shape, generator=self.generator).to(h.device) >= self.p
-        else:  # drawn in the tensor's own memory order, so a channels_last tensor stays channels_last
-            keep = torch.empty_like(h, dtype=torch.float32, device="cpu").uniform_(generator=self.generator)
-            keep = keep.to(h.device) >= self.p
-        self.mask = keep.to(h.dtype).div_(1 - self.p)
+        # drawn in the tensor's own memory order, so a channels_last tensor stays channels_last
+        layout = torch.channels_last if h.dim() == 4 and h.is_contiguous(memory_format=torch.channels_last) \
+            else torch.contiguous_format
+        self.mask = dropout_mask(h.shape, layout, h.dtype, self.p, self.generator, None).to(h.device)
         return h * self.mask
 
     def backward(self, dy, need_dx, upd):
-        if self.seed is not None:
-            if dy.stride() != self.h.stride():  # the mask follows memory order: the forward input's
-                dy = torch.empty_like(self.h).copy_(dy)
-            return self.kernels.hashed_dropout(dy, self.p, self.seed)
+        if self.seed is not None:  # the mask follows memory order: the forward input's
+            return self.kernels.hashed_dropout(in_layout_of(dy, self.h), self.p, self.seed)
         return dy if self.mask is None else dy * self.mask
 
 
@@ -331,14 +338,14 @@ def unsupported_layers(model: nn.Module) -> list[str]:
     return program_of(model).reasons
 
 
-def _bn_kernels(model: nn.Module):
-    """The native BN + activation kernels where they can run this model (a CPU, float types they take),
-    else None (ATen's BN kernels then)."""
+def _native_kernels(model: nn.Module):
+    """The native kernels (BN + activation, dropout, max-pool) where they can run this model (a CPU, float
+    types they take), else None (ATen's kernels then)."""
     w = next(model.parameters(), None)
     if w is None or w.device.type != "cpu" or w.dtype not in KERNEL_TYPES:
         return None
     from bnlab.train import native
-    return native.bn_kernels()
+    return native.kernels()
 
 
 class FusedMLPStep:
@@ -364,7 +371,7 @@ class FusedMLPStep:
         self.ops, self.bns = [], []
         prog = program_of(model)
         self.channels_last = not prog.is_mlp
-        kernels = _bn_kernels(model)
+        kernels = _native_kernels(model)
         fused_into_bn = set()  # activations run inside the BN kernel before them
         for i, op in enumerate(prog.ops):
             mod = op.module

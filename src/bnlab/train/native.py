@@ -172,9 +172,10 @@ def load(verbose: bool = False):
         return ops
 
 
-def bn_kernels():
-    """The fused BN + activation kernels (``torch.ops.bnlab_native.bn_act_forward`` / ``_backward``), or
-    None where the library cannot be built or is turned off."""
+def kernels():
+    """The fused step's native kernels (``torch.ops.bnlab_native``: ``bn_act_forward`` / ``_backward``,
+    ``hashed_dropout``, ``max_pool_forward`` / ``_backward``), or None where the library cannot be built
+    or is turned off."""
     return torch.ops.bnlab_native if load() is not None else None
 
 

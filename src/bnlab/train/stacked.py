@@ -43,7 +43,7 @@ from bnlab.nn import BatchNorm
 from bnlab.nn.functional import BatchNormFunction
 from bnlab.train.callbacks import Monitor, TrainContext
 from bnlab.train import native
-from bnlab.train.fused import dropout_seed, hashes_dropout
+from bnlab.train.fused import dropout_mask
 from bnlab.train.program import program_of
 from bnlab.train.history import EpochRecord, History
 from bnlab.nn.norms import plan_run_length
@@ -205,13 +205,8 @@ class _Dropout:
         maps = h.dim() == 4
         one = (h.shape[0], h.shape[1] // len(gens), *h.shape[2:]) if maps else h.shape[1:]
         layout = torch.channels_last if maps else torch.contiguous_format
-        kernels = native.bn_kernels() if h.device.type == "cpu" else None
-        if hashes_dropout(kernels, h):
-            ones = torch.ones(one, dtype=h.dtype).contiguous(memory_format=layout)
-            masks = [kernels.hashed_dropout(ones, self.p, dropout_seed(g)) for g in gens]
-        else:
-            masks = [(torch.empty(one, memory_format=layout).uniform_(generator=g) >= self.p).to(h.dtype)
-                     .div_(1 - self.p) for g in gens]
+        kernels = native.kernels() if h.device.type == "cpu" else None
+        masks = [dropout_mask(one, layout, h.dtype, self.p, g, kernels) for g in gens]
         return h * (torch.cat(masks, 1) if maps else torch.stack(masks)).to(h.device)
 
 

@@ -19,12 +19,15 @@ constexpr double SELU_ALPHA = 1.6732632423543772, SELU_SCALE = 1.050700987355480
 
 template <typename V> struct LaneOf { using type = V; };  // the scalar type of V (specialised in lanes.h)
 
+// how many values V holds: 1 for a scalar
+template <typename V> constexpr int lane_count() { return int(sizeof(V) / sizeof(typename LaneOf<V>::type)); }
+
 // f applied to each lane of v (v itself for a scalar)
 template <typename V, typename F> inline V lanewise(V v, F f) {
   if constexpr (std::is_arithmetic_v<V>) {
     return f(v);
   } else {
-    for (int i = 0; i < int(sizeof(V) / sizeof(v[0])); ++i) v[i] = f(v[i]);
+    for (int i = 0; i < lane_count<V>(); ++i) v[i] = f(v[i]);
     return v;
   }
 }

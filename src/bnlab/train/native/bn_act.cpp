@@ -54,15 +54,13 @@ template <typename S> std::vector<S> repeated(const std::vector<double>& v, int6
   return out;
 }
 
-template <typename V, typename S> constexpr int64_t width() { return sizeof(V) / sizeof(S); }
-
 // f(i, k, W{}) for the values at flat offset i (a pack, or a single value in the last partial period)
 // whose constants sit at offset k of the repeated arrays
 template <typename V, typename S, typename F> void each(int64_t n, int64_t len, F&& f) {
   const int64_t periods = n / len;
   at::parallel_for(0, periods, std::max<int64_t>(1, MIN_TASK / len), [&](int64_t p0, int64_t p1) {
     for (int64_t p = p0; p < p1; ++p)
-      for (int64_t k = 0; k < len; k += width<V, S>()) f(p * len + k, k, V{});
+      for (int64_t k = 0; k < len; k += lane_count<V>()) f(p * len + k, k, V{});
   });
   for (int64_t i = periods * len; i < n; ++i) f(i, i - periods * len, S{});
 }
@@ -71,7 +69,7 @@ template <typename V> inline void add_into(double* dst, V v) {
   if constexpr (std::is_arithmetic_v<V>) {
     *dst += v;
   } else {
-    for (int i = 0; i < int(sizeof(V) / sizeof(v[0])); ++i) dst[i] += v[i];
+    for (int i = 0; i < lane_count<V>(); ++i) dst[i] += v[i];
   }
 }
 
@@ -85,7 +83,7 @@ template <typename V, typename S, typename F> std::vector<double> sums(int64_t n
     double* d = part.data() + at::get_thread_num() * 2 * len;
     for (int64_t q0 = p0; q0 < p1; q0 += FLUSH) {
       const int64_t q1 = std::min(q0 + FLUSH, p1);
-      for (int64_t k = 0; k < len; k += width<V, S>()) {
+      for (int64_t k = 0; k < len; k += lane_count<V>()) {
         V a[4] = {}, b[4] = {};
         int64_t p = q0;
         for (; p + 4 <= q1; p += 4)
@@ -253,15 +251,7 @@ void check_layout(const at::Tensor& x, const char* what) {
   TORCH_CHECK(x.dim() == 2 ? x.is_contiguous() : x.dim() == 4 && x.is_contiguous(at::MemoryFormat::ChannelsLast),
               "the fused BN kernels need (N, C) contiguous or (N, C, H, W) channels_last (", what, ": sizes ",
               x.sizes(), ", strides ", x.strides(), ")");
-  TORCH_CHECK(x.scalar_type() == at::kBFloat16 || x.scalar_type() == at::kFloat || x.scalar_type() == at::kDouble,
-              "the fused BN kernels take bfloat16, float32 or float64 (", what, " is ", x.scalar_type(), ")");
   TORCH_CHECK(x.numel() > 0, "the fused BN kernels need values: ", what, " is empty (", x.sizes(), ")");
-}
-
-template <typename F> auto dispatch(at::ScalarType t, F&& f) {
-  if (t == at::kBFloat16) return f(c10::BFloat16{});
-  if (t == at::kFloat) return f(float{});
-  return f(double{});
 }
 
 at::Tensor value_or_undefined(const std::optional<at::Tensor>& t) { return t ? *t : at::Tensor(); }
@@ -290,7 +280,7 @@ std::vector<at::Tensor> bn_act_forward(at::Tensor x, std::optional<at::Tensor> w
   TORCH_CHECK(!training || x.numel() / c > 1,
               "BatchNorm needs more than one value per channel in training (got input of size ", x.sizes(), ")");
   at::NoGradGuard no_grad;
-  return dispatch(x.scalar_type(), [&](auto tag) {
+  return with_storage(x, "the fused BN kernels", "the input", [&](auto tag) {
     return forward<decltype(tag)>(x, value_or_undefined(weight), value_or_undefined(bias),
                                   value_or_undefined(running_mean), value_or_undefined(running_var), training, eps,
                                   act_code, param);
@@ -312,7 +302,7 @@ std::vector<at::Tensor> bn_act_backward(at::Tensor dy, at::Tensor x, std::option
   check_channels(invstd, c, "invstd");
   at::NoGradGuard no_grad;
   at::Tensor g = dy.contiguous(x.dim() == 4 ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous);
-  return dispatch(x.scalar_type(), [&](auto tag) {
+  return with_storage(x, "the fused BN kernels", "the input", [&](auto tag) {
     return backward<decltype(tag)>(g, x, value_or_undefined(weight), value_or_undefined(bias), mean, invstd, act_code,
                                    param, need_dx);
   });

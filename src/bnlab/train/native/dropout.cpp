@@ -61,15 +61,10 @@ at::Tensor hashed_dropout(at::Tensor x, double p, int64_t seed) {
   at::Tensor out = at::empty_like(x);  // same strides: position i of x's memory is position i of out's
   const uint64_t threshold = static_cast<uint64_t>(std::ceil(p * 4294967296.0));
   const double scale = p < 1 ? 1.0 / (1.0 - p) : 0.0;
-  const uint64_t s = static_cast<uint64_t>(seed);
-  if (x.scalar_type() == at::kBFloat16)
-    masked(x.data_ptr<c10::BFloat16>(), out.data_ptr<c10::BFloat16>(), x.numel(), s, threshold, scale);
-  else if (x.scalar_type() == at::kFloat)
-    masked(x.data_ptr<float>(), out.data_ptr<float>(), x.numel(), s, threshold, scale);
-  else if (x.scalar_type() == at::kDouble)
-    masked(x.data_ptr<double>(), out.data_ptr<double>(), x.numel(), s, threshold, scale);
-  else
-    TORCH_CHECK(false, "the native dropout takes bfloat16, float32 or float64 (got ", x.scalar_type(), ")");
+  with_storage(x, "the native dropout", "the input", [&](auto tag) {
+    using T = decltype(tag);
+    masked(x.data_ptr<T>(), out.data_ptr<T>(), x.numel(), static_cast<uint64_t>(seed), threshold, scale);
+  });
   return out;
 }
 

@@ -7,6 +7,7 @@
 // even with NaN kept a NaN (c10's rounding).
 #pragma once
 
+#include <ATen/ATen.h>
 #include <c10/util/BFloat16.h>
 
 #include <cstdint>
@@ -97,6 +98,17 @@ template <typename V, typename T> inline void store(T* p, V v) {
   } else {
     std::memcpy(p, &v, sizeof(v));
   }
+}
+
+// f(T{}) for the storage type T of t; the kernels take bfloat16, float32 and float64, anything else is
+// refused naming `kernel` and `what` (e.g. "the native max-pool", "the input")
+template <typename F> auto with_storage(const at::Tensor& t, const char* kernel, const char* what, F&& f) {
+  const at::ScalarType s = t.scalar_type();
+  TORCH_CHECK(s == at::kBFloat16 || s == at::kFloat || s == at::kDouble, kernel,
+              " takes bfloat16, float32 or float64 (", what, " is ", s, ")");
+  if (s == at::kBFloat16) return f(c10::BFloat16{});
+  if (s == at::kFloat) return f(float{});
+  return f(double{});
 }
 
 }  // namespace bnlab

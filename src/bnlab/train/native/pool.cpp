@@ -84,14 +84,6 @@ void check_maps(const at::Tensor& x, const char* what) {
   TORCH_CHECK(x.device().is_cpu() && x.dim() == 4 && x.is_contiguous(at::MemoryFormat::ChannelsLast),
               "the native max-pool needs a CPU (N, C, H, W) channels_last tensor (", what, ": ", x.sizes(),
               ", strides ", x.strides(), ", ", x.device(), ")");
-  TORCH_CHECK(x.scalar_type() == at::kBFloat16 || x.scalar_type() == at::kFloat || x.scalar_type() == at::kDouble,
-              "the native max-pool takes bfloat16, float32 or float64 (", what, " is ", x.scalar_type(), ")");
-}
-
-template <typename F> void dispatch(at::ScalarType t, F&& f) {
-  if (t == at::kBFloat16) f(c10::BFloat16{});
-  else if (t == at::kFloat) f(float{});
-  else f(double{});
 }
 
 // y, and the position (0 .. k*k - 1, row-major in the window) of each output's maximum in y's type
@@ -103,7 +95,7 @@ std::vector<at::Tensor> max_pool_forward(at::Tensor x, int64_t k) {
   at::Tensor y = at::empty({x.size(0), x.size(1), x.size(2) / k, x.size(3) / k},
                            x.options().memory_format(at::MemoryFormat::ChannelsLast));
   at::Tensor where = at::empty_like(y);
-  dispatch(x.scalar_type(), [&](auto tag) { forward<decltype(tag)>(x, y, where, k); });
+  with_storage(x, "the native max-pool", "the input", [&](auto tag) { forward<decltype(tag)>(x, y, where, k); });
   return {y, where};
 }
 
@@ -119,7 +111,7 @@ at::Tensor max_pool_backward(at::Tensor dy, at::Tensor where, std::vector<int64_
                   sizes[3] / k == dy.size(3),
               "input sizes ", at::IntArrayRef(sizes), " do not pool to ", dy.sizes(), " with ", k, "x", k, " windows");
   at::Tensor dx = at::empty(sizes, dy.options().memory_format(at::MemoryFormat::ChannelsLast));
-  dispatch(dy.scalar_type(), [&](auto tag) { backward<decltype(tag)>(dy, where, dx, k); });
+  with_storage(dy, "the native max-pool", "the gradient", [&](auto tag) { backward<decltype(tag)>(dy, where, dx, k); });
   return dx;
 }
 
