@@ -101,7 +101,7 @@ def test_layers_the_fused_step_does_not_cover_are_named():
 @pytest.mark.parametrize("activation", ["relu", "elu"])
 def test_without_the_native_kernels_the_aten_path_matches_autograd_too(activation, monkeypatch):
     import bnlab.train.fused as fused
-    monkeypatch.setattr(fused, "_native_kernels", lambda model: None)  # no compiler: ATen's BN, uniform dropout
+    monkeypatch.setattr(fused, "native_kernels_for", lambda w: None)  # no compiler: ATen's BN, uniform dropout
     model = _cnn(activation, bn="after")
     step = FusedMLPStep(copy.deepcopy(model))
     assert not any(isinstance(op, fused._BatchNormAct) for op in step.ops)
@@ -131,3 +131,19 @@ def test_optimizer_steps_on_fused_gradients_equal_autograds(optimizer):
         opt_b.step()
     for (name, p), q in zip(model.named_parameters(), ref.parameters()):
         assert torch.allclose(p, q, rtol=1e-10, atol=1e-10), name
+
+
+@pytest.mark.parametrize("activation", ["relu", "leaky_relu", "elu", "selu", "sigmoid", "tanh"])
+def test_bn_runs_the_activation_after_it_only_where_that_is_cheap(activation):
+    # the kernel recomputes a fused activation in the backward pass: comparisons yes, exp / tanh no
+    from bnlab.nn.activations import BY_NAME
+    from bnlab.train import fused
+    if fused.native_kernels_for(torch.zeros(1)) is None:
+        pytest.skip("the native kernels are not available")
+    from bnlab.nn import BatchNorm
+    model = _cnn(activation).float()
+    step = FusedMLPStep(model)
+    kinds = [type(op).__name__ for op in step.ops]
+    assert kinds.count("_BatchNormAct") == sum(isinstance(m, BatchNorm) for m in model.modules()) > 0
+    assert ("_Activation" in kinds) == (not BY_NAME[activation].fuses_with_bn)
+    assert BY_NAME[activation].fuses_with_bn == (activation in ("relu", "leaky_relu"))

@@ -400,3 +400,30 @@ def test_a_diverging_cnn_member_leaves_and_the_others_go_on():
     hists = fit_stacked(models, data, SEEDS, **kw)
     assert all(h.stopped == "diverged" for h in hists) and len({h.message for h in hists}) == 3  # at 3 steps
     _check_members(spec, hists, models, kw, 1e-9, data=data)
+
+
+@pytest.mark.parametrize("spec", [{**MLP, "bn": "before", "dropout": 0.3},
+                                  {**CNN, "bn": "after", "activation": "elu", "dropout": 0.2}])
+def test_without_the_native_kernels_members_are_still_their_single_runs(spec, monkeypatch):
+    # no compiler (or a GPU): ATen's BN over the members' channels side by side, uniform dropout masks
+    import bnlab.train.fused as fused
+    import bnlab.train.stacked as stacked
+    monkeypatch.setattr(fused, "native_kernels_for", lambda w: None)
+    monkeypatch.setattr(stacked, "native_kernels_for", lambda w: None)
+    data = _images() if spec.get("kind") == "cnn" else _data()
+    kw = dict(lr=0.03, batch_size=16, epochs=2, optimizer="rmsprop")
+    models = _models(spec)
+    hists = fit_stacked(models, data, SEEDS, **kw)
+    _check_members(spec, hists, models, kw, 1e-9, data=data)
+
+
+def test_the_stacked_step_runs_the_fused_steps_ops():
+    # one model program: BN (with ReLU inside it), pooling, flattening and activations are the fused step's
+    # own ops; only Linear layers and dropout have stacked versions
+    from bnlab.train import fused
+    from bnlab.train.stacked import StackedNet, StackedStep
+    step = StackedStep(StackedNet(_models({**CNN, "bn": "before", "dropout": 0.2})))
+    kinds = {type(op).__name__ for op in step.ops}
+    assert {"_BatchNormAct", "_MaxPool2d", "_Flatten", "_Conv2d"} <= kinds
+    assert all(type(op).__module__ == fused.__name__ for op in step.ops
+               if type(op).__name__ not in ("_StackedLinear", "_StackedDropout"))

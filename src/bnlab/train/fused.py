@@ -50,6 +50,8 @@ class _Update:
         self.grads: list[torch.Tensor] = []
 
     def vector(self, p: torch.Tensor | None, g: torch.Tensor) -> None:
+        if p is not None and p._base is not None:  # a view of a parameter (stacked members side by side):
+            p, g = p._base, g.reshape(p._base.shape)  # the gradient is the parameter's, in its shape
         if p is None or not p.requires_grad:
             return
         # mixed precision: float32 gradients, in the layout autograd gives .grad (its layout contract): a
@@ -70,6 +72,15 @@ class _Update:
             w.grad = _low(torch.mm(dy.t(), h), w.dtype)
         else:
             w.addmm_(dy.t(), h, alpha=-self.lr)
+
+    def batched_matmul(self, w: torch.Tensor, h: torch.Tensor, dy: torch.Tensor) -> None:
+        """dW = hᵀ dy for each member: w (K, in, out), h (K, B, in), dy (K, B, out)."""
+        if not w.requires_grad:
+            return
+        if self.lr is None:
+            w.grad = _low(torch.bmm(h.transpose(1, 2), dy), w.dtype)
+        else:
+            w.baddbmm_(h.transpose(1, 2), dy, alpha=-self.lr)
 
     def flush(self) -> None:
         if self.params:
@@ -129,7 +140,8 @@ class _BatchNorm:
         if not (training or not m.track_running_stats):
             return m(h)  # eval: running statistics
         if h.numel() // h.shape[1] < 2:
-            m(h)  # raises the layer's own clear error
+            raise ValueError(f"BatchNorm needs more than one value per channel in training (got input of size "
+                             f"{list(h.shape)})")
         self.h = h
         y, self.mean, self.invstd = torch.native_batch_norm(h, m.weight, m.bias, None, None, True, 0.0, m.eps)
         self.stats = training and m.track_running_stats
@@ -338,69 +350,54 @@ def unsupported_layers(model: nn.Module) -> list[str]:
     return program_of(model).reasons
 
 
-def _native_kernels(model: nn.Module):
-    """The native kernels (BN + activation, dropout, max-pool) where they can run this model (a CPU, float
-    types they take), else None (ATen's kernels then)."""
-    w = next(model.parameters(), None)
+def native_kernels_for(w: torch.Tensor | None):
+    """The native kernels (BN + activation, dropout, max-pool) where they can run a model whose parameters
+    are like ``w`` (on a CPU, of a float type they take), else None (ATen's kernels then)."""
     if w is None or w.device.type != "cpu" or w.dtype not in KERNEL_TYPES:
         return None
     from bnlab.train import native
     return native.kernels()
 
 
-class FusedMLPStep:
-    """One training step of an MLP with mean cross-entropy on logits.
+class OpStep:
+    """A network's ops with an explicit backward pass, built from its program (``bnlab.train.program``):
+    what the fused step of one model and the stacked step of K members side by side
+    (``bnlab.train.stacked``) share. Subclasses say where each op's tensors come from (``_source``) and
+    how a Linear and a Dropout run (``_linear``, ``_dropout``); BN with the activation after it, convolutions,
+    pooling, flattening and activations are the same ops for both."""
 
-    ``sgd_lr=None``: gradients land in ``.grad`` for an optimizer. ``sgd_lr=lr``: the step also
-    applies plain SGD (no momentum, no weight decay) in place, and ``applies_update`` is True.
-    """
-
-    def __init__(self, model: nn.Sequential, generator: torch.Generator | None = None, *,
-                 sgd_lr: float | None = None, precision: str = "fp32"):
-        bad = unsupported_layers(model)
-        if bad:
-            raise ValueError("the fused MLP step does not support: " + ", ".join(bad))
-        self.model = model
-        self.update = _Update(sgd_lr)
-        self.applies_update = sgd_lr is not None
-        if precision not in MIXED:
-            raise ValueError(f"the fused step runs in {sorted(MIXED)} (got precision {precision!r})")
-        if precision != "fp32" and sgd_lr is not None:
-            raise ValueError("mixed precision keeps float32 weights: the update goes through an optimizer")
-        low = MIXED[precision]
+    def _build(self, prog_ops, kernels, low) -> None:
         self.ops, self.bns = [], []
-        prog = program_of(model)
-        self.channels_last = not prog.is_mlp
-        kernels = _native_kernels(model)
         fused_into_bn = set()  # activations run inside the BN kernel before them
-        for i, op in enumerate(prog.ops):
-            mod = op.module
+        for i, op in enumerate(prog_ops):
             if i in fused_into_bn:
                 continue
+            src = self._source(op)
             if op.kind == "batchnorm" and kernels is not None:
-                act = prog.ops[i + 1] if i + 1 < len(prog.ops) and prog.ops[i + 1].kind == "activation" else None
+                act = prog_ops[i + 1] if i + 1 < len(prog_ops) and prog_ops[i + 1].kind == "activation" else None
+                if act is not None and not BY_MODULE[type(act.module)].fuses_with_bn:
+                    act = None  # runs as its own op, after the BN kernel
                 if act is not None:
                     fused_into_bn.add(i + 1)
-                self.ops.append(_BatchNormAct(mod, act.module if act else None, kernels))
+                self.ops.append(_BatchNormAct(src, act.module if act else None, kernels))
                 self.bns.append(self.ops[-1])
             elif op.kind == "flatten":
                 self.ops.append(_Flatten())
             elif op.kind == "linear":
-                self.ops.append(_Linear(mod, low))
+                self.ops.append(self._linear(src, low))
             elif op.kind == "conv2d":
-                self.ops.append(_Conv2d(mod, low))
+                self.ops.append(_Conv2d(src, low))
             elif op.kind == "maxpool2d":
-                self.ops.append(_MaxPool2d(mod, kernels))
+                self.ops.append(_MaxPool2d(op.module, kernels))
             elif op.kind == "batchnorm":
-                self.ops.append(_BatchNorm(mod))
+                self.ops.append(_BatchNorm(src))
                 self.bns.append(self.ops[-1])
             elif op.kind == "dropout":
-                self.ops.append(_Dropout(mod, generator, kernels))
+                self.ops.append(self._dropout(op.module, kernels))
             else:
                 prev = self.ops[-1] if self.ops else None
-                self.ops.append(_Activation(mod, in_place=isinstance(prev, (_BatchNorm, _Linear, _Conv2d))))
-        out = list(model.children())[-1]
-        self.one = torch.ones((), dtype=out.weight.dtype, device=out.weight.device)
+                self.ops.append(_Activation(op.module, in_place=isinstance(prev, (_BatchNorm, _Conv2d,
+                                                                                  *self._linear_types))))
 
     def _update_running_stats(self) -> None:
         """All BN layers at once, in a few foreach ops, by ``running_update``: var ·= its correction,
@@ -421,25 +418,70 @@ class FusedMLPStep:
             torch._foreach_mul_(dst, 1.0 - f)
             torch._foreach_add_(dst, src, alpha=f)
 
+    def forward(self, h: torch.Tensor, training: bool) -> tuple[torch.Tensor, list[torch.dtype]]:
+        """The logits (float32 under mixed precision, as autocast gives the loss) and each op's output type."""
+        dtypes = []  # each op's output type: its gradient comes back in it (fp32 ops get fp32 gradients)
+        for op in self.ops:
+            h = op.forward(h, training)
+            dtypes.append(h.dtype)
+        return (h.float() if h.dtype in (torch.float16, torch.bfloat16) else h), dtypes
+
+    def backward(self, dy: torch.Tensor, dtypes: list[torch.dtype]) -> None:
+        """From the logits' gradient down to the first op with parameters; then the running statistics."""
+        for i in range(len(self.ops) - 1, -1, -1):
+            dy = self.ops[i].backward(dy if dy.dtype == dtypes[i] else dy.to(dtypes[i]), i > 0, self.update)
+        self.update.flush()
+        self._update_running_stats()
+
+
+class FusedMLPStep(OpStep):
+    """One training step of an MLP or CNN with mean cross-entropy on logits.
+
+    ``sgd_lr=None``: gradients land in ``.grad`` for an optimizer. ``sgd_lr=lr``: the step also
+    applies plain SGD (no momentum, no weight decay) in place, and ``applies_update`` is True.
+    """
+
+    _linear_types = (_Linear,)
+
+    def __init__(self, model: nn.Sequential, generator: torch.Generator | None = None, *,
+                 sgd_lr: float | None = None, precision: str = "fp32"):
+        bad = unsupported_layers(model)
+        if bad:
+            raise ValueError("the fused MLP step does not support: " + ", ".join(bad))
+        self.model = model
+        self.update = _Update(sgd_lr)
+        self.applies_update = sgd_lr is not None
+        if precision not in MIXED:
+            raise ValueError(f"the fused step runs in {sorted(MIXED)} (got precision {precision!r})")
+        if precision != "fp32" and sgd_lr is not None:
+            raise ValueError("mixed precision keeps float32 weights: the update goes through an optimizer")
+        self.generator = generator
+        prog = program_of(model)
+        self.channels_last = not prog.is_mlp
+        self._build(prog.ops, native_kernels_for(next(model.parameters(), None)), MIXED[precision])
+        out = list(model.children())[-1]
+        self.one = torch.ones((), dtype=out.weight.dtype, device=out.weight.device)
+
+    def _source(self, op):
+        return op.module
+
+    def _linear(self, module, low):
+        return _Linear(module, low)
+
+    def _dropout(self, module, kernels):
+        return _Dropout(module, self.generator, kernels)
+
     @torch.no_grad()
     def __call__(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Forward + backward (+ SGD) on one batch. Returns (mean loss, number correct), 0-d tensors."""
         # a CNN runs channels_last end to end: oneDNN's convolutions and ATen's BN / pooling kernels
         # are fastest on it, and every op here keeps the layout of its input
         h = x.contiguous(memory_format=torch.channels_last) if self.channels_last and x.dim() == 4 else x
-        dtypes = []  # each op's output type: its gradient comes back in it (fp32 ops get fp32 gradients)
-        for op in self.ops:
-            h = op.forward(h, True)
-            dtypes.append(h.dtype)
-        h = h.float() if h.dtype in (torch.float16, torch.bfloat16) else h  # the loss in float32, as autocast
+        h, dtypes = self.forward(h, True)
         logp = torch.log_softmax(h, 1)  # (N, classes)
         loss, total = aten.nll_loss_forward(logp, y, None, 1, -100)  # mean reduction
         correct = (h.argmax(1) == y).sum()
         # d(mean CE)/d(logits) = (softmax - onehot) / N, by the kernels autograd itself runs
         dlogp = aten.nll_loss_backward(self.one, logp, y, None, 1, -100, total)
-        dy = aten._log_softmax_backward_data(dlogp, logp, 1, logp.dtype)
-        for i in range(len(self.ops) - 1, -1, -1):
-            dy = self.ops[i].backward(dy if dy.dtype == dtypes[i] else dy.to(dtypes[i]), i > 0, self.update)
-        self.update.flush()
-        self._update_running_stats()
+        self.backward(aten._log_softmax_backward_data(dlogp, logp, 1, logp.dtype), dtypes)
         return loss, correct

@@ -34,7 +34,7 @@ from bnlab.train.program import program_of
 
 NATIVE_DIR = Path(__file__).with_name("native")
 SOURCES = ("mlp_step.cpp", "bn_act.cpp", "dropout.cpp", "pool.cpp")  # compiled into one library
-HEADERS = ("activations.h", "lanes.h")
+HEADERS = ("activations.h", "bn_core.h", "lanes.h")
 SLOTS = 7  # tensors and scalars per op, as in mlp_step.cpp
 _LINEAR, _BATCHNORM, _ACTIVATION = 0, 1, 2
 

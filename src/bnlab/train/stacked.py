@@ -1,15 +1,20 @@
 """Many seeds as one model: K runs of one network that differ only in their seed, trained as one stacked model.
 
-Why: a seed MLP step at batch 32 is dominated by per-step overhead and small matrix products; K
-members stacked along a leading axis share that overhead and turn K small products into one batched
-product (``torch.baddbmm``); a small CNN's K convolutions become one grouped convolution over the
-members' feature maps side by side, (B, K·C, H, W). What stays per member, so that each member's History is its single run's
-(``fit(model_k, seed=seed_k)``; float64 within 1e-10, tested):
+Why: on a GPU, a small network's step leaves most of the device idle; K members stacked share each
+step's launches and fill it. The members run side by side, as one wider network: features
+(B, K·F) and maps (B, K·C, H, W), member k's block after member k - 1's. On that layout the fused step's
+own ops (``bnlab.train.fused.OpStep``, built from the same program) do the work: BN and the activation
+after it, pooling, flattening and activations run once over every member's channels, convolutions as one
+grouped convolution (member k's filters are group k); only a Linear layer (a batched product over the
+members) and dropout (each member's mask) have stacked versions, and the loss is each member's own mean
+cross-entropy. Forward and backward are explicit, as in the fused step; no autograd graph. What stays per
+member, so that each member's History is its single run's (``fit(model_k, seed=seed_k)``; float64 within
+1e-10, tested):
 
 * its initial weights (the K models are built by the caller, one per seed, and stacked here);
 * its data order (its own order generator, seeded by its seed) and its noise (dropout masks and
   augmentation drawn from its own noise generator, in the order a single run draws them);
-* BN batch statistics and running statistics (per member along the leading axis);
+* BN batch statistics and running statistics (its own channels of the side-by-side layout);
 * optimizer state: SGD / RMSprop / Adam are elementwise, so one optimizer over the stacked tensors
   is K independent optimizers;
 * divergence and early stopping: a member whose loss becomes non-finite, or whose patience runs out,
@@ -20,7 +25,9 @@ members' feature maps side by side, (B, K·C, H, W). What stays per member, so t
 * its probes (``probes``): recorded on its own model, loaded with its tensors around each sampled step.
 
 Each epoch's ``seconds`` is the member's share of the stacked epoch (its wall time over the members
-trained in it). Supported: the networks of ``bnlab.train.fused`` (Conv2d, MaxPool2d, BN, activations and
+trained in it). On a CPU stacking saves little (``benchmarks/stacked_seeds.py``): the single runs' native
+step already has no per-step overhead to share, and K members' products cost K times one member's, which
+is why the runner stacks on GPUs only unless asked (``stack="on"``). Supported: the networks of ``bnlab.train.fused`` (Conv2d, MaxPool2d, BN, activations and
 Dropout on maps, Flatten, Linear, BN on (N, C), ending in Linear) in fp32 or bf16-mixed;
 ``stack_unsupported`` says why another model is not.
 """
@@ -36,19 +43,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from bnlab.conventions import get_convention, running_update
 from bnlab.data.augment import RandomAffine
 from bnlab.data.dataset import Dataset
-from bnlab.nn import BatchNorm
-from bnlab.nn.functional import BatchNormFunction
 from bnlab.train.callbacks import Monitor, TrainContext
-from bnlab.train import native
-from bnlab.train.fused import dropout_mask
+from bnlab.train.fused import MIXED, OpStep, _low, _Update, aten, dropout_mask, native_kernels_for
 from bnlab.train.program import program_of
 from bnlab.train.history import EpochRecord, History
 from bnlab.nn.norms import plan_run_length
 from bnlab.train.optim import LRSchedule, make_optimizer, planned_updates
-from bnlab.train.precision import autocast, check_precision
+from bnlab.train.precision import check_precision
 
 
 STACKED_PRECISIONS = ("fp32", "bf16-mixed")  # fp16-mixed needs a loss scale per member
@@ -59,155 +62,202 @@ def stack_unsupported(model: nn.Module) -> list[str]:
     return program_of(model).unsupported("stacked", model=model)
 
 
-class _Linear:
-    def __init__(self, mods: list[nn.Linear]):
-        self.w = torch.stack([m.weight.detach() for m in mods]).transpose(1, 2).contiguous()  # (K, in, out)
-        self.b = None if mods[0].bias is None else torch.stack([m.bias.detach() for m in mods])
+class _Layer:
+    """One op of the K members: its kind, name and first member's module, and its tensors stacked along a
+    leading member axis: a Linear's weight as (K, in, out) (each member's transposed: the batched
+    product's operand), a convolution's as (K, out, in, kh, kw), BN's vectors as (K, C) and its step
+    count (the same for every member) as one 0-d tensor."""
 
-    def tensors(self):
-        return [t for t in (self.w, self.b) if t is not None]
+    PARAMETERS = ("weight", "bias")
+    BUFFERS = ("running_mean", "running_var")
 
-    def forward(self, h, training, gens):
-        if self.b is None:
-            return torch.bmm(h, self.w)
-        return torch.baddbmm(self.b.unsqueeze(1), h, self.w)
+    def __init__(self, kind: str, name: str, mods: list[nn.Module]):
+        self.kind, self.name, self.module = kind, name, mods[0]
+        self.tensors: dict[str, torch.Tensor] = {}
+        if kind not in ("linear", "conv2d", "batchnorm"):
+            return
+        for attr in self.PARAMETERS:
+            if getattr(mods[0], attr, None) is not None:
+                t = torch.stack([getattr(m, attr).detach() for m in mods])
+                self.tensors[attr] = (t.transpose(1, 2).contiguous() if kind == "linear" and attr == "weight"
+                                      else t).requires_grad_(True)
+        if kind == "batchnorm" and mods[0].track_running_stats:
+            for attr in self.BUFFERS:
+                self.tensors[attr] = torch.stack([getattr(m, attr) for m in mods])
+            self.tensors["num_batches_tracked"] = mods[0].num_batches_tracked.detach().clone()
 
-    def state(self, k):
-        out = {"weight": self.w[k].t()}
-        if self.b is not None:
-            out["bias"] = self.b[k]
+    def parameters(self) -> list[torch.Tensor]:
+        return [self.tensors[a] for a in self.PARAMETERS if a in self.tensors]
+
+    def transposed(self, t: torch.Tensor) -> bool:
+        """Whether ``t`` is held transposed against the model's own parameter (a Linear weight)."""
+        return self.kind == "linear" and t is self.tensors.get("weight")
+
+    def member(self, k: int, tensors: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+        """Member ``k``'s entries of ``tensors`` (default: the layer's) under the model's own names and shapes."""
+        out = {}
+        for attr, t in (self.tensors if tensors is None else tensors).items():
+            if attr == "num_batches_tracked":
+                out[attr] = t.clone()
+            else:
+                out[attr] = t[k].t() if self.transposed(self.tensors[attr]) else t[k]
         return out
 
-
-class _Conv2d:
-    """K convolutions as one grouped convolution over the members' channels side by side, (B, K·C, H, W)."""
-
-    def __init__(self, mods: list[nn.Conv2d]):
-        self.m = mods[0]
-        self.w = torch.stack([c.weight.detach() for c in mods])  # (K, out, in, kh, kw): members lead
-        self.b = None if self.m.bias is None else torch.stack([c.bias.detach() for c in mods])
-
-    def tensors(self):
-        return [t for t in (self.w, self.b) if t is not None]
-
-    def forward(self, h, training, gens):
-        m, k = self.m, self.w.shape[0]
-        return F.conv2d(h, self.w.reshape(-1, *self.w.shape[2:]), None if self.b is None else self.b.reshape(-1),
-                        m.stride, m.padding, m.dilation, groups=k)
-
-    def state(self, k):
-        out = {"weight": self.w[k]}
-        if self.b is not None:
-            out["bias"] = self.b[k]
-        return out
+    def keep(self, rows: torch.Tensor) -> None:
+        for attr, t in self.tensors.items():
+            if attr == "num_batches_tracked":
+                continue
+            kept = t.detach()[rows].clone().requires_grad_(t.requires_grad)
+            if t.grad is not None:
+                kept.grad = t.grad[rows]
+            self.tensors[attr] = kept
 
 
-class _Flatten:
-    """From the members' maps side by side, (B, K·C, H, W), to each member's rows, (K, B, C·H·W), each
-    flattened in its single model's (C, H, W) order."""
+class _ConvView:
+    """What the fused step's convolution reads of its module, for K members' convolutions as one grouped
+    convolution over their maps side by side (B, K·C, H, W): member k's filters are groups k."""
 
-    def __init__(self, channels: int):
-        self.c = channels
+    def __init__(self, layer: _Layer, k: int):
+        m = layer.module
+        self.stride, self.padding, self.dilation, self.groups = m.stride, m.padding, m.dilation, k
+        self.out_channels = k * m.out_channels
+        w = layer.tensors["weight"]
+        self.weight = w.view(-1, *w.shape[2:])  # views: their gradients go to the stacked tensors
+        self.bias = layer.tensors["bias"].view(-1) if "bias" in layer.tensors else None
 
-    def forward(self, h, training, gens):
-        b, kc = h.shape[:2]
-        k = kc // self.c
-        return h.reshape(b, k, -1).transpose(0, 1)
+
+class _BatchNormView:
+    """What the fused step's BN ops read of a BatchNorm module, for K members' BN over their channels side
+    by side: every member's weight, bias and running statistics as one vector of K·C (views of the stacked
+    tensors, so updates land in them), one step count."""
+
+    def __init__(self, layer: _Layer):
+        m, t = layer.module, layer.tensors
+        self.eps, self.momentum, self.convention = m.eps, m.momentum, m.convention
+        self.track_running_stats = m.track_running_stats
+        self.weight, self.bias, self.running_mean, self.running_var = (
+            t[a].view(-1) if a in t else None for a in (*_Layer.PARAMETERS, *_Layer.BUFFERS))
+        self.num_batches_tracked = t.get("num_batches_tracked")
+
+    def __call__(self, h: torch.Tensor) -> torch.Tensor:  # evaluation (ATen's kernels: no native library)
+        return F.batch_norm(h, self.running_mean, self.running_var, self.weight, self.bias, False, 0.0, self.eps)
+
+
+def _members(h: torch.Tensor, k: int) -> torch.Tensor:
+    """(B, K·F) side by side -> (K, B, F), a strided view: a batched product reads it in place."""
+    return h.view(h.shape[0], k, -1).transpose(0, 1)
+
+
+class _StackedLinear:
+    """K Linear layers on the members' features side by side, (B, K·in) -> (B, K·out): one batched product
+    reading strided views in place; its (K, B, ·) result copied side by side (a batched product writing
+    a strided output took 1.4x as long at (8, 32, 784, 300), measured)."""
+
+    def __init__(self, layer: _Layer, dtype: torch.dtype | None = None):
+        self.w, self.b, self.dtype = layer.tensors["weight"], layer.tensors.get("bias"), dtype
+
+    def forward(self, h, training):
+        self.h, self.w_low = _low(h, self.dtype), _low(self.w, self.dtype)
+        hk = _members(self.h, self.w.shape[0])
+        y = torch.bmm(hk, self.w_low) if self.b is None else torch.baddbmm(_low(self.b, self.dtype).unsqueeze(1),
+                                                                           hk, self.w_low)
+        return _side_by_side(y)
+
+    def backward(self, dy, need_dx, upd):
+        k = self.w.shape[0]
+        dy = _low(dy, self.dtype)
+        dx = _side_by_side(torch.bmm(_members(dy, k), self.w_low.transpose(1, 2))) if need_dx else None  # W before
+        if self.b is not None:                                                                          # its update
+            upd.vector(self.b, dy.view(dy.shape[0], k, -1).sum(0))
+        upd.batched_matmul(self.w, _members(self.h, k), _members(dy, k))
+        return dx
+
+
+def _side_by_side(y: torch.Tensor) -> torch.Tensor:
+    """(K, B, F) -> (B, K·F), member k's features at k·F .. (k+1)·F - 1."""
+    return y.transpose(0, 1).reshape(y.shape[1], -1)
+
+
+class _StackedDropout:
+    """Each member's mask from its own noise generator, drawn as its single run's fused step draws it, over
+    its rows (B, C) or its channels_last maps, side by side; kept for the backward pass."""
+
+    def __init__(self, module: nn.Dropout, generators: list, kernels):
+        self.p, self.generators, self.kernels, self.mask = module.p, generators, kernels, None
+
+    def forward(self, h, training):
+        self.mask = None
+        if not training or self.p == 0:
+            return h
+        k, maps = len(self.generators), h.dim() == 4
+        one = (h.shape[0], h.shape[1] // k, *h.shape[2:])
+        layout = torch.channels_last if maps else torch.contiguous_format
+        self.mask = torch.cat([dropout_mask(one, layout, h.dtype, self.p, g, self.kernels)
+                               for g in self.generators], 1).to(h.device)
+        return h * self.mask
+
+    def backward(self, dy, need_dx, upd):
+        return dy if self.mask is None else dy * self.mask
+
+
+class StackedStep(OpStep):
+    """The fused step's ops on K members side by side (``OpStep``): BN, activations, pooling and
+    convolutions run once over every member's channels, Linear layers as batched products, each member's
+    loss its own mean cross-entropy. Built from a ``StackedNet`` (again after members leave it)."""
+
+    _linear_types = (_StackedLinear,)
+
+    def __init__(self, stack: "StackedNet", precision: str = "fp32", sgd_lr: float | None = None):
+        self.stack, self.k = stack, stack.members
+        # gradients into the stacked tensors' .grad for the optimizer, or plain SGD applied here (sgd_lr)
+        self.update, self.applies_update = _Update(sgd_lr), sgd_lr is not None
+        self.generators: list = []  # the members' noise generators, set for each step
+        self._build(stack.program, native_kernels_for(stack.parameters()[0]), MIXED[precision])
+
+    def _source(self, op):
+        layer = self.stack.layer[op.name]
+        if op.kind == "conv2d":
+            return _ConvView(layer, self.k)
+        if op.kind == "batchnorm":
+            return _BatchNormView(layer)
+        return layer if op.kind == "linear" else op.module
+
+    def _linear(self, layer, low):
+        return _StackedLinear(layer, low)
+
+    def _dropout(self, module, kernels):
+        return _StackedDropout(module, self.generators, kernels)
+
+    def _side_by_side(self, x: torch.Tensor) -> torch.Tensor:
+        return members_side_by_side(x) if self.stack.maps else x.transpose(0, 1).reshape(x.shape[1], -1)
+
+    @torch.no_grad()
+    def __call__(self, x: torch.Tensor, y: torch.Tensor, generators: list) -> tuple[torch.Tensor, torch.Tensor]:
+        """One step of every member on its batch (x: (K, B, ...), y: (K, B)): forward, backward, gradients
+        in ``.grad``. Returns each member's mean loss and number correct, (K,) tensors."""
+        self.generators[:] = generators
+        h, dtypes = self.forward(self._side_by_side(x), True)
+        b = h.shape[0]
+        logp = torch.log_softmax(h.view(b, self.k, -1), 2).view(b * self.k, -1)
+        t = y.t().reshape(-1)  # (B·K), row b·K + k: member k's target
+        nll, total = aten.nll_loss_forward(logp, t, None, 0, -100)  # no reduction: each member's mean below
+        correct = (logp.view(b, self.k, -1).argmax(2) == y.t()).sum(0)
+        # d(member's mean CE)/d(logits) = (softmax - onehot) / B, by the kernels autograd runs
+        dlogp = aten.nll_loss_backward(torch.full_like(nll, 1.0 / b), logp, t, None, 0, -100, total)
+        self.backward(aten._log_softmax_backward_data(dlogp, logp, 1, logp.dtype).view(b, -1), dtypes)
+        return nll.view(b, self.k).mean(0), correct
+
+    @torch.no_grad()
+    def logits(self, x: torch.Tensor) -> torch.Tensor:
+        """Every member's logits in eval mode on the same inputs x (B, ...): (K, B, classes)."""
+        h, _ = self.forward(self._side_by_side(x.unsqueeze(0).expand(self.k, *x.shape)), False)
+        return h.view(x.shape[0], self.k, -1).transpose(0, 1)
 
 
 def members_side_by_side(x: torch.Tensor) -> torch.Tensor:
     """(K, B, C, H, W) -> (B, K·C, H, W) channels_last: member k's channels are k·C .. (k+1)·C - 1."""
     k, b = x.shape[:2]
     return x.transpose(0, 1).reshape(b, k * x.shape[2], *x.shape[3:]).contiguous(memory_format=torch.channels_last)
-
-
-class _BatchNorm:
-    def __init__(self, mods: list[BatchNorm]):
-        m = self.m = mods[0]
-        self.conv = get_convention(m.convention)
-        self.weight = None if m.weight is None else torch.stack([b.weight.detach() for b in mods])
-        self.bias = None if m.bias is None else torch.stack([b.bias.detach() for b in mods])
-        self.tracked = m.track_running_stats
-        if self.tracked:
-            self.running_mean = torch.stack([b.running_mean for b in mods])
-            self.running_var = torch.stack([b.running_var for b in mods])
-            self.count = int(m.num_batches_tracked)
-
-    def tensors(self):
-        return [t for t in (self.weight, self.bias) if t is not None]
-
-    def buffers(self):
-        return [self.running_mean, self.running_var] if self.tracked else []
-
-    def forward(self, h, training, gens):  # h: (K, B, C), or maps side by side (B, K·C, H, W)
-        m = self.m
-        maps = h.dim() == 4
-        if training or not self.tracked:
-            # every member's channels side by side, (B, K·C[, H, W]): one batch-norm op forward and one
-            # backward for all members, bnlab's own (ATen's channels_last kernels sum a float32 variance
-            # naively: 2e-4 relative on a CNN's first maps, measured, against 1e-7 here and in the single run)
-            if maps:
-                c = m.num_features
-                k, b = h.shape[1] // c, h.shape[0] * h.shape[2] * h.shape[3]  # b: values per channel
-                flat = h
-            else:
-                k, b, c = h.shape
-                flat = h.transpose(0, 1).reshape(b, k * c)
-            w = None if self.weight is None else self.weight.reshape(-1)
-            bias = None if self.bias is None else self.bias.reshape(-1)
-            y, mean, var = BatchNormFunction.apply(flat, w, bias, m.eps, 1)
-            if training and self.tracked:
-                with torch.no_grad():
-                    n_tracked = self.count + 1 if m.momentum is None else 1
-                    u = running_update(self.conv, m.momentum, n_tracked, b)
-                    self.running_mean.mul_(1.0 - u.factor).add_(mean.view(k, c), alpha=u.factor)
-                    self.running_var.mul_(1.0 - u.factor).add_(var.view(k, c) * u.var_correction, alpha=u.factor)
-                    self.count += 1
-            return y if maps else y.view(b, k, c).transpose(0, 1)
-        # evaluation: each member's running statistics, broadcast over its rows or its maps
-        shape = (1, -1, 1, 1) if maps else (self.running_mean.shape[0], 1, -1)
-        y = (h - self.running_mean.reshape(shape)) * torch.rsqrt(self.running_var.reshape(shape) + m.eps)
-        if self.weight is not None:
-            y = y * self.weight.reshape(shape)
-        if self.bias is not None:
-            y = y + self.bias.reshape(shape)
-        return y
-
-    def state(self, k):
-        out = {}
-        if self.weight is not None:
-            out["weight"] = self.weight[k]
-        if self.bias is not None:
-            out["bias"] = self.bias[k]
-        if self.tracked:
-            out.update(running_mean=self.running_mean[k], running_var=self.running_var[k],
-                       num_batches_tracked=torch.tensor(self.count, dtype=torch.long))
-        return out
-
-
-class _Elementwise:
-    def __init__(self, module: nn.Module):
-        self.module = module
-
-    def forward(self, h, training, gens):
-        return self.module(h)
-
-
-class _Dropout:
-    def __init__(self, module: nn.Dropout):
-        self.p = module.p
-
-    def forward(self, h, training, gens):
-        if not training or self.p == 0:
-            return h
-        # each member's mask from its own noise generator, drawn as the fused single-run step draws it:
-        # over its rows (K, B, C), or over its channels_last maps, side by side in (B, K·C, H, W)
-        maps = h.dim() == 4
-        one = (h.shape[0], h.shape[1] // len(gens), *h.shape[2:]) if maps else h.shape[1:]
-        layout = torch.channels_last if maps else torch.contiguous_format
-        kernels = native.kernels() if h.device.type == "cpu" else None
-        masks = [dropout_mask(one, layout, h.dtype, self.p, g, kernels) for g in gens]
-        return h * (torch.cat(masks, 1) if maps else torch.stack(masks)).to(h.device)
 
 
 class StackedNet:
@@ -217,37 +267,17 @@ class StackedNet:
         bad = stack_unsupported(models[0])
         if bad:
             raise ValueError("stacked training does not support: " + ", ".join(bad))
-        self.template = models[0]
-        self.names, self.ops = [], []
-        programs = [program_of(m).ops for m in models]
-        self.maps = not program_of(models[0]).is_mlp  # a CNN: maps side by side until its Flatten
-        channels = None  # of the maps reaching each op
-        for step in zip(*programs):
-            first = step[0]
-            mods = [op.module for op in step]
-            if first.kind == "flatten" and not self.maps:
-                continue  # forward flattens an MLP's input
-            if first.kind == "flatten":
-                op = _Flatten(channels)
-            elif first.kind == "conv2d":
-                op, channels = _Conv2d(mods), first.module.out_channels
-            elif first.kind in ("linear", "batchnorm"):
-                op = {"linear": _Linear, "batchnorm": _BatchNorm}[first.kind](mods)
-            else:
-                op = _Dropout(first.module) if first.kind == "dropout" else _Elementwise(first.module)
-            self.names.append(first.name)
-            self.ops.append(op)
-        for t in self.parameters():
-            t.requires_grad_(True)
+        prog = program_of(models[0])
+        self.program, self.maps, self.members = prog.ops, not prog.is_mlp, len(models)
+        self.layer = {step[0].name: _Layer(step[0].kind, step[0].name, [op.module for op in step])
+                      for step in zip(*(program_of(m).ops for m in models))}
 
     def parameters(self) -> list[torch.Tensor]:
         """The stacked tensors, in the single model's ``parameters()`` order."""
-        return [t for op in self.ops if hasattr(op, "tensors") for t in op.tensors()]
+        return [t for layer in self.layer.values() for t in layer.parameters()]
 
     def _transposed(self) -> list[bool]:
-        """Per parameter: stored transposed (a Linear weight is (K, in, out), the model's (out, in))."""
-        return [isinstance(op, _Linear) and t is op.w for op in self.ops if hasattr(op, "tensors")
-                for t in op.tensors()]
+        return [layer.transposed(t) for layer in self.layer.values() for t in layer.parameters()]
 
     def member_optimizer_state(self, opt: torch.optim.Optimizer, k: int) -> dict:
         """Member ``k``'s optimizer state as a single model's ``optimizer.state_dict()["state"]``."""
@@ -271,24 +301,12 @@ class StackedNet:
                             (per[0][key].clone() if isinstance(per[0][key], torch.Tensor) else per[0][key])
                             for key in per[0]}
 
-    def forward(self, x: torch.Tensor, training: bool, gens=()) -> torch.Tensor:
-        """x: (K, B, ...) -> logits (K, B, classes)."""
-        h = members_side_by_side(x) if self.maps else x.reshape(x.shape[0], x.shape[1], -1)
-        for op in self.ops:
-            h = op.forward(h, training, gens)
-        return h
-
     def keep(self, rows: torch.Tensor, opt: torch.optim.Optimizer) -> None:
         """Keep only the members ``rows``: a leaving member's tensors, gradients and optimizer state go."""
         old = self.parameters()
-        for op in self.ops:
-            for attr in ("w", "b", "weight", "bias", "running_mean", "running_var"):
-                t = getattr(op, attr, None)
-                if isinstance(t, torch.Tensor):
-                    kept = t.detach()[rows].clone().requires_grad_(t.requires_grad)
-                    if t.grad is not None:
-                        kept.grad = t.grad[rows]
-                    setattr(op, attr, kept)
+        for layer in self.layer.values():
+            layer.keep(rows)
+        self.members = len(rows)
         new = self.parameters()
         opt.param_groups[0]["params"] = new
         state = {}
@@ -300,26 +318,14 @@ class StackedNet:
 
     def member_grads(self, k: int) -> dict[str, torch.Tensor]:
         """Member ``k``'s gradients under the single model's parameter names."""
-        out = {}
-        for name, op in zip(self.names, self.ops):
-            if isinstance(op, (_Linear, _Conv2d)):
-                out[f"{name}.weight"] = op.w.grad[k].t() if isinstance(op, _Linear) else op.w.grad[k]
-                if op.b is not None:
-                    out[f"{name}.bias"] = op.b.grad[k]
-            elif isinstance(op, _BatchNorm):
-                for attr in ("weight", "bias"):
-                    t = getattr(op, attr)
-                    if t is not None:
-                        out[f"{name}.{attr}"] = t.grad[k]
-        return out
+        return {f"{name}.{attr}": g for name, layer in self.layer.items()
+                for attr, g in layer.member(k, {a: t.grad for a, t in layer.tensors.items()
+                                                if a in _Layer.PARAMETERS}).items()}
 
     def member_state_dict(self, k: int) -> dict[str, torch.Tensor]:
         """Member ``k``'s tensors under the single model's state-dict keys."""
-        out = {}
-        for name, op in zip(self.names, self.ops):
-            if hasattr(op, "state"):
-                out.update({f"{name}.{key}": v.detach().clone() for key, v in op.state(k).items()})
-        return out
+        return {f"{name}.{attr}": v.detach().clone() for name, layer in self.layer.items()
+                for attr, v in layer.member(k).items()}
 
 
 @dataclass(eq=False)  # identity: members are compared and looked up as themselves
@@ -353,8 +359,9 @@ def fit_stacked(models: list[nn.Sequential], data: Dataset, seeds: list[int], *,
     alone. ``resume_from``: every member's state, all of one unfinished epoch, to continue from.
     ``probes``: a ``bnlab.probes.ProbeConfig``; each member records what its single run records, on its
     own model (loaded with the member's tensors around each sampled step).
-    ``precision``: fp32 or bf16-mixed (matrix products in bfloat16 under autocast, BN statistics, weights
-    and optimizer state float32: each member within bfloat16's rounding of its single bf16-mixed run)."""
+    ``precision``: fp32 or bf16-mixed (matrix products and convolutions in bfloat16 as the fused step runs
+    them, BN statistics, weights and optimizer state float32: each member within bfloat16's rounding of
+    its single bf16-mixed run; evaluation in float32, as a single run's)."""
     from bnlab.train.engine import batch_bounds, epoch_order, resolve_device, stream_seed
     from bnlab.train.resume import TrainState, rng_states, save_state
 
@@ -375,6 +382,11 @@ def fit_stacked(models: list[nn.Sequential], data: Dataset, seeds: list[int], *,
         m.to(dev).train()
     data = data.to(dev)
     stack = StackedNet(models)
+    # plain SGD at a constant rate inside the backward products, as fit's fused steps apply it (the probes
+    # read each member's gradients, so they take the optimizer)
+    plain_sgd = (optimizer == "sgd" and momentum == 0 and weight_decay == 0 and lr_schedule == "constant"
+                 and precision == "fp32" and probes is None)
+    steps = _Steps(stack, precision, lr if plain_sgd else None)
     dirs = checkpoint_dirs or [None] * len(models)
     metas = checkpoint_meta or [None] * len(models)
     members = [_Member(s, k, torch.Generator().manual_seed(s), torch.Generator().manual_seed(stream_seed(s, "noise")),
@@ -421,6 +433,7 @@ def fit_stacked(models: list[nn.Sequential], data: Dataset, seeds: list[int], *,
         alive = [mem for mem in alive if mem not in gone]
         if alive:
             stack.keep(rows, opt)
+            steps.build()  # the ops hold the stacked tensors: rebuilt over the members left
 
     for epoch in range(first_epoch, epochs + 1):
         if not alive:
@@ -444,15 +457,8 @@ def fit_stacked(models: list[nn.Sequential], data: Dataset, seeds: list[int], *,
                 for k, mem in enumerate(alive):
                     models[mem.index].load_state_dict(stack.member_state_dict(k))
                     mem.probes.before_step(step)
-            with autocast(precision, dev):
-                logits = stack.forward(xb, True, [mem.noise for mem in alive])
-            if logits.dtype in (torch.float16, torch.bfloat16):  # the loss in float32, as the fused step takes it
-                logits = logits.float()
-            k_, b_ = yb.shape
-            loss = F.cross_entropy(logits.reshape(k_ * b_, -1), yb.reshape(-1), reduction="none").view(k_, b_).mean(1)
-            loss.sum().backward()
-            correct = (logits.detach().argmax(2) == yb).sum(1)
-            values = loss.detach().tolist()  # one read per step: the divergence check needs it anyway
+            loss, correct = steps.train(xb, yb, [mem.noise for mem in alive])
+            values = loss.tolist()  # one read per step: the divergence check needs it anyway
             counts = correct.tolist()
             bad = [mem for mem, v in zip(alive, values) if not math.isfinite(v)]
             for mem in bad:
@@ -466,8 +472,9 @@ def fit_stacked(models: list[nn.Sequential], data: Dataset, seeds: list[int], *,
                 leave(bad)
                 if not alive:
                     break
-            schedule(steps_done)
-            opt.step()
+            if not steps.train.applies_update:
+                schedule(steps_done)
+                opt.step()
             steps_done += 1
             if sampled:  # weights after the update, this step's gradients and batch
                 rows = {mem: k for k, mem in enumerate(members_then)}
@@ -488,7 +495,7 @@ def fit_stacked(models: list[nn.Sequential], data: Dataset, seeds: list[int], *,
         if not alive:
             break
         share = (time.perf_counter() - t0) / len(alive)
-        val = _evaluate(stack, data.x_val, data.y_val, eval_batch_size)
+        val = _evaluate(steps.eval, data.x_val, data.y_val, eval_batch_size)
         stopping = []
         for k, mem in enumerate(alive):
             done = torch.tensor(mem.losses, dtype=dtype)  # the losses' own type: the mean a single run takes
@@ -531,17 +538,29 @@ def fit_stacked(models: list[nn.Sequential], data: Dataset, seeds: list[int], *,
     return [mem.history for mem in members]
 
 
-@torch.no_grad()
-def _evaluate(stack: StackedNet, x: torch.Tensor, y: torch.Tensor, batch_size: int):
+class _Steps:
+    """The stacked step in the run's precision (applying plain SGD itself where ``sgd_lr`` is given, as a
+    single run's fused steps do), and in float32 for evaluation (as a single run's)."""
+
+    def __init__(self, stack: StackedNet, precision: str, sgd_lr: float | None):
+        self.stack, self.precision, self.sgd_lr = stack, precision, sgd_lr
+        self.build()
+
+    def build(self) -> None:
+        self.train = StackedStep(self.stack, self.precision, self.sgd_lr)
+        self.eval = self.train if self.precision == "fp32" else StackedStep(self.stack)
+
+
+def _evaluate(step: StackedStep, x: torch.Tensor, y: torch.Tensor, batch_size: int):
     """Each member's (mean cross-entropy, accuracy) in eval mode; None without validation data."""
     if len(y) == 0:
         return None
-    k = stack.parameters()[0].shape[0]
+    k = step.k
     loss = torch.zeros(k, dtype=torch.float64)
     correct = torch.zeros(k, dtype=torch.long)
     for i in range(0, len(y), batch_size):
         xb, yb = x[i:i + batch_size], y[i:i + batch_size]
-        out = stack.forward(xb.unsqueeze(0).expand(k, *xb.shape), False)
+        out = step.logits(xb)
         ce = F.cross_entropy(out.reshape(-1, out.shape[-1]), yb.repeat(k), reduction="none").view(k, -1)
         loss += ce.sum(1).double().cpu()
         correct += (out.argmax(2) == yb).sum(1).cpu()

@@ -1,12 +1,14 @@
 // One training step of an MLP (Linear / BatchNorm / activation layers, mean cross-entropy on
 // logits) in a single call: forward, explicit backward and the parameter update, with plain loops
-// for everything but the GEMMs (which go to ATen, i.e. MKL / oneDNN).
+// for everything but the GEMMs (which go to ATen, i.e. MKL / oneDNN) and BN (bn_core.h: the fused CNN
+// step's kernels). BN and the activation after it stay two ops here: at MLP sizes, recomputing the
+// activation in the backward pass costs more than the pass it saves (a sigmoid MLP step at batch 60:
+// 240 -> 432 us, measured).
 //
 // Why: at batch 32 the Python fused step (bnlab/train/fused.py) spends more time dispatching ~40
 // small ops than computing; here the only dispatched ops are the ~7 matrix products.
 // The maths is exactly that of fused.py (and therefore of autograd): BN normalises with the biased
-// batch variance, accumulating in double as ATen's CPU kernels do; tests/test_train.py
-// proves the match.
+// batch variance; tests/test_train.py proves the match.
 //
 // The network arrives as a flat program (see bnlab/train/native.py, which builds it):
 //   codes:   per op, [kind, arg]          kind 0 Linear, 1 BatchNorm, 2 activation (arg = which)
@@ -38,6 +40,7 @@
 #include <vector>
 
 #include "activations.h"
+#include "bn_core.h"
 
 namespace {
 
@@ -50,71 +53,17 @@ struct Saved {  // what the backward pass needs from the forward pass, per op
   at::Tensor in, out, mean, invstd;
 };
 
-// sum and sq (c doubles each) return the batch mean and biased variance
+// a BN op's constants for bn_core.h, in double: the statistics as their buffers hold them, gamma and beta
+// (1 and 0 where absent)
 template <typename T>
-void bn_forward(const T* x, T* y, const T* gamma, const T* beta, T* mean_out, T* invstd_out,
-                std::vector<double>& sum, std::vector<double>& sq, int64_t n, int64_t c, double eps) {
-  sum.assign(c, 0.0);
-  sq.assign(c, 0.0);
-  for (int64_t i = 0; i < n; ++i) {
-    const T* row = x + i * c;
-    for (int64_t j = 0; j < c; ++j) sum[j] += row[j];
-  }
-  for (int64_t j = 0; j < c; ++j) sum[j] /= n;  // now the mean
-  for (int64_t i = 0; i < n; ++i) {
-    const T* row = x + i * c;
-    for (int64_t j = 0; j < c; ++j) {
-      double d = row[j] - sum[j];
-      sq[j] += d * d;
-    }
-  }
-  std::vector<T> scale(c), shift(c);
+void bn_constants(const at::Tensor* ts, const at::Tensor& mean, const at::Tensor& invstd, int64_t c,
+                  std::vector<double>* out) {
+  const T *m = mean.data_ptr<T>(), *inv = invstd.data_ptr<T>();
+  const T* g = ts[0].defined() ? ts[0].data_ptr<T>() : nullptr;
+  const T* b = ts[1].defined() ? ts[1].data_ptr<T>() : nullptr;
+  for (int k = 0; k < 4; ++k) out[k].resize(c);
   for (int64_t j = 0; j < c; ++j) {
-    T invstd = static_cast<T>(1.0 / std::sqrt(sq[j] / n + eps));
-    T mean = static_cast<T>(sum[j]);
-    mean_out[j] = mean;
-    invstd_out[j] = invstd;
-    sq[j] /= n;  // now the biased variance
-    T g = gamma ? gamma[j] : T(1), b = beta ? beta[j] : T(0);
-    scale[j] = invstd * g;
-    shift[j] = b - mean * invstd * g;
-  }
-  for (int64_t i = 0; i < n; ++i) {
-    const T* row = x + i * c;
-    T* out = y + i * c;
-    for (int64_t j = 0; j < c; ++j) out[j] = row[j] * scale[j] + shift[j];
-  }
-}
-
-// dx (may be null), dgamma, dbeta (may be null) of training-mode BN, as ATen's CPU kernel
-template <typename T>
-void bn_backward(const T* dy, const T* x, const T* gamma, const T* mean, const T* invstd, T* dx,
-                 T* dgamma, T* dbeta, int64_t n, int64_t c) {
-  std::vector<double> sum(c, 0.0), dot(c, 0.0);
-  for (int64_t i = 0; i < n; ++i) {
-    const T* g = dy + i * c;
-    const T* row = x + i * c;
-    for (int64_t j = 0; j < c; ++j) {
-      sum[j] += g[j];
-      dot[j] += (row[j] - mean[j]) * g[j];
-    }
-  }
-  if (dgamma)
-    for (int64_t j = 0; j < c; ++j) dgamma[j] = static_cast<T>(dot[j] * invstd[j]);
-  if (dbeta)
-    for (int64_t j = 0; j < c; ++j) dbeta[j] = static_cast<T>(sum[j]);
-  if (!dx) return;
-  std::vector<T> gmean(c), k(c), w(c);
-  for (int64_t j = 0; j < c; ++j) {
-    gmean[j] = static_cast<T>(sum[j] / n);
-    k[j] = static_cast<T>(dot[j] * invstd[j] * invstd[j] / n);
-    w[j] = invstd[j] * (gamma ? gamma[j] : T(1));
-  }
-  for (int64_t i = 0; i < n; ++i) {
-    const T* g = dy + i * c;
-    const T* row = x + i * c;
-    T* out = dx + i * c;
-    for (int64_t j = 0; j < c; ++j) out[j] = (g[j] - gmean[j] - (row[j] - mean[j]) * k[j]) * w[j];
+    out[0][j] = m[j], out[1][j] = inv[j], out[2][j] = g ? double(g[j]) : 1.0, out[3][j] = b ? double(b[j]) : 0.0;
   }
 }
 
@@ -202,6 +151,7 @@ struct MLPProgram : torch::CustomClassHolder {
   int64_t in_features = -1, classes = -1;  // -1: not known (checked by ATen instead)
   std::vector<Saved> saved;
   std::vector<double> stat_mean, stat_var;  // a BN's batch mean and biased variance, in double
+  std::vector<double> consts[4];  // a BN's mean, invstd, gamma, beta for bn_core.h
   // every intermediate lives in a buffer kept across steps: a fresh ~1 MB tensor per step would be
   // mmap'ed, page-faulted and unmapped each time, which costs more than the GEMM that fills it
   std::vector<at::Tensor> bufs;
@@ -263,9 +213,15 @@ struct MLPProgram : torch::CustomClassHolder {
         at::Tensor& out = buffer(BUFS_PER_OP * o + OUT, h.sizes(), opts);
         sv.mean = buffer(BUFS_PER_OP * o + MEAN, {c}, opts);
         sv.invstd = buffer(BUFS_PER_OP * o + INVSTD, {c}, opts);
-        bn_forward<T>(h.data_ptr<T>(), out.data_ptr<T>(), ts[0].defined() ? ts[0].data_ptr<T>() : nullptr,
-                      ts[1].defined() ? ts[1].data_ptr<T>() : nullptr, sv.mean.data_ptr<T>(),
-                      sv.invstd.data_ptr<T>(), stat_mean, stat_var, n, c, s[0]);
+        stat_mean.resize(c);
+        stat_var.resize(c);
+        bnlab::batch_stats(h.data_ptr<T>(), h.numel(), c, stat_mean.data(), stat_var.data());
+        T *m = sv.mean.data_ptr<T>(), *inv = sv.invstd.data_ptr<T>();
+        for (int64_t j = 0; j < c; ++j)
+          m[j] = static_cast<T>(stat_mean[j]), inv[j] = static_cast<T>(1.0 / std::sqrt(stat_var[j] + s[0]));
+        bn_constants<T>(ts, sv.mean, sv.invstd, c, consts);
+        bnlab::normalize(h.data_ptr<T>(), out.data_ptr<T>(), h.numel(), c, consts[0], consts[1], consts[2], consts[3],
+                         bnlab::IDENTITY, 0.0);
         update_running<T>(ts, s, stat_mean.data(), stat_var.data(), c);
         h = out;
       } else {
@@ -305,10 +261,12 @@ struct MLPProgram : torch::CustomClassHolder {
       } else if (kind == BATCHNORM) {
         const int64_t c = dy.size(1);
         at::Tensor dx = need_dx ? buffer(BUFS_PER_OP * o + DX, dy.sizes(), opts) : at::Tensor();
-        std::vector<T> dgamma(c), dbeta(c);
-        bn_backward<T>(dy.data_ptr<T>(), sv.in.data_ptr<T>(), ts[0].defined() ? ts[0].data_ptr<T>() : nullptr,
-                       sv.mean.data_ptr<T>(), sv.invstd.data_ptr<T>(), need_dx ? dx.data_ptr<T>() : nullptr,
-                       dgamma.data(), dbeta.data(), n, c);
+        bn_constants<T>(ts, sv.mean, sv.invstd, c, consts);  // gamma before its update
+        std::vector<double> dg(c), db(c);
+        bnlab::normalize_backward(dy.data_ptr<T>(), sv.in.data_ptr<T>(), need_dx ? dx.data_ptr<T>() : nullptr,
+                                  dy.numel(), c, consts[0], consts[1], consts[2], consts[3], bnlab::IDENTITY, 0.0,
+                                  dg.data(), db.data());
+        std::vector<T> dgamma(dg.begin(), dg.end()), dbeta(db.begin(), db.end());
         if (ts[0].defined()) sgd_or_grad<T>(ts[0], ts[2], dgamma.data(), lr);
         if (ts[1].defined()) sgd_or_grad<T>(ts[1], ts[3], dbeta.data(), lr);
         dy = dx;
