@@ -423,7 +423,7 @@ def test_every_4xx_is_in_the_openapi_schema(server):
     documented = {path: {int(code) for code in op["responses"]} for path, ops in schema["paths"].items()
                   for op in ops.values()}
     met = {status for _, method, path, *_, status, _ in HOSTILE if path == "/predict" and method == "POST"}
-    assert met <= documented["/predict"] == {200, 400, 413, 415, 422}
+    assert met <= documented["/predict"] == {200, 400, 408, 413, 415, 422}
     for path, codes in documented.items():
         for code in codes - {200}:
             op = next(iter(schema["paths"][path].values()))
@@ -530,6 +530,50 @@ def test_stop_signal_answers_the_request_in_flight_then_exits_0(checkpoint, tmp_
         _end(below)
 
 
+def test_a_body_too_slow_gets_408_and_frees_its_slot(checkpoint, tmp_path):
+    """Clients that send headers and then stall (or drip) their bodies get 408 once the body has had
+    --body-seconds since the server began reading it, their connections close, and the admission slots
+    they held serve the others; a request that waited for admission longer than that is still answered."""
+    server = Server(checkpoint, tmp_path / "server.log", "--decoders", "1", "--body-seconds", "1.5")
+    below = _descendants(server.proc.pid)
+    body = json.dumps({"inputs": DIGIT.tolist()}).encode()
+    head = (b"POST /predict HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n"
+            b"Content-Length: %d\r\n\r\n" % len(body))
+    try:
+        slow = []
+        for _ in range(4):  # twice the admission slots (2 x decoders): two stall in them, two wait for them
+            sock = socket.create_connection(("127.0.0.1", server.port), timeout=60)
+            sock.sendall(head + body[:100])  # and never the rest
+            slow.append(sock)
+        time.sleep(0.3)
+        t0 = time.monotonic()
+        status, _ = KeepAlive(server.port).request("POST", "/predict", body, {"Content-Type": "application/json"})
+        waited = time.monotonic() - t0
+        assert status == 200
+        assert waited > 1.5, waited  # it waited for two rounds of stalled bodies, longer than --body-seconds
+        assert KeepAlive(server.port).request("GET", "/health")[0] == 200
+        for sock in slow:
+            with sock:
+                response = _read_response(sock)  # ends: the server closed the connection
+            head_, _, content = response.partition(b"\r\n\r\n")
+            assert head_.startswith(b"HTTP/1.1 408 "), response[:300]
+            assert b"connection: close" in head_.lower()
+            assert json.loads(content)["detail"] == "the request body did not arrive within 1.5 s (100 bytes came)"
+        # a body that arrives in pieces within the time is read as usual
+        def in_pieces():
+            yield body[:100]
+            time.sleep(0.5)
+            yield body[100:]
+
+        status, _ = KeepAlive(server.port).request("POST", "/predict", in_pieces(),
+                                                   {"Content-Type": "application/json"})  # chunked
+        assert status == 200
+        assert "Traceback" not in server.text()
+    finally:
+        server.stop(signal.SIGKILL)
+        _end(below)
+
+
 def test_decoders_end_with_a_killed_server(checkpoint, tmp_path):
     """kill -9 gives the server no time to stop its decoders: they notice and exit by themselves."""
     server = Server(checkpoint, tmp_path / "server.log")
@@ -563,6 +607,8 @@ def test_cli_refuses_bad_limits_before_starting(checkpoint):
     assert r.exit_code == 2 and "max_image_pixels must be at least the model's input area, 784" in r.output
     r = CliRunner().invoke(app, ["serve", str(checkpoint), "--decoders", "0"])
     assert r.exit_code == 2 and "decoders must be at least 1" in r.output
+    r = CliRunner().invoke(app, ["serve", str(checkpoint), "--body-seconds", "0"])
+    assert r.exit_code == 2 and "body_seconds must be more than 0 (got 0.0)" in r.output
 
 
 # ---------------------------------------------------------------- the limits, without a server

@@ -266,6 +266,10 @@ def serve(
                                          "256 times the model's input area if larger."),
     decoders: int = typer.Option(None, "--decoders", help="Processes that decode request bodies (JSON, "
                                  "images) off the event loop. Default: 2."),
+    body_seconds: float = typer.Option(None, "--body-seconds", help="A request body not all in within this "
+                                       "many seconds of the server starting to read it gets 408 and the "
+                                       "connection closes (a slow client would hold one of the few admission "
+                                       "slots). Default: 60."),
     which: str = typer.Option(None, "--model", help=_MODEL_HELP),
     bn_stats: str = typer.Option("running", "--bn-stats", help=_BN_STATS_HELP),
     recalibrate_on: list[Path] = typer.Option(None, "--recalibrate-on", help=_RECALIBRATE_ON_HELP),
@@ -289,7 +293,7 @@ def serve(
         _fail("serving needs the optional extra: pip install 'bnlab[serve]'")
     ck = _chosen_checkpoint(checkpoint, which)  # a clear error before the server starts
     limits = {k: v for k, v in {"max_body_bytes": max_body_bytes, "max_image_pixels": max_image_pixels,
-                                "decoders": decoders}.items() if v is not None}
+                                "decoders": decoders, "body_seconds": body_seconds}.items() if v is not None}
     try:
         application = create_app(ck, **limits, bn_stats=bn_stats, recalibrate_on=recalibrate_on or ())
     except ValueError as e:

@@ -12,11 +12,12 @@ What it promises:
 
 - **No input gets a 5xx.** Every refusal is a 4xx with ``{"detail": message}`` (what was expected,
   what arrived), and every 4xx of a route is in its OpenAPI schema: 400 an unreadable body (not
-  UTF-8, not JSON, a broken multipart form); 413 over a size limit (body bytes, samples, JSON
+  UTF-8, not JSON, a broken multipart form); 408 a body that does not arrive in time (``body_seconds``
+  once the server reads it; a slow client would hold an admission slot); 413 over a size limit (body bytes, samples, JSON
   values, image pixels); 415 another media type; 422 a readable input that does not fit (shape,
   types, nesting depth, number length, non-finite values or outputs, not an image). The limits are
   ``bnlab.payload``'s, plus ``max_body_bytes`` and ``MAX_BATCH`` samples per request.
-- **An error never costs the client its keep-alive connection**: every error is a complete
+- **An error never costs the client its keep-alive connection** (but a 408: the rest of that body may still come): every error is a complete
   response, and nothing raised inside reaches uvicorn (which closes the connection of an
   application that raised after it began to answer).
 - **The event loop only moves bytes**, so /health answers in milliseconds under load. Decoding
@@ -53,6 +54,9 @@ from bnlab.payload import InputTooLarge, UnreadableInput
 
 MAX_BATCH = 1024
 MAX_BODY_BYTES = 4 * 1024 * 1024  # a full batch of 1024 MNIST images written as JSON takes ~3.7 MB
+# seconds a body has to arrive in once the server reads it: a client that sends it slower holds one of the
+# few admission slots (4 MB in 60 s is 0.5 Mbit/s)
+BODY_SECONDS = 60.0
 DECODERS = 2
 
 log = logging.getLogger("uvicorn.error")
@@ -65,14 +69,30 @@ def error_status(e: InputError) -> int:
 
 # ---------------------------------------------------------------- the ASGI edge
 
-class BodyTooLarge(Exception):
-    """Raised by Guard's ``receive`` once a body passes the limit; the app answers it with 413."""
+class BodyRefused(Exception):
+    """Raised by Guard's ``receive``: the body passed a limit; the app answers with ``status``."""
+
+    status = 400
+
+
+class BodyTooLarge(BodyRefused):
+    """Over ``max_body_bytes``: 413."""
+
+    status = 413
+
+
+class BodyTooSlow(BodyRefused):
+    """Not all in within ``body_seconds`` of the server starting to read it: 408, and the connection closes."""
+
+    status = 408
 
 
 async def _send_json(send, status: int, content: dict) -> None:
     body = json.dumps(content).encode()
+    close = [(b"connection", b"close")] if status == BodyTooSlow.status else []  # the rest of its body may never come
     await send({"type": "http.response.start", "status": status,
-                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
+                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
+                            *close]})
     await send({"type": "http.response.body", "body": body})
 
 
@@ -81,12 +101,15 @@ class Guard:
 
     - Bodies over ``limit`` bytes get 413: at once when Content-Length says so, otherwise (chunked)
       as soon as the bytes read pass it; the rest is never buffered.
+    - A body not all in within ``body_seconds`` of the app's first read gets 408 (a slow or stalled
+      client would hold an admission slot for as long as it liked); the clock starts at that read, not
+      at the request's arrival, so waiting for admission costs the client nothing.
     - No exception leaves it: an error the app could not answer is answered here (500, logged),
       and one raised after the answer began is only logged. uvicorn would close the connection.
     """
 
-    def __init__(self, app, limit: int):
-        self.app, self.limit = app, limit
+    def __init__(self, app, limit: int, body_seconds: float = BODY_SECONDS):
+        self.app, self.limit, self.body_seconds = app, limit, body_seconds
         self.too_large = f"request body larger than {limit} bytes"
 
     async def __call__(self, scope, receive, send):
@@ -95,15 +118,25 @@ class Guard:
         declared = dict(scope.get("headers") or []).get(b"content-length")
         if declared is not None and declared.isdigit() and int(declared) > self.limit:
             return await _send_json(send, 413, {"detail": self.too_large})
-        seen, started = 0, False
+        seen, started, deadline, body_in = 0, False, None, False
 
         async def counted_receive():
-            nonlocal seen
-            message = await receive()
+            nonlocal seen, deadline, body_in
+            if body_in:  # after the body only a disconnect can come, whenever it likes
+                return await receive()
+            if deadline is None:
+                deadline = anyio.current_time() + self.body_seconds
+            try:
+                with anyio.fail_after(max(deadline - anyio.current_time(), 0.0)):
+                    message = await receive()
+            except TimeoutError:
+                raise BodyTooSlow(f"the request body did not arrive within {self.body_seconds:g} s "
+                                  f"({seen} bytes came)") from None
             if message["type"] == "http.request":
                 seen += len(message.get("body", b""))
                 if seen > self.limit:
                     raise BodyTooLarge(self.too_large)
+                body_in = not message.get("more_body", False)
             return message
 
         async def tracked_send(message):
@@ -114,10 +147,10 @@ class Guard:
         try:
             await self.app(scope, counted_receive, tracked_send)
         except Exception as e:  # noqa: BLE001 - the last line of defence, by design
-            if not isinstance(e, BodyTooLarge):
+            if not isinstance(e, BodyRefused):
                 log.error("error while answering %s %s", scope.get("method"), scope.get("path"), exc_info=e)
             if not started:
-                status, detail = (413, self.too_large) if isinstance(e, BodyTooLarge) else (
+                status, detail = (e.status, str(e)) if isinstance(e, BodyRefused) else (
                     500, f"internal error: {type(e).__name__}")
                 await _send_json(send, status, {"detail": detail})
 
@@ -197,6 +230,8 @@ class Health(BaseModel):
 
 
 _WHY = {400: "An unreadable body: not UTF-8, not JSON, or a broken multipart form.",
+        408: "The body did not all arrive within the server's time for it once it began reading "
+             "(bnlab serve --body-seconds, default 60 s); the connection closes.",
         413: f"Over a size limit: body bytes, samples per request (at most {MAX_BATCH}), JSON values, "
              "image pixels.",
         415: "A media type other than application/json or multipart/form-data.",
@@ -259,7 +294,8 @@ def _offline_fastapi():
 
 def create_app(checkpoint: "str | Path | Checkpoint", *, which: str | None = None,
                max_body_bytes: int = MAX_BODY_BYTES, max_image_pixels: int | None = None,
-               decoders: int = DECODERS, bn_stats: str = "running", recalibrate_on=()):
+               decoders: int = DECODERS, bn_stats: str = "running", recalibrate_on=(),
+               body_seconds: float = BODY_SECONDS):
     """The ASGI app serving a checkpoint (a folder, a run folder and ``which``, or a loaded Checkpoint).
 
     ``bn_stats``: which statistics BN uses (``bnlab.deploy.predict.model_for_bn_stats``): "running", "batch"
@@ -267,7 +303,8 @@ def create_app(checkpoint: "str | Path | Checkpoint", *, which: str | None = Non
     gets a 422 saying why) or "recalibrated" (on the inputs in the files ``recalibrate_on``, at start).
 
     ``max_image_pixels`` defaults to ``bnlab.payload.default_max_image_pixels`` of the model's input;
-    ``decoders`` is the number of decoding processes. Limits out of range raise ValueError."""
+    ``decoders`` is the number of decoding processes; a body that takes longer than ``body_seconds`` to
+    arrive once the server reads it gets 408. Limits out of range raise ValueError."""
     from fastapi import HTTPException, Request
     from fastapi.responses import JSONResponse, Response
     from starlette.requests import ClientDisconnect
@@ -286,6 +323,8 @@ def create_app(checkpoint: "str | Path | Checkpoint", *, which: str | None = Non
                          f"(got {max_image_pixels})")
     if max_body_bytes < 1 or decoders < 1:
         raise ValueError(f"max_body_bytes and decoders must be at least 1 (got {max_body_bytes} and {decoders})")
+    if not body_seconds > 0:
+        raise ValueError(f"body_seconds must be more than 0 (got {body_seconds})")
     classes = ck.meta.get("classes")
     last = channels_last(spec)  # a Keras model's (H, W, C) images
     used = {"kind": ck.kind, "epoch": ck.meta.get("epoch")}
@@ -313,9 +352,10 @@ def create_app(checkpoint: "str | Path | Checkpoint", *, which: str | None = Non
                               f"characters, images of at most {max_image_pixels} pixels.")
     app.state.checkpoint = ck
 
-    @app.exception_handler(BodyTooLarge)
-    async def _too_large(request, exc):
-        return JSONResponse(status_code=413, content={"detail": str(exc)})
+    @app.exception_handler(BodyRefused)
+    async def _refused(request, exc):
+        return JSONResponse(status_code=exc.status, content={"detail": str(exc)},
+                            headers={"connection": "close"} if isinstance(exc, BodyTooSlow) else None)
 
     @app.exception_handler(ClientDisconnect)
     async def _gone(request, exc):  # nobody reads this answer; it only ends the request quietly
@@ -359,7 +399,7 @@ def create_app(checkpoint: "str | Path | Checkpoint", *, which: str | None = Non
                                  ("nothing" if upload is None else "a text field") + ")")
             return await upload.read()
 
-    @app.post("/predict", response_model=PredictAnswer | TFServingAnswer, responses=_errors(400, 413, 415, 422),
+    @app.post("/predict", response_model=PredictAnswer | TFServingAnswer, responses=_errors(400, 408, 413, 415, 422),
               openapi_extra={"requestBody": _request_body_schema(shape, last, bool(ck.preprocessing))})
     async def predict_endpoint(request: Request):
         ctype = request.headers.get("content-type", "")
@@ -381,5 +421,5 @@ def create_app(checkpoint: "str | Path | Checkpoint", *, which: str | None = Non
                 raise HTTPException(error_status(e), str(e)) from None
         return Response(body, media_type="application/json")
 
-    return Guard(app, max_body_bytes)
+    return Guard(app, max_body_bytes, body_seconds)
 
