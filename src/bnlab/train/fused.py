@@ -427,7 +427,8 @@ class OpStep:
         return (h.float() if h.dtype in (torch.float16, torch.bfloat16) else h), dtypes
 
     def backward(self, dy: torch.Tensor, dtypes: list[torch.dtype]) -> None:
-        """From the logits' gradient down to the first op with parameters; then the running statistics."""
+        """From the logits' gradient back through every op (the first computes no input gradient), then the
+        parameter update (plain SGD) or nothing more (gradients in ``.grad``), then the running statistics."""
         for i in range(len(self.ops) - 1, -1, -1):
             dy = self.ops[i].backward(dy if dy.dtype == dtypes[i] else dy.to(dtypes[i]), i > 0, self.update)
         self.update.flush()
