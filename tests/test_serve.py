@@ -558,7 +558,7 @@ def test_a_body_too_slow_gets_408_and_frees_its_slot(checkpoint, tmp_path):
             head_, _, content = response.partition(b"\r\n\r\n")
             assert head_.startswith(b"HTTP/1.1 408 "), response[:300]
             assert b"connection: close" in head_.lower()
-            assert json.loads(content)["detail"] == "the request body did not arrive within 1.5 s (100 bytes came)"
+            assert json.loads(content)["detail"] == "the request body did not all arrive within 1.5 s of the request (100 bytes read)"
         # a body that arrives in pieces within the time is read as usual
         def in_pieces():
             yield body[:100]
@@ -572,6 +572,82 @@ def test_a_body_too_slow_gets_408_and_frees_its_slot(checkpoint, tmp_path):
     finally:
         server.stop(signal.SIGKILL)
         _end(below)
+
+
+def test_sigterm_answers_stalled_bodies_with_408_then_exits_0(checkpoint, tmp_path):
+    """Bodies that will never come, admitted or queued, hold up a stop no longer than STOP_SECONDS: each gets
+    408 saying the server is stopping, uvicorn never has to cancel a request (its 30 s), the server exits 0."""
+    from bnlab.deploy.serve import STOP_SECONDS
+
+    server = Server(checkpoint, tmp_path / "server.log", "--decoders", "1")  # the default --body-seconds, 60
+    below = _descendants(server.proc.pid)
+    body = json.dumps({"inputs": DIGIT.tolist()}).encode()
+    try:
+        stalled = []
+        for _ in range(6):  # 2 admitted, 4 queued
+            sock = socket.create_connection(("127.0.0.1", server.port), timeout=60)
+            sock.sendall(b"POST /predict HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n"
+                         b"Content-Length: %d\r\n\r\n" % len(body) + body[:30])
+            stalled.append(sock)
+        time.sleep(0.5)
+        t0 = time.monotonic()
+        server.proc.send_signal(signal.SIGTERM)
+        for sock in stalled:
+            with sock:
+                response = _read_response(sock)
+            head, _, content = response.partition(b"\r\n\r\n")
+            assert head.startswith(b"HTTP/1.1 408 "), response[:300]
+            assert json.loads(content)["detail"] == "the request body did not all arrive before the server stopped (30 bytes read)"
+        assert time.monotonic() - t0 < STOP_SECONDS + 5
+        assert server.proc.wait(timeout=60) == 0, server.text()
+        assert "Traceback" not in server.text() and "Cancel" not in server.text(), server.text()
+    finally:
+        server.stop(signal.SIGKILL)
+        _end(below)
+
+
+def test_the_body_clock_runs_from_arrival_with_a_read_window_and_stops_with_the_server(monkeypatch):
+    """Guard's deadlines, in process: body_seconds from the request's arrival; at least READ_SECONDS after the
+    app's first read (a request that waited for its slot); STOP_SECONDS once stop_reading() is called."""
+    import asyncio
+
+    from bnlab.deploy import serve
+
+    monkeypatch.setattr(serve, "READ_SECONDS", 0.3)
+    monkeypatch.setattr(serve, "STOP_SECONDS", 0.2)
+
+    def answered_after(queued: float, body_seconds: float, stop_at: float | None = None):
+        async def app(scope, receive, send):
+            await asyncio.sleep(queued)  # waiting for an admission slot
+            while (await receive()).get("more_body"):
+                pass
+            await serve._send_json(send, 200, {})
+
+        async def stalled():  # a client that sent its headers and then nothing
+            await asyncio.sleep(3600)
+
+        sent = []
+
+        async def send(message):
+            sent.append(message)
+
+        async def scenario():
+            guard = serve.Guard(app, 10_000, body_seconds)
+            t0 = time.monotonic()
+            if stop_at is not None:
+                asyncio.get_running_loop().call_later(stop_at, guard.stop_reading)
+            await guard({"type": "http", "method": "POST", "path": "/predict", "headers": []}, stalled, send)
+            return time.monotonic() - t0
+
+        took = asyncio.run(scenario())
+        return took, sent[0]["status"], json.loads(sent[1]["body"])["detail"]
+
+    took, status, detail = answered_after(0.0, 0.5)
+    assert status == 408 and 0.45 < took < 0.9 and "did not all arrive within 0.5 s of the request (0 bytes read)" in detail
+    took, status, _ = answered_after(0.4, 0.5)  # queued 0.4 s: 0.1 s of its time left, but a 0.3 s read window
+    assert status == 408 and 0.65 < took < 1.1, took
+    took, status, detail = answered_after(0.0, 30, stop_at=0.1)  # stopping: 0.2 s more (seen within a second)
+    assert status == 408 and took < 1.6 and detail == "the request body did not all arrive before the server stopped (0 bytes read)"
 
 
 def test_decoders_end_with_a_killed_server(checkpoint, tmp_path):

@@ -427,3 +427,28 @@ def test_the_stacked_step_runs_the_fused_steps_ops():
     assert {"_BatchNormAct", "_MaxPool2d", "_Flatten", "_Conv2d"} <= kinds
     assert all(type(op).__module__ == fused.__name__ for op in step.ops
                if type(op).__name__ not in ("_StackedLinear", "_StackedDropout"))
+
+
+@pytest.mark.parametrize("other,says", [
+    ({"norm_options": {"eps": 0.5}}, "eps=0.5"),
+    ({"dropout": 0.6}, "Dropout(p=0.6"),
+    ({"activation": "tanh"}, "Tanh()"),
+    ({"hidden": [16, 9]}, "out_features=9"),
+    ({"norm_options": {"convention": "keras"}}, "convention=keras"),
+    ({"norm": "layer"}, "LayerNorm"),
+])
+def test_members_that_are_not_one_network_are_refused(other, says):
+    # every member runs the first member's layers: a member with other settings would silently train as it
+    spec = {**MLP, "bn": "before", "dropout": 0.1}
+    models = [build_model(spec, seed=3).double(), build_model({**spec, **other}, seed=0).double()]
+    with pytest.raises(ValueError, match="member 1") as e:
+        fit_stacked(models, _data(), [3, 0], epochs=1)
+    assert says in str(e.value), str(e.value)
+
+
+def test_members_of_another_type_than_the_data_are_refused():
+    models = [build_model({**MLP, "bn": "before"}, seed=s).double() for s in (3, 0)]
+    with pytest.raises(ValueError, match="member 1 has tensor .* torch.float32"):
+        fit_stacked([models[0], models[1].float()], _data(), [3, 0], epochs=1)
+    with pytest.raises(ValueError, match="the inputs are torch.float64 but the models are torch.float32"):
+        fit_stacked([m.float() for m in models], _data(), [3, 0], epochs=1)

@@ -267,9 +267,9 @@ def serve(
     decoders: int = typer.Option(None, "--decoders", help="Processes that decode request bodies (JSON, "
                                  "images) off the event loop. Default: 2."),
     body_seconds: float = typer.Option(None, "--body-seconds", help="A request body not all in within this "
-                                       "many seconds of the server starting to read it gets 408 and the "
-                                       "connection closes (a slow client would hold one of the few admission "
-                                       "slots). Default: 60."),
+                                       "many seconds of the request's arrival (and at least 5 s after the "
+                                       "server began reading it) gets 408 and the connection closes: a slow "
+                                       "client would hold one of the few admission slots. Default: 60."),
     which: str = typer.Option(None, "--model", help=_MODEL_HELP),
     bn_stats: str = typer.Option("running", "--bn-stats", help=_BN_STATS_HELP),
     recalibrate_on: list[Path] = typer.Option(None, "--recalibrate-on", help=_RECALIBRATE_ON_HELP),
@@ -298,7 +298,12 @@ def serve(
         application = create_app(ck, **limits, bn_stats=bn_stats, recalibrate_on=recalibrate_on or ())
     except ValueError as e:
         _fail(str(e))
-    server = uvicorn.Server(uvicorn.Config(application, host=host, port=port, timeout_graceful_shutdown=30))
+    class Server(uvicorn.Server):
+        def handle_exit(self, sig, frame):  # uvicorn's signal handler: stopping begins
+            application.stop_reading()  # bodies still on their way get 408 before uvicorn's 30 s run out
+            super().handle_exit(sig, frame)
+
+    server = Server(uvicorn.Config(application, host=host, port=port, timeout_graceful_shutdown=30))
 
     # uvicorn answers SIGINT/SIGTERM with a graceful shutdown, then restores the handlers it found and
     # raises the signal again, which would kill the process after a clean stop; these handlers make

@@ -13,7 +13,7 @@ What it promises:
 - **No input gets a 5xx.** Every refusal is a 4xx with ``{"detail": message}`` (what was expected,
   what arrived), and every 4xx of a route is in its OpenAPI schema: 400 an unreadable body (not
   UTF-8, not JSON, a broken multipart form); 408 a body that does not arrive in time (``body_seconds``
-  once the server reads it; a slow client would hold an admission slot); 413 over a size limit (body bytes, samples, JSON
+  from the request's arrival; a slow client would hold an admission slot); 413 over a size limit (body bytes, samples, JSON
   values, image pixels); 415 another media type; 422 a readable input that does not fit (shape,
   types, nesting depth, number length, non-finite values or outputs, not an image). The limits are
   ``bnlab.payload``'s, plus ``max_body_bytes`` and ``MAX_BATCH`` samples per request.
@@ -38,6 +38,7 @@ import json
 import logging
 import multiprocessing
 import os
+import time
 import warnings
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
@@ -54,9 +55,14 @@ from bnlab.payload import InputTooLarge, UnreadableInput
 
 MAX_BATCH = 1024
 MAX_BODY_BYTES = 4 * 1024 * 1024  # a full batch of 1024 MNIST images written as JSON takes ~3.7 MB
-# seconds a body has to arrive in once the server reads it: a client that sends it slower holds one of the
-# few admission slots (4 MB in 60 s is 0.5 Mbit/s)
+# seconds a body has to be all in from the request's arrival (4 MB in 60 s is 0.5 Mbit/s): a client that
+# sends it slower holds one of the few admission slots; one that waited for its slot gets at least
+# READ_SECONDS once it is read (its body may still be on its side of the socket)
 BODY_SECONDS = 60.0
+READ_SECONDS = 5.0
+# once the server is stopping, bodies still arriving get this long: uvicorn waits 30 s for the requests in
+# flight (the queued ones included) before it cancels them
+STOP_SECONDS = 10.0
 DECODERS = 2
 
 log = logging.getLogger("uvicorn.error")
@@ -82,7 +88,7 @@ class BodyTooLarge(BodyRefused):
 
 
 class BodyTooSlow(BodyRefused):
-    """Not all in within ``body_seconds`` of the server starting to read it: 408, and the connection closes."""
+    """Not all in by its deadline (``Guard``): 408, and the connection closes."""
 
     status = 408
 
@@ -101,9 +107,10 @@ class Guard:
 
     - Bodies over ``limit`` bytes get 413: at once when Content-Length says so, otherwise (chunked)
       as soon as the bytes read pass it; the rest is never buffered.
-    - A body not all in within ``body_seconds`` of the app's first read gets 408 (a slow or stalled
-      client would hold an admission slot for as long as it liked); the clock starts at that read, not
-      at the request's arrival, so waiting for admission costs the client nothing.
+    - A body not all in within ``body_seconds`` of the request's arrival, and at least ``READ_SECONDS``
+      after the app began reading it, gets 408 (a slow or stalled client would hold an admission slot
+      for as long as it liked); once ``stop_reading()`` is called (the server is stopping), within
+      ``STOP_SECONDS`` of that call.
     - No exception leaves it: an error the app could not answer is answered here (500, logged),
       and one raised after the answer began is only logged. uvicorn would close the connection.
     """
@@ -111,6 +118,12 @@ class Guard:
     def __init__(self, app, limit: int, body_seconds: float = BODY_SECONDS):
         self.app, self.limit, self.body_seconds = app, limit, body_seconds
         self.too_large = f"request body larger than {limit} bytes"
+        self.stop_by = float("inf")
+
+    def stop_reading(self) -> None:
+        """The server is stopping: bodies still arriving, admitted or queued, get ``STOP_SECONDS`` more at most.
+        Safe to call from a signal handler."""
+        self.stop_by = min(self.stop_by, time.monotonic() + STOP_SECONDS)
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
@@ -118,20 +131,25 @@ class Guard:
         declared = dict(scope.get("headers") or []).get(b"content-length")
         if declared is not None and declared.isdigit() and int(declared) > self.limit:
             return await _send_json(send, 413, {"detail": self.too_large})
+        arrived = time.monotonic()
         seen, started, deadline, body_in = 0, False, None, False
 
         async def counted_receive():
             nonlocal seen, deadline, body_in
             if body_in:  # after the body only a disconnect can come, whenever it likes
                 return await receive()
-            if deadline is None:
-                deadline = anyio.current_time() + self.body_seconds
-            try:
-                with anyio.fail_after(max(deadline - anyio.current_time(), 0.0)):
+            if deadline is None:  # the first read: admitted
+                deadline = max(arrived + self.body_seconds, time.monotonic() + min(READ_SECONDS, self.body_seconds))
+            while True:
+                # past the deadline one more read still takes what has already come; each wait ends within a
+                # second, to see a stop begin
+                with anyio.move_on_after(max(0.0, min(min(deadline, self.stop_by) - time.monotonic(), 1.0))):
                     message = await receive()
-            except TimeoutError:
-                raise BodyTooSlow(f"the request body did not arrive within {self.body_seconds:g} s "
-                                  f"({seen} bytes came)") from None
+                    break
+                if time.monotonic() >= min(deadline, self.stop_by):
+                    when = "before the server stopped" if self.stop_by <= deadline else \
+                        f"within {self.body_seconds:g} s of the request"
+                    raise BodyTooSlow(f"the request body did not all arrive {when} ({seen} bytes read)")
             if message["type"] == "http.request":
                 seen += len(message.get("body", b""))
                 if seen > self.limit:
@@ -230,8 +248,9 @@ class Health(BaseModel):
 
 
 _WHY = {400: "An unreadable body: not UTF-8, not JSON, or a broken multipart form.",
-        408: "The body did not all arrive within the server's time for it once it began reading "
-             "(bnlab serve --body-seconds, default 60 s); the connection closes.",
+        408: "The body was not all in within the server's time for it (bnlab serve --body-seconds, default "
+             f"{BODY_SECONDS:g} s from the request's arrival, at least {READ_SECONDS:g} s of it after the server "
+             "began reading; or the server is stopping); the connection closes.",
         413: f"Over a size limit: body bytes, samples per request (at most {MAX_BATCH}), JSON values, "
              "image pixels.",
         415: "A media type other than application/json or multipart/form-data.",
@@ -303,8 +322,8 @@ def create_app(checkpoint: "str | Path | Checkpoint", *, which: str | None = Non
     gets a 422 saying why) or "recalibrated" (on the inputs in the files ``recalibrate_on``, at start).
 
     ``max_image_pixels`` defaults to ``bnlab.payload.default_max_image_pixels`` of the model's input;
-    ``decoders`` is the number of decoding processes; a body that takes longer than ``body_seconds`` to
-    arrive once the server reads it gets 408. Limits out of range raise ValueError."""
+    ``decoders`` is the number of decoding processes; a body not all in within ``body_seconds`` of the
+    request's arrival gets 408 (``Guard``). Limits out of range raise ValueError."""
     from fastapi import HTTPException, Request
     from fastapi.responses import JSONResponse, Response
     from starlette.requests import ClientDisconnect

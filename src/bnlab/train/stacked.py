@@ -260,13 +260,28 @@ def members_side_by_side(x: torch.Tensor) -> torch.Tensor:
     return x.transpose(0, 1).reshape(b, k * x.shape[2], *x.shape[3:]).contiguous(memory_format=torch.channels_last)
 
 
+def _network(model: nn.Module) -> list[str]:
+    """What must be equal for two models to stack: each layer as printed (sizes, eps, momentum, convention,
+    rates, slopes...), and each tensor's name, shape, type and device."""
+    return ([f"layer {name}: {mod!r}" for name, mod in model.named_children()]
+            + [f"tensor {name}: {tuple(t.shape)} {t.dtype} on {t.device}"
+               for name, t in (*model.named_parameters(), *model.named_buffers())])
+
+
 class StackedNet:
     """K copies of one ``nn.Sequential`` network (an MLP or a CNN) as tensors with a leading member axis."""
 
     def __init__(self, models: list[nn.Sequential]):
-        bad = stack_unsupported(models[0])
-        if bad:
-            raise ValueError("stacked training does not support: " + ", ".join(bad))
+        for k, m in enumerate(models):
+            bad = stack_unsupported(m)
+            if bad:
+                raise ValueError(f"stacked training does not support (member {k}): " + ", ".join(bad))
+        first = _network(models[0])
+        for k, m in enumerate(models[1:], 1):  # every member runs the first one's layers: they must be one network
+            diff = next((f"{a} against {b}" for a, b in zip(_network(m), first) if a != b), None)
+            if diff is not None:
+                raise ValueError(f"stacked members must be one network that differs only in its weights: member {k} "
+                                 f"has {diff} in member 0")
         prog = program_of(models[0])
         self.program, self.maps, self.members = prog.ops, not prog.is_mlp, len(models)
         self.layer = {step[0].name: _Layer(step[0].kind, step[0].name, [op.module for op in step])
@@ -424,6 +439,8 @@ def fit_stacked(models: list[nn.Sequential], data: Dataset, seeds: list[int], *,
     alive = list(members)
     start = time.perf_counter() - elapsed
     dtype = stack.parameters()[0].dtype
+    if data.x_train.is_floating_point() and data.x_train.dtype != dtype:
+        raise ValueError(f"the inputs are {data.x_train.dtype} but the models are {dtype}: convert one to the other")
 
     def leave(gone: list[_Member]) -> None:
         nonlocal alive
