@@ -174,7 +174,7 @@ class _StackedLinear:
 
 
 def _side_by_side(y: torch.Tensor) -> torch.Tensor:
-    """(K, B, F) -> (B, K·F), member k's features at k·F .. (k+1)·F - 1."""
+    """(K, B, F...) -> (B, K·F), member k's features (flattened) at k·F .. (k+1)·F - 1."""
     return y.transpose(0, 1).reshape(y.shape[1], -1)
 
 
@@ -228,20 +228,21 @@ class StackedStep(OpStep):
     def _dropout(self, module, kernels):
         return _StackedDropout(module, self.generators, kernels)
 
-    def _side_by_side(self, x: torch.Tensor) -> torch.Tensor:
-        return members_side_by_side(x) if self.stack.maps else x.transpose(0, 1).reshape(x.shape[1], -1)
+    def _inputs(self, x: torch.Tensor) -> torch.Tensor:
+        """The members' batches (K, B, ...) side by side: maps (B, K·C, H, W), else rows (B, K·F)."""
+        return members_side_by_side(x) if self.stack.maps else _side_by_side(x)
 
     @torch.no_grad()
     def __call__(self, x: torch.Tensor, y: torch.Tensor, generators: list) -> tuple[torch.Tensor, torch.Tensor]:
         """One step of every member on its batch (x: (K, B, ...), y: (K, B)): forward, backward, gradients
         in ``.grad``. Returns each member's mean loss and number correct, (K,) tensors."""
         self.generators[:] = generators
-        h, dtypes = self.forward(self._side_by_side(x), True)
+        h, dtypes = self.forward(self._inputs(x), True)
         b = h.shape[0]
         logp = torch.log_softmax(h.view(b, self.k, -1), 2).view(b * self.k, -1)
         t = y.t().reshape(-1)  # (B·K), row b·K + k: member k's target
         nll, total = aten.nll_loss_forward(logp, t, None, 0, -100)  # no reduction: each member's mean below
-        correct = (logp.view(b, self.k, -1).argmax(2) == y.t()).sum(0)
+        correct = (h.view(b, self.k, -1).argmax(2) == y.t()).sum(0)
         # d(member's mean CE)/d(logits) = (softmax - onehot) / B, by the kernels autograd runs
         dlogp = aten.nll_loss_backward(torch.full_like(nll, 1.0 / b), logp, t, None, 0, -100, total)
         self.backward(aten._log_softmax_backward_data(dlogp, logp, 1, logp.dtype).view(b, -1), dtypes)
@@ -250,7 +251,7 @@ class StackedStep(OpStep):
     @torch.no_grad()
     def logits(self, x: torch.Tensor) -> torch.Tensor:
         """Every member's logits in eval mode on the same inputs x (B, ...): (K, B, classes)."""
-        h, _ = self.forward(self._side_by_side(x.unsqueeze(0).expand(self.k, *x.shape)), False)
+        h, _ = self.forward(self._inputs(x.unsqueeze(0).expand(self.k, *x.shape)), False)
         return h.view(x.shape[0], self.k, -1).transpose(0, 1)
 
 
