@@ -76,9 +76,10 @@ def error_status(e: InputError) -> int:
 # ---------------------------------------------------------------- the ASGI edge
 
 class BodyRefused(Exception):
-    """Raised by Guard's ``receive``: the body passed a limit; the app answers with ``status``."""
+    """Raised by Guard's ``receive``: the body passed a limit; the app answers with ``status`` (and closes the
+    connection where ``closes``: the rest of that body may never come)."""
 
-    status = 400
+    status, closes = 400, False
 
 
 class BodyTooLarge(BodyRefused):
@@ -90,12 +91,12 @@ class BodyTooLarge(BodyRefused):
 class BodyTooSlow(BodyRefused):
     """Not all in by its deadline (``Guard``): 408, and the connection closes."""
 
-    status = 408
+    status, closes = 408, True
 
 
-async def _send_json(send, status: int, content: dict) -> None:
+async def _send_json(send, status: int, content: dict, close: bool = False) -> None:
     body = json.dumps(content).encode()
-    close = [(b"connection", b"close")] if status == BodyTooSlow.status else []  # the rest of its body may never come
+    close = [(b"connection", b"close")] if close else []
     await send({"type": "http.response.start", "status": status,
                 "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
                             *close]})
@@ -143,10 +144,11 @@ class Guard:
             while True:
                 # past the deadline one more read still takes what has already come; each wait ends within a
                 # second, to see a stop begin
-                with anyio.move_on_after(max(0.0, min(min(deadline, self.stop_by) - time.monotonic(), 1.0))):
+                limit = min(deadline, self.stop_by)
+                with anyio.move_on_after(max(0.0, min(limit - time.monotonic(), 1.0))):
                     message = await receive()
                     break
-                if time.monotonic() >= min(deadline, self.stop_by):
+                if time.monotonic() >= limit:
                     when = "before the server stopped" if self.stop_by <= deadline else \
                         f"within {self.body_seconds:g} s of the request"
                     raise BodyTooSlow(f"the request body did not all arrive {when} ({seen} bytes read)")
@@ -168,9 +170,10 @@ class Guard:
             if not isinstance(e, BodyRefused):
                 log.error("error while answering %s %s", scope.get("method"), scope.get("path"), exc_info=e)
             if not started:
-                status, detail = (e.status, str(e)) if isinstance(e, BodyRefused) else (
-                    500, f"internal error: {type(e).__name__}")
-                await _send_json(send, status, {"detail": detail})
+                refused = isinstance(e, BodyRefused)
+                await _send_json(send, e.status if refused else 500,
+                                 {"detail": str(e) if refused else f"internal error: {type(e).__name__}"},
+                                 close=refused and e.closes)
 
 
 # ---------------------------------------------------------------- decoding off the event loop
@@ -374,7 +377,7 @@ def create_app(checkpoint: "str | Path | Checkpoint", *, which: str | None = Non
     @app.exception_handler(BodyRefused)
     async def _refused(request, exc):
         return JSONResponse(status_code=exc.status, content={"detail": str(exc)},
-                            headers={"connection": "close"} if isinstance(exc, BodyTooSlow) else None)
+                            headers={"connection": "close"} if exc.closes else None)
 
     @app.exception_handler(ClientDisconnect)
     async def _gone(request, exc):  # nobody reads this answer; it only ends the request quietly
