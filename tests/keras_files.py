@@ -71,3 +71,116 @@ def models(keras, seed: int = 0) -> dict:
     for model, _ in out.values():
         _randomise_bn(model, rng)
     return out
+
+
+# ---- small Keras files written with h5py and zipfile alone (no Keras): the hostile-file tests edit these
+
+def tiny_keras3_config(units: int = 3, epsilon: float = 1e-3, features: int = 4) -> dict:
+    """A Keras 3 ``config.json``: Input(features) -> Dense(units) -> BatchNormalization -> Dense(2, softmax)."""
+    def layer(cls, name, config, shape):
+        return {"module": "keras.layers", "class_name": cls, "config": {"name": name, "dtype": "float32", **config},
+                "build_config": {"input_shape": [None, *shape]}}
+
+    return {"module": "keras", "class_name": "Sequential", "config": {"name": "sequential", "layers": [
+        {"module": "keras.layers", "class_name": "InputLayer",
+         "config": {"batch_shape": [None, features], "dtype": "float32", "name": "input_layer"}},
+        layer("Dense", "dense", {"units": units, "activation": "linear", "use_bias": True}, [features]),
+        layer("BatchNormalization", "batch_normalization", {"axis": -1, "momentum": 0.99, "epsilon": epsilon,
+                                                            "center": True, "scale": True}, [units]),
+        layer("Dense", "dense_1", {"units": 2, "activation": "softmax", "use_bias": True}, [units])]}}
+
+
+def tiny_weights(units: int = 3, features: int = 4) -> dict[str, list[np.ndarray]]:
+    """Keras-order arrays of the tiny model's weight layers (Keras 3 snake-case paths)."""
+    rng = np.random.default_rng(0)
+
+    def f32(*shape):
+        return rng.normal(0, 0.5, shape).astype("float32")
+
+    return {"dense": [f32(features, units), f32(units)],
+            "batch_normalization": [1 + 0.1 * f32(units), f32(units), f32(units), 1 + np.abs(f32(units))],
+            "dense_1": [f32(units, 2), f32(2)]}
+
+
+def write_keras3_weights(path, weights: dict[str, list[np.ndarray]] | None = None, edit=None) -> None:
+    """``model.weights.h5`` as Keras 3 writes it (``layers/<name>/vars/<i>``); ``edit(h5file)`` runs last."""
+    import h5py
+
+    with h5py.File(path, "w") as f:
+        for lname, arrays in (tiny_weights() if weights is None else weights).items():
+            group = f.create_group(f"layers/{lname}/vars")
+            for i, a in enumerate(arrays):
+                group.create_dataset(str(i), data=a)
+        if edit is not None:
+            edit(f)
+
+
+def write_keras_zip(path, *, config: dict | None = None, config_bytes: bytes | None = None,
+                    weights_file=None, members: dict | None = None, compression: int | None = None) -> None:
+    """A ``.keras`` archive of the tiny model: config.json (``config`` or raw ``config_bytes``), metadata.json
+    and model.weights.h5 (a file written by ``write_keras3_weights`` unless given); ``members`` add or replace
+    raw members (name -> bytes, or an iterable of byte chunks streamed in)."""
+    import json
+    import tempfile
+    import zipfile
+    from pathlib import Path
+
+    with tempfile.TemporaryDirectory() as tmp:
+        if weights_file is None:
+            weights_file = Path(tmp) / "model.weights.h5"
+            write_keras3_weights(weights_file)
+        parts = {"metadata.json": json.dumps({"keras_version": "3.15.1"}).encode(),
+                 "config.json": config_bytes if config_bytes is not None else json.dumps(
+                     config or tiny_keras3_config()).encode(),
+                 "model.weights.h5": Path(weights_file).read_bytes(), **(members or {})}
+        with zipfile.ZipFile(path, "w", compression=zipfile.ZIP_STORED if compression is None else compression) as z:
+            for name, data in parts.items():
+                if isinstance(data, bytes):
+                    z.writestr(name, data)
+                else:
+                    with z.open(name, "w", force_zip64=True) as out:
+                        for chunk in data:
+                            out.write(chunk)
+
+
+def tiny_keras2_config(units: int = 3, epsilon: float = 1e-3, features: int = 4) -> dict:
+    """The tiny model's ``model_config`` as tf.keras 2 writes it."""
+    return {"class_name": "Sequential", "config": {"name": "sequential", "layers": [
+        {"class_name": "InputLayer", "config": {"batch_input_shape": [None, features], "dtype": "float32",
+                                                "name": "input_1"}},
+        {"class_name": "Dense", "config": {"name": "dense", "units": units, "activation": "linear", "use_bias": True}},
+        {"class_name": "BatchNormalization", "config": {"name": "batch_normalization", "axis": [1],
+                                                        "momentum": 0.99, "epsilon": epsilon,
+                                                        "center": True, "scale": True}},
+        {"class_name": "Dense", "config": {"name": "dense_1", "units": 2, "activation": "softmax",
+                                           "use_bias": True}}]}}
+
+
+KERAS2_WEIGHT_NAMES = {"dense": ["kernel:0", "bias:0"],
+                       "batch_normalization": ["gamma:0", "beta:0", "moving_mean:0", "moving_variance:0"],
+                       "dense_1": ["kernel:0", "bias:0"]}
+
+
+def write_keras2_h5(path, *, config: dict | None = None, model_config: str | None = None, edit=None) -> None:
+    """A Keras 2 ``.h5`` of the tiny model (root attrs, ``model_weights/<layer>/<layer>/<name>:0``);
+    ``edit(h5file)`` runs last."""
+    import json
+
+    import h5py
+
+    weights = tiny_weights()
+    with h5py.File(path, "w") as f:
+        f.attrs["model_config"] = (model_config if model_config is not None
+                                   else json.dumps(config or tiny_keras2_config()))
+        f.attrs["keras_version"] = "2.15.0"
+        f.attrs["backend"] = "tensorflow"
+        mw = f.create_group("model_weights")
+        mw.attrs["layer_names"] = [n.encode() for n in ["input_1", *KERAS2_WEIGHT_NAMES]]
+        mw.create_group("input_1").attrs["weight_names"] = np.array([], dtype="S1")
+        for lname, wnames in KERAS2_WEIGHT_NAMES.items():
+            group = mw.create_group(lname)
+            group.attrs["weight_names"] = [f"{lname}/{w}".encode() for w in wnames]
+            for w, a in zip(wnames, weights[lname]):
+                group.create_dataset(f"{lname}/{w}", data=a)
+        if edit is not None:
+            edit(f)

@@ -71,9 +71,13 @@ def test_convert_errors_name_each_layer_and_the_target():
         bnlab.convert(model, "weight")
     with pytest.raises(ValueError, match="no normalization layer"):
         bnlab.convert(nn.Linear(3, 3), "batch")
-    dense = bnlab.convert(nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4)), "instance")
-    with pytest.raises(ValueError, match="instance norm needs spatial axes"):  # (N, C): no axis to normalise
-        dense(torch.randn(2, 3))
+    # (N, C) features: no axis to normalise, refused up front naming every such layer
+    dense = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4), nn.Linear(4, 4), nn.BatchNorm1d(4))
+    with pytest.raises(ValueError, match=r"(?s)1 \(BatchNorm1d\): instance norm needs spatial axes.*"
+                                         r"\(N, C\) features.*3 \(BatchNorm1d\)"):
+        bnlab.convert(dense, "instance", input_shape=(3,))
+    with pytest.raises(ValueError, match=r"(?s)1 \(BatchNorm1d\).*give convert input_shape.*3 \(BatchNorm1d\)"):
+        bnlab.convert(dense, "instance")  # BatchNorm1d takes (N, C) and (N, C, L): it cannot tell which
 
 
 def test_converted_batchnorm1d_is_right_for_both_of_its_ranks():
@@ -89,7 +93,7 @@ def test_converted_batchnorm1d_is_right_for_both_of_its_ranks():
         oracle.bias.copy_(new.bias)
     for x in (torch.randn(4, 6), torch.randn(4, 6, 5)):
         assert torch.allclose(new(x), oracle(x), atol=1e-5)
-    inst = bnlab.convert(nn.BatchNorm1d(6), "instance")
+    inst = bnlab.convert(nn.BatchNorm1d(6), "instance", input_shape=(6, 7))
     x = torch.randn(3, 6, 7)
     assert torch.allclose(inst(x), nn.InstanceNorm1d(6, affine=True)(x), atol=1e-5)
 
@@ -164,13 +168,13 @@ def test_factory_spec_is_seeded_converted_and_checkpointed(tmp_path):
     spec = {"factory": RESNET, "kwargs": {"width": 4, "in_channels": 1}, "input_shape": [1, 8, 8],
             "num_classes": 10, "norm": "group:2"}
     state = torch.get_rng_state()
-    a, b = build_model(spec, seed=3), build_model(spec, seed=3)
+    a, b = build_model(spec, seed=3, trust_factory=True), build_model(spec, seed=3, trust_factory=True)
     assert torch.equal(torch.get_rng_state(), state)  # the global RNG is left alone
     assert all(torch.equal(p, q) for p, q in zip(a.parameters(), b.parameters()))
-    assert not torch.equal(a.conv1.weight, build_model(spec, seed=4).conv1.weight)
+    assert not torch.equal(a.conv1.weight, build_model(spec, seed=4, trust_factory=True).conv1.weight)
     assert isinstance(a.bn1, GroupNorm) and a.spec.kind == "factory"
     save_checkpoint(tmp_path / "ck", a.eval())
-    ck = load_checkpoint(tmp_path / "ck")
+    ck = load_checkpoint(tmp_path / "ck", trust_factory=[RESNET])
     x = torch.randn(2, 1, 8, 8)
     with torch.no_grad():
         assert torch.equal(ck.model.eval()(x), a(x))
@@ -183,7 +187,7 @@ def test_factory_spec_is_seeded_converted_and_checkpointed(tmp_path):
 ])
 def test_factory_errors_say_what_was_not_found(factory, match):
     with pytest.raises(ValueError, match=match):
-        build_model({"factory": factory})
+        build_model({"factory": factory}, trust_factory=True)
 
 
 def test_factory_ablation_through_the_experiment_runner(tmp_path):
@@ -192,16 +196,16 @@ def test_factory_ablation_through_the_experiment_runner(tmp_path):
         "model": {"factory": RESNET, "kwargs": {"width": 4, "in_channels": 1}},
         "train": {"epochs": 1, "batch_size": 64, "lr": 0.05}, "probes": {"every": 10, "probe_batch": 32},
         "variants": {"bn": {}, "gn": {"model": {"norm": "group:2"}}, "no-norm": {"model": {"norm": "none"}}}})
-    prog = run_experiment(spec, tmp_path / "e", workers=1)
+    prog = run_experiment(spec, tmp_path / "e", workers=1, trust_factory=True)
     assert (prog.done, prog.failed) == (3, 0)
     probed = {r["layer"] for r in load_probes(tmp_path / "e")}
     assert {"relu", "layer1.0.relu", "layer4.1.relu", "fc", "layer2.0.downsample.0"} <= probed  # inside the blocks
     _, runs, _ = load_results(tmp_path / "e")
     assert {r["variant"] for r in runs} == {"bn", "gn", "no-norm"} and all(r["status"] == "done" for r in runs)
-    ck = load_checkpoint(tmp_path / "e" / "runs" / "gn" / "seed-0" / "checkpoint")
+    ck = load_checkpoint(tmp_path / "e" / "runs" / "gn" / "seed-0" / "checkpoint", trust_factory=True)
     assert isinstance(ck.model.bn1, GroupNorm)
     # the BN run's checkpoint is a torch BatchNorm2d ResNet that folds
-    bn = load_checkpoint(tmp_path / "e" / "runs" / "bn" / "seed-0" / "checkpoint").model.eval()
+    bn = load_checkpoint(tmp_path / "e" / "runs" / "bn" / "seed-0" / "checkpoint", trust_factory=True).model.eval()
     folded, rep = fold(bn)
     assert rep.folded == 20
     x = torch.randn(3, 1, 8, 8)
@@ -214,16 +218,17 @@ def test_bnlab_fold_cli_on_a_factory_checkpoint(tmp_path):
 
     from bnlab.cli import app
 
-    model = build_model({"factory": RESNET, "kwargs": {"width": 4}, "input_shape": [3, 16, 16]}, seed=0)
+    model = build_model({"factory": RESNET, "kwargs": {"width": 4}, "input_shape": [3, 16, 16]}, seed=0,
+                        trust_factory=True)
     with torch.no_grad():
         for m in _norms(model):
             m.running_var.uniform_(0.5, 2)
             m.running_mean.normal_()
     save_checkpoint(tmp_path / "ck", model.eval())
-    res = CliRunner().invoke(app, ["fold", str(tmp_path / "ck"), "--out", str(tmp_path / "folded")])
+    res = CliRunner().invoke(app, ["fold", str(tmp_path / "ck"), "--out", str(tmp_path / "folded"), "--trust-factory"])
     assert res.exit_code == 0, res.output
     assert "20 of 20 normalization layers folded (graph data flow)" in res.output
-    ck = load_checkpoint(tmp_path / "folded")
+    ck = load_checkpoint(tmp_path / "folded", trust_factory=True)
     assert ck.model.spec.folded and not _norms(ck.model)
     x = torch.randn(2, 3, 16, 16)
     with torch.no_grad():

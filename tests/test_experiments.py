@@ -17,6 +17,7 @@ from bnlab.experiments import (RunStore, SpecError, StoreError, apply_quick, exp
                                parse_experiment, plan_workers, preset_names, run_experiment)
 from bnlab.experiments.stats import compare, mean_ci
 from bnlab.report import build_report
+from crashing_net import MESSAGE as CRASH_MESSAGE, crashing_variant
 from tiny_specs import TWO_VARIANTS
 
 TINY = TWO_VARIANTS
@@ -129,13 +130,15 @@ def test_a_folder_of_an_earlier_results_version_is_not_resumed(tmp_path):
 
 
 def test_a_crashing_run_is_recorded_and_the_others_go_on(tmp_path):
-    # valid as a spec, fails only when run: a device this torch build does not have
-    bad = {**TINY, "variants": {**TINY["variants"], "broken": {"train": {"device": "cuda:77"}}}}
+    # valid, and passes every check before anything is stored; fails only when run: its backward pass raises
+    # (settings this machine cannot run, such as a CUDA device it lacks, are refused up front instead)
+    variants = {k: {"model": {**TINY["model"], **v["model"]}} for k, v in TINY["variants"].items()}
+    bad = {**TINY, "model": {}, "variants": {**variants, "broken": crashing_variant(TINY["model"]["input_shape"], 2)}}
     spec = parse_experiment({**bad, "seeds": 1})
-    prog = run_experiment(spec, tmp_path / "e", workers=2)
+    prog = run_experiment(spec, tmp_path / "e", workers=2, trust_factory=True)
     assert prog.failed == 1 and prog.done == 2
     runs = {r["run_id"]: r for r in load_results(tmp_path / "e")[1]}
-    assert runs["broken/seed-0"]["status"] == "failed" and "cuda" in runs["broken/seed-0"]["error"].lower()
+    assert runs["broken/seed-0"]["status"] == "failed" and CRASH_MESSAGE in runs["broken/seed-0"]["error"]
 
 
 def test_diverged_runs_are_recorded_not_failed(tmp_path):

@@ -49,7 +49,7 @@ CASES = [
     _case("train-lr-not-a-number", [*TRAIN, "--lr", "fast"], r"--lr.*valid number"),
     _case("train-engine-empty", [*TRAIN, "--engine", ""], r"--engine"),
     _case("train-device-cuda-index", [*TRAIN, "--device", "cuda:123"], r"--device: expected auto, cpu, cuda or cuda:N"),
-    _case("train-device-cuda-absent", [*TRAIN, "--device", "cuda"], r"device 'cuda'.*cuda\.is_available\(\) is False",
+    _case("train-device-cuda-absent", [*TRAIN, "--device", "cuda"], r"device: .*got 'cuda'.*cuda\.is_available\(\) is False",
           NO_CUDA),
     _case("train-out-under-a-file", [*TRAIN[:-1], "FILE/sub"], r"--out .*afile/sub: cannot create a folder there: "
           r".*afile is a file"),

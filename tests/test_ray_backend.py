@@ -28,6 +28,7 @@ from bnlab.experiments.ray_backend import (TEMP_DIR, BackendError, FolderWatch, 
                                           write_tree)
 from bnlab.experiments.results import RESULT_COLUMNS
 from bnlab.train.resume import resume_point
+from crashing_net import MESSAGE as CRASH_MESSAGE, crashing_variant
 from tiny_specs import command_env, session_processes, TWO_VARIANTS, harness_toml, store_rows
 
 TIMEOUT = 180  # seconds for one command, however loaded the machine
@@ -111,13 +112,14 @@ def test_ray_gives_the_local_backends_results_and_files(ray_instance, tmp_path):
 
 @pytest.mark.timeout(TIMEOUT)
 def test_a_failing_run_and_a_diverging_run_are_recorded_and_the_others_go_on(ray_instance, tmp_path):
-    bad = {**TINY, "seeds": 1, "variants": {**TINY["variants"],
-                                            "broken": {"train": {"device": "cuda:77"}},  # fails when run
-                                            "wild": {"train": {"lr": 1e12}}}}
-    prog = run_experiment(parse_experiment(bad), tmp_path / "e", backend="ray")
+    variants = {k: {"model": {**TINY["model"], **v["model"]}} for k, v in TINY["variants"].items()}
+    bad = {**TINY, "seeds": 1, "model": {}, "variants": {
+        **variants, "broken": crashing_variant(TINY["model"]["input_shape"], 2),  # its backward pass raises
+        "wild": {"model": TINY["model"], "train": {"lr": 1e12}}}}
+    prog = run_experiment(parse_experiment(bad), tmp_path / "e", backend="ray", trust_factory=True)
     assert (prog.done, prog.failed) == (3, 1)
     runs = {r["run_id"]: r for r in load_results(tmp_path / "e")[1]}
-    assert runs["broken/seed-0"]["status"] == "failed" and "cuda" in runs["broken/seed-0"]["error"].lower()
+    assert runs["broken/seed-0"]["status"] == "failed" and CRASH_MESSAGE in runs["broken/seed-0"]["error"]
     assert runs["wild/seed-0"]["status"] == "diverged"
     assert runs["no-bn/seed-0"]["status"] == runs["bn/seed-0"]["status"] == "done"
 

@@ -41,6 +41,7 @@ import re
 import stat
 from dataclasses import dataclass, field
 from pathlib import Path
+from collections.abc import Iterable
 from typing import Annotated, Literal
 
 import torch
@@ -50,6 +51,7 @@ from safetensors.torch import load_file, save_file
 from torch.overrides import TorchFunctionMode
 
 from bnlab.hashing import canonical_json, file_digest, json_digest
+from bnlab.models.factory import is_trusted, trusting, untrusted_message
 
 WEIGHTS = "model.safetensors"
 CONFIG = "config.json"
@@ -77,12 +79,18 @@ class _Strict(BaseModel):
 
 class Preprocessing(_Strict):
     """What predict applies to raw inputs: ``bnlab.data.dataset.fit_scaling``'s output (x / divide,
-    then minus mean, then / std). An empty dict means inputs are used as they come."""
+    then minus mean, then / std). An empty dict means inputs are used as they come. Every key is one
+    predict acts on, so an unknown key is refused (it would be silently ignored)."""
+
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
 
     scaling: Literal["none", "unit", "center", "standardize"]
     divide: FiniteFloat = Field(gt=0)
     mean: FiniteFloat | list[FiniteFloat] | None = None
     std: list[Annotated[FiniteFloat, Field(gt=0)]] | None = None
+    # the training split the scaling was fitted on (``bnlab.data.dataset.prepare``): a record, not acted on
+    validation: Annotated[int, Field(ge=0)] | Annotated[FiniteFloat, Field(ge=0, lt=1)] | None = None
+    seed: int | None = None
 
 
 class TrainMeta(_Strict):
@@ -290,15 +298,22 @@ def read_config(directory: str | Path) -> dict:
 
 
 def load_checkpoint(directory: str | Path, *, device: str | torch.device = "cpu",
-                    which: str | None = None) -> Checkpoint:
+                    which: str | None = None, trust_factory: bool | Iterable[str] = False) -> Checkpoint:
     """Read a checkpoint folder, or the ``which`` ("best" by default, or "final") model of a run
-    folder, after every check in the module docstring; CheckpointError says which one failed."""
-    from bnlab.models import build_model, parse_model_spec
+    folder, after every check in the module docstring; CheckpointError says which one failed.
 
+    A checkpoint whose spec names a factory (code) is refused before anything is imported unless the
+    factory is registered in this process or ``trust_factory`` says to trust it (``bnlab.models.factory``)."""
     from bnlab.keras import is_keras_file  # a Keras .h5 / .keras file is taken wherever a checkpoint is
     if is_keras_file(directory):
         return _load_keras_file(Path(directory), device, which)
-    directory = resolve_checkpoint(directory, which)
+    with trusting(trust_factory):
+        return _load_folder(resolve_checkpoint(directory, which), device)
+
+
+def _load_folder(directory: Path, device) -> Checkpoint:
+    from bnlab.models import build_model, parse_model_spec
+
     if not directory.is_dir():
         raise CheckpointError(f"{directory}: " + ("no such folder" if not directory.exists() else
                                                   "a file, expected a checkpoint folder")
@@ -309,6 +324,8 @@ def load_checkpoint(directory: str | Path, *, device: str | torch.device = "cpu"
                               f"or a run folder with {' or '.join(d + '/' for d in RUN_CHECKPOINTS.values())})")
     config = read_config(directory)
     spec = parse_model_spec(config["spec"])  # validated by read_config
+    if spec.kind == "factory" and not is_trusted(spec.factory):  # before any file is trusted further
+        raise CheckpointError(f"{directory / CONFIG}: {untrusted_message(spec.factory)}")
     w_path = directory / WEIGHTS
     _regular_file(w_path, "the weights file")
     try:

@@ -108,12 +108,64 @@ def _inside_replaced(name: str, model: nn.Module) -> bool:
     return any(is_norm_layer(model.get_submodule(".".join(parts[:i]))) for i in range(1, len(parts)))
 
 
+def _class_spatial(m: nn.Module) -> bool | None:
+    """Whether the layer's input has spatial axes after the channel axis, when its class says so; None when
+    the class takes both (N, C) features and (N, C, ...) maps (BatchNorm1d, SyncBatchNorm, GroupNorm, bnlab's
+    BatchNorm and GroupNorm)."""
+    if isinstance(m, (nn.BatchNorm2d, nn.BatchNorm3d, _InstanceNorm, InstanceNorm)):
+        return True  # (N, C, H, W), (N, C, D, H, W); instance norms need spatial axes themselves
+    if isinstance(m, (nn.LayerNorm, LayerNorm)):
+        return not _dense(m)  # over the last axis: (..., C) features; over [C, H, W]: maps
+    return None
+
+
+def _spatial_inputs(model: nn.Module, input_shape) -> tuple[dict[str, bool | None], tuple | None]:
+    """{norm layer's name: whether its input has spatial axes (None: unknown)} and the input shape used:
+    the layer's class when it tells (``_class_spatial``), else one eval forward of zeros of ``input_shape``
+    (default: the model spec's), if there is one."""
+    norms = [(n, m) for n, m in model.named_modules() if is_norm_layer(m) and not (n and _inside_replaced(n, model))]
+    spatial = {n: _class_spatial(m) for n, m in norms}
+    unknown = [m for n, m in norms if spatial[n] is None]
+    shape = input_shape if input_shape is not None else getattr(getattr(model, "spec", None), "input_shape", None)
+    if unknown and shape is not None:
+        try:
+            ranks = _input_ranks(model, tuple(shape), unknown)
+        except (RuntimeError, ValueError) as e:
+            raise ValueError(f"cannot tell which layers see (N, C) features: the model does not take inputs of "
+                             f"shape {tuple(shape)} ({str(e).splitlines()[0] if str(e) else type(e).__name__}); "
+                             "give input_shape, one sample's shape as the model takes it") from None
+        spatial.update({n: ranks[m] >= 3 for n, m in norms if spatial[n] is None and m in ranks})
+    return spatial, (tuple(shape) if shape is not None else None)
+
+
+def _instance_problem(name: str, m: nn.Module, spatial: bool | None, shape) -> str | None:
+    """Why instance norm cannot replace ``m`` (None: it can)."""
+    if spatial:
+        return None
+    what = f"{name or 'model'} ({type(m).__name__})"
+    if spatial is False:
+        return (f"{what}: instance norm needs spatial axes, expected (N, C, L) or (N, C, H, W) input, but this "
+                "layer normalises (N, C) features; use layer, group:G or batch for them")
+    if shape is None:
+        return (f"{what}: instance norm needs spatial axes, and this layer takes (N, C) features as well as maps: "
+                "give convert input_shape (one sample's shape) so it can tell which it sees")
+    return f"{what}: instance norm needs spatial axes, and a forward of shape {shape} does not reach this layer"
+
+
 def convert(model: nn.Module, norm: str, *, convention: str = "torch", eps: float | None = None,
-            momentum: float | None | str = "default", options: NormSettings | None = None) -> nn.Module:
+            momentum: float | None | str = "default", options: NormSettings | None = None,
+            input_shape: tuple[int, ...] | None = None) -> nn.Module:
     """Every normalization layer of ``model`` replaced by ``norm`` (a bnlab norm name: batch | syncbatch | renorm |
     ghost:S | group:G | layer | instance | none). ``convention`` / ``momentum`` apply to the new batch
     norms; ``eps`` defaults to each old layer's own. ``options``: a full ``NormSettings`` instead
-    (renorm's r_max, d_max, warm-up)."""
+    (renorm's r_max, d_max, warm-up).
+
+    A conversion that cannot work is refused up front, one ValueError naming every layer: ``group:G`` on a
+    channel count G does not divide; ``instance`` on a layer that sees (N, C) features (instance norm needs
+    spatial axes). Which layers see features is told by the layer's class (BatchNorm2d: maps; a LayerNorm
+    over the last axis: features) or, for the classes that take both (BatchNorm1d, GroupNorm, bnlab's
+    BatchNorm), by one eval forward of zeros of ``input_shape`` (one sample's shape; default: the model
+    spec's); without either, such a layer is refused for ``instance`` with a message asking for it."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"convert() takes a torch nn.Module (got {type(model).__name__})")
     if not isinstance(norm, str) or not re.fullmatch(NORM_PATTERN, norm) or norm == "weight":
@@ -124,10 +176,14 @@ def convert(model: nn.Module, norm: str, *, convention: str = "torch", eps: floa
     if not any(is_norm_layer(m) for m in model.modules()):
         raise ValueError(f"the model ({type(model).__name__}) has no normalization layer to convert")
     problems = []
+    spatial, shape = _spatial_inputs(model, input_shape) if norm == "instance" else ({}, None)
 
     def make(name: str, m: nn.Module) -> nn.Module | None:
         if norm == "none":
             return nn.Identity()
+        if norm == "instance" and (why := _instance_problem(name, m, spatial.get(name), shape)):
+            problems.append(why)
+            return None
         c = channels(m)
         if norm.startswith("group:") and c % int(norm.split(":")[1]):
             problems.append(f"{name or 'model'}: {norm} needs a channel count divisible by "
@@ -151,20 +207,21 @@ def convert(model: nn.Module, norm: str, *, convention: str = "torch", eps: floa
 _TORCH_BN = {2: nn.BatchNorm1d, 3: nn.BatchNorm1d, 4: nn.BatchNorm2d, 5: nn.BatchNorm3d}
 
 
-def _input_ranks(model: nn.Module, input_shape) -> dict[nn.Module, int]:
-    """The rank of each BN's input, read off one eval forward of zeros of ``input_shape``."""
+def _input_ranks(model: nn.Module, input_shape, layers=None) -> dict[nn.Module, int]:
+    """The rank of the input of each of ``layers`` (default: every bnlab BatchNorm), read off one eval forward
+    of zeros of ``input_shape``; each module's mode is restored afterwards."""
     ranks, hooks = {}, []
-    for m in model.modules():
-        if isinstance(m, BatchNorm):
-            hooks.append(m.register_forward_pre_hook(lambda mod, inp: ranks.__setitem__(mod, inp[0].dim())))
-    was = model.training
+    for m in (layers if layers is not None else [m for m in model.modules() if isinstance(m, BatchNorm)]):
+        hooks.append(m.register_forward_pre_hook(lambda mod, inp: ranks.__setitem__(mod, inp[0].dim())))
+    modes = {m: m.training for m in model.modules()}
     p = next(iter(model.parameters()), None)
     try:
         with torch.no_grad():
             model.eval()(torch.zeros((2, *input_shape), dtype=p.dtype if p is not None else torch.float32,
                                      device=p.device if p is not None else None))
     finally:
-        model.train(was)
+        for m, mode in modes.items():
+            m.training = mode
         for h in hooks:
             h.remove()
     return ranks

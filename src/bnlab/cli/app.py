@@ -20,6 +20,16 @@ console = Console()
 error_console = Console(stderr=True)
 
 
+TRUST_FACTORY_HELP = ("Allow a model spec or checkpoint that names a factory (a Python function: code) to import and "
+                      "run it. Without it such a model is refused, since a spec or checkpoint is data anyone can "
+                      "write; give it only for files whose origin you trust.")
+
+
+def trust_factory_option() -> bool:
+    """The --trust-factory option of every command that builds a model from a spec or checkpoint."""
+    return typer.Option(False, "--trust-factory", help=TRUST_FACTORY_HELP)
+
+
 def _version(value: bool) -> None:
     if value:
         console.print(f"bnlab {__version__}")

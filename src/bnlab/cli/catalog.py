@@ -8,7 +8,7 @@ import typer
 from rich.markup import escape
 from rich.table import Table
 
-from bnlab.cli.app import _fail, app, console, describe_error, out_of_memory
+from bnlab.cli.app import _fail, app, console, describe_error, out_of_memory, trust_factory_option
 
 
 @app.command("datasets")
@@ -46,7 +46,8 @@ def models_cmd() -> None:
 
 @app.command()
 def summary(model: str = typer.Argument(..., help="A model preset, a .toml/.json spec file, a checkpoint or run "
-                                                  "folder, or a Keras .h5/.keras file.")) -> None:
+                                                  "folder, or a Keras .h5/.keras file."),
+            trust_factory: bool = trust_factory_option()) -> None:
     """Print a Keras-style summary: layers, output shapes, parameter counts.
 
     A BN layer over C channels counts 2C trainable (gamma, beta) and 2C non-trainable
@@ -59,7 +60,7 @@ def summary(model: str = typer.Argument(..., help="A model preset, a .toml/.json
     from bnlab.deploy.summary import summary_of
 
     try:
-        text = summary_of(model).to_text()
+        text = summary_of(model, trust_factory=trust_factory).to_text()
     except (ValueError, ValidationError, OSError, MemoryError, RecursionError) as e:
         _fail(describe_error(e))
     except RuntimeError as e:  # torch's allocator: a model larger than this machine's memory

@@ -9,12 +9,13 @@ import typer
 from rich.markup import escape
 from rich.table import Table
 
-from bnlab.cli.app import _fail, app, check_out_file, check_out_folder, console, describe_error, say, warn
+from bnlab.cli.app import (_fail, app, check_out_file, check_out_folder, console, describe_error, say,
+                           trust_factory_option, warn)
 
 
-def _checkpoint(path: Path):
+def _checkpoint(path: Path, trust_factory: bool):
     """The checkpoint at ``path`` (a checkpoint folder, or a run folder's best model), or a clean exit."""
-    return _chosen_checkpoint(path, None)
+    return _chosen_checkpoint(path, None, trust_factory)
 
 
 def _checkpoint_data(ck, dataset: str | None, data_dir: str | None):
@@ -48,6 +49,7 @@ def recalibrate(
                              "both: compute and print both, write train."),
     seed: int = typer.Option(0, min=0, max=2**31 - 1,  # the range of TrainConfig's seeds
                              help="Seed of the shuffle into batches (mode train depends on it)."),
+    trust_factory: bool = trust_factory_option(),
 ) -> None:
     """Replace BN's moving averages by precise population statistics over the training data (per channel, the
     mean and variance over all values each BN layer sees, with the weights fixed), print validation loss and
@@ -67,7 +69,7 @@ def recalibrate(
         _fail(f"--mode must be one of train, inference, both (got {mode!r})")
     written = modes[mode][0]
     check_out_folder(out, "--out", "the recalibrated checkpoint")
-    ck = _checkpoint(checkpoint)
+    ck = _checkpoint(checkpoint, trust_factory)
     say(f"model: {ck.describe()}")
     if batch_size is None:
         batch_size = int((ck.meta.get("train") or {}).get("batch_size") or 32)
@@ -108,6 +110,7 @@ def recalibrate(
 def fold_cmd(
     checkpoint: Path = typer.Argument(..., help="A checkpoint folder."),
     out: Path = typer.Option(..., help="Folder for the folded checkpoint."),
+    trust_factory: bool = trust_factory_option(),
 ) -> None:
     """Fold every foldable BN into its neighbouring Linear/Conv and print the fold report
     (which BN went where, and why any stayed).
@@ -121,7 +124,7 @@ def fold_cmd(
     from bnlab.models import build_model
 
     check_out_folder(out, "--out", "the folded checkpoint")
-    ck = _checkpoint(checkpoint)
+    ck = _checkpoint(checkpoint, trust_factory)
     folded, rep = fold(ck.model)
     spec = ck.model.spec
     try:  # a plain layer list where one describes it; else "this spec's model, folded" (strides, factories)
@@ -152,12 +155,12 @@ _RECALIBRATE_ON_HELP = ("Unlabeled inputs of the test domain (images or .npy, ra
                         "several files) to recalibrate BN on, for --bn-stats recalibrated.")
 
 
-def _chosen_checkpoint(path: Path, which: str | None):
+def _chosen_checkpoint(path: Path, which: str | None, trust_factory: bool):
     """The checkpoint at ``path`` (a checkpoint folder, or a run folder and --model), or a clean exit."""
     from bnlab.checkpoint import CheckpointError, load_checkpoint
 
     try:
-        return load_checkpoint(path, which=which)
+        return load_checkpoint(path, which=which, trust_factory=trust_factory)
     except CheckpointError as e:
         _fail(str(e))
 
@@ -172,6 +175,7 @@ def predict_cmd(
     which: str = typer.Option(None, "--model", help=_MODEL_HELP),
     bn_stats: str = typer.Option("running", "--bn-stats", help=_BN_STATS_HELP),
     recalibrate_on: list[Path] = typer.Option(None, "--recalibrate-on", help=_RECALIBRATE_ON_HELP),
+    trust_factory: bool = trust_factory_option(),
 ) -> None:
     """Predict the class of images or arrays; single samples work (eval mode).
 
@@ -190,7 +194,7 @@ def predict_cmd(
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always", LooksPrescaled)
             ck, results = predict_files(checkpoint, inputs, which=which, prescaled=prescaled, bn_stats=bn_stats,
-                                        recalibrate_on=recalibrate_on or ())
+                                        recalibrate_on=recalibrate_on or (), trust_factory=trust_factory)
     except ValueError as e:
         _fail(str(e))
     for w in caught:
@@ -213,6 +217,7 @@ def export(
     no_fold: bool = typer.Option(False, "--no-fold", help="Export without folding BN first."),
     which: str = typer.Option(None, "--model", help=_MODEL_HELP),
     softmax: bool = typer.Option(False, "--softmax", help="Output probabilities (a final softmax) instead of logits."),
+    trust_factory: bool = trust_factory_option(),
 ) -> None:
     """Export a checkpoint to ONNX (BN folded first) taking RAW inputs like bnlab predict (the
     checkpoint's preprocessing is part of the graph), and check onnxruntime against bnlab predict.
@@ -226,14 +231,13 @@ def export(
     import numpy as np
 
     from bnlab.deploy import fold, predict
-    from bnlab.deploy.export import export_onnx, onnx_predict
+    from bnlab.deploy.export import export_onnx, onnx_predict, raw_sample
 
     check_out_file(onnx, "--onnx", "the ONNX model")
-    ck = _chosen_checkpoint(checkpoint, which)
+    ck = _chosen_checkpoint(checkpoint, which, trust_factory)
     model = ck.model if no_fold else fold(ck.model)[0]
     shape = tuple(ck.model.spec.input_shape)
-    # raw-looking inputs (pixels 0..255 when the preprocessing divides by 255), as predict takes them
-    x = np.random.default_rng(0).uniform(0, ck.preprocessing.get("divide", 1.0), (4, *shape)).astype(np.float32)
+    x = raw_sample(shape, ck.preprocessing)  # raw-looking inputs, as predict takes them
     try:
         export_onnx(model, shape, onnx, preprocessing=ck.preprocessing, softmax=softmax,
                     classes=ck.meta.get("classes"), spec=ck.model.spec,
@@ -244,7 +248,12 @@ def export(
         _fail(str(e))
     except OSError as e:  # a folder or a file in the way, a full disk, no permission
         _fail(f"--onnx {onnx}: cannot write it ({describe_error(e)})")
-    probs = np.array([p.probabilities for p in predict(ck.model, x, ck.preprocessing)])
+    except ValueError as e:  # a model that answers non-finite outputs: refused before anything is written
+        _fail(str(e))
+    try:
+        probs = np.array([p.probabilities for p in predict(ck.model, x, ck.preprocessing)])
+    except ValueError as e:  # InputError: non-finite outputs of the unfolded model
+        _fail(str(e))
     if not softmax:
         got = np.exp(got - got.max(1, keepdims=True))
         got /= got.sum(1, keepdims=True)
@@ -269,10 +278,11 @@ def serve(
     body_seconds: float = typer.Option(None, "--body-seconds", help="A request body not all in within this "
                                        "many seconds of the request's arrival (and at least 5 s after the "
                                        "server began reading it) gets 408 and the connection closes: a slow "
-                                       "client would hold one of the few admission slots. Default: 60."),
+                                       "client would hold its share of the body budget. Default: 60."),
     which: str = typer.Option(None, "--model", help=_MODEL_HELP),
     bn_stats: str = typer.Option("running", "--bn-stats", help=_BN_STATS_HELP),
     recalibrate_on: list[Path] = typer.Option(None, "--recalibrate-on", help=_RECALIBRATE_ON_HELP),
+    trust_factory: bool = trust_factory_option(),
 ) -> None:
     """Serve a checkpoint over REST: POST /predict, GET /health, GET /model, /docs.
 
@@ -291,7 +301,7 @@ def serve(
         from bnlab.deploy.serve import create_app
     except ImportError:
         _fail("serving needs the optional extra: pip install 'bnlab[serve]'")
-    ck = _chosen_checkpoint(checkpoint, which)  # a clear error before the server starts
+    ck = _chosen_checkpoint(checkpoint, which, trust_factory)  # a clear error before the server starts
     limits = {k: v for k, v in {"max_body_bytes": max_body_bytes, "max_image_pixels": max_image_pixels,
                                 "decoders": decoders, "body_seconds": body_seconds}.items() if v is not None}
     try:

@@ -8,7 +8,7 @@ from pathlib import Path
 import typer
 from rich.table import Table
 
-from bnlab.cli.app import _fail, app, console, describe_error, say
+from bnlab.cli.app import _fail, app, console, describe_error, say, trust_factory_option
 
 
 def _stats_table(folder: Path) -> None:
@@ -67,6 +67,7 @@ def run(
                                 "process, which alone writes the folder (needs pip install 'bnlab\\[ray]')."),
     address: str = typer.Option(None, "--address", help="With --backend ray: auto or HOST:PORT joins a running "
                                 "Ray cluster; without it, a local Ray instance sized to this machine is started."),
+    trust_factory: bool = trust_factory_option(),
 ) -> None:
     """Run an experiment (variants x seeds) resumably into a folder, then print its statistics
     and write the HTML report.
@@ -79,7 +80,7 @@ def run(
     """
     try:
         _check_backend(backend, address)  # before anything is loaded or written
-        _run(experiment, seeds, quick, out, data_dir, workers, retry_failed, stack, backend, address)
+        _run(experiment, seeds, quick, out, data_dir, workers, retry_failed, stack, backend, address, trust_factory)
     except KeyboardInterrupt:  # Ctrl-C while bnlab loads, before the experiment starts: nothing written yet
         console.print("interrupted before the experiment started; nothing was written", style="yellow")
         raise typer.Exit(code=130) from None
@@ -98,7 +99,7 @@ def _check_backend(backend: str, address: str | None) -> None:
 
 def _run(experiment: str, seeds: int | None, quick: bool, out: Path | None, data_dir: str | None,
          workers: int | None, retry_failed: bool, stack: str = "auto", backend: str = "local",
-         address: str | None = None) -> None:
+         address: str | None = None, trust_factory: bool = False) -> None:
     from rich.markup import escape
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
@@ -134,7 +135,7 @@ def _run(experiment: str, seeds: int | None, quick: bool, out: Path | None, data
         with bar:
             progress = run_experiment(spec, folder, quick=quick, workers=workers, data_dir=data_dir, seeds=seeds,
                                       retry_failed=retry_failed, on_progress=on_progress, stack=stack,
-                                      backend=backend, address=address)
+                                      backend=backend, address=address, trust_factory=trust_factory)
     except ExperimentInterrupted as e:
         for line in e.lines():
             console.print(escape(line), style="yellow", soft_wrap=True)
@@ -143,7 +144,8 @@ def _run(experiment: str, seeds: int | None, quick: bool, out: Path | None, data
                (["--data-dir", data_dir] if data_dir is not None else []) + \
                (["--workers", str(workers)] if workers is not None else []) + \
                (["--retry-failed"] if retry_failed else []) + (["--stack", stack] if stack != "auto" else []) + \
-               (["--backend", backend] if backend != "local" else []) + (["--address", address] if address else [])
+               (["--backend", backend] if backend != "local" else []) + (["--address", address] if address else []) + \
+               (["--trust-factory"] if trust_factory else [])
         console.print(escape(f"to resume, run the same command: {shlex.join(same)}"), soft_wrap=True)
         raise typer.Exit(code=exit_code(e.signal))
     except (SpecError, StoreError, DatasetUnavailable, ChecksumError, CorruptFileError, ValueError, OSError) as e:

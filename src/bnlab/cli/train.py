@@ -8,7 +8,8 @@ import typer
 from rich.markup import escape
 from rich.table import Table
 
-from bnlab.cli.app import _fail, app, check_out_folder, console, describe_error, out_of_memory, say
+from bnlab.cli.app import (_fail, app, check_out_folder, console, describe_error, out_of_memory, say,
+                           trust_factory_option)
 
 
 @app.command()
@@ -25,7 +26,8 @@ def train(
     momentum: float = typer.Option(None),
     nesterov: bool = typer.Option(None, "--nesterov/--no-nesterov"),
     seed: int = typer.Option(0),
-    validation: float = typer.Option(None, help="Validation: an integer count (the first N) or a fraction."),
+    validation: str = typer.Option(None, help="Validation: a count of images (an integer: the first N) or a "
+                                   "fraction (a number strictly between 0 and 1); 1.0 is refused as ambiguous."),
     target: float = typer.Option(None, "--target", help="Target validation accuracy for time-to-target."),
     patience: int = typer.Option(None, help="Early stopping patience in epochs."),
     max_steps: int = typer.Option(None, "--max-steps"),
@@ -44,6 +46,7 @@ def train(
                                  "settings, or an interrupted one), discarding it."),
     tensorboard: Path = typer.Option(None, "--tensorboard", help="Write TensorBoard logs here (scalars per step "
                                      "and epoch, BN running-statistics histograms; view: tensorboard --logdir DIR)."),
+    trust_factory: bool = trust_factory_option(),
 ) -> None:
     """Train one model on one dataset and print the per-epoch metrics and the test result.
 
@@ -59,8 +62,6 @@ def train(
     from bnlab.data import ChecksumError, CorruptFileError, DatasetUnavailable
     from bnlab.models import load_model_spec
     from bnlab.train.config import TrainConfig, recipe_for
-    from bnlab.train.engine import resolve_device
-    from bnlab.train.precision import check_precision
     from bnlab.signals import StopSignals, exit_code
     from bnlab.train.resume import RunInterrupted, SettingsChanged, discard_state
     from bnlab.train.single import train_run
@@ -70,20 +71,24 @@ def train(
              "target_accuracy": target, "patience": patience, "max_steps": max_steps, "engine": engine,
              "device": device, "precision": precision, "devices": devices}
     if validation is not None:
-        given["validation"] = int(validation) if float(validation).is_integer() and validation >= 1 else validation
+        given["validation"] = _number(validation)  # "1" a count, "0.2" (and "1.0", refused) a fraction
     check_out_folder(out, "--out", "the run")
     check_out_folder(tensorboard, "--tensorboard", "the TensorBoard logs")
     stop = StopSignals()
     try:
-        spec = load_model_spec(model)
+        try:
+            spec = load_model_spec(model)
+        except ValidationError as e:  # the spec file's keys, not the command's options
+            from bnlab.experiments.spec import format_errors
+            raise ValueError(f"{model}: not a valid model spec:\n{format_errors(e)}") from None
         settings = recipe_for(model)
         if dataset is not None and dataset != settings.get("dataset"):
             settings.pop("validation", None)  # the recipe's split fits its own dataset only
         settings.update({k: v for k, v in given.items() if v is not None})
         config = TrainConfig(**settings)
-        check_precision(config.precision, resolve_device(config.device))  # refused before anything is written
         with stop:  # SIGTERM (kill, timeout, docker) stops the run as Ctrl-C does
-            result = train_run(spec, config, out=out, restart=restart, tensorboard=tensorboard)
+            result = train_run(spec, config, out=out, restart=restart, tensorboard=tensorboard,
+                               trust_factory=trust_factory)
     except RunInterrupted as e:
         say(_how_to_resume(out, e.epoch))
         raise typer.Exit(code=exit_code(stop.received))
@@ -142,6 +147,16 @@ def train(
         say(f"results in {out}/: run.json, history.json" + "".join(", " + s for s in saved))
     if h.stopped == "diverged":
         raise typer.Exit(code=3)
+
+
+def _number(text: str) -> int | float | str:
+    """An option's text as the int or float it spells (else as it is: TrainConfig says what it expected)."""
+    for kind in (int, float):
+        try:
+            return kind(text)
+        except ValueError:
+            pass
+    return text
 
 
 def _how_to_resume(out: Path | None, epoch: int) -> str:

@@ -23,7 +23,7 @@ from bnlab.data import sources
 class NoOptions(BaseModel):
     """A dataset read from files: nothing to set (its location is ``data_dir``)."""
 
-    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False, strict=True)  # no booleans or strings as numbers
 
 
 class SplitOptions(NoOptions):

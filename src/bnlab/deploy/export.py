@@ -64,11 +64,47 @@ def input_layout(spec) -> str:
     return {1: "NF", 2: "NHW"}[len(shape)]
 
 
+def raw_sample(input_shape: tuple[int, ...], preprocessing: dict | None, n: int = 4):
+    """``n`` raw-looking inputs, seeded: uniform in [0, divide] (pixels 0..255 when the preprocessing divides by
+    255), as ``bnlab predict`` takes them. ``bnlab export`` compares onnxruntime with bnlab on them."""
+    import numpy as np
+
+    return np.random.default_rng(0).uniform(0, (preprocessing or {}).get("divide", 1.0),
+                                            (n, *input_shape)).astype(np.float32)
+
+
+def check_finite_outputs(model: nn.Module, x: torch.Tensor) -> None:
+    """A ValueError unless ``model`` answers finite outputs for ``x`` (raw inputs in its training range).
+    Finite weights can still overflow float32 (max 3.4e38) in a product or a sum (weights of 3e38): such a
+    model answers inf or NaN for ordinary inputs, so it is refused before anything is written, with the
+    tensors to blame named (non-finite ones, else the largest weight)."""
+    with torch.no_grad():
+        out = model(x)
+    if bool(torch.isfinite(out).all()):
+        return
+    tensors = [(n, t.detach()) for n, t in (*model.named_parameters(), *model.named_buffers())
+               if t.is_floating_point() and t.numel()]
+    bad = "NaN" if bool(torch.isnan(out).any()) else "inf"
+    if broken := [n for n, t in tensors if not bool(torch.isfinite(t).all())]:
+        why = (f"its tensor(s) {', '.join(broken[:5])}{' ...' if len(broken) > 5 else ''} hold inf or NaN (folding "
+               "BN into weights near float32's limit overflows them)")
+    elif tensors:
+        name, t = max(tensors, key=lambda nt: float(nt[1].abs().max()))
+        why = (f"its weights overflow float32 (max 3.4e38) in the forward pass (the largest, {name}, reaches "
+               f"{float(t.abs().max()):.3g})")
+    else:
+        why = "it has no weights to blame: its inputs' preprocessing overflows"
+    raise ValueError(f"the model cannot be exported: expected finite outputs for raw inputs in its training range, "
+                     f"got {bad}: {why}")
+
+
 def export_onnx(model: nn.Module, input_shape: tuple[int, ...], path: str | Path, *, opset: int = 17,
                 preprocessing: dict | None = None, softmax: bool = False, classes=None, spec=None,
                 metadata: dict | None = None) -> Path:
     """Write ``model`` as ONNX taking raw inputs (``preprocessing`` applied first) and returning logits,
-    or probabilities with ``softmax``. ``spec`` (the model spec) and ``classes`` go into the metadata."""
+    or probabilities with ``softmax``. ``spec`` (the model spec) and ``classes`` go into the metadata.
+    A model whose outputs are not finite on raw inputs in its training range (weights that overflow
+    float32) is a ValueError, before anything is written (``check_finite_outputs``)."""
     if model.training:
         raise ValueError("export_onnx() needs a model in eval mode: call model.eval() first")
     try:
@@ -78,9 +114,11 @@ def export_onnx(model: nn.Module, input_shape: tuple[int, ...], path: str | Path
     from bnlab import __version__
 
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     p = next(model.parameters())
     wrapped = ServingModel(model, preprocessing or {}, len(input_shape), softmax).to(p.device).eval()
+    check_finite_outputs(wrapped, torch.as_tensor(raw_sample(input_shape, preprocessing), dtype=p.dtype,
+                                                  device=p.device))
+    path.parent.mkdir(parents=True, exist_ok=True)
     dummy = torch.zeros((2, *input_shape), dtype=p.dtype, device=p.device)
     output = "probabilities" if softmax else "logits"
     with warnings.catch_warnings():

@@ -149,16 +149,16 @@ def model_for_bn_stats(ck, bn_stats: str = "running", recalibrate_on=(), *, pres
 
 
 def predict_files(checkpoint: str | Path, paths, *, which: str | None = None, prescaled: bool = False,
-                  bn_stats: str = "running", recalibrate_on=()):
+                  bn_stats: str = "running", recalibrate_on=(), trust_factory: bool = False):
     """Load a checkpoint (or the ``which`` model of a run folder) and predict every input file.
 
     ``bn_stats``: "running" (BN's moving averages), "batch" (each file's samples normalised with their own
     statistics: a file is one batch) or "recalibrated" (on the files ``recalibrate_on``).
     Returns (the Checkpoint, one dict per sample: input, class, name, probabilities, and the model
-    used: its kind, "best" or "final", and epoch)."""
+    used: its kind, "best" or "final", and epoch). ``trust_factory``: as ``load_checkpoint``'s."""
     from bnlab.checkpoint import load_checkpoint
 
-    ck = load_checkpoint(checkpoint, which=which)
+    ck = load_checkpoint(checkpoint, which=which, trust_factory=trust_factory)
     model = model_for_bn_stats(ck, bn_stats, recalibrate_on, prescaled=prescaled)
     shape = tuple(ck.model.spec.input_shape)
     results = []

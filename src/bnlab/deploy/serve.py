@@ -13,7 +13,7 @@ What it promises:
 - **No input gets a 5xx.** Every refusal is a 4xx with ``{"detail": message}`` (what was expected,
   what arrived), and every 4xx of a route is in its OpenAPI schema: 400 an unreadable body (not
   UTF-8, not JSON, a broken multipart form); 408 a body that does not arrive in time (``body_seconds``
-  from the request's arrival; a slow client would hold an admission slot); 413 over a size limit (body bytes, samples, JSON
+  from the request's arrival; a slow client would hold its bytes of the body budget); 413 over a size limit (body bytes, samples, JSON
   values, image pixels); 415 another media type; 422 a readable input that does not fit (shape,
   types, nesting depth, number length, non-finite values or outputs, not an image). The limits are
   ``bnlab.payload``'s, plus ``max_body_bytes`` and ``MAX_BATCH`` samples per request.
@@ -23,9 +23,17 @@ What it promises:
 - **The event loop only moves bytes**, so /health answers in milliseconds under load. Decoding
   (JSON parsing, images) runs in ``decoders`` worker processes: a full batch's JSON parse holds the
   GIL for ~0.1 s, which a thread would take from every other request. Inference runs in one
-  thread (torch uses every core itself, and releases the GIL). At most ``2 × decoders`` requests
-  are admitted at a time; the others wait with their bodies unread, so a flood costs sockets, not
-  memory.
+  thread (torch uses every core itself, and releases the GIL).
+- **A client that has not delivered its body holds no model slot.** A request is admitted (at most
+  ``2 × decoders`` at a time, the others wait in turn) only once its body is all in: ``Guard`` reads it
+  first, so a client dripping its body one byte at a time costs a socket and the bytes it sent, until its
+  408, while honest requests are admitted past it (tests/test_serve_fairness.py: three drippers, eight honest
+  clients, p99 in milliseconds). Memory stays bounded by a byte budget for bodies being read or waiting
+  (``BodyBudget``: ``body_budget``, default 16 × ``max_body_bytes`` = 64 MiB, reserved by Content-Length, by
+  ``max_body_bytes`` for a chunked body); bodies over 64 KiB share three quarters of it, so small requests
+  (one MNIST sample is ~4 kB of JSON) find room even while large uploads, honest or dripping, hold the rest. A
+  request that finds no room waits with its body unread, so a flood costs sockets, not memory. (Clients that
+  fill even the small quarter, hundreds of connections at once, are for a reverse proxy's per-client limits.)
 - **Stopping** (the end of the ASGI lifespan; ``bnlab serve`` on SIGINT or SIGTERM) comes after the
   requests in flight are answered, then the decoder processes stop.
 
@@ -56,10 +64,15 @@ from bnlab.payload import InputTooLarge, UnreadableInput
 MAX_BATCH = 1024
 MAX_BODY_BYTES = 4 * 1024 * 1024  # a full batch of 1024 MNIST images written as JSON takes ~3.7 MB
 # seconds a body has to be all in from the request's arrival (4 MB in 60 s is 0.5 Mbit/s): a client that
-# sends it slower holds one of the few admission slots; one that waited for its slot gets at least
-# READ_SECONDS once it is read (its body may still be on its side of the socket)
+# sends it slower costs a socket and the bytes it sent until then; one that waited for room in the body
+# budget gets at least READ_SECONDS once it is read (its body may still be on its side of the socket)
 BODY_SECONDS = 60.0
 READ_SECONDS = 5.0
+# bodies are read whole before admission, within a byte budget (default BODY_BUDGET_BODIES full bodies); a
+# body over SMALL_BODY bytes (or chunked, its size unknown) may use three quarters of it, so small requests
+# (one MNIST sample is ~4 kB of JSON) always find room while large uploads, honest or dripping, hold the rest
+BODY_BUDGET_BODIES = 16
+SMALL_BODY = 64 * 1024
 # once the server is stopping, bodies still arriving get this long: uvicorn waits 30 s for the requests in
 # flight (the queued ones included) before it cancels them
 STOP_SECONDS = 10.0
@@ -76,7 +89,7 @@ def error_status(e: InputError) -> int:
 # ---------------------------------------------------------------- the ASGI edge
 
 class BodyRefused(Exception):
-    """Raised by Guard's ``receive``: the body passed a limit; the app answers with ``status`` (and closes the
+    """Raised while Guard reads a body: it passed a limit; Guard answers with ``status`` (and closes the
     connection where ``closes``: the rest of that body may never come)."""
 
     status, closes = 400, False
@@ -103,77 +116,137 @@ async def _send_json(send, status: int, content: dict, close: bool = False) -> N
     await send({"type": "http.response.body", "body": body})
 
 
+class BodyBudget:
+    """The bytes of request bodies the server holds at once: reserved before a body is read (its Content-Length,
+    or the body limit for a chunked one), given back when its request is answered. ``total`` bytes in all,
+    and bodies over ``small`` bytes share at most three quarters of it: a quarter stays for small bodies.
+    A request that finds no room waits, its body unread in its socket, and is let in as soon as it fits."""
+
+    def __init__(self, total: int, small: int = SMALL_BODY):
+        self.total, self.small = total, small
+        self.large_total = total - total // 4
+        self.used = self.used_large = 0
+        self._waiters: list[asyncio.Future] = []
+
+    def _fits(self, size: int) -> bool:
+        return self.used + size <= self.total and (size <= self.small or self.used_large + size <= self.large_total)
+
+    @asynccontextmanager
+    async def hold(self, size: int):
+        large = size > self.small
+        while not self._fits(size):
+            waiter = asyncio.get_running_loop().create_future()
+            self._waiters.append(waiter)
+            try:
+                await waiter
+            finally:
+                self._waiters.remove(waiter)
+        self.used += size
+        self.used_large += size if large else 0
+        try:
+            yield
+        finally:  # synchronous, so a cancelled request gives its bytes back too
+            self.used -= size
+            self.used_large -= size if large else 0
+            for waiter in self._waiters:  # each waiter checks again whether it fits, first come first
+                if not waiter.done():
+                    waiter.set_result(None)
+
+
 class Guard:
-    """The outermost ASGI layer.
+    """The outermost ASGI layer: the app sees a request only once its body is all in.
 
     - Bodies over ``limit`` bytes get 413: at once when Content-Length says so, otherwise (chunked)
       as soon as the bytes read pass it; the rest is never buffered.
+    - A body is read whole before the app is called (so before /predict takes an admission slot: a client
+      still sending holds none), within ``body_budget`` bytes of bodies at once (``BodyBudget``; a request
+      that finds no room waits, its body unread).
     - A body not all in within ``body_seconds`` of the request's arrival, and at least ``READ_SECONDS``
-      after the app began reading it, gets 408 (a slow or stalled client would hold an admission slot
-      for as long as it liked); once ``stop_reading()`` is called (the server is stopping), within
-      ``STOP_SECONDS`` of that call.
+      after the Guard began reading it (a request that waited for room in the budget), gets 408 and the
+      connection closes (a slow or stalled client would hold its bytes of the budget for as long as it liked);
+      once ``stop_reading()`` is called (the server is stopping), within ``STOP_SECONDS`` of that call.
+    - A client that leaves before its body is in gets no answer; the app never sees it.
     - No exception leaves it: an error the app could not answer is answered here (500, logged),
       and one raised after the answer began is only logged. uvicorn would close the connection.
     """
 
-    def __init__(self, app, limit: int, body_seconds: float = BODY_SECONDS):
+    def __init__(self, app, limit: int, body_seconds: float = BODY_SECONDS, body_budget: int | None = None,
+                 small_body: int = SMALL_BODY):
         self.app, self.limit, self.body_seconds = app, limit, body_seconds
+        self.budget = BodyBudget(BODY_BUDGET_BODIES * limit if body_budget is None else body_budget, small_body)
+        if self.budget.total < 2 * limit:  # so that a body of the limit fits in the three quarters
+            raise ValueError(f"body_budget must be at least twice max_body_bytes, {2 * limit} "
+                             f"(got {self.budget.total})")
         self.too_large = f"request body larger than {limit} bytes"
         self.stop_by = float("inf")
 
     def stop_reading(self) -> None:
-        """The server is stopping: bodies still arriving, admitted or queued, get ``STOP_SECONDS`` more at most.
-        Safe to call from a signal handler."""
+        """The server is stopping: bodies still arriving, or waiting for room to be read, get ``STOP_SECONDS``
+        more at most. Safe to call from a signal handler."""
         self.stop_by = min(self.stop_by, time.monotonic() + STOP_SECONDS)
 
-    async def __call__(self, scope, receive, send):
-        if scope["type"] != "http":
-            return await self.app(scope, receive, send)
-        declared = dict(scope.get("headers") or []).get(b"content-length")
-        if declared is not None and declared.isdigit() and int(declared) > self.limit:
-            return await _send_json(send, 413, {"detail": self.too_large})
-        arrived = time.monotonic()
-        seen, started, deadline, body_in = 0, False, None, False
-
-        async def counted_receive():
-            nonlocal seen, deadline, body_in
-            if body_in:  # after the body only a disconnect can come, whenever it likes
-                return await receive()
-            if deadline is None:  # the first read: admitted
-                deadline = max(arrived + self.body_seconds, time.monotonic() + min(READ_SECONDS, self.body_seconds))
-            while True:
-                # past the deadline one more read still takes what has already come; each wait ends within a
-                # second, to see a stop begin
-                limit = min(deadline, self.stop_by)
-                with anyio.move_on_after(max(0.0, min(limit - time.monotonic(), 1.0))):
-                    message = await receive()
-                    break
+    async def _read_body(self, receive, arrived: float) -> bytes | None:
+        """The whole body (None: the client left first); BodyRefused past a limit."""
+        deadline = max(arrived + self.body_seconds, time.monotonic() + min(READ_SECONDS, self.body_seconds))
+        parts, seen = [], 0
+        while True:
+            # past the deadline one more read still takes what has already come; each wait ends within a
+            # second, to see a stop begin
+            limit, message = min(deadline, self.stop_by), None
+            with anyio.move_on_after(max(0.0, min(limit - time.monotonic(), 1.0))):
+                message = await receive()
+            if message is None:
                 if time.monotonic() >= limit:
                     when = "before the server stopped" if self.stop_by <= deadline else \
                         f"within {self.body_seconds:g} s of the request"
                     raise BodyTooSlow(f"the request body did not all arrive {when} ({seen} bytes read)")
-            if message["type"] == "http.request":
-                seen += len(message.get("body", b""))
-                if seen > self.limit:
-                    raise BodyTooLarge(self.too_large)
-                body_in = not message.get("more_body", False)
-            return message
+                continue
+            if message["type"] != "http.request":  # http.disconnect
+                return None
+            parts.append(message.get("body", b""))
+            seen += len(parts[-1])
+            if seen > self.limit:
+                raise BodyTooLarge(self.too_large)
+            if not message.get("more_body", False):
+                return b"".join(parts)
 
-        async def tracked_send(message):
-            nonlocal started
-            started = started or message["type"] == "http.response.start"
-            await send(message)
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        headers = dict(scope.get("headers") or [])
+        declared = headers.get(b"content-length")
+        if declared is not None and declared.isdigit() and int(declared) > self.limit:
+            return await _send_json(send, 413, {"detail": self.too_large})
+        arrived = time.monotonic()
+        # HTTP/1.1: a body has a Content-Length, or is chunked (of a size not known yet), or is empty
+        size = int(declared) if declared is not None and declared.isdigit() else \
+            self.limit if b"chunked" in headers.get(b"transfer-encoding", b"").lower() else 0
+        async with self.budget.hold(size):
+            try:
+                body = await self._read_body(receive, arrived)
+            except BodyRefused as e:
+                return await _send_json(send, e.status, {"detail": str(e)}, close=e.closes)
+            if body is None:  # nobody to answer (uvicorn expects no answer once the client is gone)
+                return
+            replay = [{"type": "http.request", "body": body, "more_body": False}]
+            del body
 
-        try:
-            await self.app(scope, counted_receive, tracked_send)
-        except Exception as e:  # noqa: BLE001 - the last line of defence, by design
-            if not isinstance(e, BodyRefused):
+            async def buffered_receive():  # the body, then whatever comes (only a disconnect can)
+                return replay.pop() if replay else await receive()
+
+            started = False
+
+            async def tracked_send(message):
+                nonlocal started
+                started = started or message["type"] == "http.response.start"
+                await send(message)
+
+            try:
+                await self.app(scope, buffered_receive, tracked_send)
+            except Exception as e:  # noqa: BLE001 - the last line of defence, by design
                 log.error("error while answering %s %s", scope.get("method"), scope.get("path"), exc_info=e)
-            if not started:
-                refused = isinstance(e, BodyRefused)
-                await _send_json(send, e.status if refused else 500,
-                                 {"detail": str(e) if refused else f"internal error: {type(e).__name__}"},
-                                 close=refused and e.closes)
+                if not started:
+                    await _send_json(send, 500, {"detail": f"internal error: {type(e).__name__}"})
 
 
 # ---------------------------------------------------------------- decoding off the event loop
@@ -253,7 +326,8 @@ class Health(BaseModel):
 _WHY = {400: "An unreadable body: not UTF-8, not JSON, or a broken multipart form.",
         408: "The body was not all in within the server's time for it (bnlab serve --body-seconds, default "
              f"{BODY_SECONDS:g} s from the request's arrival, at least {READ_SECONDS:g} s of it after the server "
-             "began reading; or the server is stopping); the connection closes.",
+             "began reading (bodies are read whole before a request is admitted); or the server is stopping); the "
+             "connection closes.",
         413: f"Over a size limit: body bytes, samples per request (at most {MAX_BATCH}), JSON values, "
              "image pixels.",
         415: "A media type other than application/json or multipart/form-data.",
@@ -317,8 +391,10 @@ def _offline_fastapi():
 def create_app(checkpoint: "str | Path | Checkpoint", *, which: str | None = None,
                max_body_bytes: int = MAX_BODY_BYTES, max_image_pixels: int | None = None,
                decoders: int = DECODERS, bn_stats: str = "running", recalibrate_on=(),
-               body_seconds: float = BODY_SECONDS):
-    """The ASGI app serving a checkpoint (a folder, a run folder and ``which``, or a loaded Checkpoint).
+               body_seconds: float = BODY_SECONDS, body_budget: int | None = None,
+               trust_factory: bool = False):
+    """The ASGI app serving a checkpoint (a folder, a run folder and ``which``, or a loaded Checkpoint;
+    ``trust_factory`` as ``load_checkpoint``'s).
 
     ``bn_stats``: which statistics BN uses (``bnlab.deploy.predict.model_for_bn_stats``): "running", "batch"
     (each request's samples normalised together; a one-sample request to a model with BN over features
@@ -326,14 +402,16 @@ def create_app(checkpoint: "str | Path | Checkpoint", *, which: str | None = Non
 
     ``max_image_pixels`` defaults to ``bnlab.payload.default_max_image_pixels`` of the model's input;
     ``decoders`` is the number of decoding processes; a body not all in within ``body_seconds`` of the
-    request's arrival gets 408 (``Guard``). Limits out of range raise ValueError."""
+    request's arrival gets 408 (``Guard``). Bodies are read whole before a request is admitted, at most
+    ``body_budget`` bytes of them at once (default ``BODY_BUDGET_BODIES × max_body_bytes``; ``BodyBudget``).
+    Limits out of range raise ValueError."""
     from fastapi import HTTPException, Request
     from fastapi.responses import JSONResponse, Response
-    from starlette.requests import ClientDisconnect
 
     from bnlab.models import summarize
 
-    ck = checkpoint if isinstance(checkpoint, Checkpoint) else load_checkpoint(checkpoint, which=which)
+    ck = checkpoint if isinstance(checkpoint, Checkpoint) else load_checkpoint(
+        checkpoint, which=which, trust_factory=trust_factory)
     spec = ck.model.spec
     model = model_for_bn_stats(ck, bn_stats, recalibrate_on)
     shape = tuple(spec.input_shape)
@@ -373,15 +451,6 @@ def create_app(checkpoint: "str | Path | Checkpoint", *, which: str | None = Non
                               f"{payload.MAX_JSON_DEPTH} deep, numbers of at most {payload.MAX_NUMBER_CHARS} "
                               f"characters, images of at most {max_image_pixels} pixels.")
     app.state.checkpoint = ck
-
-    @app.exception_handler(BodyRefused)
-    async def _refused(request, exc):
-        return JSONResponse(status_code=exc.status, content={"detail": str(exc)},
-                            headers={"connection": "close"} if exc.closes else None)
-
-    @app.exception_handler(ClientDisconnect)
-    async def _gone(request, exc):  # nobody reads this answer; it only ends the request quietly
-        return JSONResponse(status_code=400, content={"detail": "the client disconnected"})
 
     @app.exception_handler(Exception)
     async def _bug(request, exc):  # a bug, never an input's doing; Guard logs it and keeps the connection
@@ -429,12 +498,12 @@ def create_app(checkpoint: "str | Path | Checkpoint", *, which: str | None = Non
         if media not in ("application/json", "multipart/form-data"):
             raise HTTPException(415, f"expected application/json or multipart/form-data (got "
                                      f"{ctype[:80] or 'no content-type'})")
-        async with admission:  # bodies of requests beyond it stay unread in their sockets
+        raw = await request.body()  # all in already (Guard): a client still sending never holds a slot
+        async with admission:  # requests beyond it wait with their (buffered) bodies
             try:
                 if media == "application/json":
-                    batch, prescaled, tf = await decoding.run(payload.json_to_batch, await request.body(), shape,
-                                                              MAX_BATCH, last)
-                else:
+                    batch, prescaled, tf = await decoding.run(payload.json_to_batch, raw, shape, MAX_BATCH, last)
+                else:  # the form is parsed from the buffered body (Starlette's request.stream() replays it)
                     tf = False
                     batch, prescaled = await decoding.run(payload.image_to_batch, await image_upload(request),
                                                           shape, max_image_pixels, last)
@@ -443,5 +512,5 @@ def create_app(checkpoint: "str | Path | Checkpoint", *, which: str | None = Non
                 raise HTTPException(error_status(e), str(e)) from None
         return Response(body, media_type="application/json")
 
-    return Guard(app, max_body_bytes, body_seconds)
+    return Guard(app, max_body_bytes, body_seconds, body_budget)
 

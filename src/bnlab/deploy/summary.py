@@ -17,18 +17,18 @@ def _is_checkpoint(path: Path) -> bool:
         (path / sub / CONFIG).is_file() for sub in RUN_CHECKPOINTS.values())
 
 
-def summary_of(target: str | Path) -> Summary:
+def summary_of(target: str | Path, *, trust_factory: bool = False) -> Summary:
     """The Keras-style summary of ``target``; a checkpoint is read with every integrity check. For a Keras
     file (or a checkpoint imported from one) the totals are Keras's: the sizes of the file's arrays, split
-    as Keras splits them."""
+    as Keras splits them. A model built by a factory (code) needs ``trust_factory`` (``bnlab.models.factory``)."""
     path = Path(target)
     if not _is_checkpoint(path):
         spec = load_model_spec(str(target))
-        return summarize(build_model(spec), tuple(spec.input_shape), name=str(target))
+        return summarize(build_model(spec, trust_factory=trust_factory), tuple(spec.input_shape), name=str(target))
     from bnlab.checkpoint import load_checkpoint
     from bnlab.models import parse_model_spec
 
-    ck = load_checkpoint(path)
+    ck = load_checkpoint(path, trust_factory=trust_factory)
     spec = parse_model_spec(ck.spec)
     s = summarize(ck.model, tuple(spec.input_shape), name=ck.meta.get("source", {}).get("model_name") or path.name)
     keras = ck.meta.get("keras_params")

@@ -10,6 +10,14 @@ a runner writes, and a damaged store (a table missing, garbage, locked) is a Sto
 reason. A store written by an older bnlab opens too: its missing result columns read as None, and
 where it lacks where a run stopped (``epochs_run``, ``steps_run``, ``train_seconds``), that is read
 from the run's epochs, so its time-to-target stays censored data.
+
+Damaged runs (``bnlab.experiments.store.damage``) are marked, never raised on: each row has a
+``damage`` key (None, or the reason in words). A run whose stored results cannot be used (a number
+column holding text, a missing or non-finite primary result) reads with status ``"damaged"`` (its
+stored status in ``stored_status``), so the statistics leave it out and count it as damaged; a run
+whose folder or checkpoint is gone keeps its status and its stored values, and is reported. A value
+that is not a number in a number column of a run or of its epochs reads as None (an epoch row whose
+epoch is not a number is left out).
 """
 
 from __future__ import annotations
@@ -17,8 +25,9 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from bnlab.experiments.results import RESULT_FIELDS
 from bnlab.experiments.spec import ExperimentSpec, SpecError
-from bnlab.experiments.store import RunStore, StoreError
+from bnlab.experiments.store import DAMAGED, EPOCH_NUMBERS, RunStore, StoreError, is_number
 
 STORE = "runs.sqlite"
 READ_TIMEOUT = 10.0  # seconds to wait for a store another process holds locked
@@ -63,10 +72,30 @@ def load_results(out: str | Path) -> tuple[ExperimentSpec, list[dict], list[dict
         except (ValueError, TypeError, SpecError) as e:
             raise StoreError(f"{out / STORE}: the stored spec does not validate: {e}") from e
         runs, epochs = store.runs(), store.epochs()
+        damaged = store.audit(spec.primary_metric)
     finally:
         store.close()
+    _mark_damage(runs, epochs, damaged)
     _fill_stopping_points(runs, epochs)
     return spec, runs, epochs
+
+
+def _mark_damage(runs: list[dict], epochs: list[dict], damaged: dict) -> None:
+    """Rows as the module docstring says: ``damage`` set, unusable runs as DAMAGED, non-numbers None
+    (an epoch row whose epoch is not a number is dropped: it has no place on a curve)."""
+    for r in runs:
+        found = damaged.get(r["run_id"])
+        r["damage"] = str(found) if found else None
+        if found is not None and found.results:
+            r["stored_status"], r["status"] = r["status"], DAMAGED
+        for f in RESULT_FIELDS:
+            if f.numeric and r.get(f.name) is not None and not is_number(r[f.name]):
+                r[f.name] = None
+    for e in epochs:
+        for c in EPOCH_NUMBERS:
+            if e.get(c) is not None and not is_number(e[c]):
+                e[c] = None
+    epochs[:] = [e for e in epochs if e["epoch"] is not None]
 
 
 def _fill_stopping_points(runs: list[dict], epochs: list[dict]) -> None:
@@ -89,4 +118,4 @@ def _fill_stopping_points(runs: list[dict], epochs: list[dict]) -> None:
             r["train_seconds"] = seconds[r["run_id"]]
 
 
-__all__ = ["STORE", "load_probes", "load_results", "load_shift"]
+__all__ = ["DAMAGED", "STORE", "load_probes", "load_results", "load_shift"]

@@ -29,7 +29,7 @@ import traceback
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterable
 
 from bnlab.experiments.grow import Growth, SpecChanged, grow
 from bnlab.experiments.pool import WorkerDied, WorkerPool
@@ -38,6 +38,7 @@ from bnlab.experiments.spec import (DataChoice, ExperimentSpec, RunPlan, SpecErr
                                     parse_experiment)
 from bnlab.experiments.validate import check_models_fit
 from bnlab.experiments.store import FINISHED, RunStore, StoreError
+from bnlab.models.factory import UntrustedFactory, factory_names, require_trusted_specs, trusting
 from bnlab.signals import StopSignals
 from bnlab.train.resume import discard_state, resume_point, saved_progress
 
@@ -135,7 +136,13 @@ def execute_unit(plans: list[dict], out_dir: str) -> list[dict]:
     """A unit of work: one run, or runs that differ only in their seed trained as one stacked model
     (``train_runs_stacked``; each run's result as ``execute_run`` gives it, its seconds its share of the
     group's). A stacked group that fails as a whole is run again run by run, so a run fails only for
-    a reason of its own."""
+    a reason of its own. The factories the plans name are run: the runner gives a worker only plans whose
+    factories the user trusted (``run_experiment``)."""
+    with trusting(factory_names(p["model"] for p in plans)):
+        return _execute_unit(plans, out_dir)
+
+
+def _execute_unit(plans: list[dict], out_dir: str) -> list[dict]:
     if len(plans) == 1:
         return [execute_run(plans[0], out_dir)]
     from bnlab.train.config import TrainConfig
@@ -318,7 +325,8 @@ def _store_spec(store: RunStore, out: Path, spec: ExperimentSpec, **meta: str) -
 def run_experiment(spec: ExperimentSpec, out: str | Path, *, quick: bool = False, workers: int | None = None,
                    data_dir: str | None = None, seeds: int | None = None, retry_failed: bool = False,
                    on_progress: Callable[[Progress, str], None] | None = None, stack: str = "auto",
-                   backend: str = "local", address: str | None = None) -> Progress:
+                   backend: str = "local", address: str | None = None,
+                   trust_factory: bool | Iterable[str] = False) -> Progress:
     """Run every pending run of ``spec`` into ``out``; return the final progress counts.
 
     Raises ExperimentInterrupted (after the workers are gone and the lock released) on SIGINT or
@@ -326,7 +334,9 @@ def run_experiment(spec: ExperimentSpec, out: str | Path, *, quick: bool = False
     a variant that differ only in their seed as one stacked model where they can, "auto" does so on a
     GPU only, "off" runs each alone (``stack_groups``). ``backend``: "local" (worker processes on this
     machine) or "ray" (each unit a Ray task; ``address``: None starts a local Ray instance, "auto" or
-    "HOST:PORT" joins a cluster; ``bnlab.experiments.ray_backend``)."""
+    "HOST:PORT" joins a cluster; ``bnlab.experiments.ray_backend``). A variant whose model names a factory
+    (code) is refused before anything is written unless the factory is registered or ``trust_factory``
+    (``bnlab.models.factory``); the worker processes then run the factories of the plans they are given."""
     check_stack_mode(stack)  # before anything is written
     check_backend(backend, address)
     if backend == "ray":
@@ -343,12 +353,19 @@ def run_experiment(spec: ExperimentSpec, out: str | Path, *, quick: bool = False
     # the data, chosen once: a [data] fallback when the dataset is not here, or what the folder was started on
     runs_spec, data_choice = choose_data(spec, _stored_data_choice(out), str(out))
     plans = expand(runs_spec)
-    check_models_fit(plans, _prefetch_data(runs_spec))  # before anything is stored or spawned
+    with trusting(trust_factory):  # a factory is code: refused unless trusted, before anything is stored
+        try:
+            require_trusted_specs([p.model for p in plans], f"experiment {spec.name!r}")
+        except UntrustedFactory as e:
+            raise SpecError(str(e)) from None
+    with trusting(factory_names(p.model for p in plans)):  # trusted: the rest of the run may build them
+        # before anything is stored or spawned; on a Ray cluster this machine's devices decide nothing
+        check_models_fit(plans, _prefetch_data(runs_spec), here=backend != "ray" or address is None)
     notify = on_progress or (lambda p, msg: None)
     if data_choice is not None:
         notify(Progress(total=len(plans)), data_choice.note())
     left: tuple[list[str], dict[str, tuple[int, int]]] = ([], {})
-    with StopSignals() as signals:
+    with StopSignals() as signals, trusting(factory_names(p.model for p in plans)):
         try:
             out.mkdir(parents=True, exist_ok=True)
             # leaving: Ray shut down (if started here), then the lock released
@@ -394,11 +411,16 @@ def _run(spec: ExperimentSpec, plans: list[RunPlan], out: Path, store: RunStore,
         store.reset_interrupted(retry_failed)
         for r in store.runs(FINISHED):  # a state left by a runner killed between commit and discard
             discard_state(out / "runs" / r["run_id"])
+        # a finished run whose row or files are damaged (bnlab.experiments.store.damage) is done again
+        damaged = store.audit(spec.primary_metric, [p.run_id for p in plans])
+        store.reset_damaged(damaged)
     pending_ids = {r["run_id"] for r in store.runs(("pending",))}
     pending = [p for p in plans if p.run_id in pending_ids]  # in the spec's order
     prog = Progress(total=len(plans), skipped=len(plans) - len(pending), started=time.time())
     for note in growth.notes() if growth else []:
         notify(prog, note)
+    if damaged:
+        notify(prog, damaged_note(damaged))
     if not pending:
         notify(prog, "nothing to do: every run is finished")
         return prog
@@ -440,6 +462,12 @@ def _run(spec: ExperimentSpec, plans: list[RunPlan], out: Path, store: RunStore,
     else:
         _run_pool(units, out, runs, n_workers, threads, signals)
     return prog
+
+
+def damaged_note(damaged: dict) -> str:
+    """What ``bnlab run`` says about the damaged runs it redoes (run id -> ``store.Damage``)."""
+    return (f"{len(damaged)} stored run(s) damaged, redoing them (the other runs are kept): "
+            + "; ".join(f"{rid}: {why}" for rid, why in damaged.items()))
 
 
 def _prefetch_data(spec: ExperimentSpec):

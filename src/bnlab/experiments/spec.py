@@ -28,21 +28,25 @@ from pathlib import Path
 
 from typing import Annotated
 
-from pydantic import BaseModel, ConfigDict, Field, StrictInt, ValidationError, field_validator, model_validator
+from pydantic import (BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, ValidationError,
+                      field_validator, model_validator)
 
 from bnlab.experiments.results import COMPARABLE_FIELDS, DEFAULT_PRIMARY, FIELDS
 from bnlab.models import load_model_spec, parse_model_spec
 from bnlab.models.spec import spec_to_dict
 from bnlab.textfile import TextFileError, read_text_file
-from bnlab.train.config import TrainConfig, later_defaults
+from bnlab.train.config import TrainConfig, Validation, later_defaults
 
 
 class SpecError(ValueError):
     """An experiment spec that does not validate; the message lists every problem."""
 
 
-# a variant's name is a folder name under runs/: a safe slug, never a path
-VARIANT_NAME = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"
+# an experiment's or a variant's name is a folder name (runs/<experiment>/, <folder>/runs/<variant>/): a
+# safe slug, never a path: no separator, no '..', not absolute (check_name)
+NAME = r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}"
+NAME_RULE = ("1-64 letters, digits, '.', '_' or '-', starting with a letter or digit (it names a folder: no path "
+             "separators, no '..', no absolute path)")
 MAX_SEEDS = 1000  # runs per variant
 MAX_VARIANTS = 256
 MAX_SEED = 2**31 - 1
@@ -53,7 +57,7 @@ class DataFallback(BaseModel):
     machine (``choose_data``); its own split and scaling, the primary's ``data_dir``."""
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
     dataset: str
-    validation: TrainConfig.model_fields["validation"].annotation = None
+    validation: Validation = None
     scaling: TrainConfig.model_fields["scaling"].annotation = None
     options: dict = {}
 
@@ -76,6 +80,15 @@ class DataFallback(BaseModel):
         return self
 
 
+def check_name(name, what: str) -> str:
+    """``name`` if it can be an experiment's or a variant's name (NAME: a folder name, never a path), else a
+    ValueError saying the rule. The one check of both: ``runs/<experiment name>`` is ``bnlab run``'s default
+    folder and ``runs/<variant>/seed-<n>`` each run's."""
+    if not isinstance(name, str) or not re.fullmatch(NAME, name):
+        raise ValueError(f"{what} name {name!r} is not allowed: expected {NAME_RULE}")
+    return name
+
+
 def _datasets():
     from bnlab.data import list_datasets
 
@@ -86,7 +99,7 @@ class DataSection(BaseModel):
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
     dataset: str = "mnist-5k"
     data_dir: str | None = None
-    validation: TrainConfig.model_fields["validation"].annotation = None  # as TrainConfig: a count or a fraction
+    validation: Validation = None  # as TrainConfig: a count (an int) or a fraction (a float in (0, 1))
     scaling: TrainConfig.model_fields["scaling"].annotation = None
     options: dict = {}
     fallback: DataFallback | None = None  # used when ``dataset``'s files are not here (choose_data)
@@ -191,31 +204,50 @@ class Variant(BaseModel):
     train: dict = {}
 
 
+Seed = Annotated[StrictInt, Field(ge=0, le=MAX_SEED)]
+# a count (seeds 0..n-1) or a list of distinct seeds
+Seeds = Annotated[StrictInt, Field(ge=1, le=MAX_SEEDS)] | Annotated[list[Seed], Field(min_length=1,
+                                                                                    max_length=MAX_SEEDS)]
+
+
+def _check_seeds(v):
+    rule = f"seeds must be a count 1..{MAX_SEEDS} or a list of 1..{MAX_SEEDS} distinct integers 0..{MAX_SEED}"
+    if isinstance(v, int) and not isinstance(v, bool):
+        if not 1 <= v <= MAX_SEEDS:
+            raise ValueError(rule)
+    elif isinstance(v, list):
+        if not 1 <= len(v) <= MAX_SEEDS or len(set(map(repr, v))) != len(v) or not all(
+                isinstance(x, int) and not isinstance(x, bool) and 0 <= x <= MAX_SEED for x in v):
+            raise ValueError(rule)
+    else:
+        raise ValueError(rule)
+    return v
+
+
 class QuickSection(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    seeds: int | list[int] | None = None
+    seeds: Seeds | None = None
     probes: dict = {}
     data: dict = {}
     model: dict = {}
     train: dict = {}
 
-
-Seed = Annotated[StrictInt, Field(ge=0, le=MAX_SEED)]
+    @field_validator("seeds", mode="before")
+    @classmethod
+    def _seeds(cls, v):
+        return v if v is None else _check_seeds(v)
 
 
 class ExperimentSpec(BaseModel):
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
-    name: str = Field(min_length=1, max_length=200)
+    name: str  # check_name: the default folder is runs/<name>
     description: str = ""
-    # a count (seeds 0..n-1) or a list of distinct seeds
-    seeds: Annotated[StrictInt, Field(ge=1, le=MAX_SEEDS)] | Annotated[list[Seed], Field(min_length=1,
-                                                                                        max_length=MAX_SEEDS)] = 3
-    target_accuracy: float | None = Field(None, gt=0, le=1)
+    seeds: Seeds = 3  # a count (seeds 0..n-1) or a list of distinct seeds
+    target_accuracy: StrictFloat | None = Field(None, gt=0, le=1)
     data: DataSection = DataSection()
     model: dict = {}
     train: dict = {}
-    variants: dict[Annotated[str, Field(pattern=VARIANT_NAME)], Variant] = Field(min_length=1,
-                                                                                 max_length=MAX_VARIANTS)
+    variants: dict[str, Variant] = Field(min_length=1, max_length=MAX_VARIANTS)  # names: check_name
     quick: QuickSection = QuickSection()
     probes: dict = {}  # a bnlab.probes.ProbeConfig for every run; empty: no probes
     # the metric the experiment is about: verdicts are drawn on it alone (Holm's correction over
@@ -225,7 +257,7 @@ class ExperimentSpec(BaseModel):
     # tested against it (the method x log2(images per device) interaction, bnlab.experiments.stats.interaction)
     reference_group: str = ""
     # set by apply_quick: a --quick run checks that the experiment runs; its report draws no verdicts
-    smoke_test: bool = False
+    smoke_test: StrictBool = False
 
     @field_validator("primary_metric")
     @classmethod
@@ -236,28 +268,21 @@ class ExperimentSpec(BaseModel):
                              f"{', '.join(COMPARABLE_FIELDS)}; {v!r} is {what}")
         return v
 
+    @field_validator("name", mode="before")
+    @classmethod
+    def _name(cls, v):
+        return check_name(v, "experiment")
+
     @field_validator("seeds", mode="before")
     @classmethod
     def _seeds(cls, v):
-        rule = f"seeds must be a count 1..{MAX_SEEDS} or a list of 1..{MAX_SEEDS} distinct integers 0..{MAX_SEED}"
-        if isinstance(v, int) and not isinstance(v, bool):
-            if not 1 <= v <= MAX_SEEDS:
-                raise ValueError(rule)
-        elif isinstance(v, list):
-            if not 1 <= len(v) <= MAX_SEEDS or len(set(map(repr, v))) != len(v) or not all(
-                    isinstance(x, int) and not isinstance(x, bool) and 0 <= x <= MAX_SEED for x in v):
-                raise ValueError(rule)
-        else:
-            raise ValueError(rule)
-        return v
+        return _check_seeds(v)
 
     @field_validator("variants", mode="before")
     @classmethod
     def _variant_names(cls, v):
         for name in v if isinstance(v, dict) else ():
-            if not isinstance(name, str) or not re.fullmatch(VARIANT_NAME, name):
-                raise ValueError(f"variant name {name!r} is not allowed: a variant is a folder under runs/, so its "
-                                 "name is 1-64 letters, digits, '.', '_' or '-', starting with a letter or digit")
+            check_name(name, "variant")
         return v
 
     @field_validator("train")
@@ -317,10 +342,14 @@ def format_errors(e: ValidationError, where: str = "") -> str:
     """One line per problem: the dotted key, pydantic's message, the value that arrived."""
     lines = []
     for err in e.errors():
-        # drop the model-kind tags a discriminated union puts in the path ("model.mlp.activation")
-        # drop the tags a union puts in the path ("model.mlp.activation", "seeds.constrained-int")
-        loc = ".".join(str(p) for p in err["loc"] if p not in ("mlp", "cnn", "layers", "factory")
-                       and not re.fullmatch(r"[a-z-]+\[.*\]|constrained-\w+|function-\w+", str(p))) or "(top level)"
+        # drop the tags a union puts in the path: the model kind a discriminated union puts first
+        # ("mlp.activation"; a layers spec's own field "layers" stays: "layers.0.units") and a plain union's
+        # member ("seeds.constrained-int", "momentum.literal['default']")
+        path = list(err["loc"])
+        if path and path[0] in ("mlp", "cnn", "layers", "factory"):
+            path = path[1:]
+        loc = ".".join(str(p) for p in path
+                       if not re.fullmatch(r"[a-z-]+\[.*\]|constrained-\w+|function-\w+", str(p))) or "(top level)"
         got = f" (got {_short(err['input'])})" if "input" in err and not isinstance(err["input"], dict) else ""
         lines.append(f"  {where}{loc}: {err['msg'].removeprefix('Value error, ')}{got}")
     return "\n".join(dict.fromkeys(lines))

@@ -41,6 +41,8 @@ Every planned run is accounted for (the choice, and why)
   * A run that failed (a crash: it produced no outcome) or has not finished leaves the
     comparison incomplete: pairs with such a variant get no test, and the sentence names the
     missing runs. Rerunning them (``--retry-failed``) is the remedy; guessing their outcome is not.
+    A damaged run (its stored results cannot be used: ``bnlab.experiments.store.damage``; it reads
+    with status "damaged") is missing in the same way; ``bnlab run`` redoes it.
   * A run that diverged has an outcome - it diverged - but no final accuracy or loss (its last
     finite numbers predate the blow-up). A mean over the survivors would let a variant that
     diverged in 3 of 5 seeds win on its 2 best; ranking diverged runs as worst would make the
@@ -69,6 +71,7 @@ import numpy as np
 from scipy import stats as st
 
 from bnlab.experiments.results import DEFAULT_PRIMARY, EXPLORED_FIELDS, FIELDS, RESULT_FIELDS, ResultField
+from bnlab.experiments.store import DAMAGED  # a run whose stored results cannot be used: left out, counted
 
 ALPHA = 0.05
 LEVEL = 0.95
@@ -219,16 +222,24 @@ def _counts(mine: list[dict]) -> dict[str, int]:
     return {"done": sum(r["status"] == "done" for r in mine),
             "diverged": sum(r["status"] == "diverged" for r in mine),
             "failed": sum(r["status"] == "failed" for r in mine),
-            "not finished": sum(r["status"] in UNFINISHED for r in mine)}
+            "not finished": sum(r["status"] in UNFINISHED for r in mine),
+            "damaged": sum(r["status"] == DAMAGED for r in mine)}
+
+
+def _number(value) -> float | None:
+    """A stored value as a float; None for NULL and for anything that is not a number (a damaged row)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
+        return None
+    return float(value)
 
 
 def _outcome_values(mine: list[dict], name: str) -> tuple[dict[int, float], dict[str, int]]:
     """{seed: value} over runs that finished without diverging; why the other planned runs are missing."""
     c = _counts(mine)
-    vals = {r["seed"]: float(r[name]) for r in mine if r["status"] == "done" and r.get(name) is not None
-            and math.isfinite(r[name])}
+    vals = {r["seed"]: v for r in mine if r["status"] == "done" and (v := _number(r.get(name))) is not None
+            and math.isfinite(v)}
     missing = {"diverged": c["diverged"], "failed": c["failed"], "not finished": c["not finished"],
-               "without a value": c["done"] - len(vals)}
+               "damaged": c["damaged"], "without a value": c["done"] - len(vals)}
     return vals, missing
 
 
@@ -240,11 +251,11 @@ def _time_values(mine: list[dict], f: ResultField) -> tuple[dict[int, tuple[floa
     for r in mine:
         if r["status"] not in ("done", "diverged"):
             continue
-        if r.get(f.name) is not None:
-            out[r["seed"]] = (float(r[f.name]), True)
-        elif r.get(f.censor_at) is not None:
-            out[r["seed"]] = (float(r[f.censor_at]), False)
-    missing = {"failed": c["failed"], "not finished": c["not finished"],
+        if (t := _number(r.get(f.name))) is not None:
+            out[r["seed"]] = (t, True)
+        elif (t := _number(r.get(f.censor_at))) is not None:
+            out[r["seed"]] = (t, False)
+    missing = {"failed": c["failed"], "not finished": c["not finished"], "damaged": c["damaged"],
                "without a stopping point": c["done"] + c["diverged"] - len(out)}
     return out, missing
 
@@ -273,6 +284,7 @@ class VariantStats:
     reached_target: int  # finished or diverged runs that reached the target
     metrics: dict[str, Estimate] = field(default_factory=dict)  # outcome and info fields
     times: dict[str, TimeToTarget] = field(default_factory=dict)  # time-to-target fields (with a target)
+    damaged: int = 0  # runs whose stored results cannot be used (left out of every estimate)
 
     @property
     def runs(self) -> int:
@@ -281,7 +293,7 @@ class VariantStats:
     def runs_text(self) -> str:
         """'5: 3 done, 2 diverged' - every planned run and what became of it."""
         parts = [f"{k} {w}" for k, w in ((self.done, "done"), (self.diverged, "diverged"), (self.failed, "failed"),
-                                         (self.unfinished, "not finished")) if k]
+                                         (self.unfinished, "not finished"), (self.damaged, "damaged")) if k]
         return f"{self.planned}: " + ", ".join(parts) if parts else f"{self.planned}"
 
 
@@ -293,7 +305,8 @@ def variant_stats(runs: list[dict], variants: list[str], target: float | None = 
         c = _counts(mine)
         reached = sum(any(r.get(f.name) is not None for f in METRICS if f.kind == "time_to_target")
                       for r in mine if r["status"] in ("done", "diverged"))
-        vs = VariantStats(v, len(mine), c["done"], c["diverged"], c["failed"], c["not finished"], reached)
+        vs = VariantStats(v, len(mine), c["done"], c["diverged"], c["failed"], c["not finished"], reached,
+                          damaged=c["damaged"])
         for f in METRICS:
             if f.kind == "time_to_target":
                 if target is not None:
@@ -359,7 +372,7 @@ def _p(p: float) -> str:
     return "< 0.0001" if p < 1e-4 else f"= {p:.2g}"
 
 
-def _missing_text(name: str, missing: dict[str, int], keys=("failed", "not finished")) -> str:
+def _missing_text(name: str, missing: dict[str, int], keys=("failed", "not finished", "damaged")) -> str:
     parts = [f"{k} {why}" for why, k in missing.items() if k and why in keys]
     return f"{name}: " + ", ".join(parts) if parts else ""
 
@@ -446,9 +459,8 @@ def _time_pair(c: Comparison, f: ResultField, ra: list[dict], rb: list[dict]) ->
     c.value_b = f"{tb.value(f.digits)}, reached in {tb.reached}/{tb.n}"
     da, ma = _time_values(ra, f)
     db, mb = _time_values(rb, f)
-    incomplete = "; ".join(t for t in (_missing_text(c.a, ma, ("failed", "not finished", "without a stopping point")),
-                                       _missing_text(c.b, mb, ("failed", "not finished", "without a stopping point")))
-                           if t)
+    keys = ("failed", "not finished", "damaged", "without a stopping point")
+    incomplete = "; ".join(t for t in (_missing_text(c.a, ma, keys), _missing_text(c.b, mb, keys)) if t)
     if ta.n and tb.n:
         c.diff = ta.reached / ta.n - tb.reached / tb.n
         low, high = confint_proportions_2indep(ta.reached, ta.n, tb.reached, tb.n, method="newcomb",

@@ -6,17 +6,27 @@ progress, never a committed one, and never leave half a run. Readers (report, co
 read-only and may read while a runner writes; a busy timeout makes concurrent writers wait
 instead of failing. A damaged store is refused with the reason, never repaired by recreating
 what is missing (see RunStore).
+
+A store that opens can still hold damaged runs: a finished row whose results cannot be used (a
+number column holding text, a missing or non-finite primary result) or whose files are gone (its
+run folder, or a checkpoint its row says it saved). ``damage`` is the one rule that says so and
+why; ``bnlab run`` redoes such runs (``RunStore.reset_damaged``), and the readers
+(``bnlab.experiments.read``: compare, report) report them and keep unusable values out of the
+statistics, never raising on them (SQLite is dynamically typed: 'abc' can sit in a REAL column).
 """
 
 from __future__ import annotations
 
 import json
+import math
 import sqlite3
 import time
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
-from bnlab.experiments.results import RESULT_COLUMNS, RESULT_FIELDS
+from bnlab.checkpoint import CONFIG, RUN_CHECKPOINTS, WEIGHTS
+from bnlab.experiments.results import DEFAULT_PRIMARY, FIELDS, RESULT_COLUMNS, RESULT_FIELDS
 
 # the run's identity and bookkeeping; its results are the columns of bnlab.experiments.results
 _RUN_COLUMNS = """
@@ -61,10 +71,100 @@ REQUIRED_TABLES = {"meta": ("key", "value"),
 # added by a later bnlab: older stores lack them (no probes, no shift rows); writers create them
 LATER_TABLES = ("probes", "shift")
 SHIFT_COLUMNS = ("corruption", "severity", "bn_stats", "test_batch", "accuracy", "loss", "note")
+# an epoch row's numbers (all but run_id): what record writes and the audit checks
+EPOCH_NUMBERS = ("epoch", "train_loss", "train_accuracy", "val_loss", "val_accuracy", "seconds", "steps")
 
 
 class StoreError(RuntimeError):
     """A run store that is corrupt, damaged, locked, or belongs to another experiment."""
+
+
+RUNS_DIR = "runs"  # an experiment folder's run folders: RUNS_DIR/<run_id>
+# the status a damaged run whose stored results cannot be used reads with (bnlab.experiments.read; never stored)
+DAMAGED = "damaged"
+# the row's artefacts key naming each checkpoint a run saved (None: it saved none, e.g. a diverged run)
+ARTEFACT_CHECKPOINTS = {"checkpoint": RUN_CHECKPOINTS["best"], "checkpoint_final": RUN_CHECKPOINTS["final"]}
+
+
+def is_number(value) -> bool:
+    """An int or a float as SQLite returns them (text, bytes and bools are not numbers here)."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+@dataclass(frozen=True)
+class Damage:
+    """Why a finished run's row cannot be trusted. ``results``: its stored values cannot be used
+    (the readers leave the run out of the statistics); ``files``: its run folder or a checkpoint
+    it saved is gone (its stored values still stand). ``bnlab run`` redoes the run either way."""
+    results: str | None = None
+    files: str | None = None
+
+    def __str__(self) -> str:
+        return "; ".join(x for x in (self.results, self.files) if x)
+
+
+def damage(row: dict, run_dir: str | Path, primary: str = DEFAULT_PRIMARY, *, recorded: bool = True,
+           epoch_text: tuple[str, ...] = ()) -> Damage | None:
+    """The damage of one stored run (None: none, or the run has not finished normally).
+
+    Audited: rows with status 'done' or 'diverged' ('failed' and unfinished runs have no results
+    by design). Results: every numeric result field holds a number or NULL; the ``primary`` result
+    is finite where present, and present in a 'done' row when every such run records it (an
+    outcome that is not a precise-statistics field: those are absent for models without BN; a time
+    to target is absent when censored; a diverged run has no final results); the run's epoch rows
+    hold numbers or NULL (``epoch_text``: the columns that do not, as ``RunStore.audit`` finds
+    them). ``recorded``: False for a store from an older bnlab whose runs table lacks the primary's
+    column. Files: the run folder ``run_dir`` exists, and so does each checkpoint the row's
+    ``artefacts`` names, with its config.json and weights (a diverged run saved no final model, and
+    its artefacts say so; a store from before artefacts names none)."""
+    if row.get("status") not in ("done", "diverged"):
+        return None
+    results = []
+    for f in RESULT_FIELDS:
+        value = row.get(f.name)
+        if f.numeric and value is not None and not is_number(value):
+            results.append(f"{f.name} holds {_shown(value)}, not a number")
+    f = FIELDS[primary]
+    value = row.get(f.name)
+    if is_number(value) and not math.isfinite(value):
+        results.append(f"its primary result ({f.name}) is {value}, not a finite number")
+    elif (value is None and recorded and row["status"] == "done" and f.kind == "outcome"
+          and f.moving_average is None):
+        results.append(f"its primary result ({f.name}) is missing")
+    if epoch_text:
+        results.append(f"its epoch rows hold text in number column(s) {', '.join(epoch_text)}")
+    found = Damage("; ".join(results) or None, _file_damage(row, Path(run_dir)))
+    return found if found.results or found.files else None
+
+
+def _file_damage(row: dict, run_dir: Path) -> str | None:
+    where = f"{RUNS_DIR}/{row.get('run_id')}"
+    if not run_dir.is_dir():
+        return f"its run folder {where} is gone"
+    text = row.get("artefacts")
+    if text is None:  # a store from before artefacts: nothing names a checkpoint
+        return None
+    try:
+        artefacts = json.loads(text) if isinstance(text, (str, bytes)) else None
+    except ValueError:
+        artefacts = None
+    if not isinstance(artefacts, dict):
+        return f"its stored artefacts ({_shown(text)}) are not a JSON object naming its checkpoints"
+    for key, sub in ARTEFACT_CHECKPOINTS.items():
+        if not artefacts.get(key):
+            continue
+        folder = run_dir / sub
+        if not folder.is_dir():
+            return f"its checkpoint folder {where}/{sub} is gone"
+        absent = [name for name in (CONFIG, WEIGHTS) if not (folder / name).is_file()]
+        if absent:
+            return f"its checkpoint {where}/{sub} has no {' and no '.join(absent)}"
+    return None
+
+
+def _shown(value, limit: int = 40) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit - 3] + "..."
 
 
 class RunStore:
@@ -214,11 +314,50 @@ class RunStore:
             db.executemany(f"INSERT INTO shift (run_id, {', '.join(SHIFT_COLUMNS)}) VALUES (?{', ?' * len(SHIFT_COLUMNS)})",
                            [(run_id, *(r.get(c) for c in SHIFT_COLUMNS[:-1]), r.get("note") or "")
                             for r in result.get("shift", [])])
-            db.executemany(
-                "INSERT INTO epochs (run_id, epoch, train_loss, train_accuracy, val_loss, val_accuracy, seconds, steps) "
-                "VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-                [(run_id, e["epoch"], e["train_loss"], e["train_accuracy"], e["val_loss"], e["val_accuracy"],
-                  e["seconds"], e["steps"]) for e in epochs])
+            db.executemany(f"INSERT INTO epochs (run_id, {', '.join(EPOCH_NUMBERS)}) VALUES (?{', ?' * len(EPOCH_NUMBERS)})",
+                           [(run_id, *(e[c] for c in EPOCH_NUMBERS)) for e in epochs])
+
+    def audit(self, primary: str = DEFAULT_PRIMARY, run_ids=None) -> dict[str, Damage]:
+        """run id -> its ``damage``, for every damaged finished run (of ``run_ids``, if given); the run
+        folders are those of the folder holding this store."""
+        wanted = None if run_ids is None else set(run_ids)
+        recorded = primary not in self._absent_columns
+        text = {}  # run id -> its epoch columns holding text (SQLite is dynamically typed)
+        have = {row[1] for row in self.db.execute("PRAGMA table_info(epochs)")}
+        columns = [c for c in EPOCH_NUMBERS if c in have]
+        for r in self.db.execute("SELECT run_id, " + ", ".join(
+                f"SUM(typeof({c}) NOT IN ('integer', 'real', 'null'))" for c in columns)
+                + " FROM epochs GROUP BY run_id"):
+            if bad := tuple(c for c, k in zip(columns, tuple(r)[1:]) if k):
+                text[r[0]] = bad
+        out = {}
+        for row in self.runs(("done", "diverged")):
+            if wanted is not None and row["run_id"] not in wanted:
+                continue
+            found = damage(row, self.path.parent / RUNS_DIR / str(row["run_id"]), primary, recorded=recorded,
+                           epoch_text=text.get(row["run_id"], ()))
+            if found is not None:
+                out[row["run_id"]] = found
+        return out
+
+    def reset_damaged(self, run_ids) -> int:
+        """Damaged runs go back to pending, atomically: their results, artefacts and dependent rows
+        (epochs, probes, shift) are removed, so nothing of the damaged attempt is left to read; the
+        other runs' rows are untouched. Their run folders are made ready by the rerun itself
+        (``bnlab.train.single``: a run without a resume state starts from zero, removing the old
+        checkpoints and history)."""
+        ids = list(run_ids)
+        if not ids:
+            return 0
+        marks = ",".join("?" * len(ids))
+        cleared = ["started", "finished", "seconds", "error", "environment", "engine", "step_loss", "artefacts",
+                   *RESULT_COLUMNS]
+        with self.transaction() as db:
+            n = db.execute(f"UPDATE runs SET status = 'pending', {', '.join(f'{c} = NULL' for c in cleared)} "
+                           f"WHERE run_id IN ({marks})", ids).rowcount
+            for table in ("epochs", "probes", "shift"):
+                db.execute(f"DELETE FROM {table} WHERE run_id IN ({marks})", ids)
+            return n
 
     def runs(self, status: tuple[str, ...] | None = None) -> list[dict]:
         q = "SELECT * FROM runs"

@@ -13,6 +13,9 @@
   model ending without one (logits) is read as it is; predict then reports the softmax of its outputs.
 
 Everything else is refused up front, in one error that lists every unsupported layer with the reason.
+A layer's settings are checked as a bnlab spec checks them (``epsilon`` > 0, at most 65,536 units ...) and
+its arrays against the shapes its settings imply, before anything is built: a file cannot make bnlab
+allocate more than the arrays it holds.
 """
 
 from __future__ import annotations
@@ -21,13 +24,43 @@ import math
 
 import numpy as np
 import torch
+from pydantic import TypeAdapter, ValidationError
 
 from bnlab.keras.files import KerasFileError, KerasModel
 from bnlab.nn.activations import NAMES
 from bnlab.models.build import keras_padding
+from bnlab.models.spec import MAX_SIDE, LayerDef, Shape, parse_model_spec
 
 _ACTIVATIONS = NAMES  # Keras's activation names are the specs'
 KERAS3_LEAKY_SLOPE = 0.2  # keras.activations.leaky_relu's default negative_slope
+# a bnlab layer setting -> the Keras config key it comes from (for messages naming the Keras field)
+_KERAS_KEYS = {"eps": "epsilon", "slope": "negative_slope"}
+_BOUNDS = {"greater_than": ">", "greater_than_equal": ">=", "less_than": "<", "less_than_equal": "<="}
+_SHAPE = TypeAdapter(Shape)
+
+
+class _Refused(Exception):
+    """A layer whose settings or arrays are wrong (not merely unsupported); its message is the reason."""
+
+
+def _validation_message(e: ValidationError, keys: dict | None = None, config: dict | None = None) -> str:
+    """pydantic's errors as one sentence: ``epsilon must be > 0 (got -1)``, naming the Keras field and the
+    value the file holds where ``keys`` / ``config`` say which."""
+    parts = []
+    for err in e.errors():
+        loc = [str(x) for x in err["loc"]]
+        name = ".".join(loc) or "value"
+        key = (keys or {}).get(name, name)
+        got = (config or {}).get(key, err.get("input"))
+        bound = next(((op, err["ctx"][k]) for k, op in
+                      (("gt", ">"), ("ge", ">="), ("lt", "<"), ("le", "<=")) if k in (err.get("ctx") or {})), None)
+        if err["type"] in _BOUNDS and bound:
+            parts.append(f"{key} must be {bound[0]} {bound[1]:g} (got {got!r})" if isinstance(bound[1], float)
+                         else f"{key} must be {bound[0]} {bound[1]:,} (got {got!r})")
+        else:
+            shown = f" (got {got!r})" if isinstance(got, (int, float, str, bool, type(None))) else ""
+            parts.append(f"{key}: {err['msg'][:1].lower() + err['msg'][1:]}{shown}"[:300])
+    return "; ".join(parts)
 
 
 def _pair(v, name: str) -> int:
@@ -52,21 +85,45 @@ class _Builder:
         self.torch_arrays: list[tuple[str, dict[str, np.ndarray]]] = []  # (Keras layer name, torch-side arrays)
         self.problems: list[str] = []
         self.perm: np.ndarray | None = None  # torch flat feature index -> Keras flat feature index
+        self.flat_map: tuple[int, int, int] | None = None  # the (H, W, C) map flattened last, perm made on use
         self.softmax_seen = False
         self.shape_unknown = False
         self.shape: tuple[int, ...] | None = None  # the current Keras-side shape (no batch axis)
+        self._current = None  # the Keras layer being converted
 
     def fail(self, layer, reason: str, *, shape_unknown: bool = True) -> None:
         """Record a refusal. Unless the layer keeps its input shape (``shape_unknown=False``: an
         activation), the shapes after it are unknown and the later layers are not read."""
-        self.problems.append(f"{layer.name} ({layer.class_name}): {reason}")
+        self.problems.append(f"layer {layer.name!r} ({layer.class_name}): {reason}")
         self.shape_unknown = self.shape_unknown or shape_unknown
 
     def per_feature(self, a: np.ndarray) -> np.ndarray:
+        """A per-feature array (rows in Keras's flat order) in torch's order. The permutation is made here,
+        once an array of the flat size exists (its size checked by ``weight``), never from the shape alone."""
+        if self.flat_map is not None and self.perm is None:
+            h, w, c = self.flat_map
+            # Keras's flat index of torch's (c, h, w) element: (h·W + w)·C + c
+            self.perm = np.arange(h * w * c).reshape(h, w, c).transpose(2, 0, 1).ravel()
         return a if self.perm is None else a[self.perm]
 
+    def weight(self, layer, key: str, shape: tuple[int, ...]) -> np.ndarray:
+        """The layer's array ``key``, which must have the shape its config and input imply."""
+        a = layer.weights[key]
+        if tuple(a.shape) != tuple(shape):
+            raise _Refused(f"{key} has shape {tuple(a.shape)} in the file, the layer's config and input "
+                           f"{self.shape} need {tuple(shape)}")
+        return a
+
+    def check(self, layer, ldef: dict) -> dict:
+        """``ldef`` validated as a bnlab spec validates a layer (the Keras field named in the message)."""
+        try:
+            LayerDef.model_validate(ldef)
+        except ValidationError as e:
+            raise _Refused(_validation_message(e, _KERAS_KEYS, layer.config)) from None
+        return ldef
+
     def add(self, ldef: dict, arrays: dict[str, np.ndarray] | None = None, source: str = "") -> None:
-        self.layers.append(ldef)
+        self.layers.append(self.check(self._current, ldef))
         if arrays is not None:
             self.torch_arrays.append((source, arrays))
 
@@ -92,6 +149,13 @@ class _Builder:
         self.add({"type": "activation", "activation": name, **({"slope": slope} if slope is not None else {})})
 
 
+def _whole(value, key: str) -> int:
+    """A Keras int setting (``units``, ``filters``) as an int, refusing 3.5 or "8"."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value != int(value):
+        raise _Refused(f"{key} must be a whole number (got {value!r})")
+    return int(value)
+
+
 def _is_last(layers, i: int) -> bool:
     """Whether only identities at inference (Dropout, a softmax) follow layer i."""
     for later in layers[i + 1:]:
@@ -114,25 +178,23 @@ def _layer(b: _Builder, layers, i: int) -> None:
     if cls == "InputLayer":
         return
     if cls == "Flatten":
-        if len(shape) == 3:
-            h, w, c = shape
-            # Keras's flat index of torch's (c, h, w) element: (h·W + w)·C + c
-            cc, hh, ww = np.meshgrid(np.arange(c), np.arange(h), np.arange(w), indexing="ij")
-            keras_index = ((hh * w + ww) * c + cc).ravel()
-            b.perm = keras_index if b.perm is None else b.perm[keras_index]
+        if len(shape) == 3:  # a map flattened: per-feature arrays after it are permuted (per_feature)
+            b.flat_map, b.perm = tuple(shape), None
         b.shape = (math.prod(shape),)
         b.add({"type": "flatten"})
     elif cls == "Dense":
         if len(shape) != 1:
             b.fail(layer, f"Dense on a {len(shape)}-D input {shape} (only after Flatten / pooling)")
             return
-        kernel = b.per_feature(layer.weights["kernel"])  # (in, out), rows in Keras's feature order
+        ldef = b.check(layer, {"type": "dense", "units": _whole(cfg["units"], "units"),
+                               "use_bias": bool(cfg.get("use_bias", True))})
+        units = ldef["units"]
+        kernel = b.per_feature(b.weight(layer, "kernel", (shape[0], units)))  # (in, out), rows in Keras's order
         arrays = {"weight": kernel.T.copy()}
-        if cfg.get("use_bias", True):
-            arrays["bias"] = layer.weights["bias"]
-        b.add({"type": "dense", "units": int(cfg["units"]), "use_bias": bool(cfg.get("use_bias", True))}, arrays,
-              layer.name)
-        b.perm, b.shape = None, (int(cfg["units"]),)
+        if ldef["use_bias"]:
+            arrays["bias"] = b.weight(layer, "bias", (units,))
+        b.add(ldef, arrays, layer.name)
+        b.perm, b.flat_map, b.shape = None, None, (units,)
         b.activation(layer, _activation_name(cfg.get("activation")), last)
     elif cls == "Conv2D":
         try:
@@ -145,15 +207,17 @@ def _layer(b: _Builder, layers, i: int) -> None:
         if len(shape) != 3 or cfg.get("padding", "valid") not in ("same", "valid"):
             b.fail(layer, f"input {shape}, padding {cfg.get('padding')!r} (expected (H, W, C) and same / valid)")
             return
-        arrays = {"weight": layer.weights["kernel"].transpose(3, 2, 0, 1).copy()}
-        if cfg.get("use_bias", True):
-            arrays["bias"] = layer.weights["bias"]
-        b.add({"type": "conv2d", "filters": int(cfg["filters"]), "kernel_size": k, "strides": s,
-               "padding": cfg.get("padding", "valid"), "use_bias": bool(cfg.get("use_bias", True))}, arrays,
-              layer.name)
+        ldef = b.check(layer, {"type": "conv2d", "filters": _whole(cfg["filters"], "filters"), "kernel_size": k,
+                               "strides": s, "padding": cfg.get("padding", "valid"),
+                               "use_bias": bool(cfg.get("use_bias", True))})
+        filters = ldef["filters"]
+        arrays = {"weight": b.weight(layer, "kernel", (k, k, shape[2], filters)).transpose(3, 2, 0, 1).copy()}
+        if ldef["use_bias"]:
+            arrays["bias"] = b.weight(layer, "bias", (filters,))
+        b.add(ldef, arrays, layer.name)
         h, w, _ = shape
-        pad = cfg.get("padding", "valid")
-        b.shape = (keras_padding(h, k, s, pad)[2], keras_padding(w, k, s, pad)[2], int(cfg["filters"]))
+        pad = ldef["padding"]
+        b.shape = (keras_padding(h, k, s, pad)[2], keras_padding(w, k, s, pad)[2], filters)
         b.activation(layer, _activation_name(cfg.get("activation")), last)
     elif cls == "BatchNormalization":
         axis = cfg.get("axis", -1)
@@ -164,14 +228,18 @@ def _layer(b: _Builder, layers, i: int) -> None:
         if len(shape) == 2:
             b.fail(layer, f"normalising the last axis of a {shape} input (only features or (H, W, C) maps)", shape_unknown=False)
             return
-        wts = layer.weights
-        arrays = {k: b.per_feature(wts[v]) for k, v in (("weight", "gamma"), ("bias", "beta"),
-                  ("running_mean", "moving_mean"), ("running_var", "moving_variance")) if v in wts}
         m = float(cfg.get("momentum", 0.99))
-        b.add({"type": "batchnorm", "eps": float(cfg.get("epsilon", 1e-3)),
-               "momentum": (1.0 - m) if b.convention == "torch" else m,
-               "center": bool(cfg.get("center", True)), "scale": bool(cfg.get("scale", True))}, arrays,
-              layer.name)
+        if not 0 <= m <= 1:
+            raise _Refused(f"momentum must be in [0, 1] (got {cfg.get('momentum')!r})")
+        ldef = b.check(layer, {"type": "batchnorm", "eps": float(cfg.get("epsilon", 1e-3)),
+                               "momentum": (1.0 - m) if b.convention == "torch" else m,
+                               "center": bool(cfg.get("center", True)), "scale": bool(cfg.get("scale", True))})
+        wanted = [v for v, on in (("gamma", ldef["scale"]), ("beta", ldef["center"]), ("moving_mean", True),
+                                  ("moving_variance", True)) if on]
+        arrays = {k: b.per_feature(b.weight(layer, v, (shape[-1],))) for k, v in
+                  (("weight", "gamma"), ("bias", "beta"), ("running_mean", "moving_mean"),
+                   ("running_var", "moving_variance")) if v in wanted}
+        b.add(ldef, arrays, layer.name)
     elif cls == "Activation":
         b.activation(layer, _activation_name(cfg.get("activation")), last)
     elif cls == "Softmax":
@@ -223,6 +291,11 @@ def keras_to_spec(model: KerasModel, *, convention: str = "keras") -> tuple[dict
     if any(s is None or s < 1 for s in model.input_shape):
         raise KerasFileError(f"the Keras model's input shape {model.input_shape} has free dimensions; "
                              "only fixed-size inputs are supported")
+    try:
+        _SHAPE.validate_python(model.input_shape)
+    except ValidationError:
+        raise KerasFileError(f"the Keras model's input shape {tuple(model.input_shape)} is outside what bnlab "
+                             f"builds: at most 3 dimensions of at most {MAX_SIDE:,} each") from None
     b = _Builder(model, convention)
     b.shape = tuple(model.input_shape)
     for i, layer in enumerate(model.layers):
@@ -231,13 +304,19 @@ def keras_to_spec(model: KerasModel, *, convention: str = "keras") -> tuple[dict
             if known is None or any(d is None for d in known):
                 b.problems.append("(the layers after it are not checked: the file does not record their shapes)")
                 break
-            b.shape, b.perm, b.shape_unknown = tuple(known), None, False
+            b.shape, b.perm, b.flat_map, b.shape_unknown = tuple(known), None, None, False
+        b._current = layer
         try:
             _layer(b, model.layers, i)
+        except _Refused as e:  # a setting or array the file gets wrong: the layers after it would only echo it
+            b.fail(layer, str(e))
+            break
         except KeyError as e:  # a weight or config entry the layer must have
             b.fail(layer, f"missing {e} in the file")
-        except (ValueError, TypeError, IndexError) as e:
+        except (ValueError, TypeError, IndexError, OverflowError) as e:
             b.fail(layer, f"cannot be read ({type(e).__name__}: {e})")
+    if len(b.problems) == 1:  # one line
+        raise KerasFileError(f"Keras model {model.name!r}: {b.problems[0]}")
     if b.problems:
         raise KerasFileError(f"{len(b.problems)} unsupported layer(s) in Keras model {model.name!r}:\n  "
                              + "\n  ".join(b.problems))
@@ -246,6 +325,11 @@ def keras_to_spec(model: KerasModel, *, convention: str = "keras") -> tuple[dict
     spec = {"kind": "layers", "input_shape": list(model.input_shape), "num_classes": b.shape[0],
             "input_layout": "channels_last" if len(model.input_shape) == 3 else "channels_first",
             "norm_options": {"convention": convention}, "layers": b.layers}
+    try:
+        parse_model_spec(spec)
+    except ValidationError as e:  # e.g. more layers than a spec may have
+        raise KerasFileError(f"Keras model {model.name!r} is outside what bnlab builds: "
+                             f"{_validation_message(e)}") from None
     return spec, _state_dict(spec, b.torch_arrays)
 
 

@@ -7,6 +7,7 @@ one), so there is a single builder and a single place where bias / BN placement 
 from __future__ import annotations
 
 from collections import Counter, OrderedDict
+from collections.abc import Iterable
 
 import math
 import torch
@@ -130,15 +131,17 @@ class SpecModel(nn.Sequential):
         self.spec = spec
 
 
-def build_model(spec, *, seed: int | None = None) -> nn.Module:
+def build_model(spec, *, seed: int | None = None, trust_factory: bool | Iterable[str] = False) -> nn.Module:
     """Build the model of ``spec`` (a spec object or dict): a SpecModel, or a factory's own module.
     ``seed`` makes the initial weights reproducible without touching torch's global RNG. A spec marked
-    ``folded`` gives the folded model (``bnlab.deploy.fold``), ready for a folded checkpoint's weights."""
+    ``folded`` gives the folded model (``bnlab.deploy.fold``), ready for a folded checkpoint's weights.
+    A factory spec runs code: only a registered factory, or with ``trust_factory`` (``bnlab.models.factory``)."""
     spec = parse_model_spec(spec)
     if spec.kind == "factory":
-        from bnlab.models.factory import build_factory_model
+        from bnlab.models.factory import build_factory_model, trusting
 
-        model = build_factory_model(spec, seed=seed)
+        with trusting(trust_factory):
+            model = build_factory_model(spec, seed=seed)
     else:
         model = _build_layers(spec, seed)
     if spec.folded:  # the structure bnlab fold made: same rule, same layers, same names

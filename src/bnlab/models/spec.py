@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from typing import Annotated, Literal, Union
 
-from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, model_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, TypeAdapter, model_validator
 
 Activation = Literal["sigmoid", "tanh", "relu", "leaky_relu", "elu", "selu", "linear"]
 Placement = Literal["none", "before", "after"]
@@ -26,8 +26,11 @@ MAX_WIDTH = 65536  # units of a dense layer, filters of a conv, classes
 MAX_LAYERS = 256  # entries of a list of layers, blocks or widths
 MAX_SIDE = 4096  # each dimension of the input shape
 MAX_KERNEL = 64  # kernel and pool sizes
-Width = Annotated[int, Field(ge=1, le=MAX_WIDTH)]
-Shape = Annotated[tuple[Annotated[int, Field(ge=1, le=MAX_SIDE)], ...], Field(min_length=1, max_length=3)]
+# numbers are strict (as in bnlab.train.config): a boolean is not an integer (units = true), a string not a
+# number, a float not an integer (hidden = [8.0]); an integer is a float (eps = 1)
+Width = Annotated[StrictInt, Field(ge=1, le=MAX_WIDTH)]
+Shape = Annotated[tuple[Annotated[StrictInt, Field(ge=1, le=MAX_SIDE)], ...], Field(min_length=1, max_length=3)]
+Kernel = Annotated[StrictInt, Field(ge=1, le=MAX_KERNEL)]
 
 
 FOLDED_HELP = "BN folded away (bnlab fold): the model is built, folded, and a checkpoint's weights loaded into it"
@@ -47,12 +50,12 @@ class NormSettings(_Spec):
     (batch, syncbatch, renorm, ghost); eps: all (default: the BN convention's, 1e-5 for layer/group/instance)."""
 
     convention: Literal["torch", "keras"] = "torch"
-    eps: float | None = Field(None, gt=0)
-    momentum: Annotated[float, Field(ge=0, le=1)] | None | Literal["default"] = "default"
-    r_max: float = Field(3.0, ge=1, description="batch renorm")
-    d_max: float = Field(5.0, ge=0, description="batch renorm")
-    warmup_steps: int = Field(0, ge=0, le=10**9, description="batch renorm: steps over which r_max, d_max grow from 1, 0")
-    warmup_fraction: float | None = Field(None, gt=0, le=1, description="batch renorm: the warm-up as this share of "
+    eps: StrictFloat | None = Field(None, gt=0)
+    momentum: Annotated[StrictFloat, Field(ge=0, le=1)] | None | Literal["default"] = "default"
+    r_max: StrictFloat = Field(3.0, ge=1, description="batch renorm")
+    d_max: StrictFloat = Field(5.0, ge=0, description="batch renorm")
+    warmup_steps: StrictInt = Field(0, ge=0, le=10**9, description="batch renorm: steps over which r_max, d_max grow from 1, 0")
+    warmup_fraction: StrictFloat | None = Field(None, gt=0, le=1, description="batch renorm: the warm-up as this share of "
                                           "the run's planned updates (fit sets it; replaces warmup_steps)")
 
     @model_validator(mode="after")
@@ -70,23 +73,23 @@ LATER_NORM_DEFAULTS = {"warmup_fraction": None}
 
 class _Common(_Spec):
     input_shape: Shape = (1, 28, 28)
-    num_classes: int = Field(10, ge=2, le=MAX_WIDTH)
+    num_classes: StrictInt = Field(10, ge=2, le=MAX_WIDTH)
     activation: Activation = "relu"
-    leaky_relu_slope: float = Field(0.3, ge=0, description="Keras's LeakyReLU default 0.3 (torch's is 0.01)")
+    leaky_relu_slope: StrictFloat = Field(0.3, ge=0, description="Keras's LeakyReLU default 0.3 (torch's is 0.01)")
     bn: Placement = "none"  # where the normalization layer goes: none | before | after the activation
     norm: Norm = "batch"  # which normalization
     bias: Bias = "auto"
     init: Init = "glorot_uniform"
-    init_std: float = Field(0.01, gt=0, description="std of the 'normal' initialiser")
-    dropout: float = Field(0.0, ge=0, lt=1)
+    init_std: StrictFloat = Field(0.01, gt=0, description="std of the 'normal' initialiser")
+    dropout: StrictFloat = Field(0.0, ge=0, lt=1)
     norm_options: NormSettings = NormSettings()
-    folded: bool = Field(False, description=FOLDED_HELP)
+    folded: StrictBool = Field(False, description=FOLDED_HELP)
 
 
 class MLPSpec(_Common):
     kind: Literal["mlp"] = "mlp"
     hidden: Annotated[list[Width], Field(max_length=MAX_LAYERS)] = [300, 100]
-    input_bn: bool = False
+    input_bn: StrictBool = False
 
 
 class CNNSpec(_Common):
@@ -94,9 +97,9 @@ class CNNSpec(_Common):
     input_shape: Shape = (3, 32, 32)
     blocks: Annotated[list[Width], Field(max_length=MAX_LAYERS)] = [60, 60, 60, 60]  # filters of each pooled block
     final_block: Width | None = 100  # filters of the last block (no pooling)
-    convs_per_block: int = Field(2, ge=1, le=16)
-    kernel_size: int = Field(3, ge=1, le=MAX_KERNEL)
-    pool_size: int = Field(2, ge=1, le=MAX_KERNEL)
+    convs_per_block: StrictInt = Field(2, ge=1, le=16)
+    kernel_size: Kernel = 3
+    pool_size: Kernel = 2
     head: Literal["flatten", "gap"] = "flatten"
     dense: Annotated[list[Width], Field(max_length=MAX_LAYERS)] = []  # hidden dense layers of the head
 
@@ -107,23 +110,23 @@ class LayerDef(_Spec):
     type: Literal["flatten", "dense", "conv2d", "batchnorm", "norm", "activation", "maxpool", "avgpool", "dropout",
                   "gap"]
     kind: Norm | None = None  # norm: which one (batchnorm = kind "batch")
-    weight_norm: bool = False  # dense / conv2d
-    units: int | None = Field(None, ge=1, le=MAX_WIDTH)  # dense
-    filters: int | None = Field(None, ge=1, le=MAX_WIDTH)  # conv2d
-    kernel_size: int = Field(3, ge=1, le=MAX_KERNEL)
+    weight_norm: StrictBool = False  # dense / conv2d
+    units: Width | None = None  # dense
+    filters: Width | None = None  # conv2d
+    kernel_size: Kernel = 3
     padding: Literal["same", "valid"] = "same"  # conv2d (Keras's rule, asymmetric where Keras pads so); pools: valid
-    strides: int | None = Field(None, ge=1, le=MAX_KERNEL, description="conv2d: 1; pools: pool_size")
+    strides: Kernel | None = Field(None, description="conv2d: 1; pools: pool_size")
     activation: Activation | None = None  # dense / conv2d fused activation, or the activation layer's
-    use_bias: bool = True
+    use_bias: StrictBool = True
     init: Init | None = None  # None = the model's
-    pool_size: int = Field(2, ge=1, le=MAX_KERNEL)
-    rate: float = Field(0.0, ge=0, lt=1)  # dropout
-    slope: float | None = Field(None, ge=0, description="leaky_relu: this layer's slope (None: the model's)")
+    pool_size: Kernel = 2
+    rate: StrictFloat = Field(0.0, ge=0, lt=1)  # dropout
+    slope: StrictFloat | None = Field(None, ge=0, description="leaky_relu: this layer's slope (None: the model's)")
     # batchnorm / norm: this layer's own settings over the model's norm_options (a Keras file's layers)
-    eps: float | None = Field(None, gt=0)
-    momentum: Annotated[float, Field(ge=0, le=1)] | None = None
-    center: bool = True  # beta
-    scale: bool = True  # gamma
+    eps: StrictFloat | None = Field(None, gt=0)
+    momentum: Annotated[StrictFloat, Field(ge=0, le=1)] | None = None
+    center: StrictBool = True  # beta
+    scale: StrictBool = True  # gamma
 
 
 class LayersSpec(_Spec):
@@ -131,13 +134,13 @@ class LayersSpec(_Spec):
     input_shape: Shape = (1, 28, 28)
     # channels_last: image inputs arrive as Keras has them, (H, W, C); the model moves C first itself
     input_layout: Literal["channels_first", "channels_last"] = "channels_first"
-    num_classes: int = Field(10, ge=2, le=MAX_WIDTH)
+    num_classes: StrictInt = Field(10, ge=2, le=MAX_WIDTH)
     layers: Annotated[list[LayerDef], Field(max_length=MAX_LAYERS)]
     init: Init = "glorot_uniform"
-    init_std: float = Field(0.01, gt=0)
-    leaky_relu_slope: float = Field(0.3, ge=0)
+    init_std: StrictFloat = Field(0.01, gt=0)
+    leaky_relu_slope: StrictFloat = Field(0.3, ge=0)
     norm_options: NormSettings = NormSettings()
-    folded: bool = Field(False, description=FOLDED_HELP)
+    folded: StrictBool = Field(False, description=FOLDED_HELP)
 
 
 FACTORY_PATTERN = r"^([A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*|[^:]+\.py):[A-Za-z_][A-Za-z0-9_]*$"
@@ -155,10 +158,10 @@ class FactorySpec(_Spec):
     factory: str = Field(..., pattern=FACTORY_PATTERN, max_length=500)
     kwargs: dict[str, KwargValue] = Field(default_factory=dict, max_length=64)
     input_shape: Shape = (3, 32, 32)
-    num_classes: int = Field(10, ge=2, le=MAX_WIDTH)
+    num_classes: StrictInt = Field(10, ge=2, le=MAX_WIDTH)
     norm: Union[Literal["keep"], Norm] = "keep"
     norm_options: NormSettings = NormSettings()
-    folded: bool = Field(False, description=FOLDED_HELP)
+    folded: StrictBool = Field(False, description=FOLDED_HELP)
 
 
 ModelSpec = Annotated[Union[MLPSpec, CNNSpec, LayersSpec, FactorySpec], Field(discriminator="kind")]

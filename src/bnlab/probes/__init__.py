@@ -68,7 +68,7 @@ PROBE_LAYER = "probe_batch"  # the layer name of the probe batch's own rows (ima
 
 
 class ProbeConfig(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)  # a boolean is not a count, a string not a number
     every: int = Field(50, ge=1, description="sample every k optimizer steps (and the first step)")
     tracked_units: int = Field(3, ge=0, description="units per activation layer whose own percentiles are kept")
     probe_batch: int = Field(256, ge=2, description="images in the fixed held-out probe batch")

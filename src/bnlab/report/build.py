@@ -9,7 +9,7 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from bnlab.experiments.read import load_probes, load_results, load_shift
+from bnlab.experiments.read import DAMAGED, load_probes, load_results, load_shift
 from bnlab.experiments.results import COMPACT_FIELDS, FIELDS, TABLE_FIELDS
 from bnlab.experiments.stats import ALPHA, EXACT_N, MIN_N, Comparison, compare, precise_vs_moving, variant_stats
 from bnlab.report import plots
@@ -277,15 +277,33 @@ def precise_rows(notes) -> list[list[str]]:
     return rows
 
 
+FAILURES_TITLE = "Runs without a regular result, and damaged runs"
+
+
 def failure_lines(runs) -> list[tuple[str, str]]:
-    """(run_id, what happened) for every planned run that has no regular result."""
+    """(run_id, what happened) for every planned run that has no regular result, and every damaged run
+    (``bnlab.experiments.store.damage``: ``bnlab run`` redoes it)."""
     out = []
     for r in runs:
-        if r["status"] in ("failed", "diverged"):
+        if r["status"] == DAMAGED:
+            out.append((r["run_id"], f"damaged: {r.get('damage')}; left out of the statistics; 'bnlab run' "
+                                     "redoes it"))
+        elif r.get("damage"):
+            out.append((r["run_id"], f"damaged: {r['damage']}; its stored results ({r['status']}) are counted; "
+                                     "'bnlab run' redoes it"))
+        elif r["status"] in ("failed", "diverged"):
             out.append((r["run_id"], f"{r['status']}: {(r.get('error') or 'no message').splitlines()[0]}"))
         elif r["status"] in ("pending", "running"):
             out.append((r["run_id"], f"not finished ({r['status']})"))
     return out
+
+
+def _json(text):
+    """A stored JSON text, or None where it is not JSON (a damaged row is reported, never raised on)."""
+    try:
+        return json.loads(text)
+    except (TypeError, ValueError):
+        return None
 
 
 def build_report(folder: str | Path) -> Report:
@@ -320,7 +338,7 @@ def build_report(folder: str | Path) -> Report:
         figs = {shift_report.FIGURE: _png(made), **figs}
     t = texts(spec, runs)
     _figure1_texts(t, folder, spec, runs, probes if finished else [])
-    env = next((json.loads(r["environment"]) for r in runs if r.get("environment")), {})
+    env = next((e for r in runs if r.get("environment") and isinstance(e := _json(r["environment"]), dict)), {})
 
     fig_dir = folder / "figures"
     fig_dir.mkdir(exist_ok=True)
@@ -367,9 +385,14 @@ def texts(spec, runs, metrics=TABLE_METRICS, compared=None, short: bool = False)
     header, rows = stats_rows(runs, variants, spec.target_accuracy, metrics, short)
     comps = compare_for(spec, runs, compared)
     notes = precise_vs_moving(runs, variants)
-    counts = {s: sum(r["status"] == s for r in runs) for s in ("done", "diverged", "failed", "pending", "running")}
+    counts = {s: sum(r["status"] == s for r in runs)
+              for s in ("done", "diverged", "failed", "pending", "running", DAMAGED)}
     runs_line = (f"Runs: {len(runs)} planned: {counts['done']} done, {counts['diverged']} diverged, "
-                 f"{counts['failed']} failed, {counts['pending'] + counts['running']} not finished.")
+                 f"{counts['failed']} failed, {counts['pending'] + counts['running']} not finished"
+                 + (f", {counts[DAMAGED]} damaged (left out)" if counts[DAMAGED] else "")
+                 + (f"; {lost} lost their run folder or a checkpoint (counted)"
+                    if (lost := sum(bool(r.get("damage")) and r["status"] != DAMAGED for r in runs)) else "")
+                 + ".")
     precise = precise_rows(notes)
     if spec.smoke_test:  # numbers only: a smoke test judges nothing
         precise = [r[:-1] + ["not judged (smoke test)"] for r in precise]
@@ -406,7 +429,7 @@ def _markdown(t: Texts, shift: list[str] = ()) -> list[str]:
     if t.exploratory:
         md += ["", "### Exploratory comparisons (no verdicts)", ""] + _md_table(EXPLORATORY_HEADER, t.exploratory)
     if t.failures:
-        md += ["", "## Runs without a regular result", ""] + [f"- {rid}: {what}" for rid, what in t.failures]
+        md += ["", f"## {FAILURES_TITLE}", ""] + [f"- {rid}: {what}" for rid, what in t.failures]
     return md
 
 
@@ -456,8 +479,8 @@ def _html(spec, t: Texts, figs, env, shift: str = "") -> str:
     images = "".join(
         f"<figure><img alt='{e(name.replace('_', ' '))}' src='data:image/png;base64,{base64.b64encode(png).decode()}'>"
         f"<figcaption>{e(caption)}</figcaption></figure>" for name, (png, caption) in figs.items())
-    fails = ("<h2>Runs without a regular result</h2><ul>" + "".join(f"<li><code>{e(r)}</code>: {e(m)}</li>"
-                                                                     for r, m in t.failures) + "</ul>"
+    fails = (f"<h2>{e(FAILURES_TITLE)}</h2><ul>" + "".join(f"<li><code>{e(r)}</code>: {e(m)}</li>"
+                                                           for r, m in t.failures) + "</ul>"
              ) if t.failures else ""
     return f"""<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><title>bnlab report: {e(t.title)}</title>

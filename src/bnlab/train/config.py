@@ -5,7 +5,8 @@ from __future__ import annotations
 import re
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import (BaseModel, BeforeValidator, ConfigDict, Field, StrictBool, StrictFloat, StrictInt,
+                      field_validator)
 
 from bnlab.probes import ProbeConfig
 from bnlab.train.optim import LR_SCHEDULES
@@ -16,14 +17,53 @@ MAX_EPOCHS = 100_000
 MAX_BATCH = 1 << 20
 MAX_STEPS = 10**9
 MAX_SEED = 2**31 - 1
+MAX_VALIDATION = 10**8
+# the largest learning rate (and weight decay) accepted: enough to study divergence (the tests make runs
+# diverge with 1e12), far below float32's 3.4e38, where the update itself overflows ("value cannot be
+# converted to type float without overflow": a failed run, not a diverged one)
+MAX_LR = 1e12
 DEVICE_PATTERN = r"^(auto|cpu|cuda(:[0-9]{1,2})?)$"
+
+
+# Numbers are strict everywhere a spec is read: a boolean is not an integer (``epochs = true``), a string
+# is not a number (``lr = "0.1"``), a float is not an integer (``epochs = 2.0``); an integer is a float
+# (``lr = 1``). pydantic's Strict* types, which name what was expected ("Input should be a valid integer").
+
+
+def _validation_value(v):
+    """``validation``: None (the dataset's default), a count of images (an int >= 1: the first N of the
+    training split) or a fraction (a float strictly between 0 and 1, split off seeded and stratified).
+    1.0 is refused as ambiguous (one image, or the whole split?), as is any other integral float >= 1."""
+    rule = (f"expected a count of images (an integer from 1 to {MAX_VALIDATION:,}, e.g. 5000) or a fraction "
+            "of the training split (a number strictly between 0 and 1, e.g. 0.2)")
+    if v is None:
+        return v
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        raise ValueError(f"{rule}, not a {type(v).__name__}")
+    if isinstance(v, int):
+        if not 1 <= v <= MAX_VALIDATION:
+            raise ValueError(f"{rule}; a count must be from 1 to {MAX_VALIDATION:,}")
+        return v
+    if v != v or v in (float("inf"), float("-inf")):
+        raise ValueError(f"{rule}; a finite number is needed")
+    if v == 1.0:
+        raise ValueError(f"{rule}; 1.0 is ambiguous: write 1 for one image, or a fraction below 1")
+    if v >= 1 and v.is_integer():
+        raise ValueError(f"{rule}; a count is written as an integer ({int(v)}), a float is a fraction")
+    if not 0 < v < 1:
+        raise ValueError(f"{rule}; a fraction must be strictly between 0 and 1")
+    return v
+
+
+# the one rule for ``validation`` wherever it is read (TrainConfig, an experiment's [data] and its fallback)
+Validation = Annotated[StrictInt | StrictFloat | None, BeforeValidator(_validation_value)]
 
 
 class AugmentConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
-    shear_range: float = Field(0.0, ge=0, description="degrees, as Keras")
-    zoom_range: float = Field(0.0, ge=0, lt=1)
-    horizontal_flip: bool = False
+    shear_range: StrictFloat = Field(0.0, ge=0, description="degrees, as Keras")
+    zoom_range: StrictFloat = Field(0.0, ge=0, lt=1)
+    horizontal_flip: StrictBool = False
 
 
 def _all_corruptions() -> list[str]:
@@ -46,11 +86,11 @@ class ShiftConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
     corruptions: list[str] = Field(default_factory=_all_corruptions, min_length=1,
                                    description="names from bnlab.data.corrupt.CORRUPTIONS (default: all)")
-    severities: list[int] = Field([1, 2, 3], min_length=1, description="from bnlab.data.corrupt.SEVERITIES")
-    test_batch_sizes: list[Annotated[int, Field(ge=1, le=MAX_BATCH)]] = Field(
+    severities: list[StrictInt] = Field([1, 2, 3], min_length=1, description="from bnlab.data.corrupt.SEVERITIES")
+    test_batch_sizes: list[Annotated[StrictInt, Field(ge=1, le=MAX_BATCH)]] = Field(
         default_factory=_all_test_batches, description="test batches for BN's test-batch statistics ([]: none)")
-    test_images: int | None = Field(None, ge=1, le=10**8, description="None: the whole test set; N: its first N")
-    seed: int = Field(0, ge=0, le=MAX_SEED, description="of the corruptions' random draws: the same in every run")
+    test_images: StrictInt | None = Field(None, ge=1, le=10**8, description="None: the whole test set; N: its first N")
+    seed: StrictInt = Field(0, ge=0, le=MAX_SEED, description="of the corruptions' random draws: the same in every run")
 
     @field_validator("corruptions")
     @classmethod
@@ -104,28 +144,30 @@ class TrainConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
     dataset: str = "mnist-5k"
     data_dir: str | None = None
-    # None: the dataset's default; a count (the first N of the training split) or a fraction
-    validation: Annotated[int, Field(ge=1, le=10**8)] | Annotated[float, Field(gt=0, lt=1)] | None = None
+    # None: the dataset's default; a count (an int: the first N of the training split) or a fraction (a float
+    # in (0, 1)); 1.0 is refused as ambiguous (_validation_value)
+    validation: Validation = None
     scaling: Literal["none", "unit", "center", "standardize"] | None = None
     dataset_options: dict = {}
     optimizer: Literal["sgd", "rmsprop", "adam"] = "sgd"
-    lr: float = Field(1e-3, gt=0)  # finite (huge values are a way to study divergence)
+    # finite and at most MAX_LR: huge values are a way to study divergence, an overflowing step is not
+    lr: StrictFloat = Field(1e-3, gt=0)
     lr_schedule: Literal[LR_SCHEDULES] = Field(
         "constant", description="constant | cosine | step over the run's budget: bnlab.train.optim.scheduled_lr")
-    momentum: float = Field(0.0, ge=0, lt=1)
-    nesterov: bool = False
-    weight_decay: float = Field(0.0, ge=0)
-    keras_defaults: bool = True
-    batch_size: int = Field(32, ge=1, le=MAX_BATCH)
-    epochs: int = Field(10, ge=1, le=MAX_EPOCHS)
-    seed: int = Field(0, ge=0, le=MAX_SEED)  # initial weights, shuffling, dropout, augmentation
+    momentum: StrictFloat = Field(0.0, ge=0, lt=1)
+    nesterov: StrictBool = False
+    weight_decay: StrictFloat = Field(0.0, ge=0)
+    keras_defaults: StrictBool = True
+    batch_size: StrictInt = Field(32, ge=1, le=MAX_BATCH)
+    epochs: StrictInt = Field(10, ge=1, le=MAX_EPOCHS)
+    seed: StrictInt = Field(0, ge=0, le=MAX_SEED)  # initial weights, shuffling, dropout, augmentation
     # the validation split: the same for every seed, so runs differ by training only
-    data_seed: int = Field(0, ge=0, le=MAX_SEED)
-    target_accuracy: float | None = Field(None, gt=0, le=1)
-    patience: int | None = Field(None, ge=1, le=MAX_EPOCHS)
+    data_seed: StrictInt = Field(0, ge=0, le=MAX_SEED)
+    target_accuracy: StrictFloat | None = Field(None, gt=0, le=1)
+    patience: StrictInt | None = Field(None, ge=1, le=MAX_EPOCHS)
     monitor: Literal["val_accuracy", "val_loss"] = "val_accuracy"
-    max_steps: int | None = Field(None, ge=1, le=MAX_STEPS)
-    max_seconds: float | None = Field(None, gt=0, le=10**8)
+    max_steps: StrictInt | None = Field(None, ge=1, le=MAX_STEPS)
+    max_seconds: StrictFloat | None = Field(None, gt=0, le=10**8)
     augment: AugmentConfig | None = None
     engine: Literal["auto", "native", "fused", "autograd"] = "auto"
     precision: Literal["fp32", "bf16-mixed", "fp16-mixed"] = Field(
@@ -133,12 +175,21 @@ class TrainConfig(BaseModel):
     probes: ProbeConfig | None = None
     # after training: the final model under distribution shift (None: not measured)
     shift: ShiftConfig | None = None
-    devices: int = Field(1, ge=1, le=64, description="data-parallel processes (DDP; gloo on CPU, nccl on CUDA): "
-                         "bnlab.train.distributed")
+    devices: StrictInt = Field(1, ge=1, le=64, description="data-parallel processes (DDP; gloo on CPU, nccl on CUDA): "
+                               "bnlab.train.distributed")
     device: str = Field("auto", description="auto | cpu | cuda | cuda:N")
     # outputs, not settings: they change no result, so a run's fingerprint leaves them out (OUTPUT_FIELDS)
-    tensorboard: bool = Field(False, description="write TensorBoard logs to <run folder>/tensorboard")
-    csv_log: bool = Field(False, description="write one row per epoch to <run folder>/epochs.csv")
+    tensorboard: StrictBool = Field(False, description="write TensorBoard logs to <run folder>/tensorboard")
+    csv_log: StrictBool = Field(False, description="write one row per epoch to <run folder>/epochs.csv")
+
+    @field_validator("lr", "weight_decay")
+    @classmethod
+    def _step_size(cls, v, info):
+        if v > MAX_LR:
+            raise ValueError(f"expected a number > 0 and at most {MAX_LR:g}: a larger {info.field_name} overflows "
+                             "float32 weights in the update itself instead of making the run diverge (values up "
+                             f"to {MAX_LR:g} are accepted to study divergence)")
+        return v
 
     @field_validator("device")
     @classmethod

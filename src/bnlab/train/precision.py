@@ -20,11 +20,14 @@ _DTYPES = {"bf16-mixed": torch.bfloat16, "fp16-mixed": torch.float16}
 
 
 def check_precision(precision: str, device: torch.device) -> None:
+    """A ValueError when ``precision`` cannot run on ``device`` (fp16-mixed anywhere but CUDA). Called before
+    anything is written (``bnlab.train.runnable.check_runnable``) and again by ``fit``."""
     if precision not in PRECISIONS:
         raise ValueError(f"unknown precision {precision!r}: expected one of {PRECISIONS}")
     if precision == "fp16-mixed" and device.type != "cuda":
-        raise ValueError(f"precision 'fp16-mixed' runs on CUDA only (the device is {device}); "
-                         "use 'bf16-mixed' on a CPU")
+        here = "" if torch.cuda.is_available() else ": this machine has no CUDA device"
+        raise ValueError(f"precision 'fp16-mixed' runs on CUDA only (got device {device}{here}); "
+                         "use 'bf16-mixed' or 'fp32' on a CPU")
 
 
 def autocast(precision: str, device: torch.device):

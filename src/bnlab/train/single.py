@@ -24,6 +24,8 @@ from bnlab.checkpoint import RUN_CHECKPOINTS, load_checkpoint, save_checkpoint, 
 from bnlab.data import load_dataset
 from bnlab.data.augment import RandomAffine
 from bnlab.models import build_model, parse_model_spec
+from bnlab.models.factory import require_trusted_specs, trusting
+from bnlab.train.runnable import check_runnable
 from bnlab.models.spec import spec_to_dict
 from bnlab.train.config import OUTPUT_FIELDS, TrainConfig, later_defaults
 from bnlab.train.engine import evaluate, fit
@@ -141,7 +143,8 @@ def _previous_settings(out: Path) -> dict | None:
 
 
 def train_run(spec, config: TrainConfig, *, out: str | Path | None = None, progress: bool = True,
-              restart: bool = False, tensorboard: str | Path | None = None, callbacks: list | None = None) -> RunResult:
+              restart: bool = False, tensorboard: str | Path | None = None, callbacks: list | None = None,
+              trust_factory: bool = False) -> RunResult:
     """Load the data, build the model (adapted to the data), fit, save the best and the final
     model, evaluate both on test (and the final one with precise BN statistics).
 
@@ -160,7 +163,16 @@ def train_run(spec, config: TrainConfig, *, out: str | Path | None = None, progr
 
     TensorBoard logs go to ``tensorboard`` if given, else to ``out/tensorboard`` when
     ``config.tensorboard``; ``config.csv_log`` writes ``out/epochs.csv``; ``callbacks`` go to ``fit``.
+
+    A spec naming a factory (code) is refused before anything is read or written unless the factory is
+    registered or ``trust_factory`` (``bnlab.models.factory``).
     """
+    with trusting(trust_factory):
+        require_trusted_specs([spec])
+        return _train_run(spec, config, out, progress, restart, tensorboard, callbacks)
+
+
+def _train_run(spec, config: TrainConfig, out, progress: bool, restart: bool, tensorboard, callbacks) -> RunResult:
     out = Path(out) if out is not None else None
     cbs = list(callbacks or [])
     if tensorboard is not None or config.tensorboard or config.csv_log:
@@ -184,6 +196,8 @@ def _run(spec, config: TrainConfig, out: Path | None, progress: bool, restart: b
                         scaling=config.scaling, seed=config.data_seed, **config.dataset_options)
     spec, notes = adapt_spec_to_data(parse_model_spec(spec), data.input_shape, data.num_classes)
     model = build_model(spec, seed=config.seed)
+    if problems := check_runnable(config, model, data.x_train[:1].cpu().to(next(model.parameters()).dtype)):
+        raise ValueError("the run cannot start on this machine: " + "; ".join(problems))  # nothing written yet
     settings = run_settings(spec, config)
     scratch, state = None, None
     if out is not None:

@@ -1,0 +1,312 @@
+"""Hostile Keras files (issue 27): each one crafted here with h5py and zipfile, each refused before the
+memory it asks for is taken, in one ``error:`` line (exit 2) that names what the file declares, the limit
+and how to raise it. The attack numbers these replace: a 1 MB .keras whose weights inflate to 1 GiB
+peaked at 2.2 GB; a config.json padded to 576 MiB of spaces was accepted at 1.3 GB; a 96 KB file
+declaring an unwritten (20000, 20000) array reached 1.9 GB; a soft-link loop, a 100,000-deep config,
+epsilon -1 and 10**12 units gave tracebacks."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from bnlab.cli import app
+from bnlab.keras import KerasFileError, KerasLimits, load_keras
+from bnlab.keras.files import json_depth
+from keras_files import (tiny_keras2_config, tiny_keras3_config, write_keras2_h5, write_keras3_weights,
+                         write_keras_zip)
+
+runner = CliRunner()
+MiB = 1024**2
+TESTS = Path(__file__).parent
+
+
+def _zeros(total: int, chunk: int = 4 * MiB):
+    block = bytes(chunk)
+    for _ in range(total // chunk):
+        yield block
+
+
+def _unwritten(path: str):
+    """An edit replacing the array at ``path`` by a (20000, 20000) float32 one that is never written (the
+    file stores nothing for it: reading it would make 1.6 GB of fill values)."""
+    def edit(f):
+        del f[path]
+        f.create_dataset(path, shape=(20000, 20000), dtype="f4")
+    return edit
+
+
+def _loop(a: str, b: str):
+    def edit(f):
+        del f[a]
+        f[a] = h5py.SoftLink("/" + b)
+        f[b] = h5py.SoftLink("/" + a)
+    return edit
+
+
+def _deep_config(cfg: dict, depth: int = 100_000) -> bytes:
+    cfg = dict(cfg, extra=None)
+    return json.dumps(cfg).replace("null", "[" * depth + "]" * depth).encode()
+
+
+# ---- the hostile files: name -> (writer(folder) -> path, what the one error line must say)
+
+def _bomb(d: Path, inflated: int = 64 * MiB) -> Path:
+    """Weights that inflate ~1000x (a valid HDF5 file followed by zeros)."""
+    write_keras3_weights(d / "w.h5")
+    h5 = (d / "w.h5").read_bytes()
+    write_keras_zip(d / "bomb.keras", compression=zipfile.ZIP_DEFLATED,
+                    members={"model.weights.h5": (c for c in [h5, *_zeros(inflated)])})
+    return d / "bomb.keras"
+
+
+def _padded(d: Path, spaces: int = 64 * MiB) -> Path:
+    cfg = json.dumps(tiny_keras3_config()).encode()
+    write_keras_zip(d / "padded.keras", compression=zipfile.ZIP_DEFLATED,
+                    members={"config.json": (c for c in [cfg[:-1], *(b" " * MiB for _ in range(spaces // MiB)),
+                                                         cfg[-1:]])})
+    return d / "padded.keras"
+
+
+def _weights_zip(d: Path, name: str, edit) -> Path:
+    write_keras3_weights(d / f"{name}.weights.h5", edit=edit)
+    write_keras_zip(d / f"{name}.keras", weights_file=d / f"{name}.weights.h5")
+    return d / f"{name}.keras"
+
+
+def _external_link(d: Path) -> Path:
+    write_keras3_weights(d / "outside.h5")
+
+    def edit(f):
+        del f["layers/dense"]
+        f["layers/dense"] = h5py.ExternalLink(str(d / "outside.h5"), "/layers/dense")
+    return _weights_zip(d, "extlink", edit)
+
+
+def _external_storage(d: Path) -> Path:
+    np.zeros((4, 3), "f4").tofile(d / "raw.bin")
+
+    def edit(f):
+        del f["model_weights/dense/dense/kernel:0"]
+        f.create_dataset("model_weights/dense/dense/kernel:0", shape=(4, 3), dtype="f4",
+                         external=[(str(d / "raw.bin"), 0, 48)])
+    write_keras2_h5(d / "extstore.h5", edit=edit)
+    return d / "extstore.h5"
+
+
+def _gzip(d: Path) -> Path:
+    def edit(f):
+        data = f["layers/dense/vars/0"][()]
+        del f["layers/dense/vars/0"]
+        f.create_dataset("layers/dense/vars/0", data=data, compression="gzip")
+    return _weights_zip(d, "gzip", edit)
+
+
+def _big_chunks(d: Path) -> Path:
+    def edit(f):
+        del f["layers/dense/vars/1"]
+        f.create_dataset("layers/dense/vars/1", shape=(3,), maxshape=(None,), chunks=(2**20,), dtype="f4")
+    return _weights_zip(d, "chunks", edit)
+
+
+def _h5(name: str, **kwargs):
+    def make(d: Path) -> Path:
+        write_keras2_h5(d / f"{name}.h5", **kwargs)
+        return d / f"{name}.h5"
+    return make
+
+
+def _zip(name: str, **kwargs):
+    def make(d: Path) -> Path:
+        write_keras_zip(d / f"{name}.keras", **kwargs)
+        return d / f"{name}.keras"
+    return make
+
+
+HOSTILE = {
+    "zip-bomb-weights": (_bomb, ["model.weights.h5 inflates from", "more than the 100x", "--max-compression-ratio"]),
+    "config-padded-with-spaces": (_padded, ["config.json inflates to 67,", "more than the 16,777,216 allowed",
+                                            "--max-config-bytes"]),
+    "unwritten-20000x20000-keras": (
+        lambda d: _weights_zip(d, "unwritten", _unwritten("layers/dense/vars/0")),
+        ["'layers/dense/vars/0' declares a (20000, 20000) float32 array of 1,600,000,000 bytes",
+         "more than the 1,073,741,824", "--max-weight-bytes"]),
+    "unwritten-20000x20000-h5": (
+        _h5("unwritten", edit=_unwritten("model_weights/dense/dense/kernel:0")),
+        ["'model_weights/dense/dense/kernel:0' declares a (20000, 20000) float32 array", "--max-weight-bytes"]),
+    "soft-link-loop-keras": (lambda d: _weights_zip(d, "loop", _loop("layers/dense", "layers/loop")),
+                             ["'layers/dense' is an HDF5 soft link", "follows no links"]),
+    "soft-link-loop-h5": (_h5("loop", edit=_loop("model_weights/dense", "model_weights/loop")),
+                          ["'model_weights/dense' is an HDF5 soft link", "follows no links"]),
+    "external-link": (_external_link, ["'layers/dense' is an HDF5 external link", "outside.h5",
+                                       "reads nothing outside the file"]),
+    "external-storage": (_external_storage, ["external storage", "raw.bin", "reads nothing outside the file"]),
+    "gzip-array": (_gzip, ["'layers/dense/vars/0' is stored through HDF5 filters (deflate)", "h5repack"]),
+    "chunks-larger-than-array": (_big_chunks, ["declares chunks (1048576,)", "larger than the array"]),
+    "config-100000-deep-keras": (_zip("deep", config_bytes=_deep_config(tiny_keras3_config())),
+                                 ["config.json nests deeper than 100 levels", "--max-json-depth"]),
+    "config-100000-deep-h5": (_h5("deep", model_config=_deep_config(tiny_keras2_config()).decode()),
+                              ["model_config nests deeper than 100 levels", "--max-json-depth"]),
+    "bn-epsilon-minus-1-keras": (_zip("eps", config=tiny_keras3_config(epsilon=-1)),
+                                 ["layer 'batch_normalization' (BatchNormalization): epsilon must be > 0 (got -1)"]),
+    "bn-epsilon-minus-1-h5": (_h5("eps", config=tiny_keras2_config(epsilon=-1)),
+                              ["layer 'batch_normalization' (BatchNormalization): epsilon must be > 0 (got -1)"]),
+    "dense-units-10**12": (_zip("units", config=tiny_keras3_config(units=10**12)),
+                           ["layer 'dense' (Dense): units must be <= 65,536 (got 1000000000000)"]),
+    "kernel-of-the-wrong-shape": (_zip("shape", config=tiny_keras3_config(features=5)),
+                                  ["layer 'dense' (Dense): kernel has shape (4, 3) in the file", "need (5, 3)"]),
+}
+
+
+def _one_error_line(res, parts: list[str]) -> str:
+    assert res.exit_code == 2, res.output
+    assert "Traceback" not in res.output and not isinstance(res.exception, (KeyError, RuntimeError, ValueError))
+    lines = res.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), res.stderr
+    for part in parts:
+        assert part in lines[0], (part, lines[0])
+    return lines[0]
+
+
+@pytest.mark.parametrize("case", list(HOSTILE))
+def test_import_keras_refuses_in_one_error_line(case, tmp_path):
+    make, parts = HOSTILE[case]
+    path = make(tmp_path)
+    res = runner.invoke(app, ["import-keras", str(path), "--out", str(tmp_path / "out")])
+    line = _one_error_line(res, parts)
+    assert str(path) in line  # the file is named
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("case", ["unwritten-20000x20000-h5", "soft-link-loop-keras", "bn-epsilon-minus-1-keras",
+                                  "dense-units-10**12", "config-100000-deep-keras"])
+@pytest.mark.parametrize("command", ["summary", "predict", "fold"])
+def test_every_command_taking_a_checkpoint_refuses_in_one_error_line(case, command, tmp_path):
+    make, parts = HOSTILE[case]
+    path = make(tmp_path)
+    np.save(tmp_path / "x.npy", np.zeros((2, 4), "f4"))
+    args = {"summary": ["summary", str(path)], "predict": ["predict", str(path), str(tmp_path / "x.npy")],
+            "fold": ["fold", str(path), "--out", str(tmp_path / "folded")]}[command]
+    _one_error_line(runner.invoke(app, args), parts)
+
+
+def test_limits_are_raised_from_the_command_line_and_from_python(tmp_path):
+    path = _zip("ok")(tmp_path)
+    res = runner.invoke(app, ["import-keras", str(path), "--out", str(tmp_path / "a"), "--max-weight-bytes", "100"])
+    _one_error_line(res, ["more than the 100 a Keras file's arrays may have", "--max-weight-bytes N",
+                          "KerasLimits(max_weight_bytes=N)"])
+    with pytest.raises(KerasFileError, match="more than the 100 "):
+        load_keras(path, limits=KerasLimits(max_weight_bytes=100))
+    res = runner.invoke(app, ["import-keras", str(path), "--out", str(tmp_path / "b"), "--max-weight-bytes", "2GiB",
+                              "--max-config-bytes", "1M", "--max-json-depth", "20"])
+    assert res.exit_code == 0, res.output
+    res = runner.invoke(app, ["import-keras", str(path), "--out", str(tmp_path / "c"), "--max-json-depth", "3"])
+    _one_error_line(res, ["nests deeper than 3 levels"])
+    res = runner.invoke(app, ["import-keras", str(path), "--out", str(tmp_path / "d"), "--max-weight-bytes", "lots"])
+    _one_error_line(res, ["--max-weight-bytes expects a positive size"])
+    # an unwritten array under a raised weight limit is still refused: the file stores none of it
+    big = HOSTILE["unwritten-20000x20000-keras"][0](tmp_path)
+    res = runner.invoke(app, ["import-keras", str(big), "--out", str(tmp_path / "e"), "--max-weight-bytes", "4G"])
+    _one_error_line(res, ["1,600,000,000 bytes, but the file stores 0 bytes of it", "--max-compression-ratio"])
+    with pytest.raises(ValueError, match="max_weight_bytes must be a positive number"):
+        KerasLimits(max_weight_bytes=0)
+    assert "--max-weight-bytes" in runner.invoke(app, ["import-keras", "--help"]).output
+
+
+def test_a_compressed_archive_within_the_limits_reads_as_the_stored_one(tmp_path):
+    """Keras stores model.weights.h5 uncompressed (read in place); a re-zipped, deflated archive is read
+    through a temporary file and gives the same model."""
+    import torch
+
+    stored, deflated = _zip("stored")(tmp_path), _zip("deflated", compression=zipfile.ZIP_DEFLATED)(tmp_path)
+    x = torch.from_numpy(np.random.default_rng(0).normal(size=(3, 4)).astype("f4"))
+    a, b = load_keras(stored).model, load_keras(deflated).model
+    with torch.no_grad():
+        assert torch.equal(a(x), b(x))
+
+
+@pytest.mark.parametrize("text", [
+    json.dumps({"k\\": ["\\\"", {"\"[": [["\\"]]}], "z": "}\\\\"}),
+    '{"a": "[[[\\"]]]", "b": [[1, {"c": []}]], "d\\\\": "x\\\\", "e": "\\\\\\"[{"}',
+    '[[[[]]], "]]]]", [{"k": "{\\\\"}], {}]', '"just a [string]"', "7", "[]", '{"a": [[[[[[[["deep"]]]]]]]]}',
+])
+def test_json_depth_counts_brackets_outside_strings_exactly(text):
+    def depth(v):
+        if isinstance(v, list):
+            return 1 + max((depth(x) for x in v), default=0)
+        if isinstance(v, dict):
+            return 1 + max((depth(x) for x in v.values()), default=0)
+        return 0
+
+    for block in (1, 2, 3, 7, 1 << 18):  # the carries from one block to the next: open strings, backslash runs
+        assert json_depth(text.encode(), block=block) == depth(json.loads(text)), block
+    assert json_depth(b"[" * 100_000, 100) > 100
+    assert json_depth(b"[" * 100_000, 100, block=7) <= 107  # stops at the block that passes the limit
+
+
+# ---- memory: a refused file costs next to nothing
+
+_PEAK = """
+import json, resource, sys
+from bnlab.keras import KerasFileError, load_keras
+def peak():
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # bytes (Linux reports KiB)
+load_keras(sys.argv[1])  # a legitimate tiny file first: every lazy import done, the baseline measured after
+out = {"baseline": peak()}
+for path in sys.argv[2:]:
+    try:
+        load_keras(path)
+        out[path] = [peak(), "accepted"]
+    except KerasFileError as e:
+        out[path] = [peak(), str(e)]
+print(json.dumps(out))
+"""
+
+
+def _peaks(files: list[Path], ok: Path) -> dict:
+    res = subprocess.run([sys.executable, "-c", _PEAK, str(ok), *map(str, files)], capture_output=True, text=True,
+                         timeout=300, cwd=TESTS)
+    assert res.returncode == 0, res.stderr[-3000:]
+    return json.loads(res.stdout)
+
+
+MEMORY_CASES = ["zip-bomb-weights", "config-padded-with-spaces", "unwritten-20000x20000-keras",
+                "unwritten-20000x20000-h5", "config-100000-deep-keras"]
+
+
+def test_refused_files_stay_within_twice_their_legitimate_content(tmp_path):
+    """Peak RSS of one process opening every memory attack (64 MiB bomb, 64 MiB of spaces, the unwritten
+    1.6 GB array, the deep config) stays within the baseline + 2x the files' legitimate content (~14 KB
+    each) + 32 MiB of allocator noise; before the limits the bomb alone added >64 MiB and the array 1.6 GB.
+    The high-water mark only rises, so checking the last one against the baseline checks them all."""
+    files = []
+    for case in MEMORY_CASES:
+        folder = tmp_path / case
+        folder.mkdir()
+        files.append(HOSTILE[case][0](folder))
+    peaks = _peaks(files, _zip("ok")(tmp_path))
+    for path in map(str, files):
+        assert peaks[path][1] != "accepted", path
+        assert peaks[path][0] - peaks["baseline"] < 2 * 14_000 + 32 * MiB, (path, peaks)
+
+
+@pytest.mark.slow
+def test_the_attack_sizes_of_issue_27_are_refused_cheaply(tmp_path):
+    """The attacker's own sizes: weights inflating to 1 GiB (was 2.2 GB peak), a config padded to 576 MiB
+    (accepted at 1.3 GB), the unwritten (20000, 20000) array (1.9 GB): each in its own process, within the
+    baseline + 64 MiB."""
+    made = {"bomb": _bomb(tmp_path, 1024 * MiB), "padded": _padded(tmp_path, 576 * MiB),
+            "unwritten": HOSTILE["unwritten-20000x20000-h5"][0](tmp_path)}
+    ok = _zip("ok")(tmp_path)
+    for name, path in made.items():
+        peaks = _peaks([path], ok)
+        assert peaks[str(path)][1] != "accepted"
+        assert peaks[str(path)][0] - peaks["baseline"] < 64 * MiB, (name, peaks)
