@@ -26,6 +26,8 @@ from bnlab.cli import app
 from bnlab.train.config import TrainConfig
 from tiny_specs import TINY_TOML
 
+pytestmark = pytest.mark.hostile  # issue 27's hostile-input suite: pytest -m hostile
+
 NO_CUDA = pytest.mark.skipif(torch.cuda.is_available(), reason="CUDA is present: fp16-mixed can run")
 FEW_GPUS = pytest.mark.skipif(torch.cuda.is_available() and torch.cuda.device_count() > 7,
                               reason="this machine has a cuda:7")

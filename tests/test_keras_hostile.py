@@ -24,6 +24,8 @@ from bnlab.keras.files import json_depth
 from keras_files import (tiny_keras2_config, tiny_keras3_config, write_keras2_h5, write_keras3_weights,
                          write_keras_zip)
 
+pytestmark = pytest.mark.hostile  # issue 27's hostile-input suite: pytest -m hostile
+
 runner = CliRunner()
 MiB = 1024**2
 TESTS = Path(__file__).parent

@@ -21,6 +21,8 @@ from typer.testing import CliRunner
 from bnlab.cli import app
 from tiny_specs import TINY_TOML
 
+pytestmark = pytest.mark.hostile  # issue 27's hostile-input suite: pytest -m hostile
+
 SPEC = TINY_TOML
 TRAIN = ["train", "fashion-mlp-bn-before", "--dataset", "digits", "--epochs", "1", "--out", "NEW"]
 NO_CUDA = pytest.mark.skipif(torch.cuda.is_available(), reason="CUDA is present: the device exists")

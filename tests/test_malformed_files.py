@@ -30,6 +30,8 @@ from bnlab.experiments import read, store
 from bnlab.hashing import file_digest
 from tiny_specs import TINY
 
+pytestmark = pytest.mark.hostile  # issue 27's hostile-input suite: pytest -m hostile
+
 
 def invoke(args: list[str]):
     r = CliRunner().invoke(app, [str(a) for a in args])

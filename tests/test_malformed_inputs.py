@@ -19,6 +19,8 @@ from bnlab.cli import app
 from tiny_specs import TINY_TOML
 from bnlab.experiments.spec import SpecError, parse_experiment
 
+pytestmark = pytest.mark.hostile  # issue 27's hostile-input suite: pytest -m hostile
+
 GOOD = TINY_TOML
 
 

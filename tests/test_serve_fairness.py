@@ -22,6 +22,8 @@ pytest.importorskip("uvicorn")
 
 from test_serve import DIGIT, Server, _descendants, _end, _read_response, checkpoint  # noqa: E402, F401
 
+pytestmark = pytest.mark.hostile  # issue 27's hostile-input suite: pytest -m hostile
+
 BODY_SECONDS = 4.0  # the drippers' deadline: long enough to be still dripping while the honest clients run
 
 

@@ -22,6 +22,8 @@ from bnlab.experiments.read import DAMAGED, STORE, load_results
 from bnlab.experiments.stats import variant_stats
 from bnlab.experiments.store import damage
 
+pytestmark = pytest.mark.hostile  # issue 27's hostile-input suite: pytest -m hostile
+
 # two variants x three seeds (six runs, about two seconds): five to damage, one left intact
 SPEC_TOML = """name = "tiny"
 seeds = 3

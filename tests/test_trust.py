@@ -16,6 +16,8 @@ from bnlab.cli import app
 from bnlab.models import build_model
 from bnlab.models.factory import UntrustedFactory, _REGISTERED, is_trusted, trusting
 
+pytestmark = pytest.mark.hostile  # issue 27's hostile-input suite: pytest -m hostile
+
 RESNET = f"{Path(__file__).resolve().parent.parent / 'examples' / 'resnet.py'}:resnet18"
 SMALL = {"hidden": [4], "input_shape": [4], "num_classes": 3}
 

@@ -28,14 +28,14 @@ import math
 import os
 import re
 import signal
-import threading
-import time
 import warnings
 from collections import Counter
 from itertools import chain
 from typing import NamedTuple
 
 import numpy as np
+
+from bnlab.lifeline import die_with_parent
 
 MAX_JSON_DEPTH = 8
 MAX_NUMBER_CHARS = 64
@@ -310,21 +310,16 @@ def decoder_setup(parent_pid: int, max_image_pixels: int) -> None:
     - PIL's own decompression-bomb guard stays on as a second line, never below our limit (so our
       message, with the image's size, is the one a client reads), and its warning is an error (the
       process serves only this: PIL's global settings are its own).
-    - The process exits when the server is gone, even after a kill -9 that left it no time to say so.
+    - The process dies with the server, even one killed by kill -9 that had no time to say so
+      (``bnlab.lifeline``, the rule every child of bnlab follows; first, before PIL is imported).
     """
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    die_with_parent(parent_pid)
     from PIL import Image
 
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
     os.nice(5)
     Image.MAX_IMAGE_PIXELS = max(Image.MAX_IMAGE_PIXELS or 0, max_image_pixels)
     warnings.simplefilter("error", Image.DecompressionBombWarning)
-
-    def exit_with_parent():
-        while os.getppid() == parent_pid:
-            time.sleep(0.5)
-        os._exit(0)
-
-    threading.Thread(target=exit_with_parent, daemon=True, name="exit-with-server").start()
 
 
 def decoder_ready() -> bool:

@@ -8,9 +8,9 @@ the command and the parent alone decides when work stops:
 - A worker ignores SIGINT: a terminal's Ctrl-C reaches the whole process group, and the parent
   decides. It is started with SIGINT and SIGTERM blocked (the mask is inherited), so a signal in the
   first milliseconds waits until the worker has set its dispositions instead of killing it half-way.
-- A worker dies with its parent, even one killed by SIGKILL: PR_SET_PDEATHSIG(SIGKILL) on Linux,
-  then a check that its parent is still the process that started it (a parent that died before the
-  prctl call), and a thread watching ``os.getppid()`` wherever prctl is missing.
+- A worker dies with its parent, even one killed by SIGKILL, by the rule every child of bnlab follows
+  (``bnlab.lifeline``: PR_SET_PDEATHSIG, then a look at its parent, then a watcher thread), applied
+  by its first lines, before torch is imported.
 - SIGTERM kills a worker at once (the default action): what counts of its task is what it saved
   (a run saves its resume state at each epoch's end, replaced atomically).
 - ``stop()`` sends SIGTERM to every worker, SIGKILL to any still alive after a grace period, and
@@ -31,8 +31,7 @@ from contextlib import nullcontext
 from multiprocessing.connection import Connection, wait
 from typing import Any, Callable, ContextManager
 
-PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
-_STARTUP_SIGNALS = {signal.SIGINT, signal.SIGTERM}
+from bnlab import lifeline
 
 
 class WorkerDied(RuntimeError):
@@ -79,22 +78,21 @@ class WorkerPool:
     def _spawn(self, replacing: Worker | None = None) -> None:
         """Start a worker (in ``replacing``'s place)."""
         ours, theirs = socket.socketpair()
-        code = _BOOT.format(signals=sorted(int(s) for s in _STARTUP_SIGNALS), parent=os.getpid(),
-                            pdeathsig=PR_SET_PDEATHSIG, fd=theirs.fileno(), threads=self.threads, target=self.target)
+        code = _BOOT.format(parent=os.getpid(), fd=theirs.fileno(), threads=self.threads, target=self.target)
         with self.guard():
             self._start(code, ours, theirs, replacing)
 
     def _start(self, code: str, ours: socket.socket, theirs: socket.socket, replacing: Worker | None) -> None:
-        old = signal.pthread_sigmask(signal.SIG_BLOCK, _STARTUP_SIGNALS)  # the child inherits it: see the rules
         try:
-            proc = subprocess.Popen([sys.executable, "-c", code], pass_fds=[theirs.fileno()], stdin=subprocess.DEVNULL)
+            with lifeline.held_signals():  # the child inherits the mask: see the rules
+                proc = subprocess.Popen([sys.executable, "-c", code], pass_fds=[theirs.fileno()],
+                                        stdin=subprocess.DEVNULL)
             worker = Worker(proc, Connection(ours.detach()))
             if replacing is None:
                 self.workers.append(worker)
             else:
                 self.workers[self.workers.index(replacing)] = worker
         finally:
-            signal.pthread_sigmask(signal.SIG_SETMASK, old)
             theirs.close()
 
     def idle(self) -> list[Worker]:
@@ -168,27 +166,11 @@ class WorkerPool:
 
 # ---------------------------------------------------------------- in the worker
 
-# A worker's program. Its first lines use the standard library alone, so a signal waits only
-# milliseconds (not the seconds importing torch takes) before the rules are in force.
+# A worker's program. Its first lines import the standard library and bnlab.lifeline alone, so a
+# signal waits only milliseconds (not the seconds importing torch takes) before the rules are in force.
 _BOOT = """
-import os, signal, sys, threading, time
-signal.signal(signal.SIGINT, signal.SIG_IGN)
-signal.signal(signal.SIGTERM, signal.SIG_DFL)
-signal.pthread_sigmask(signal.SIG_UNBLOCK, {signals})
-parent = {parent}
-if sys.platform.startswith("linux"):
-    try:
-        import ctypes
-        ctypes.CDLL(None, use_errno=True).prctl({pdeathsig}, signal.SIGKILL, 0, 0, 0)
-    except (OSError, AttributeError):
-        pass  # the watcher thread below still works
-if os.getppid() != parent:  # it died before the prctl call took effect
-    os._exit(1)
-def watch():
-    while os.getppid() == parent:
-        time.sleep(1.0)
-    os.kill(os.getpid(), signal.SIGKILL)
-threading.Thread(target=watch, name="bnlab-parent-watch", daemon=True).start()
+from bnlab.lifeline import start_child
+start_child({parent})
 from bnlab.experiments.pool import serve
 serve({fd}, {threads}, {target!r})
 """

@@ -23,6 +23,10 @@ A run that raises is the 'failed' result ``execute_run`` produces; a task that d
 node lost) is a 'failed' result for each of its runs, like ``pool.WorkerDied``. On SIGINT / SIGTERM the
 driver records the results that had fully arrived, cancels the other tasks (``ray.cancel(force=True)``),
 leaves their runs pending with the state they shipped, and shuts down the Ray instance if it started it.
+A local instance's processes are started by Ray, so they cannot follow bnlab's rule for its children
+(``bnlab.lifeline``): Ray ties its GCS server and raylet to the driver, but the raylet's agents would wait
+a minute for the dead GCS after a SIGKILL of the driver; a ``lifeline.Sentinel``, started before the
+instance, kills what is left of it then.
 
 Ray is an optional extra (``pip install 'bnlab[ray]'``) imported only when this backend is asked for.
 """
@@ -42,6 +46,7 @@ from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from bnlab.lifeline import Sentinel
 from bnlab.signals import STOP_SIGNALS
 from bnlab.train.resume import STATE_JSON, write_atomic
 
@@ -294,6 +299,7 @@ class RayBackend:
         self.address = address
         self.ray = None
         self.started = False
+        self.sentinel: Sentinel | None = None  # kills a local instance's processes should this one be killed
         self.cpus = self.gpus = self.node_cpus = 0
         self.where = ""
 
@@ -304,6 +310,9 @@ class RayBackend:
         if self.started:
             self.ray.shutdown()
             sweep_temp()  # this machine's workers are gone: so are the folders they could not remove
+        if self.sentinel is not None:
+            self.sentinel.close()
+            self.sentinel = None
         return False
 
     def connect(self, signals: StopSignals | None = None) -> int:
@@ -318,6 +327,8 @@ class RayBackend:
             kwargs = {"include_dashboard": False, "log_to_driver": False, "logging_level": logging.ERROR}
             handlers = {s: signal.getsignal(s) for s in STOP_SIGNALS}
             local = self.started = self.address is None  # from here on: a half-started instance is shut down too
+            if local:  # Ray starts its processes itself: they cannot follow bnlab's rule (bnlab.lifeline)
+                self.sentinel = Sentinel()
             # Starting a local instance takes seconds; a signal then waits for its end (``held``), since an
             # instance interrupted half-way leaves processes behind (Ray's agents outlive their raylet)
             # and ray.init would put in its own SIGTERM handler (sys.exit) meanwhile

@@ -18,16 +18,17 @@ batch (and, with ``norm = "syncbatch"``, the same BN statistics):
 
 Processes: started with the ``spawn`` method (a fresh interpreter each; CPU: gloo, the parent's torch
 threads shared among them; CUDA: nccl, rank r on ``cuda:r``). A rank ignores SIGINT and dies with its
-parent; the parent alone decides when to stop. If a rank dies or raises, the others are terminated at
-once (no rank waits forever on a collective) and the parent raises ``RankFailed`` naming it.
-Ctrl-C in the parent terminates every rank; with a state folder the run continues later from the last
-epoch rank 0 saved (``RunInterrupted``).
+parent, even one killed with SIGKILL (``bnlab.lifeline``: set up before the rank unpickles its work, so
+before it imports torch; a rank whose parent died while it started ends there), and rank 0 looks at its
+parent once more before it saves a resume state; the parent alone decides when to stop. If a rank dies
+or raises, the others are terminated at once (no rank waits forever on a collective) and the parent
+raises ``RankFailed`` naming it. Ctrl-C in the parent terminates every rank; with a state folder the run
+continues later from the last epoch rank 0 saved (``RunInterrupted``).
 """
 
 from __future__ import annotations
 
 import datetime
-import logging
 import os
 import signal
 import socket
@@ -43,6 +44,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
+from bnlab import lifeline
 from bnlab.train.precision import autocast
 
 MAX_DEVICES = 64
@@ -67,10 +69,14 @@ class Ranks:
 
     rank: int = 0
     world: int = 1
+    parent: int | None = None  # the process that started this rank (None: this process is the run)
 
     @property
     def writes(self) -> bool:
-        """Whether this process writes files and talks to the user (rank 0)."""
+        """Whether this process writes files and talks to the user (rank 0). A rank whose parent is gone
+        ends here: nothing is written for a run nobody waits for (``bnlab.lifeline``)."""
+        if self.parent is not None:
+            lifeline.check_parent(self.parent)
         return self.rank == 0
 
     def agree(self, flag: bool) -> bool:
@@ -163,38 +169,47 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _die_with_parent() -> None:
-    if sys.platform.startswith("linux"):
-        try:
-            import ctypes
-            ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL, 0, 0, 0)  # PR_SET_PDEATHSIG
-        except (OSError, AttributeError):
-            pass
-
-
-def _rank_main(rank: int, world: int, port: int, backend: str, threads: int, out: str,
+def _rank_main(rank: int, world: int, parent: int, port: int, backend: str, threads: int, out: str,
                fn: Callable, args: tuple) -> None:
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent decides (a terminal's Ctrl-C reaches every rank)
-    _die_with_parent()
-    torch.set_num_threads(threads)
-    dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
-                            timeout=COLLECTIVE_TIMEOUT)
+    """A rank's life, once ``lifeline.start_child`` has run (SIGINT ignored, dying with its parent)."""
     try:
+        torch.set_num_threads(threads)
+        dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
+                                timeout=COLLECTIVE_TIMEOUT)
         if backend == "nccl":
             torch.cuda.set_device(rank)
-        result = fn(Ranks(rank, world), *args)
+        result = fn(Ranks(rank, world, parent), *args)
         torch.save(result, Path(out) / f"rank{rank}.pt.tmp")
         os.replace(Path(out) / f"rank{rank}.pt.tmp", Path(out) / f"rank{rank}.pt")  # complete, or absent
         dist.barrier()  # no rank tears the group down while another still needs it
     except Exception:  # for the parent, which names the rank that failed first, not those that lost their peer
         (Path(out) / f"rank{rank}.err").write_text(traceback.format_exc())
-        dist.destroy_process_group()
-        raise
-    # the work is done and saved: leave without the interpreter's teardown, where gloo's threads have been
-    # seen to abort a finished rank (SIGABRT, "terminate called without an active exception")
+        code = 1
+    else:
+        code = 0
+    # leave without the interpreter's teardown, where gloo's threads have been seen to abort a finished
+    # rank (SIGABRT, "terminate called without an active exception")
     sys.stdout.flush()
     sys.stderr.flush()
-    os._exit(0)
+    os._exit(code)
+
+
+STOP_GRACE = 5.0  # seconds a rank has to end after SIGTERM before SIGKILL
+
+
+def _stop(procs: list) -> set[int]:
+    """Terminate every live rank (SIGKILL after ``STOP_GRACE``) and reap it; the ranks that needed SIGKILL."""
+    for p in procs:
+        if p.is_alive():
+            p.terminate()
+    killed = set()
+    for r, p in enumerate(procs):
+        p.join(STOP_GRACE)
+        if p.is_alive():
+            p.kill()
+            p.join()
+            killed.add(r)
+    return killed
 
 
 def run_ranks(fn: Callable[..., Any], world: int, args: tuple = (), *, backend: str = "gloo",
@@ -202,32 +217,40 @@ def run_ranks(fn: Callable[..., Any], world: int, args: tuple = (), *, backend: 
     """Call ``fn(Ranks(r, world), *args)`` in ``world`` fresh processes joined in one process group and
     return each rank's return value (in rank order). ``fn`` must be importable (a module-level function);
     ``args`` are pickled (tensors through shared memory). A rank that raises or dies stops the others
-    and raises ``RankFailed`` here; a KeyboardInterrupt here terminates every rank and propagates."""
-    import torch.multiprocessing as mp
+    and raises ``RankFailed`` here; a KeyboardInterrupt here terminates every rank and propagates.
+    Every rank dies with this process (``bnlab.lifeline``), so call it from a thread that waits here."""
+    import multiprocessing
+    from multiprocessing.connection import wait
+
+    import torch.multiprocessing  # noqa: F401  (its pickling of tensors through shared memory)
 
     threads = threads or max(1, torch.get_num_threads() // world)
-    # torch logs a warning for every rank it stops after a failure: RankFailed says what happened instead
-    logging.getLogger("torch.multiprocessing.spawn").setLevel(logging.ERROR)
+    ctx = multiprocessing.get_context("spawn")
     with tempfile.TemporaryDirectory(prefix="bnlab-ranks-") as out:
-        ctx = mp.start_processes(_rank_main, args=(world, _free_port(), backend, threads, out, fn, args),
-                                 nprocs=world, join=False, start_method="spawn")
+        port = _free_port()
+        procs = [lifeline.spawn_process(ctx, _rank_main, (r, world, os.getpid(), port, backend, threads, out, fn,
+                                                          args), name=f"bnlab-rank-{r}") for r in range(world)]
         try:
-            while not ctx.join(timeout=0.5):
-                pass
-        except (mp.ProcessRaisedException, mp.ProcessExitedException) as e:  # join has stopped the other ranks
-            if not all((Path(out) / f"rank{r}.pt").is_file() for r in range(world)):
-                raise _first_failure(e, world, Path(out), [p.exitcode for p in ctx.processes]) from None
-            # every rank had saved its result: an exit that failed afterwards loses nothing
+            with lifeline.held_signals():  # a rank begins with SIGINT / SIGTERM blocked: see bnlab.lifeline
+                for p in procs:
+                    p.start()
+            waiting = {p.sentinel: r for r, p in enumerate(procs)}
+            failed = None
+            while waiting and failed is None:
+                for s in wait(list(waiting)):
+                    r = waiting.pop(s)
+                    procs[r].join()
+                    if procs[r].exitcode != 0:
+                        failed = r
+                        break
         except BaseException:
-            for p in ctx.processes:
-                if p.is_alive():
-                    p.terminate()
-            for p in ctx.processes:
-                p.join(5)
-                if p.is_alive():
-                    p.kill()
-                    p.join()
+            _stop([p for p in procs if p.pid is not None])
             raise
+        if failed is not None:
+            killed = _stop(procs)
+            # every rank had saved its result: an exit that failed afterwards loses nothing
+            if not all((Path(out) / f"rank{r}.pt").is_file() for r in range(world)):
+                raise _first_failure(failed, world, Path(out), [p.exitcode for p in procs], killed)
         return [torch.load(Path(out) / f"rank{r}.pt", weights_only=False) for r in range(world)]
 
 
@@ -235,16 +258,19 @@ def run_ranks(fn: Callable[..., Any], world: int, args: tuple = (), *, backend: 
 _LOST_PEER = ("Connection closed by peer", "Connection reset by peer", "Broken pipe")
 
 
-def _first_failure(e, world: int, out: Path, exitcodes: list[int | None]) -> RankFailed:
+def _first_failure(first: int, world: int, out: Path, exitcodes: list[int | None],
+                   stopped: set[int]) -> RankFailed:
     """Which rank failed first, and why: a rank's own error rather than another's lost connection to it,
-    else a rank that died without a word (killed, a crash in native code), else the one join reported."""
+    else a rank that died without a word (killed, a crash in native code) and not by our stopping it,
+    else ``first``, the one seen ending first."""
     errors = {r: (out / f"rank{r}.err").read_text().strip() for r in range(world) if (out / f"rank{r}.err").exists()}
     own = [r for r, text in errors.items() if not any(p in text for p in _LOST_PEER)]
     if own:
         return RankFailed(f"rank {own[0]} of {world} failed: {errors[own[0]].splitlines()[-1]}", errors[own[0]])
-    # join stops the other ranks with SIGTERM: a rank ended otherwise, with no error of its own, died first
-    silent = [r for r in range(world) if r not in errors and exitcodes[r] not in (None, 0, -signal.SIGTERM)]
-    r = silent[0] if silent else e.error_index
+    # the other ranks were stopped with SIGTERM: a rank ended otherwise, with no error of its own, died first
+    silent = [r for r in range(world)
+              if r not in errors and r not in stopped and exitcodes[r] not in (None, 0, -signal.SIGTERM)]
+    r = silent[0] if silent else first
     code = exitcodes[r]
     how = (f"killed by {signal.Signals(-code).name}" if code is not None and code < 0 and -code in signal.valid_signals()
            else f"exit code {code}")
