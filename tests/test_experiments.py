@@ -201,11 +201,14 @@ def _runs(values: dict[str, list[float]]):
 
 
 def test_verdict_only_when_significant():
-    runs = _runs({"bn": [0.95, 0.96, 0.94, 0.95], "no-bn": [0.60, 0.62, 0.58, 0.61], "bn2": [0.95, 0.94, 0.96, 0.955]})
+    # 7 paired seeds: over 3 primary comparisons Holm's smallest attainable exact p is 3 x 2/2^7 < 0.05
+    runs = _runs({"bn": [0.95, 0.96, 0.94, 0.95, 0.952, 0.948, 0.957],
+                  "no-bn": [0.60, 0.62, 0.58, 0.61, 0.605, 0.59, 0.615],
+                  "bn2": [0.95, 0.94, 0.96, 0.955, 0.951, 0.947, 0.953]})
     comps = {(c.metric, c.a, c.b): c for c in compare(runs, ["bn", "no-bn", "bn2"])}
     sig = comps[("final_val_accuracy", "bn", "no-bn")]
     assert sig.significant and sig.sentence.startswith("bn reaches a higher final validation accuracy than no-bn")
-    assert "difference +0.3" in sig.sentence and "95% CI" in sig.sentence and "paired t-test over 4 seeds" in sig.sentence
+    assert "difference +0.3" in sig.sentence and "95% CI" in sig.sentence and "paired t-test over 7 seeds" in sig.sentence
     same = comps[("final_val_accuracy", "bn", "bn2")]
     assert not same.significant and same.sentence.startswith("These runs do not separate bn and bn2")
     assert not comps[("final_val_loss", "bn", "no-bn")].significant  # exploratory: never a verdict

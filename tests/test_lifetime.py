@@ -25,6 +25,8 @@ import pytest
 from bnlab.train.resume import STATE_DIR, resume_point
 from tiny_specs import command_env, harness_toml
 
+pytestmark = pytest.mark.hostile  # issue 27's hostile-input suite: pytest -m hostile
+
 GONE_SECONDS = 10.0  # after the kill, however loaded the machine (they die in milliseconds)
 QUIET_SECONDS = 1.0  # how long the folder is watched for changes once every process is gone
 START_SECONDS = 180.0  # for a command to reach the point where it is killed

@@ -304,9 +304,9 @@ def test_every_norm_trains_in_a_cnn_and_folds_where_it_can(norm):
 def test_precise_statistics_refuse_per_sample_norms():
     model = build_model({"hidden": [8], "input_shape": [4], "bn": "before", "norm": "layer"})
     with pytest.raises(ValueError, match="layer, group and instance norm use each sample's own statistics"):
-        recalibrate(model, torch.randn(64, 4))
+        recalibrate(model, torch.randn(64, 4), mode="train")
     renorm = build_model({"hidden": [8], "input_shape": [4], "bn": "before", "norm": "renorm"})
-    new = recalibrate(renorm, torch.randn(64, 4) * 2 + 1)
+    new = recalibrate(renorm, torch.randn(64, 4) * 2 + 1, mode="train")
     assert float(new.batch_renormalization.running_var.mean()) > 0.5
 
 

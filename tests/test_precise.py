@@ -156,12 +156,12 @@ def test_conv_count_is_n_h_w_not_images(kind):
     model, shape = make(kind, "torch")
     x = data(shape, 96)
     values = 96 * (36 if kind != "mlp" else 1)
-    torch_var = bns(recalibrate(model, x, batch_size=32))[0].running_var.double()
+    torch_var = bns(recalibrate(model, x, batch_size=32, mode="train"))[0].running_var.double()
     for m in bns(model):
         if isinstance(m, BatchNorm):
             m.convention = "keras"
     if kind != "torch-cnn":
-        keras_var = bns(recalibrate(model, x, batch_size=32))[0].running_var.double()
+        keras_var = bns(recalibrate(model, x, batch_size=32, mode="train"))[0].running_var.double()
         assert rel(torch_var / keras_var, torch.full_like(torch_var, values / (values - 1))) < 1e-6
     h = inputs_of(model, 0, x)
     _, biased = population(h, axis_of(bns(model)[0]), "keras")
@@ -234,20 +234,20 @@ def test_renorm_and_ghost_in_train_mode():
             m.running_var.uniform_(0.5, 2, generator=g)
     x = data((6,), 100)
     batches = batch_indices(100, batch_size=32, seed=2)
-    new = recalibrate(model, x, batch_size=32, seed=2)
+    new = recalibrate(model, x, batch_size=32, seed=2, mode="train")
     for layer, (mean, var) in zip(bns(new), train_mode_reference(model, x, batches)):
         assert agree(layer, mean, var)
     # the renorm corrections matter: with r = 1, d = 0 (plain BN) the next layer sees something else
     plain = copy.deepcopy(model)
     plain[1].r_max, plain[1].d_max = 1.0, 0.0
-    other = recalibrate(plain, x, batch_size=32, seed=2)
+    other = recalibrate(plain, x, batch_size=32, seed=2, mode="train")
     assert rel(bns(other)[1].running_var, bns(new)[1].running_var) > 1e-3
 
 
 def test_order_matters_only_in_train_mode_and_only_after_the_first_layer():
     model, shape = make("cnn")
     x = data(shape, 90)
-    a, b = (recalibrate(model, x, batch_size=16, seed=s) for s in (0, 1))
+    a, b = (recalibrate(model, x, batch_size=16, seed=s, mode="train") for s in (0, 1))
     assert rel(bns(a)[0].running_var, bns(b)[0].running_var) < 1e-6
     assert rel(bns(a)[1].running_var, bns(b)[1].running_var) > 1e-5
     a, b = (recalibrate(model, x, batch_size=bs, mode="inference", seed=s) for s, bs in ((0, 16), (1, 1)))
@@ -261,10 +261,10 @@ def test_a_last_batch_of_one_sample_joins_the_previous_batch():
     assert sorted(torch.cat(batch_indices(65, batch_size=32)).tolist()) == list(range(65))
     model, shape = make("mlp")
     x = data(shape, 65)
-    new = recalibrate(model, x, batch_size=32)  # would fail if a batch of 1 ran BN in train mode
+    new = recalibrate(model, x, batch_size=32, mode="train")  # would fail if a batch of 1 ran BN in train mode
     mean, var = first_bn_reference(model, x)
     assert agree(bns(new)[0], mean, var)
-    few = recalibrate(model, x, batch_size=32, max_batches=1)
+    few = recalibrate(model, x, batch_size=32, max_batches=1, mode="train")
     idx = batch_indices(65, batch_size=32)[0]
     mean, var = first_bn_reference(model, x[idx])
     assert rel(bns(few)[0].running_var, var) < TOL
@@ -281,7 +281,7 @@ def test_bnlab_models_float64_not_mutated(spec):
     x = data(shape, 70).double()
     before = copy.deepcopy(model.state_dict())
     model.train()
-    new = recalibrate(model, x, batch_size=16)
+    new = recalibrate(model, x, batch_size=16, mode="train")
     assert model.training  # the input keeps its mode and its state
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
     assert not new.training and all(p.dtype == torch.float64 for p in new.state_dict().values()
@@ -296,7 +296,7 @@ def test_dropout_stays_off():
     no_drop = copy.deepcopy(model)
     no_drop[4].p = 0.0
     x = data(shape, 64)
-    a, b = recalibrate(model, x, batch_size=16), recalibrate(no_drop, x, batch_size=16)
+    a, b = recalibrate(model, x, batch_size=16, mode="train"), recalibrate(no_drop, x, batch_size=16, mode="train")
     assert all(torch.equal(la.running_var, lb.running_var) for la, lb in zip(bns(a), bns(b)))
 
 
@@ -306,7 +306,7 @@ def test_no_cancellation(offset, scale):
     """A mean of 1e6 with std 1e-3 (float64): Σx² - n·mean² would lose every digit; Chan's merge keeps them."""
     model = nn.Sequential(BatchNorm(3), nn.Linear(3, 2)).double()
     x = offset + scale * torch.randn(300, 3, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
-    new = recalibrate(model, x, batch_size=32)
+    new = recalibrate(model, x, batch_size=32, mode="train")
     var, mean = torch.var_mean(x, dim=0, correction=1)
     assert agree(bns(new)[0], mean, var, 1e-6)
 
@@ -325,7 +325,7 @@ def test_agrees_with_update_bn_on_one_batch_holding_all_the_data():
     """One batch of everything: update_bn stores the unbiased variance over all values, as we do."""
     model, shape = make("torch-cnn")
     x = data(shape, 60)
-    ours = recalibrate(model, x, batch_size=60)
+    ours = recalibrate(model, x, batch_size=60, mode="train")
     theirs = _update_bn(model, x, batch_indices(60, batch_size=60))
     for a, b in zip(bns(ours), bns(theirs)):
         assert same(a, b, 1e-5)
@@ -337,7 +337,7 @@ def test_differs_from_update_bn_on_several_batches():
     model, shape = make("torch-cnn")
     x = data(shape, 128)
     batches = batch_indices(128, batch_size=16, seed=0)
-    ours = recalibrate(model, x, batch_size=16, seed=0)
+    ours = recalibrate(model, x, batch_size=16, seed=0, mode="train")
     theirs = _update_bn(model, x, batches)
     for a, b in zip(bns(ours), bns(theirs)):
         assert float(((a.running_mean - b.running_mean).abs() / a.running_var.sqrt()).max()) < 1e-5
@@ -352,7 +352,7 @@ def test_differs_from_update_bn_on_several_batches():
     batches = batch_indices(100, batch_size=48, seed=0)  # 48, 48, 4
     theirs = _update_bn(model, x, batches)
     mean, var = population(inputs_of(model, 0, x), 1, "torch")
-    assert agree(bns(recalibrate(model, x, batch_size=48))[0], mean, var)
+    assert agree(bns(recalibrate(model, x, batch_size=48, mode="train"))[0], mean, var)
     assert float(((bns(theirs)[0].running_mean - mean).abs() / var.sqrt()).max()) > 1e-3
 
 
@@ -360,10 +360,10 @@ def test_differs_from_update_bn_on_several_batches():
 
 
 @pytest.mark.parametrize("kwargs,x,match", [
-    ({"batch_size": 1}, torch.randn(10, 12), "batch_size >= 2"),
+    ({"batch_size": 1, "mode": "train"}, torch.randn(10, 12), "batch_size >= 2"),
     ({"batch_size": 0, "mode": "inference"}, torch.randn(10, 12), "positive integer"),
     ({}, torch.randn(0, 12), "no data"),
-    ({}, torch.randn(1, 12), "at least 2 samples"),
+    ({"mode": "train"}, torch.randn(1, 12), "at least 2 samples"),
     ({}, torch.randn(12), "batch axis first"),
     ({}, torch.randn(10, 5), "could not run on the data"),
     ({}, torch.ones(10, 12, dtype=torch.long), "floating-point"),
@@ -380,11 +380,11 @@ def test_errors(kwargs, x, match):
 
 def test_error_cases_for_models():
     with pytest.raises(ValueError, match="no batch-statistics normalization"):
-        recalibrate(build_model({"input_shape": [4]}), torch.randn(64, 4))
+        recalibrate(build_model({"input_shape": [4]}), torch.randn(64, 4), mode="train")
     with pytest.raises(ValueError, match="track_running_stats=False"):
-        recalibrate(nn.Sequential(nn.Linear(4, 3), nn.BatchNorm1d(3, track_running_stats=False)), torch.randn(8, 4))
+        recalibrate(nn.Sequential(nn.Linear(4, 3), nn.BatchNorm1d(3, track_running_stats=False)), torch.randn(8, 4), mode="train")
     with pytest.raises(ValueError, match=r"expected data of shape \(N, 4\)"):
-        recalibrate(build_model({"input_shape": [4], "bn": "before"}), torch.randn(8, 5))
+        recalibrate(build_model({"input_shape": [4], "bn": "before"}), torch.randn(8, 5), mode="train")
     # one sample after a Linear: a single value per channel has no unbiased variance (torch convention)
     with pytest.raises(ValueError, match="at least 2 values per channel"):
         recalibrate(build_model({"input_shape": [4], "bn": "before"}), torch.randn(1, 4), mode="inference")
@@ -421,7 +421,7 @@ def trained(tmp_path_factory):
 
 def test_cli_recalibrate(trained, tmp_path):
     r = CliRunner().invoke(app, ["recalibrate", str(trained), "--out", str(tmp_path / "p"), "--seed", "4",
-                                 "--batch-size", "64"], terminal_width=200)
+                                 "--batch-size", "64", "--mode", "both"], terminal_width=200)
     assert r.exit_code == 0, r.output
     lines = r.output.splitlines()
     for label in ("moving averages", "precise, mode train (batch 64)", "precise, mode inference"):
@@ -429,10 +429,11 @@ def test_cli_recalibrate(trained, tmp_path):
         assert len(row) == 1, r.output
         loss, acc = re.findall(r"\d+\.\d{4}", row[0])[-2:]
         assert 0 < float(loss) < 5 and 0 <= float(acc) <= 1
-    assert f"wrote {tmp_path / 'p'} (precise statistics, mode train)" in r.output.replace("\n", "")
+    assert f"wrote {tmp_path / 'p'} (precise statistics, mode inference" in r.output.replace("\n", "")
     ck, src = load_checkpoint(tmp_path / "p"), load_checkpoint(trained)
-    assert ck.meta["recalibrated"]["mode"] == "train" and ck.meta["recalibrated"]["seed"] == 4
-    expect = recalibrate(src.model, _checkpoint_data(src, None, None).x_train, batch_size=64, seed=4)
+    assert ck.meta["recalibrated"]["mode"] == "inference" and ck.meta["recalibrated"]["seed"] == 4
+    expect = recalibrate(src.model, _checkpoint_data(src, None, None).x_train, batch_size=64, mode="inference",
+                         seed=4)
     assert all(torch.equal(a.running_var, b.running_var) for a, b in zip(bns(ck.model), bns(expect)))
 
     r = CliRunner().invoke(app, ["recalibrate", str(trained), "--out", str(tmp_path / "i"), "--mode", "inference"],

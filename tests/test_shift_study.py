@@ -226,3 +226,21 @@ def test_the_sentence_names_the_options_as_good_as_the_best():
     assert "the most accurate option is bn: recalibrated on the shifted inputs: 0.9100" in text
     assert "Within the 95% interval of its mean: bn: test-batch statistics, batch 64 (0.9000)." in text
     assert "batch 8 (" not in text.split("Within")[1].split(".")[0]
+
+
+def test_a_smoke_shift_section_lists_accuracies_and_tests_nothing(study):
+    """A smoke test (--quick) draws no conclusion in the bn-shift section either: no paired difference, no
+    interval reading, no 'most accurate option' sentence (report_mode's reason instead)."""
+    from bnlab.experiments.read import load_results
+    from bnlab.report import shift as shift_report
+    from bnlab.report.build import report_mode
+
+    spec, runs, _ = load_results(study)
+    smoke = spec.model_copy(update={"smoke_test": True})
+    reason = report_mode(smoke, runs)
+    sec, _ = shift_report.section(smoke, runs, load_shift(study), reason)
+    text = " ".join([*sec.header, *(c for row in sec.rows for c in row), sec.note, sec.sentence])
+    assert "difference from" not in text and "CI" not in text and "most accurate" not in text
+    assert reason in sec.sentence and "severity 1" in sec.header
+    full, _ = shift_report.section(spec, runs, load_shift(study), report_mode(spec, runs))
+    assert any(h.startswith("difference from") for h in full.header) and "most accurate" in full.sentence

@@ -86,8 +86,21 @@ def logrank_hand(a, b):
         n = na + nb
         o_minus_e += da - d * na / n
         var += d * (na / n) * (nb / n) * (n - d) / (n - 1) if n > 1 else 0
-    chi2 = o_minus_e ** 2 / var
+    chi2 = o_minus_e ** 2 / var if var > 1e-15 else 0.0
     return chi2, st.chi2.sf(chi2, 1)
+
+
+def exact_logrank_hand(a, b):
+    """Two-sided p of the log-rank test by enumerating every relabelling of the pooled runs."""
+    pooled, k = a + b, len(a)
+    obs = logrank_hand(a, b)[0]
+    hits = total = 0
+    for idx in itertools.combinations(range(len(pooled)), k):
+        x = [pooled[i] for i in idx]
+        y = [pooled[i] for i in range(len(pooled)) if i not in idx]
+        hits += logrank_hand(x, y)[0] >= obs * (1 - 1e-9)
+        total += 1
+    return hits / total
 
 
 def fisher_hand(k1, n1, k2, n2):
@@ -161,11 +174,11 @@ def test_kaplan_meier_median_and_ci_match_scipy_ecdf(times, reached):
 
 
 def test_paired_t_difference_ci_and_p_match_the_hand_formula():
-    a = [0.95, 0.96, 0.94, 0.955, 0.945]
-    b = [0.90, 0.93, 0.91, 0.915, 0.92]
+    a = [0.95, 0.96, 0.94, 0.955, 0.945, 0.95]
+    b = [0.90, 0.93, 0.91, 0.915, 0.92, 0.925]  # 6 seeds: the sign-flip test can reach 2/64 < 0.05
     c = by(compare(outcome_runs({"a": a, "b": b}), ["a", "b"]), "final_val_accuracy")
     d, p, lo, hi = paired_hand(a, b)
-    assert c.test == "paired t-test over 5 seeds"
+    assert c.test == "paired t-test over 6 seeds"
     assert (c.diff, c.p, c.diff_low, c.diff_high) == pytest.approx((d, p, lo, hi), rel=1e-10)
     assert c.p_holm == pytest.approx(p)  # one pair: Holm changes nothing
     assert c.winner == "a" and f"difference {d:+.4f} (95% CI {lo:+.4f} to {hi:+.4f})" in c.sentence
@@ -238,8 +251,9 @@ def test_logrank_fisher_and_newcombe_match_lifelines_and_hand_formulas():
             time_runs("b", [t if e else None for t, e in b], 800))
     c = by(compare(runs, ["a", "b"], target=0.9), "steps_to_target")
     ll = logrank_test([t for t, _ in a], [t for t, _ in b], [e for _, e in a], [e for _, e in b])
-    assert c.test == "log-rank test (asymptotic)" and c.p == pytest.approx(ll.p_value, rel=1e-9)
-    assert c.p == pytest.approx(logrank_hand(a, b)[1], rel=1e-9)
+    assert c.test.startswith("exact log-rank test") and c.p == pytest.approx(exact_logrank_hand(a, b), rel=1e-9)
+    assert f"asymptotic log-rank p = {ll.p_value:.2g}" in c.extra  # stated alongside, never the verdict's p
+    assert ll.p_value == pytest.approx(logrank_hand(a, b)[1], rel=1e-9)
     assert c.better == "a"
     assert f"p = {fisher_hand(3, 5, 2, 5):.2g}" in c.extra
     assert (c.diff_low, c.diff_high) == pytest.approx(newcombe_hand(3, 5, 2, 5), rel=1e-9)
@@ -258,9 +272,11 @@ def test_zero_of_five_against_five_of_five_is_a_censored_test_not_missing_data()
     comps = compare(demo_like(), ["no-bn", "bn"], target=0.9)
     c = by(comps, "steps_to_target")
     chi2, p = logrank_hand([(1500, False)] * 5, [(t, True) for t in (300, 420, 360, 480, 540)])
-    assert c.p == pytest.approx(p) and c.p == pytest.approx(0.0018, abs=2e-4)  # the issue's "≈ 0.002"
+    assert p == pytest.approx(0.0018, abs=2e-4)  # the asymptotic p: below what any exact test can give
+    assert c.p == pytest.approx(2 / math.comb(10, 5))  # the exact log-rank test: at its floor
     assert "Fisher's exact test on the reach rate p = 0.0079" in c.extra  # 2 / C(10, 5)
-    assert "not enough" not in c.sentence.lower() and "log-rank test (asymptotic) p = 0.0018" in c.sentence
+    assert "asymptotic log-rank p = 0.0018 - below 0.0079, the smallest p any exact test can give" in c.sentence
+    assert "not enough" not in c.sentence.lower()
     assert "reached in 0/5" in c.sentence and "reached in 5/5" in c.sentence
     # as the primary metric it is a verdict, with both medians and the reach-rate difference's CI
     c = by(compare(demo_like(), ["no-bn", "bn"], target=0.9, primary="steps_to_target"), "steps_to_target")
@@ -280,18 +296,23 @@ def test_two_quick_of_five_do_not_beat_five_of_five_slower():
     c = by(compare(quick + steady, ["quick", "steady"], target=0.9, primary="steps_to_target"), "steps_to_target")
     a = [(100, True), (120, True)] + [(1500, False)] * 3
     b = [(t, True) for t in (400, 450, 500, 550, 600)]
-    assert c.p == pytest.approx(logrank_hand(a, b)[1]) and c.p > 0.2
+    assert c.p == pytest.approx(exact_logrank_hand(a, b)) and c.p > 0.2
     assert c.winner is None and c.sentence.startswith("These runs do not separate")
     # what dropping the censored runs (the old statistics) would have said: a "significant" win
     assert st.ttest_ind([100, 120], [400, 450, 500, 550, 600], equal_var=False).pvalue < 0.05
 
 
-def test_diverged_runs_are_censored_where_they_stopped():
+def test_diverged_runs_are_censored_at_the_end_of_their_budget():
     runs = time_runs("a", [None, 200, None], 1500, ["diverged", "done", "done"])
     t = variant_stats(runs, ["a"], 0.9)[0].times["steps_to_target"]
-    assert (t.n, t.reached, t.longest) == (3, 1, 1500)  # the diverged run is in, censored at 150
-    km = kaplan_meier([150, 200, 1500], [0, 1, 0])
-    assert (t.median, t.low, t.high) == pytest.approx(km)
+    # the diverged run is in, never reaching the target: censored after every time observed (its budget
+    # is not known here), not where it stopped (150)
+    assert (t.n, t.reached, t.longest) == (3, 1, 1500)
+    km = kaplan_meier([1500, 200, 1500], [0, 1, 0])
+    assert (t.median, t.low, t.high) == pytest.approx(km, nan_ok=True)
+    runs[0]["budget"] = {"steps_run": 2000}  # its planned budget, as load_results reads it
+    t = variant_stats(runs, ["a"], 0.9)[0].times["steps_to_target"]
+    assert t.longest == 2000 and "1 of 3 diverged in epoch 2" in t.text()
 
 
 # ------------------------------------------------------------------------------------------ every planned run counts
@@ -311,7 +332,7 @@ def test_a_diverging_variant_wins_nothing():
     assert c.p is None and c.sentence.startswith("No verdict on final validation accuracy")
     assert "wild diverged in 2 of 5 seeds" in c.sentence
     t = by(compare(runs, ["wild", "calm"], target=0.9, primary="steps_to_target"), "steps_to_target")
-    assert t.better == "wild" and t.winner is None and "wins nothing" in t.sentence
+    assert t.winner is None and (t.better != "wild" or "wins nothing" in t.sentence)
     div = by(compare(runs, ["wild", "calm"], target=0.9), "diverged")
     assert div.role == "exploratory" and div.p == pytest.approx(fisher_hand(2, 5, 0, 5))
     # diverged and failed runs are outcomes in every cell: n per cell, and why the others are missing
@@ -364,16 +385,17 @@ def test_two_runs_per_variant_show_no_interval_and_no_test():
 
 
 def test_at_small_n_the_exact_test_must_agree():
-    a = np.array([1.0, 1.1, 0.9, 1.05, 0.0])
-    b = np.array([0.0, 0.0, 0.0, 0.0, 0.01])  # four pairs far apart, one the other way
+    a = np.array([1.0, 1.1, 0.9, 1.05, 0.0, 1.02])
+    b = np.array([0.0, 0.0, 0.0, 0.0, 0.01, 0.0])  # five pairs far apart, one the other way
     c = by(compare(outcome_runs({"a": list(a), "b": list(b)}), ["a", "b"]), "final_val_accuracy")
     assert c.p < ALPHA and c.p == pytest.approx(st.ttest_rel(a, b).pvalue)
-    assert c.p_exact == pytest.approx(4 / 32) and c.winner is None
+    assert c.p_exact == pytest.approx(4 / 64) and c.winner is None
     assert "does not agree" in c.sentence and c.sentence.startswith("No verdict on a vs b")
     assert "do not separate" not in c.sentence  # significant by the t-test: withheld, not "not separated"
-    # every pair the same way: the exact test is at its most extreme (2/32), the verdict stands
-    c = by(compare(outcome_runs({"a": [1.0, 1.1, 0.9, 1.05, 0.8], "b": list(b)}), ["a", "b"]), "final_val_accuracy")
-    assert c.p_exact == pytest.approx(2 / 32) and c.winner == "a" and "smallest possible" in c.sentence
+    # every pair the same way: the exact test is at its most extreme (2/64 < 0.05), the verdict stands
+    c = by(compare(outcome_runs({"a": [1.0, 1.1, 0.9, 1.05, 0.8, 1.0], "b": list(b)}), ["a", "b"]),
+           "final_val_accuracy")
+    assert c.p_exact == pytest.approx(2 / 64) and c.winner == "a" and "smallest possible" in c.sentence
 
 
 def test_smoke_test_comparisons_are_descriptions_without_tests():
@@ -506,20 +528,24 @@ def fake_experiment(folder, spec):
 
 
 def test_report_shows_the_new_columns_tests_and_censored_time_to_target(tmp_path):
-    folder = fake_experiment(tmp_path / "e", parse_experiment(TINY))
+    # 6 seeds: with 5 the paired exact test could never go below 2/32 > 0.05 (no verdict possible)
+    folder = fake_experiment(tmp_path / "e", parse_experiment({**TINY, "seeds": 6}))
     md = build_report(folder).markdown.read_text()
     for label in ("test accuracy (final model)", "test accuracy (best model)",
-                  "validation accuracy, precise BN statistics", "steps to target (KM median [95% CI])", "5: 5 done"):
+                  "validation accuracy, precise BN statistics", "steps to target (KM median [95% CI])", "6: 6 done"):
         assert label in md
     assert TINY["description"] in md and "Primary metric: final validation accuracy" in md
     assert "Exploratory comparisons" in md
     assert "- bn reaches a higher final validation accuracy than no-bn" in md
-    assert "paired t-test over 5 seeds" in md and "difference" in md and "95% CI" in md
+    assert "paired t-test over 6 seeds" in md and "difference" in md and "95% CI" in md
     assert "log-rank test" in md and "## BN statistics at test time" in md
     r = CliRunner().invoke(app, ["compare", str(folder)])
     assert r.exit_code == 0, r.output
     out = " ".join(r.output.split())
-    assert "log-rank test (asymptotic) p = 0.0018" in out and "Fisher's exact test on the reach rate p = 0.0079" in out
+    asym = st.logrank(censored([(24, False)] * 6), censored([(2 + s, True) for s in range(6)])).pvalue
+    fisher = st.fisher_exact([[0, 6], [6, 0]]).pvalue  # 2 / C(12, 6)
+    assert f"asymptotic log-rank p = {asym:.2g} - below {fisher:.2g}" in out
+    assert f"Fisher's exact test on the reach rate p = {fisher:.2g}" in out
     assert "bn reaches a higher final validation accuracy than no-bn" in out
 
 

@@ -44,19 +44,22 @@ def recalibrate(
                                    help="Samples per forward pass (mode train: the batch whose "
                                    "statistics earlier BN layers normalize with). Default: the checkpoint's "
                                    "training batch size, else 32."),
-    mode: str = typer.Option("both", help="train: earlier BN layers use batch statistics, as in training (fvcore's "
-                             "PreciseBN) | inference: layer by layer, earlier layers with their new statistics | "
-                             "both: compute and print both, write train."),
+    mode: str = typer.Option("inference", help="inference (default; the 'precise statistics' of bnlab train and "
+                             "the reports): layer by layer, earlier layers already on their new statistics, i.e. "
+                             "the network as deployed | train: earlier BN layers use batch statistics, as in "
+                             "training (fvcore's PreciseBN) | both: compute and print both, write inference."),
     seed: int = typer.Option(0, min=0, max=2**31 - 1,  # the range of TrainConfig's seeds
                              help="Seed of the shuffle into batches (mode train depends on it)."),
     trust_factory: bool = trust_factory_option(),
 ) -> None:
     """Replace BN's moving averages by precise population statistics over the training data (per channel, the
     mean and variance over all values each BN layer sees, with the weights fixed), print validation loss and
-    accuracy with the moving averages and with each mode, and write the checkpoint of the chosen mode
-    (--mode both writes mode train).
+    accuracy with the moving averages and with each mode, and write the checkpoint of the chosen mode.
+    The default, mode inference, writes the statistics the reports and bnlab train call precise
+    (--mode both prints both modes and writes inference too); the mode written is printed and recorded in the
+    checkpoint's meta ("recalibrated": mode, batch_size, seed, examples).
 
-    Example: bnlab recalibrate runs/one/checkpoint --out runs/one/precise --mode both
+    Example: bnlab recalibrate runs/one/checkpoint --out runs/one/precise
     """
     from bnlab.checkpoint import CheckpointError, save_checkpoint
     from bnlab.data import ChecksumError, CorruptFileError, DatasetUnavailable
@@ -64,7 +67,8 @@ def recalibrate(
     from bnlab.deploy.predict import in_model_layout
     from bnlab.train import evaluate
 
-    modes = {"train": ["train"], "inference": ["inference"], "both": ["train", "inference"]}
+    # the first mode listed is the one written; "both" writes the reports' mode (inference)
+    modes = {"inference": ["inference"], "train": ["train"], "both": ["inference", "train"]}
     if mode not in modes:
         _fail(f"--mode must be one of train, inference, both (got {mode!r})")
     written = modes[mode][0]
@@ -103,7 +107,8 @@ def recalibrate(
     except CheckpointError as e:
         _fail(str(e))
     console.print(table)
-    say(f"wrote {out} (precise statistics, mode {written})")
+    say(f"wrote {out} (precise statistics, mode {written}" + (f", batch {batch_size}" if written == "train" else "")
+        + f", over {len(data.x_train)} training examples)")
 
 
 @app.command("fold")

@@ -17,15 +17,18 @@ def _stats_table(folder: Path) -> None:
 
     from bnlab.experiments.read import load_results
     from bnlab.report.build import COMPACT_METRICS, texts
+    from bnlab.report.figure1 import data_choice, trained_on
 
     spec, runs, _ = load_results(folder)
     t = texts(spec, runs, COMPACT_METRICS, compared=COMPACT_METRICS, short=True)
-    if spec.smoke_test:
+    if t.no_conclusions:  # report_mode: numbers only, the reason said once below the table
         console.print(f"[bold yellow]{escape(t.title)}[/]")
         for p in t.intro:
             console.print(escape(p))
     else:
         console.print(f"[bold]{escape(t.title)}[/]: {escape(t.budget)}")
+    if (data := trained_on(spec, data_choice(folder))) is not None:
+        console.print(escape(data), style="yellow")
     table = Table(title="mean ± 95% CI half-width over seeds (no ± with fewer than 3 runs); "
                         "times to target: Kaplan-Meier median [95% CI], unreached runs censored", title_justify="left")
     for h in t.header:
@@ -194,3 +197,26 @@ def compare(folder: Path = typer.Argument(..., help="An experiment folder made b
         _stats_table(folder)
     except StoreError as e:
         _fail(str(e))
+
+
+@app.command()
+def plan(folder: Path = typer.Argument(..., help="An experiment folder made by bnlab run (its seeds give the SD)."),
+         difference: float = typer.Option(..., "--difference", "-d",
+                                          help="The difference of the primary metric to detect, e.g. 0.01."),
+         ) -> None:
+    """How many seeds per variant a study needs to detect a difference of its primary metric with 80% power,
+    from the seed-to-seed SD an experiment observed (Holm over its pairs; never fewer than an exact test needs).
+
+    Example: bnlab plan runs/demo --difference 0.01
+    """
+    from bnlab.experiments import StoreError
+    from bnlab.experiments.read import load_results
+    from bnlab.experiments.stats import plan as plan_seeds
+
+    try:
+        spec, runs, _ = load_results(folder)
+        lines = plan_seeds(runs, list(spec.variants), difference, spec.primary_metric)
+    except (StoreError, ValueError) as e:
+        _fail(str(e))
+    for line in lines:
+        console.print(line.sentence, markup=False, emoji=False)

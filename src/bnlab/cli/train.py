@@ -9,7 +9,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from bnlab.cli.app import (_fail, app, check_out_folder, console, describe_error, out_of_memory, say,
-                           trust_factory_option)
+                           trust_factory_option, warn)
 
 
 @app.command()
@@ -61,7 +61,7 @@ def train(
 
     from bnlab.data import ChecksumError, CorruptFileError, DatasetUnavailable
     from bnlab.models import load_model_spec
-    from bnlab.train.config import TrainConfig, recipe_for
+    from bnlab.train.config import TrainConfig, budget_note, recipe_for
     from bnlab.signals import StopSignals, exit_code
     from bnlab.train.resume import RunInterrupted, SettingsChanged, discard_state
     from bnlab.train.single import train_run
@@ -114,6 +114,12 @@ def train(
     for note in result.notes:
         say(f"note: {note}")
     h = result.history
+    if h.stopped == "completed" and h.epochs:  # both budgets set: say which one bound
+        first = h.epochs[0]
+        per_epoch = first.steps // first.epoch if first.epoch else 0  # a resumed run's epoch 1 counts from 0 too
+        note = budget_note(config.epochs, config.max_steps, per_epoch)
+        if note:
+            warn(note)
     table = Table(title=escape(f"{model} on {config.dataset} ({h.engine} engine, {h.precision}"
                                f"{f', {h.devices} processes' if h.devices > 1 else ''})"), title_justify="left")
     for col in ("epoch", "loss", "acc", "val_loss", "val_acc", "seconds"):

@@ -17,7 +17,7 @@ over all values, M2/(n-1); keras stores the biased one, M2/n. Each sample is use
 
 Two modes decide what each layer's input is:
 
-* ``"train"`` (default; fvcore's PreciseBN): the model runs as in training, in mini-batches of
+* ``"train"`` (this function's default, kept for its callers; fvcore's PreciseBN): the model runs as in training, in mini-batches of
   ``batch_size`` (seeded shuffle), every BN layer normalizing with its batch statistics (Ghost BN with
   its ghost batches; Batch Renorm with its r, d corrections against the running statistics it was
   trained with, which are held fixed during the pass), dropout off. A later layer therefore sees what
@@ -26,7 +26,8 @@ Two modes decide what each layer's input is:
 * ``"inference"``: layer by layer in the order the forward pass reaches them; the statistics of layer k
   are computed with layers < k already in eval mode using their NEW statistics, so each layer sees the
   input it will see at inference. One (partial) pass per BN layer; batch size and order change nothing
-  but the float64 rounding; batches of one sample are fine.
+  but the float64 rounding; batches of one sample are fine. This is the mode of the "precise statistics"
+  that ``bnlab train``, experiment runs and the reports measure, and what ``bnlab recalibrate`` writes by default.
 
 How it differs from the usual recipes:
 
@@ -169,7 +170,7 @@ def _check_args(model: nn.Module, x, batch_size: int, mode: str, max_batches: in
 
 
 @torch.no_grad()
-def recalibrate(model: nn.Module, x: torch.Tensor, *, batch_size: int = 32, mode: str = "train", seed: int = 0,
+def recalibrate(model: nn.Module, x: torch.Tensor, *, batch_size: int = 32, mode: str = "inference", seed: int = 0,
                 max_batches: int | None = None, generator: torch.Generator | None = None) -> nn.Module:
     """A copy of ``model``, in eval mode, whose BN running statistics are the population statistics over ``x``.
 
@@ -185,8 +186,9 @@ def recalibrate(model: nn.Module, x: torch.Tensor, *, batch_size: int = 32, mode
         x: the training data (N, ...), preprocessed as in training (on the CPU or the model's device).
         batch_size: samples per forward pass; in mode "train" also the batch whose statistics earlier BN
             layers normalize with (>= 2); a last batch of one sample joins the previous one.
-        mode: "train" (earlier BN layers use batch statistics, as fvcore's PreciseBN) or "inference"
-            (layer by layer, earlier layers in eval mode with their new statistics).
+        mode: "inference" (the default, what runs, reports and ``bnlab recalibrate`` call precise statistics:
+            layer by layer, earlier layers in eval mode with their new statistics, as the model will predict) or
+            "train" (earlier BN layers use batch statistics, as fvcore's PreciseBN).
         seed: seeds the shuffle of the samples into batches (only mode "train" depends on it).
         max_batches: use only the first this many (shuffled) batches.
         generator: a torch.Generator to shuffle with instead of ``seed`` (kept for older callers).

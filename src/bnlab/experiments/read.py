@@ -77,6 +77,7 @@ def load_results(out: str | Path) -> tuple[ExperimentSpec, list[dict], list[dict
         store.close()
     _mark_damage(runs, epochs, damaged)
     _fill_stopping_points(runs, epochs)
+    _fill_budgets(runs, epochs)
     return spec, runs, epochs
 
 
@@ -116,6 +117,61 @@ def _fill_stopping_points(runs: list[dict], epochs: list[dict]) -> None:
             r["steps_run"] = e["steps"]
         if r.get("train_seconds") is None:
             r["train_seconds"] = seconds[r["run_id"]]
+
+
+# what fixes the number of steps in an epoch (the training split's size and the batch), not the seed
+_EPOCH_SHAPE = ("dataset", "dataset_options", "data_dir", "validation", "batch_size", "devices")
+
+
+def _train_config(r: dict) -> dict:
+    try:
+        cfg = json.loads(r.get("config") or "{}")
+    except (TypeError, ValueError):
+        return {}
+    train = cfg.get("train") if isinstance(cfg, dict) else None
+    return train if isinstance(train, dict) else {}
+
+
+def _fill_budgets(runs: list[dict], epochs: list[dict]) -> None:
+    """Each diverged run's planned budget, ``budget`` = {censor field: value}: where its plan would
+    have ended it, on the clock of each time-to-target field's censoring time. A diverged run never
+    reaches the target, so it is censored there (not where it stopped: its last completed epoch, 0 if
+    it diverged in its first). Epochs: the config's ``epochs`` (fewer where ``max_steps`` ends it
+    sooner); steps: epochs x steps per epoch, or ``max_steps`` if fewer (steps per epoch from the
+    first epoch of any run with the same data and batch, its own included); seconds: ``max_seconds``
+    if set, else the longest training time of a run of the experiment (after every time observed).
+    A value that cannot be known is left out (the statistics then censor after every observed time)."""
+    first: dict[str, int] = {}
+    for e in epochs:
+        if e["epoch"] == 1 and is_number(e.get("steps")) and e["steps"] > 0:
+            first[e["run_id"]] = int(e["steps"])
+    per_epoch: dict[str, int] = {}
+    for r in runs:
+        key = json.dumps({k: _train_config(r).get(k) for k in _EPOCH_SHAPE}, sort_keys=True, default=str)
+        r["_shape"] = key
+        if r["run_id"] in first:
+            per_epoch[key] = max(per_epoch.get(key, 0), first[r["run_id"]])
+    longest = max((r["train_seconds"] for r in runs if r["status"] in ("done", "diverged")
+                   and is_number(r.get("train_seconds"))), default=None)
+    for r in runs:
+        key = r.pop("_shape")
+        if r["status"] != "diverged":
+            continue
+        train = _train_config(r)
+        n_epochs, max_steps, max_seconds = train.get("epochs"), train.get("max_steps"), train.get("max_seconds")
+        spe = per_epoch.get(key)
+        budget: dict[str, float] = {}
+        if is_number(n_epochs):
+            steps = n_epochs * spe if spe else None
+            if is_number(max_steps) and (steps is None or max_steps < steps):
+                steps = max_steps
+            budget["epochs_run"] = -(-steps // spe) if spe and steps else n_epochs
+            if steps is not None and (spe or is_number(max_steps)):
+                budget["steps_run"] = steps
+        seconds = max_seconds if is_number(max_seconds) else longest
+        if seconds is not None:
+            budget["train_seconds"] = seconds
+        r["budget"] = budget
 
 
 __all__ = ["DAMAGED", "STORE", "load_probes", "load_results", "load_shift"]

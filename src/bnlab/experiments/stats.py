@@ -9,7 +9,9 @@ What is estimated (``variant_stats``)
     fewer than ``MIN_N`` = 3 runs no interval is given; the same value in every seed is reported
     as "no variation between seeds" (there is no replication variance to build an interval on).
   * A time to target is censored data: a run that never reached the target is censored where it
-    stopped (its budget, or where it diverged: the field's ``censor_at``), never dropped. The
+    stopped (its budget: the field's ``censor_at``), never dropped; a diverged run never reaches it
+    and is censored at the end of its planned budget (``budget``, read by ``bnlab.experiments.read``),
+    and the cell says how many diverged and where ("4 of 5 diverged at steps 13-15"). The
     Kaplan-Meier median with its 95% CI (lifelines: exponential Greenwood bands) and the reach
     rate describe each variant.
 
@@ -26,13 +28,22 @@ How variants are compared (``compare``)
   * Small samples: the exact permutation test (``scipy.stats.permutation_test``, every
     permutation enumerated up to ``EXACT_LIMIT``) is shown alongside the t-test. The verdict's p
     and CI both come from the t-test, so the interval and the p-value never contradict each
-    other; at n <= ``EXACT_N`` = 5 per variant a verdict also needs the exact test to agree:
-    p < 0.05, or, where n is too small for an exact test ever to reach 0.05 (5 pairs: smallest
-    p = 2/32), its most extreme attainable value (every seed pointing the same way).
+    other; a verdict also needs the permutation test to agree (Holm-adjusted p < 0.05).
+  * A verdict needs a test that can reach α: the smallest attainable exact p (``exact_floor``:
+    2/2^n paired, 2/C(n_a + n_b, n_a) otherwise), Holm-adjusted as if every pair were at its floor,
+    must be below α; where it is not (3 paired seeds: 0.25; 5: 0.0625) there is no verdict and the
+    sentence says how many seeds per variant would make one possible (``seeds_for_verdict``). A
+    t-test p below the exact floor is flagged as resting on the normal approximation.
+  * Power: every tested outcome states the smallest difference its design detects with 80% power
+    from the observed SD (statsmodels TTestPower paired / TTestIndPower); ``plan`` (``bnlab plan``)
+    says how many seeds a target difference needs.
   * Identical values in every seed: there is no t statistic and no evidence beyond one run; the
     comparison says "no variation between seeds" and gives no p-value (never p = 0).
-  * Time to target: the log-rank test (``scipy.stats.logrank``, over every finished run,
-    censored ones included) decides; Fisher's exact test on the reach rate and the difference of
+  * Time to target: the exact log-rank test (every relabelling of the runs, or ``MC_RESAMPLES``
+    seeded ones with the Monte Carlo error stated; over every finished and diverged run, censored
+    ones included) decides; the asymptotic p (``scipy.stats.logrank``) is shown beside it and flagged
+    where it is below the exact floor. Complete separation (5/5 at one step vs 0/5) is tested, not
+    skipped as "no variation": a rank test's p is exact whatever the ties; Fisher's exact test on the reach rate and the difference of
     reach rates with Newcombe's 95% CI (statsmodels) are stated with both Kaplan-Meier medians
     and their CIs (a difference of medians has no standard interval under censoring).
   * Fewer than ``MIN_N`` runs per variant: no test, no verdict.
@@ -49,10 +60,9 @@ Every planned run is accounted for (the choice, and why)
     stated difference depend on a made-up value. So an accuracy or loss comparison that contains
     diverged runs gives no test and says so, and the divergence itself is compared instead: the
     divergence rates over all finished runs, Fisher's exact test (exploratory).
-  * In time to target a diverged run is censored where it stopped. That treats divergence as
-    uninformative, which favours the diverging variant (its runs leave the risk set instead of
-    counting as never reaching the target), so a variant with diverged runs can lose a
-    time-to-target comparison but never win one.
+  * In time to target a diverged run is censored at the end of its planned budget: it counts as
+    never reaching the target (where its budget is not known, after every time observed). A variant
+    with diverged runs can still lose a time-to-target comparison but never win one.
   Hence a variant never wins on its survivors.
 
 Smoke tests (``spec.smoke_test``, set by ``--quick``) are described, never tested: ``compare``
@@ -76,7 +86,8 @@ from bnlab.experiments.store import DAMAGED  # a run whose stored results cannot
 ALPHA = 0.05
 LEVEL = 0.95
 MIN_N = 3  # fewer runs per variant: no interval, no test
-EXACT_N = 5  # at most this many runs per variant: a verdict needs the exact test to agree
+EXACT_N = 5  # "small n": at most this many runs per variant (exact tests are preferred; see the docstring)
+POWER = 0.8  # the power at which the minimum detectable effect is stated
 EXACT_LIMIT = 100_000  # permutation tests enumerate every permutation up to this many
 MC_RESAMPLES = 20_000  # beyond: this many seeded random permutations
 
@@ -159,14 +170,16 @@ class TimeToTarget:
     constant: bool = False
     planned: int | None = None
     missing: dict[str, int] = field(default_factory=dict)
+    diverged: str = ""  # '4 of 5 diverged at steps 13-15': censored at their planned budget, never reached
 
     def value(self, digits: int = 0) -> str:
         def fmt(x):
             return "∞" if math.isinf(x) else "undefined" if math.isnan(x) else f"{x:.{digits}f}"
         if self.n == 0:
-            return "-"
+            return "-" + (f" ({self.diverged})" if self.diverged else "")
+        div = f" ({self.diverged}: censored at the end of the planned budget)" if self.diverged else ""
         if self.reached == 0:
-            return f"not reached (> {fmt(self.longest)})"
+            return f"not reached (> {fmt(self.longest)})" + div
         if math.isinf(self.median):
             text = f"median not reached (> {fmt(self.longest)})"
         else:
@@ -175,7 +188,7 @@ class TimeToTarget:
             text += " (no variation between seeds)"
         elif self.n >= MIN_N and not (math.isnan(self.low) and math.isnan(self.high)):
             text += f" [{fmt(self.low)}, {fmt(self.high)}]"
-        return text
+        return text + div
 
     def note(self) -> str:
         return _note(self.n, self.planned, self.missing)
@@ -243,34 +256,90 @@ def _outcome_values(mine: list[dict], name: str) -> tuple[dict[int, float], dict
     return vals, missing
 
 
+def planned_budget(r: dict, f: ResultField) -> float | None:
+    """Where a run's plan would have ended it, on the clock of ``f.censor_at``: the run's ``budget``
+    ({censor field: value}, set by ``bnlab.experiments.read`` from its config and epochs), else None."""
+    return _number((r.get("budget") or {}).get(f.censor_at))
+
+
 def _time_values(mine: list[dict], f: ResultField) -> tuple[dict[int, tuple[float, bool]], dict[str, int]]:
     """{seed: (time, reached)} over finished and diverged runs: the time to target where reached,
-    else the time where the run stopped (censored)."""
+    else a censoring time: where a finished run stopped (its budget), and for a diverged run the end
+    of its planned budget (it never reaches the target: divergence is an outcome, not missing data).
+    A diverged run whose budget is not known is censored after every time observed here (at the
+    longest), which the Kaplan-Meier curve and the log-rank test treat the same way."""
     c = _counts(mine)
-    out = {}
+    out, open_ended = {}, []
     for r in mine:
         if r["status"] not in ("done", "diverged"):
             continue
         if (t := _number(r.get(f.name))) is not None:
             out[r["seed"]] = (t, True)
+        elif r["status"] == "diverged":
+            budget = planned_budget(r, f)
+            stopped = _number(r.get(f.censor_at))
+            if budget is not None:
+                out[r["seed"]] = (max(budget, stopped or 0.0), False)
+            else:
+                open_ended.append(r["seed"])
+                out[r["seed"]] = (stopped or 0.0, False)
         elif (t := _number(r.get(f.censor_at))) is not None:
             out[r["seed"]] = (t, False)
+    if open_ended:
+        longest = max([t for t, _ in out.values()] + [_number(r.get(f.censor_at)) or 0.0 for r in mine])
+        for s in open_ended:
+            out[s] = (longest, False)
     missing = {"failed": c["failed"], "not finished": c["not finished"], "damaged": c["damaged"],
                "without a stopping point": c["done"] + c["diverged"] - len(out)}
     return out, missing
 
 
+def diverged_at(r: dict) -> tuple[str, int] | None:
+    """("step", k) or ("epoch", k): where a diverged run blew up, from the engine's message (its
+    stopping point is the last completed epoch, before that)."""
+    import re
+
+    if r["status"] != "diverged":
+        return None
+    if (k := _number(r.get("diverged_step"))) is not None:
+        return "step", int(k)
+    msg = str(r.get("error") or "")
+    for unit in ("step", "epoch"):
+        if m := re.search(rf"\b{unit} (\d+)", msg):
+            return unit, int(m.group(1))
+    return None
+
+
+def diverged_text(mine: list[dict]) -> str:
+    """'4 of 5 diverged at steps 13-15' (or 'in epoch 1', or just '2 of 5 diverged'); '' if none did."""
+    div = [r for r in mine if r["status"] == "diverged"]
+    if not div:
+        return ""
+    head = f"{len(div)} of {len(mine)} diverged"
+    where = [diverged_at(r) for r in div]
+    if any(w is None for w in where):
+        return head
+    for unit in ("step", "epoch"):
+        ks = sorted(k for u, k in where if u == unit)
+        if len(ks) == len(where):
+            many = f"{unit}s {ks[0]}–{ks[-1]}" if ks[0] != ks[-1] else f"{unit} {ks[0]}"
+            return head + (f" at {many}" if unit == "step" else f" in {many}")
+    return head
+
+
 def time_to_target(mine: list[dict], f: ResultField) -> TimeToTarget:
     data, missing = _time_values(mine, f)
     planned = len(mine)
+    div = diverged_text(mine)
     if not data:
-        return TimeToTarget(f.name, 0, 0, math.nan, math.nan, math.nan, math.nan, planned=planned, missing=missing)
+        return TimeToTarget(f.name, 0, 0, math.nan, math.nan, math.nan, math.nan, planned=planned, missing=missing,
+                            diverged=div)
     times = np.array([t for t, _ in data.values()])
     reached = np.array([e for _, e in data.values()])
     median, low, high = kaplan_meier(times, reached)
     constant = len(set(data.values())) == 1 and len(data) >= 2
     return TimeToTarget(f.name, len(data), int(reached.sum()), median, low, high, float(times.max()),
-                        constant=constant, planned=planned, missing=missing)
+                        constant=constant, planned=planned, missing=missing, diverged=div)
 
 
 @dataclass
@@ -346,6 +415,9 @@ class Comparison:
     p_exact: float | None = None
     p_exact_min: float | None = None  # the smallest p the exact test can give at these n
     extra: str = ""  # a second test stated alongside (Fisher's exact test on a reach rate)
+    p_exact_holm: float | None = None  # primary only: the exact test, Holm-adjusted over the same family
+    mde: float = math.nan  # the smallest difference a t-test at these n detects with 80% power (observed SD)
+    mde_text: str = ""  # the same in words, or why it is not stated
     better: str | None = None  # the variant the data favour (direction only, whatever p)
     winner: str | None = None  # the verdict: only for the primary metric, when every rule is met
     reason: str = ""  # why there is no test, or no verdict
@@ -377,27 +449,137 @@ def _missing_text(name: str, missing: dict[str, int], keys=("failed", "not finis
     return f"{name}: " + ", ".join(parts) if parts else ""
 
 
+def exact_floor(n_a: int, n_b: int, paired: bool) -> float:
+    """The smallest two-sided p an exact permutation test can give at these n: every seed (or the
+    whole split) pointing one way. Paired sign flips: 2 / 2^n (the observed signs and their mirror
+    image); relabelling n_a + n_b runs: 2 / C(n_a + n_b, n_a) for equal groups (the split and its
+    mirror), 1 / C(...) otherwise. The exact log-rank test by relabelling has the same floor."""
+    if paired:
+        return min(1.0, 2 / 2 ** n_a)
+    return min(1.0, (2 if n_a == n_b else 1) / comb(n_a + n_b, n_a))
+
+
+def seeds_for_verdict(paired: bool, comparisons: int = 1, alpha: float = ALPHA) -> int:
+    """The fewest seeds per variant at which an exact test can reach ``alpha`` after Holm over
+    ``comparisons`` pairs: with every pair at its floor, Holm multiplies each by the family's size,
+    so the floor must be below alpha / comparisons."""
+    n = 1
+    while exact_floor(n, n, paired) * max(1, comparisons) >= alpha:
+        n += 1
+    return n
+
+
+def detectable_difference(sd: float, n_a: int, n_b: int, paired: bool, alpha: float = ALPHA,
+                          power: float = POWER) -> float:
+    """The smallest true difference a two-sided t-test at ``alpha`` detects with ``power`` at these n,
+    if the seeds vary as observed (``sd``: the SD of the paired differences, or the pooled SD of the
+    two variants): statsmodels' TTestPower (paired) / TTestIndPower (two samples) solved for the
+    standardised effect, times ``sd``. nan where the test has too few degrees of freedom."""
+    from statsmodels.stats.power import TTestIndPower, TTestPower
+
+    if not (math.isfinite(sd) and sd > 0) or min(n_a, n_b) < 2:
+        return math.nan
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # solver chatter; the result is checked against statsmodels in tests
+        if paired:
+            d = TTestPower().solve_power(effect_size=None, nobs=n_a, alpha=alpha, power=power,
+                                         alternative="two-sided")
+        else:
+            d = TTestIndPower().solve_power(effect_size=None, nobs1=n_a, ratio=n_b / n_a, alpha=alpha,
+                                            power=power, alternative="two-sided")
+    return float(np.squeeze(d)) * sd
+
+
+def seeds_needed(difference: float, sd: float, paired: bool, comparisons: int = 1, alpha: float = ALPHA,
+                 power: float = POWER) -> int:
+    """Seeds per variant a study needs to detect ``difference`` with ``power`` when the seeds vary by
+    ``sd`` (paired: SD of the differences; else the SD within a variant), Holm over ``comparisons``
+    pairs (Bonferroni's alpha / comparisons, Holm's strictest step): statsmodels' TTestPower /
+    TTestIndPower solved for nobs, rounded up, and never fewer than an exact test needs to reach
+    that alpha at all (``seeds_for_verdict``)."""
+    from statsmodels.stats.power import TTestIndPower, TTestPower
+
+    if not (difference and math.isfinite(difference) and math.isfinite(sd) and sd > 0):
+        raise ValueError(f"expected a non-zero difference and a positive SD (got difference={difference}, sd={sd})")
+    a = alpha / max(1, comparisons)
+    solver = TTestPower() if paired else TTestIndPower()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        size = {"nobs": None} if paired else {"nobs1": None, "ratio": 1.0}
+        n = float(np.squeeze(solver.solve_power(effect_size=abs(difference) / sd, alpha=a, power=power,
+                                                alternative="two-sided", **size)))
+        if not math.isfinite(n):  # the root finder gives up on huge effects: count up (power rises with n)
+            n = next(k for k in range(2, 10_000) if solver.power(abs(difference) / sd, k, a) >= power)
+    return max(math.ceil(n - 1e-9), seeds_for_verdict(paired, comparisons, alpha), 2)
+
+
 def _permutation(x: np.ndarray, y: np.ndarray, paired: bool) -> tuple[float, float, str]:
     """(p, smallest attainable p, name) of the two-sided permutation test of the mean difference:
     the share of permutations (sign flips of the paired differences, or relabellings of the pooled
     runs) whose |mean difference| is at least the observed one (the observed one included)."""
+    smallest = exact_floor(x.size, y.size, paired)
     if paired:
         count, kind, name = 2 ** x.size, "samples", "sign-flip permutation test"
-        smallest = 2 / count  # the observed signs and their mirror image
 
         def stat(a, b, axis):
             return np.abs(np.mean(a - b, axis=axis))
     else:
         count, kind, name = comb(x.size + y.size, x.size), "independent", "permutation test"
-        smallest = (2 if x.size == y.size else 1) / count
 
         def stat(a, b, axis):
             return np.abs(np.mean(a, axis=axis) - np.mean(b, axis=axis))
     exact = count <= EXACT_LIMIT
     res = st.permutation_test((x, y), stat, permutation_type=kind, vectorized=True, alternative="greater",
                               n_resamples=count if exact else MC_RESAMPLES, rng=np.random.default_rng(0))
-    name = f"exact {name}" if exact else f"{name} ({MC_RESAMPLES} random permutations)"
-    return float(res.pvalue), min(1.0, smallest), name
+    name = f"exact {name}" if exact else _mc_name(name, float(res.pvalue))
+    return float(res.pvalue), smallest, name
+
+
+def _mc_name(name: str, p: float) -> str:
+    """A Monte Carlo permutation test named with its resamples and the standard error of its p."""
+    return f"{name} ({MC_RESAMPLES} random permutations, Monte Carlo error ± {math.sqrt(p * (1 - p) / MC_RESAMPLES):.2g})"
+
+
+def logrank_z(times: np.ndarray, reached: np.ndarray, in_a: np.ndarray) -> np.ndarray:
+    """The standardised log-rank statistic (O - E) / sqrt(V) of group a, for every row of ``in_a``
+    ((..., N) booleans: which of the N pooled runs are in a): at each distinct event time t,
+    O - E = d_a - d·n_a/n and V = d·(n_a/n)·(1 - n_a/n)·(n - d)/(n - 1) (the hypergeometric variance,
+    ties handled as scipy.stats.logrank and lifelines do). 0 where V = 0 (then O - E = 0 as well)."""
+    t_ev = np.unique(times[reached])  # (K,) distinct event times
+    at_risk = (times[:, None] >= t_ev[None, :]).astype(float)  # (N, K)
+    event = ((times[:, None] == t_ev[None, :]) & reached[:, None]).astype(float)  # (N, K)
+    n, d = at_risk.sum(0), event.sum(0)  # (K,)
+    g = np.asarray(in_a, float)
+    n_a, d_a = g @ at_risk, g @ event  # (..., K)
+    share = n_a / n
+    o_e = (d_a - d * share).sum(-1)
+    v = (d * share * (1 - share) * np.where(n > 1, (n - d) / np.maximum(n - 1, 1), 0.0)).sum(-1)
+    return np.where(v > 1e-15, o_e / np.sqrt(np.where(v > 1e-15, v, 1.0)), 0.0)
+
+
+def _logrank_exact(da: dict, db: dict) -> tuple[float, float, str, float]:
+    """(p, smallest attainable p, name, z) of the two-sided log-rank test by permutation of the
+    variant labels (every relabelling up to ``EXACT_LIMIT``, else ``MC_RESAMPLES`` seeded random
+    ones): the share of relabellings whose |z| is at least the observed one."""
+    times = np.array([t for t, _ in da.values()] + [t for t, _ in db.values()], float)
+    reached = np.array([e for _, e in da.values()] + [e for _, e in db.values()], bool)
+    n_a, n_b = len(da), len(db)
+    z_obs = float(logrank_z(times, reached, np.arange(n_a + n_b) < n_a))
+    count = comb(n_a + n_b, n_a)
+
+    def stat(ia, ib, axis):  # ia: the indices a relabelling puts in a, (..., n_a)
+        ia = np.moveaxis(np.asarray(ia, int), axis, -1)
+        mask = np.zeros(ia.shape[:-1] + (n_a + n_b,), bool)
+        np.put_along_axis(mask, ia, True, axis=-1)
+        return np.abs(logrank_z(times, reached, mask))
+
+    exact = count <= EXACT_LIMIT
+    res = st.permutation_test((np.arange(n_a), np.arange(n_a, n_a + n_b)), stat, permutation_type="independent",
+                              vectorized=True, alternative="greater", n_resamples=count if exact else MC_RESAMPLES,
+                              rng=np.random.default_rng(0))
+    name = "exact log-rank test (every relabelling of the runs)"
+    p = float(res.pvalue)
+    return p, exact_floor(n_a, n_b, False), name if exact else _mc_name("log-rank permutation test", p), z_obs
 
 
 def _outcome_pair(c: Comparison, f: ResultField, ra: list[dict], rb: list[dict]) -> None:
@@ -448,6 +630,13 @@ def _outcome_pair(c: Comparison, f: ResultField, ra: list[dict], rb: list[dict])
     c.test = f"paired t-test over {x.size} seeds" if paired else "Welch's t-test"
     c.p, c.diff_low, c.diff_high = float(res.pvalue), float(ci.low), float(ci.high)
     c.p_exact, c.p_exact_min, c.exact_test = _permutation(x, y, paired)
+    sd = (float(np.std(x - y, ddof=1)) if paired else
+          math.sqrt(((x.size - 1) * np.var(x, ddof=1) + (y.size - 1) * np.var(y, ddof=1)) / (x.size + y.size - 2)))
+    c.mde = detectable_difference(sd, x.size, y.size, paired)
+    if math.isfinite(c.mde):
+        c.mde_text = (f"smallest difference this design detects with {POWER:.0%} power: ±{c.mde:.{f.digits}f} "
+                      f"({'paired ' if paired else ''}t-test at α = {ALPHA}, from the observed SD {sd:.2g}"
+                      f"{' of the differences' if paired else ' within variants'}, n = {x.size} vs {y.size})")
 
 
 def _time_pair(c: Comparison, f: ResultField, ra: list[dict], rb: list[dict]) -> None:
@@ -457,6 +646,8 @@ def _time_pair(c: Comparison, f: ResultField, ra: list[dict], rb: list[dict]) ->
     c.n_a, c.n_b, c.mean_a, c.mean_b = ta.n, tb.n, ta.median, tb.median
     c.value_a = f"{ta.value(f.digits)}, reached in {ta.reached}/{ta.n}"
     c.value_b = f"{tb.value(f.digits)}, reached in {tb.reached}/{tb.n}"
+    c.mde_text = ("smallest detectable difference not stated for censored times (no standard power formula for the "
+                  "exact log-rank test)")
     da, ma = _time_values(ra, f)
     db, mb = _time_values(rb, f)
     keys = ("failed", "not finished", "damaged", "without a stopping point")
@@ -477,23 +668,26 @@ def _time_pair(c: Comparison, f: ResultField, ra: list[dict], rb: list[dict]) ->
     if ta.reached + tb.reached == 0:
         c.reason = "no run of either variant reached the target; no test"
         return
-    if len(set(da.values())) == 1 and len(set(db.values())) == 1:
-        c.reason = "no variation between seeds: every seed of each variant gives the same time; no test"
-        return
+    # every seed of each variant the same (5/5 at one step vs 0/5): a rank test still sees complete
+    # separation, which is evidence (as Fisher's test on the reach rate says), so it is tested
+    p, floor, name, z = _logrank_exact(da, db)
+    c.test, c.p, c.p_exact, c.p_exact_min, c.exact_test = name, p, p, floor, name
 
     def censored(d):
         return st.CensoredData(uncensored=[t for t, e in d.values() if e], right=[t for t, e in d.values() if not e])
-    res = st.logrank(censored(da), censored(db))
-    if not math.isfinite(res.pvalue):
-        c.reason = "the log-rank statistic is undefined for these times; no test"
-        return
-    c.test, c.p = "log-rank test (asymptotic)", float(res.pvalue)
-    if res.statistic != 0:  # > 0: a reached the target more often than expected under no difference
-        c.better = c.a if res.statistic > 0 else c.b
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        asym = float(st.logrank(censored(da), censored(db)).pvalue)
+    if math.isfinite(asym):
+        below = (f" - below {_p(floor).removeprefix('= ')}, the smallest p any exact test can give at these n: "
+                 "the approximation overstates the evidence" if asym < floor * (1 - 1e-9) else "")
+        c.extra = f"asymptotic log-rank p {_p(asym)}{below}; " + c.extra
+    if z != 0:  # > 0: a reached the target more often than expected under no difference
+        c.better = c.a if z > 0 else c.b
         k = sum(r["status"] == "diverged" for r in (ra if c.better == c.a else rb))
         if k:
-            c.reason = (f"{c.better}'s {k} diverged run(s) are censored where they stopped, which favours it: "
-                        "a variant with diverged runs wins nothing")
+            c.reason = (f"{c.better}'s {k} diverged run(s) are censored at the end of their planned budget, but a "
+                        "variant with diverged runs wins nothing")
 
 
 def _divergence_pair(c: Comparison, ra: list[dict], rb: list[dict]) -> None:
@@ -573,26 +767,47 @@ def compare(runs: list[dict], variants: list[str], *, primary: str = DEFAULT_PRI
             c.diff_low = c.diff_high = math.nan
             c.reason = "a smoke test (--quick) draws no conclusions"
     prim = [c for c in out if c.role == "primary"]
-    for c, p in zip(prim, holm([c.p for c in prim])):
-        c.p_holm = p
-        _verdict(c, by_variant)
+    floors = holm([c.p_exact_min for c in prim])  # the best any data could do, after Holm
+    for c, p, pe, floor in zip(prim, holm([c.p for c in prim]), holm([c.p_exact for c in prim]), floors):
+        c.p_holm, c.p_exact_holm = p, pe
+        _verdict(c, by_variant, floor, len(prim), sum(f is not None for f in floors))
     for c in out:
         c.sentence = _sentence(c, target)
     return out
 
 
-def _verdict(c: Comparison, by_variant: dict[str, list[dict]]) -> None:
-    if c.p_holm is None or c.better is None:
+def _verdict(c: Comparison, by_variant: dict[str, list[dict]], floor_holm: float | None = None,
+             family: int = 1, tested: int = 1) -> None:
+    """The pre-set rule. A verdict needs a test that can reach α: where the exact test's smallest
+    attainable p (Holm-adjusted as if every pair of the family were at its own floor, ``floor_holm``)
+    is not below α, no data could give one - the reason says so and how many seeds per variant would.
+    Otherwise the verdict's test (Holm-adjusted) must be below α, and the permutation test
+    (Holm-adjusted over the same family) too; a variant with diverged runs wins nothing."""
+    def withhold(why: str) -> None:
+        c.reason = "; ".join(t for t in (why, c.reason) if t)
+
+    if c.p is None:
         return
-    if c.p_holm >= ALPHA:
+    if floor_holm is not None and floor_holm >= ALPHA * (1 - 1e-12):
+        paired = "sign-flip" in c.exact_test
+        need = seeds_for_verdict(paired, family)
+        holm_text = f" ({floor_holm:.2g} after Holm over {tested} tested comparisons)" if tested > 1 else ""
+        need_floor = exact_floor(need, need, paired)
+        need_text = f"{need_floor:.2g}" + (f", {need_floor * family:.2g} after Holm over {family}" if family > 1 else "")
+        withhold(f"no verdict is possible with n = {c.n_a} vs {c.n_b}: the smallest p the {c.exact_test} can give "
+                 f"at these n is {c.p_exact_min:.2g}{holm_text}, not below α = {ALPHA}; {need} seeds per variant "
+                 f"would make a verdict possible (smallest p {need_text})")
         return
-    if min(c.n_a, c.n_b) <= EXACT_N and c.p_exact is not None:
-        if c.p_exact > max(ALPHA, c.p_exact_min) * (1 + 1e-9):
-            c.reason = (f"the {c.exact_test} does not agree (p {_p(c.p_exact)}), and at n <= {EXACT_N} per "
-                        "variant a verdict needs it to")
-            return
+    if c.p_holm is None or c.better is None or c.p_holm >= ALPHA:
+        return
+    if c.p_exact_holm is not None and c.p_exact_holm >= ALPHA:
+        withhold(f"the {c.exact_test} does not agree (p {_p(c.p_exact)}, Holm-adjusted {_p(c.p_exact_holm)}), "
+                 "and a verdict needs it to")
+        return
     if any(r["status"] == "diverged" for r in by_variant[c.better]):
-        c.reason = f"{c.better} diverged in some seeds, and a variant with diverged runs wins nothing"
+        if "wins nothing" in c.reason:
+            return
+        withhold(f"{c.better} diverged in some seeds, and a variant with diverged runs wins nothing")
         return
     c.winner = c.better
 
@@ -604,9 +819,15 @@ def _sentence(c: Comparison, target) -> str:
         return f"Smoke test, {c.label}: {pair}; no test, no verdict."
     exact = ""
     if c.p_exact is not None:
-        exact = f"; {c.exact_test} p {_p(c.p_exact)}"
+        exact = "" if c.exact_test == c.test else f"; {c.exact_test} p {_p(c.p_exact)}"
         if c.p_exact_min is not None and c.p_exact <= c.p_exact_min * (1 + 1e-9):
             exact += " (two-sided; the smallest possible at these n: every seed points the same way)"
+        if c.p_exact_min is not None and c.p is not None and c.exact_test != c.test and c.p < c.p_exact_min:
+            exact += (f" (the {c.test.split(' over ')[0]}'s p is below {c.p_exact_min:.2g}, the smallest an exact "
+                      "test can give at these n: it rests on the normal approximation)")
+    if c.p_exact_holm is not None and c.exact_test != c.test:
+        exact += f", Holm-adjusted {_p(c.p_exact_holm)}"
+    mde = f"; {c.mde_text}" if c.mde_text and c.p is not None else ""
     extra = f"; {c.extra}" if c.extra else ""
     ns = f"n = {c.n_a} vs {c.n_b}"
     if c.metric == "diverged":
@@ -615,7 +836,8 @@ def _sentence(c: Comparison, target) -> str:
         return (f"Exploratory, divergence rate: {c.a} diverged in {c.value_a} finished runs, {c.b} in {c.value_b} "
                 f"({c.diff_text}; {c.test} p {_p(c.p)}).")
     tt = FIELDS[c.metric].kind == "time_to_target"
-    what = (f"{c.label} (target {target}; runs that never reached it are censored where they stopped)" if tt
+    what = (f"{c.label} (target {target}; runs that never reached it are censored where they stopped, diverged ones at "
+             "the end of their planned budget)" if tt
             else c.label)
     if c.p is None:
         head = "No verdict on" if c.role == "primary" else "Exploratory, no test of"
@@ -624,8 +846,9 @@ def _sentence(c: Comparison, target) -> str:
     if c.role == "exploratory":
         note = f" Note: {c.reason}." if c.reason else ""
         return (f"Exploratory, {what}: {pair}{diff}; {c.test} p {_p(c.p)} (not adjusted for multiple comparisons)"
-                f"{exact}{extra}; {ns}.{note}")
-    stats_text = f"{c.test}, Holm-adjusted p {_p(c.p_holm)}{exact}{extra}; {ns}"
+                f"{exact}{extra}; {ns}{mde}.{note}")
+    own = f" p {_p(c.p)}," if c.exact_test == c.test else ""
+    stats_text = f"{c.test}{own} Holm-adjusted p {_p(c.p_holm)}{exact}{extra}; {ns}{mde}"
     if c.winner:
         w_first = c.winner == c.a
         vw, vl = (c.value_a, c.value_b) if w_first else (c.value_b, c.value_a)
@@ -634,13 +857,70 @@ def _sentence(c: Comparison, target) -> str:
                        diff_high=c.diff_high if w_first else -c.diff_low)
         if tt:
             return (f"{c.winner} reaches the target {target} sooner than {loser} ({c.label}; runs that never reached "
-                    f"it are censored where they stopped): {vw} vs {vl}, {d.diff_text}; {stats_text}.")
+                    f"it are censored where they stopped, diverged ones at the end of their planned budget): {vw} vs "
+                    f"{vl}, {d.diff_text}; {stats_text}.")
         word = "a higher" if FIELDS[c.metric].higher_is_better else "a lower"
         return (f"{c.winner} reaches {word} {c.label} than {loser}: {vw} vs {vl}, difference {d.diff_text}; "
                 f"{stats_text}.")
     if c.reason:  # significant by the t-test, yet the pre-set rule withholds the verdict: say exactly that
         return f"No verdict on {c.a} vs {c.b} on {what} under the pre-set rule ({c.reason}): {pair}{diff}; {stats_text}."
     return f"These runs do not separate {c.a} and {c.b} on {what}: {pair}{diff}; {stats_text}."
+
+
+@dataclass
+class PlanLine:
+    """How many seeds a pair of variants needs to detect a difference (``plan``)."""
+    a: str
+    b: str
+    paired: bool
+    n: int  # seeds per variant observed (the smaller)
+    sd: float  # the observed SD: of the paired differences, or pooled within variants (nan: none)
+    detectable: float  # the smallest difference detectable at POWER with the observed n (nan: not known)
+    seeds: int | None  # seeds per variant needed for the difference (None: the SD is not known)
+    sentence: str = ""
+
+
+def plan(runs: list[dict], variants: list[str], difference: float, metric: str = DEFAULT_PRIMARY,
+         pairs=None) -> list[PlanLine]:
+    """For each pair of variants (default: all): from the observed seed-to-seed SD of ``metric`` over
+    the runs that finished without diverging, the smallest difference the present design detects with
+    80% power, and the seeds per variant a study needs to detect ``difference`` with Holm over all the
+    pairs (``seeds_needed``: statsmodels' TTestPower / TTestIndPower, never fewer than an exact test
+    needs to reach α)."""
+    f = FIELDS[metric]
+    if f.kind != "outcome":
+        raise ValueError(f"a plan needs an outcome metric with a seed-to-seed SD (got {metric!r}, a {f.kind} field)")
+    pairs = list(pairs) if pairs is not None else list(itertools.combinations(variants, 2))
+    out = []
+    for a, b in pairs:
+        va = _outcome_values([r for r in runs if r["variant"] == a], metric)[0]
+        vb = _outcome_values([r for r in runs if r["variant"] == b], metric)[0]
+        paired = bool(va) and set(va) == set(vb)
+        if paired:
+            d = np.array([va[s] - vb[s] for s in sorted(va)])
+            sd = float(np.std(d, ddof=1)) if d.size >= 2 else math.nan
+        else:
+            x, y = np.array(list(va.values())), np.array(list(vb.values()))
+            sd = (math.sqrt(((x.size - 1) * np.var(x, ddof=1) + (y.size - 1) * np.var(y, ddof=1)) / (x.size + y.size - 2))
+                  if min(x.size, y.size) >= 2 else math.nan)
+        n = min(len(va), len(vb))
+        line = PlanLine(a, b, paired, n, sd, detectable_difference(sd, len(va), len(vb), paired), None)
+        design = "paired differences" if paired else "within variants"
+        if not (math.isfinite(sd) and sd > 0):
+            line.sentence = (f"{a} vs {b}: no seed-to-seed SD of the {f.label} to plan from (n = {len(va)} vs "
+                             f"{len(vb)}{', no variation between seeds' if sd == 0 else ''}); run at least "
+                             f"{seeds_for_verdict(paired, len(pairs))} seeds per variant, the fewest at which an exact "
+                             "test can reach α")
+        else:
+            line.seeds = seeds_needed(difference, sd, paired, len(pairs))
+            now = (f"now detectable with {POWER:.0%} power: ±{line.detectable:.{f.digits}f}"
+                   if math.isfinite(line.detectable) else "nothing detectable yet")
+            line.sentence = (f"{a} vs {b}: observed SD {sd:.2g} ({design}, n = {len(va)} vs {len(vb)}); {now}; to "
+                             f"detect a difference of {difference:g} in {f.label} with {POWER:.0%} power at α = {ALPHA} "
+                             f"(Holm over {len(pairs)} pair{'s' if len(pairs) != 1 else ''}): {line.seeds} seeds per "
+                             "variant")
+        out.append(line)
+    return out
 
 
 # ------------------------------------------------------------------------------------------ BN at test time

@@ -6,12 +6,13 @@ from __future__ import annotations
 import base64
 import html
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from bnlab.experiments.read import DAMAGED, load_probes, load_results, load_shift
 from bnlab.experiments.results import COMPACT_FIELDS, FIELDS, TABLE_FIELDS
-from bnlab.experiments.stats import ALPHA, EXACT_N, MIN_N, Comparison, compare, precise_vs_moving, variant_stats
+from bnlab.experiments.stats import ALPHA, MIN_N, Comparison, compare, precise_vs_moving, variant_stats
 from bnlab.report import plots
 from bnlab.report import shift as shift_report
 
@@ -116,6 +117,22 @@ def budget_text(spec, runs) -> str:
     return text
 
 
+def report_mode(spec, runs=()) -> str | None:
+    """THE rule for "this report draws no conclusions": the reason in words, or None for a report that draws
+    them. A smoke test (``spec.smoke_test``, set by --quick) checks that the pipeline runs: its report, its
+    Markdown and the terminal's table (``bnlab run`` / ``bnlab compare``) show each run's numbers but no
+    p-value, no verdict, no trend or interaction and no reading of one, only this reason."""
+    if not spec.smoke_test:
+        return None
+    seeds = len({r["seed"] for r in runs}) or len(spec.seed_list())
+    train = [_json(r.get("config")) or {} for r in runs]
+    epochs = {t.get("train", {}).get("epochs") for t in train} - {None} or {
+        v.train.get("epochs", spec.train.get("epochs")) for v in spec.variants.values()} - {None}
+    budget = f"{seeds} seed{'s' if seeds != 1 else ''}" + (
+        f", {_seq(epochs)} epoch{'s' if max(epochs) != 1 else ''}" if epochs else "")
+    return f"smoke test: {budget}: the pipeline ran; no conclusions"
+
+
 def report_title(spec) -> str:
     return f"Smoke test (--quick): {spec.name}" if spec.smoke_test else spec.name
 
@@ -132,9 +149,9 @@ def limits_text(spec) -> str:
 def intro(spec, runs) -> list[str]:
     """The paragraphs under the title: the description, or for a smoke test what was really run; and what the
     data options cut."""
-    if spec.smoke_test:
+    if (why := report_mode(spec, runs)) is not None:
         return [p for p in (f"A smoke test, not an experiment: {budget_text(spec, runs)}. It checks that every "
-                            f"variant runs end to end; its numbers are not results, and it draws no verdicts. Run "
+                            f"variant runs end to end; its numbers are not results ({why}). Run "
                             f"`bnlab run` without --quick for the experiment itself.", limits_text(spec)) if p]
     return [p for p in (spec.description, f"Budget run: {budget_text(spec, runs)}.", limits_text(spec)) if p]
 
@@ -142,8 +159,9 @@ def intro(spec, runs) -> list[str]:
 STATS_NOTE = (f"Outcomes: mean ± half-width of the 95% confidence interval over seeds (t distribution; no interval "
               f"with fewer than {MIN_N} runs), over the runs that finished without diverging; '(n=k; ...)' marks a "
               "cell with fewer than the planned runs and says what became of the others. Times to target: "
-              "Kaplan-Meier median [95% CI]; a run that never reached the target is censored where it stopped "
-              "(its budget, or where it diverged), not dropped. The median's interval is the log-log (exponential "
+              "Kaplan-Meier median [95% CI]; a run that never reached the target is censored at its budget, not "
+              "dropped; a diverged run never reaches it and is censored at the end of its planned budget (the cell "
+              "says how many diverged, and where). The median's interval is the log-log (exponential "
               "Greenwood) one, as R's survfit(conf.type = 'log-log'); ∞ means its upper end is undefined: the "
               "band does not cross 0.5 before the last observed time, as is common with 5 runs.")
 
@@ -154,23 +172,27 @@ PRECISE_NOTE = ("Accuracy of the final model with BN's moving averages and with 
                 "difference was detected at this resolution, not that the two are equal.")
 
 
-def comparisons_note(spec, comps) -> str:
-    if spec.smoke_test:
-        return "No comparisons: a smoke test (--quick) draws no conclusions, so no test is run."
+def comparisons_note(spec, comps, runs=()) -> str:
+    if (why := report_mode(spec, runs)) is not None:
+        return f"No test, trend, interaction or reading: a smoke test (--quick) draws no conclusions ({why})."
     label = FIELDS[spec.primary_metric].label
     m = sum(c.p is not None for c in comps if c.role == "primary")
     return (f"Primary metric: {label}. Verdicts are drawn on it alone: Holm-adjusted p < {ALPHA} over its {m} tested "
             f"pair{'s' if m != 1 else ''} of variants, from a paired t-test where both variants ran the same seeds "
-            f"(Welch's t-test otherwise), with an exact permutation test alongside that must agree at n <= {EXACT_N} "
-            f"per variant (two-sided p < {ALPHA}, or, where n is too small for that, its smallest attainable value: "
-            "with 5 pairs 2/32 = 0.0625, every seed pointing the same way, a tie counting against); a test needs "
-            f"every planned run, at least {MIN_N} per variant, and variation between seeds; a variant with diverged "
-            "runs wins nothing. Every other metric is exploratory: differences, intervals and unadjusted p-values "
-            "(log-rank p-values are asymptotic: with 5 vs 5 runs no exact test goes below 2/252 = 0.0079), no "
-            "verdicts.")
+            f"(Welch's t-test otherwise), with an exact permutation test alongside that must agree (Holm-adjusted "
+            f"p < {ALPHA} too); times to target by the exact log-rank test (every relabelling of the runs), the "
+            "asymptotic one shown beside it. A verdict needs a test that can reach α: where the exact test's smallest "
+            "attainable p after Holm is not below it (2/2^n paired: 3 seeds 0.25, 5 seeds 0.0625; 2/C(2n, n) "
+            "otherwise: 3 vs 3 0.1) there is no verdict, and the sentence says how many seeds would make one "
+            f"possible. A test needs every planned run, at least {MIN_N} per variant, and variation between seeds "
+            "(for times to target, a complete separation such as 5/5 vs 0/5 reaching the target is tested); a "
+            "variant with diverged runs wins nothing. Each tested outcome states the smallest difference the design "
+            "detects with 80% power from the observed SD (statsmodels TTestPower / TTestIndPower). Every other "
+            "metric is exploratory: differences, intervals and unadjusted p-values, no verdicts.")
 
 
-EXPLORATORY_HEADER = ["metric", "variants", "values", "difference a - b (95% CI)", "test", "p (unadjusted)", "note"]
+EXPLORATORY_HEADER = ["metric", "variants", "values", "difference a - b (95% CI)", "test", "p (unadjusted)",
+                      "detectable at 80% power", "note"]
 
 
 def exploratory_rows(comps: list[Comparison]) -> list[list[str]]:
@@ -181,8 +203,9 @@ def exploratory_rows(comps: list[Comparison]) -> list[list[str]]:
         p = "-" if c.p is None else (f"{c.p:.2g}" + (f"; {c.exact_test} {c.p_exact:.2g}" if c.p_exact is not None
                                                     else ""))
         note = "; ".join(t for t in (c.extra, c.reason) if t)
+        mde = f"±{c.mde:.{FIELDS[c.metric].digits}f}" if c.metric in FIELDS and math.isfinite(c.mde) else "-"
         rows.append([c.label, f"{c.a} vs {c.b}", f"{c.value_a} vs {c.value_b}", c.diff_text, c.test or "none", p,
-                     note])
+                     mde, note])
     return rows
 
 
@@ -234,9 +257,23 @@ INTERACTION_NOTE = ("Does a method suffer more from small batches than the refer
                     "at a fixed optimiser batch) reads against its own trend above rather than this test.")
 
 
+def batch_axis(spec, runs, group: str) -> str:
+    """What a method's (variant group's) runs vary along the images-per-device axis: "the optimiser batch"
+    (its per-device batch changes), or "the statistics batch" (one optimiser batch, the batch BN normalises
+    over changing: a Ghost-BN arm). Methods on different axes are not comparable by one regression."""
+    from bnlab.experiments.stats import device_batch
+
+    configs = [c for r in runs if (spec.variants[r["variant"]].group or r["variant"]) == group
+               and isinstance(c := _json(r.get("config")), dict)]
+    per_device = {-(-c.get("train", {}).get("batch_size", 32) // c.get("train", {}).get("devices", 1))
+                  for c in configs}
+    statistics = {device_batch(c) for c in configs}
+    return "the statistics batch" if len(per_device) == 1 and len(statistics) > 1 else "the optimiser batch"
+
+
 def interaction_rows(spec, runs) -> list[list[str]]:
     """One row per method and error panel: its interaction with log2(images per device) against
-    ``spec.reference_group`` (complete methods only)."""
+    ``spec.reference_group`` (complete methods whose batch axis is the reference's, ``batch_axis``)."""
     from bnlab.experiments.stats import device_batch, interaction
 
     ref = spec.reference_group
@@ -244,6 +281,7 @@ def interaction_rows(spec, runs) -> list[list[str]]:
         return []
     group_of = {name: v.group or name for name, v in spec.variants.items()}
     unfinished = {group_of[r["variant"]] for r in runs if r["status"] not in plots.FINISHED}
+    axis = {g: batch_axis(spec, runs, g) for g in plots.method_order(spec)}
     rows = []
     for metric in plots.error_panels(runs):
         label = FIELDS[metric].label.replace("accuracy", "error")
@@ -254,6 +292,10 @@ def interaction_rows(spec, runs) -> list[list[str]]:
                 continue
             if {group, ref} & unfinished:
                 rows.append([group, ref, label, "-", "no fit: runs not finished", "-", "-"])
+                continue
+            if axis[group] != axis[ref]:  # incomparable: read against its own trend, never this test
+                rows.append([group, ref, label, "-", f"not tested: it varies {axis[group]}, {ref} {axis[ref]} "
+                             "(see its own trend above)", "-", "-"])
                 continue
             it = interaction(group, ref, metric, points)
             rows.append([group, ref, label, str(it.n), it.d_text, it.p_text, it.reading])
@@ -317,7 +359,7 @@ def build_report(folder: str | Path) -> Report:
         figs["final_accuracy"] = _png(plots.final_accuracy(runs, variants))
         figs["epoch_time"] = _png(plots.epoch_time(runs, variants))
         if any(v.group for v in spec.variants.values()):
-            made = plots.error_vs_batch_size(runs, spec)
+            made = plots.error_vs_batch_size(runs, spec, fits=report_mode(spec, runs) is None)
             if made is not None:
                 figs = {"error_vs_batch_size": _png(made), **figs}
             made = plots.curves_by_method(runs, epochs, spec)
@@ -333,7 +375,8 @@ def build_report(folder: str | Path) -> Report:
                 made = make(probes, runs, variants)
                 if made is not None:
                     figs[name] = _png(made)
-    shift, made = shift_report.section(spec, runs, load_shift(folder))  # the bn-shift study: its figure first
+    # the bn-shift study: its figure first
+    shift, made = shift_report.section(spec, runs, load_shift(folder), report_mode(spec, runs))
     if made is not None:
         figs = {shift_report.FIGURE: _png(made), **figs}
     t = texts(spec, runs)
@@ -378,6 +421,8 @@ class Texts:
     trends: list[list[str]]  # rows under TREND_HEADER
     interactions: list[list[str]] = field(default_factory=list)  # rows under INTERACTION_HEADER
     drift: tuple[str, list[str], list[list[str]]] | None = None  # (note, header, rows): figure1.drift_table
+    no_conclusions: str | None = None  # report_mode: why this report draws none (then no test, fit or reading)
+    data: list[str] = field(default_factory=list)  # figure1.data_sentences: the data trained on, where it differs
 
 
 def texts(spec, runs, metrics=TABLE_METRICS, compared=None, short: bool = False) -> Texts:
@@ -394,13 +439,15 @@ def texts(spec, runs, metrics=TABLE_METRICS, compared=None, short: bool = False)
                     if (lost := sum(bool(r.get("damage")) and r["status"] != DAMAGED for r in runs)) else "")
                  + ".")
     precise = precise_rows(notes)
-    if spec.smoke_test:  # numbers only: a smoke test judges nothing
+    why = report_mode(spec, runs)
+    if why is not None:  # numbers only: judged, tested, fitted and read nowhere
         precise = [r[:-1] + ["not judged (smoke test)"] for r in precise]
+        comps = [c for c in comps if c.role not in ("primary", "exploratory")]
     return Texts(report_title(spec), intro(spec, runs), budget_text(spec, runs), runs_line, header, rows, precise,
-                 [] if spec.smoke_test else [n.sentence for n in notes if n.disagree], comparisons_note(spec, comps),
+                 [] if why else [n.sentence for n in notes if n.disagree], comparisons_note(spec, comps, runs),
                  [c for c in comps if c.role == "primary"], exploratory_rows(comps), failure_lines(runs),
-                 [c for c in comps if c.role == "exploratory"], trend_rows(spec, runs),
-                 interaction_rows(spec, runs))
+                 [c for c in comps if c.role == "exploratory"], [] if why else trend_rows(spec, runs),
+                 [] if why else interaction_rows(spec, runs), no_conclusions=why)
 
 
 def _md_table(header, rows) -> list[str]:
@@ -438,9 +485,8 @@ def _figure1_texts(t: Texts, folder: Path, spec, runs, probes) -> None:
     layer's input (``bnlab.report.figure1``)."""
     from bnlab.report import figure1
 
-    choice = figure1.data_choice(folder)
-    if choice is not None:
-        t.intro.append(figure1.data_sentence(choice))
+    t.data = figure1.data_sentences(folder, spec)
+    t.intro.extend(t.data)
     layer, _ = plots.last_hidden_activation(probes)
     header, rows = figure1.drift_table(probes, runs, list(spec.variants), layer, spec.smoke_test)
     if rows:

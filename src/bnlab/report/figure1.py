@@ -32,6 +32,51 @@ def data_sentence(choice: DataChoice) -> str:
             f"Data: {choice.dataset}, the spec's fallback for {choice.primary} ({choice.reason})") + "."
 
 
+def declared_dataset(spec) -> str | None:
+    """The dataset of the experiment's own [data] section where a --quick run's [quick] data swapped another
+    in (the stored spec is the quick one): known for a shipped preset whose quick scale the stored spec is;
+    None where nothing was swapped or the declared one is not known (a spec file's own [data])."""
+    from bnlab.experiments.spec import apply_quick, load_experiment, preset_names
+
+    if not spec.smoke_test or "dataset" not in spec.quick.data or spec.name not in preset_names():
+        return None
+    preset = load_experiment(spec.name)
+    quick = apply_quick(preset)
+    if quick.quick != spec.quick or quick.data.dataset != spec.data.dataset:
+        return None  # a spec file that takes a preset's name
+    return preset.data.dataset
+
+
+def trained_on(spec, choice: DataChoice | None) -> str | None:
+    """The one sentence, naming both, where the dataset the runs trained on is not the one the preset or spec
+    declares: a [data] fallback taken, or a --quick scale that swaps in another dataset; None where they agree.
+    The report's intro and the terminal (bnlab run, bnlab compare) both say it."""
+    quick = spec.quick.data.get("dataset") if spec.smoke_test else None
+    if quick is None:
+        return data_sentence(choice) if choice is not None and choice.fallback else None
+    actual = choice.dataset if choice is not None else spec.data.dataset
+    declared = declared_dataset(spec)
+    if declared == actual:
+        return None
+    text = (f"Trained on {actual}, not {declared}, the preset's dataset: the smoke test (--quick) swaps in {quick}"
+            if declared is not None else
+            f"Trained on {actual}: the smoke test (--quick) swaps in {quick}, the dataset its [quick] section names, "
+            "for the spec's own [data] dataset (not kept in a smoke test's stored spec)")
+    if choice is not None and choice.fallback:
+        text += f", and {choice.dataset} is its fallback ({choice.reason})"
+    return text + "."
+
+
+def data_sentences(folder: str | Path, spec) -> list[str]:
+    """The report intro's data sentences: ``trained_on`` where the data differs from the declared, else the
+    data choice of a spec with a [data] fallback (``data_sentence``), else none."""
+    choice = data_choice(folder)
+    differs = trained_on(spec, choice)
+    if differs is not None:
+        return [differs]
+    return [data_sentence(choice)] if choice is not None else []
+
+
 def drift_note(layer: str) -> str:
     tenth = f"{FRACTION:.0%}" if FRACTION != 0.1 else "tenth"
     return (f"Drift of the input to {layer} (the last hidden activation layer), Fig. 1(b, c)'s question of how much "
@@ -61,4 +106,5 @@ def drift_table(probes: list[dict], runs: list[dict], variants: list[str], layer
     return header, out
 
 
-__all__ = ["data_choice", "data_sentence", "drift_note", "drift_table"]
+__all__ = ["data_choice", "data_sentence", "data_sentences", "declared_dataset", "drift_note", "drift_table",
+           "trained_on"]

@@ -548,10 +548,11 @@ def method_order(spec) -> list[str]:
     return list(dict.fromkeys(v.group or name for name, v in spec.variants.items()))
 
 
-def error_vs_batch_size(runs, spec):
+def error_vs_batch_size(runs, spec, fits: bool = True):
     """Error (100 x (1 - accuracy)) against the images per device, one line per variant group (method),
     mean over seeds with 95% CI bars: the shape of Wu & He 2018, Figure 1. One panel per accuracy of
-    ``error_panels`` (moving averages, precise statistics)."""
+    ``error_panels`` (moving averages, precise statistics). ``fits``: the report fits trends to the lines
+    (False: a report that draws no conclusions, ``bnlab.report.build.report_mode``; the caption says so)."""
     from bnlab.experiments.stats import mean_ci
 
     metrics = error_panels(runs)
@@ -589,7 +590,8 @@ def error_vs_batch_size(runs, spec):
                + (f"; panels: {' and '.join(FIELDS[m].label for m in metrics)}" if len(metrics) > 1 else
                   f" ({FIELDS[metrics[0]].label})")
                + f"; points: mean over the runs at that setting ({seeds}), bars: 95% t-interval over those runs "
-               "(none with fewer than 3 runs; drawn clipped to 0-100 %). The trend table fits each line's slope."
+               "(none with fewer than 3 runs; drawn clipped to 0-100 %). "
+               + ("The trend table fits each line's slope." if fits else "No line is fitted or read: a smoke test.")
                + (" A method without batch statistics has none to make precise: its precise panel shows its own "
                   "accuracy." if any(m in OWN_ACCURACY for m in metrics) else ""))
     return fig, caption

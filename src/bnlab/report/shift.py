@@ -316,11 +316,20 @@ class Section:
     sentence: str
 
 
-def section(spec, runs: list[dict], rows: list[dict]) -> tuple[Section | None, tuple | None]:
-    """(the table and sentence, the (figure, caption)), each None without shift rows."""
+def section(spec, runs: list[dict], rows: list[dict],
+            no_conclusions: str | None = None) -> tuple[Section | None, tuple | None]:
+    """(the table and sentence, the (figure, caption)), each None without shift rows. ``no_conclusions``
+    (``bnlab.report.build.report_mode``'s reason: a smoke test): the accuracies only, without the paired
+    differences and their intervals, and the reason in place of the sentence."""
     s = study(spec, runs, rows)
     if s is None:
         return None, None
+    if no_conclusions:
+        cut = header(s).index(next(h for h in header(s) if h.startswith("difference from")))
+        drop = lambda row: row[:cut] + row[cut + 1:]  # noqa: E731
+        return Section(drop(header(s)), [drop(r) for r in table_rows(s)],
+                       note(s).split(" The difference is paired")[0] + " No difference is tested: "
+                       + no_conclusions + ".", f"No conclusion is drawn ({no_conclusions})."), figure(s)
     return Section(header(s), table_rows(s), note(s), sentence(s, spec.smoke_test)), figure(s)
 
 
