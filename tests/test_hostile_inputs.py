@@ -82,7 +82,7 @@ def test_an_experiment_name_that_is_not_a_folder_name_is_refused_and_nothing_wri
     spec.write_text(spec_toml(name=name))
     before = files_under(tmp_path)
     refused(["run", spec], rf"name: experiment name {re.escape(' '.join(repr(name).split()))} is not allowed: "
-            r"expected 1-64 letters, digits, '\.', '_' or '-', starting with a letter or digit .*no path separators, "
+            r"expected 1-64 ASCII letters, digits, '\.', '_' or '-', starting with a letter or digit .*no path separators, "
             r"no '\.\.', no absolute path")
     assert files_under(tmp_path) == before  # no runs/, no store, nothing beside or above the working directory
 
@@ -103,7 +103,7 @@ def test_a_variant_named_as_a_path_is_refused_through_the_same_rule(tmp_path, cw
     spec = tmp_path / "spec.toml"
     spec.write_text(spec_toml().replace("[variants.a]", '[variants."../../../x"]'))
     before = files_under(tmp_path)
-    refused(["run", spec], r"variant name '\.\./\.\./\.\./x' is not allowed: expected 1-64 letters")
+    refused(["run", spec], r"variant name '\.\./\.\./\.\./x' is not allowed: expected 1-64 ASCII letters")
     assert files_under(tmp_path) == before
 
 
@@ -333,3 +333,39 @@ def test_probe_and_dataset_options_are_strictly_typed(section, values):
         data["data"]["options"] = values
     with pytest.raises(Exception, match=next(iter(values))):
         parse_experiment(data)
+
+
+# ------------------------------------------------------- found by the adversarial re-run (issue 27)
+
+def test_a_fraction_that_rounds_to_no_validation_image_is_refused(cwd):
+    """validation = 1e-300 is a fraction of the training split, but it rounds to 0 images per class: the run
+    would have no primary result, be stored as damaged and redone for ever. Refused before anything is written."""
+    refused(["train", "fashion-mlp-bn-before", "--dataset", "digits", "--epochs", "1", "--validation", "1e-300",
+             "--out", "run"], r"validation fraction 1e-300 of 1437 training examples gives 0 validation")
+    assert files_under(cwd) == []
+    from bnlab.data.dataset import split_validation
+
+    import numpy as np
+
+    y = np.repeat(np.arange(3), 4)
+    assert len(split_validation(np.zeros((12, 2)), y, 0.25, 0)[3]) == 3  # one per class: fine
+    with pytest.raises(ValueError, match="gives 12 validation and 0 training"):
+        split_validation(np.zeros((12, 2)), y, 0.99, 0)
+
+
+@pytest.mark.parametrize("norm", ["ghost:1000000000", "group:1000000"])
+def test_an_absurd_norm_size_is_refused_by_the_spec(norm):
+    from bnlab.models import parse_model_spec
+
+    with pytest.raises(Exception, match="should match pattern"):
+        parse_model_spec({"hidden": [8], "bn": "before", "norm": norm})
+    parse_model_spec({"hidden": [8], "bn": "before", "norm": norm[:7]})  # a sensible size still parses
+
+
+def test_a_typo_in_the_quick_section_is_refused_without_quick(cwd):
+    spec = cwd / "q.toml"
+    spec.write_text('name = "q"\nseeds = 1\n[data]\ndataset = "digits"\n[train]\nepochs = 1\n'
+                    '[quick.train]\nepohcs = 1\n[variants.a]\n')
+    refused(["run", spec], r"its \[quick\] section does not give a valid spec", r"variants\.a\.train\.epohcs: Extra "
+            r"inputs are not permitted")
+    assert files_under(cwd) == ["q.toml"]

@@ -7,6 +7,7 @@ epsilon -1 and 10**12 units gave tracebacks."""
 
 from __future__ import annotations
 
+import importlib
 import json
 import subprocess
 import sys
@@ -312,3 +313,147 @@ def test_the_attack_sizes_of_issue_27_are_refused_cheaply(tmp_path):
         peaks = _peaks([path], ok)
         assert peaks[str(path)][1] != "accepted"
         assert peaks[str(path)][0] - peaks["baseline"] < 64 * MiB, (name, peaks)
+
+
+# ---- issue: a tiny file declaring a huge input; configs of the wrong JSON type; paths that are not files
+
+def _big_input_keras(d: Path, side: int = 4096, filters: int = 8) -> Path:
+    """A ~18 KB .keras: Input (side, side, 1) -> Conv2D(filters, 1x1) -> GlobalAveragePooling2D -> Dense(2).
+    A real forward of batch 2 at its declared input makes a 2 x side^2 x filters float32 map (1 GiB here)."""
+    def layer(cls, name, config, shape):
+        return {"module": "keras.layers", "class_name": cls, "config": {"name": name, "dtype": "float32", **config},
+                "build_config": {"input_shape": [None, *shape]}}
+
+    cfg = {"module": "keras", "class_name": "Sequential", "config": {"name": "big", "layers": [
+        {"module": "keras.layers", "class_name": "InputLayer",
+         "config": {"batch_shape": [None, side, side, 1], "dtype": "float32", "name": "input_layer"}},
+        layer("Conv2D", "conv2d", {"filters": filters, "kernel_size": [1, 1], "strides": [1, 1], "padding": "valid",
+                                   "activation": "relu", "use_bias": True}, [side, side, 1]),
+        layer("GlobalAveragePooling2D", "global_average_pooling2d", {}, [side, side, filters]),
+        layer("Dense", "dense", {"units": 2, "activation": "softmax", "use_bias": True}, [filters])]}}
+    weights = {"conv2d": [np.ones((1, 1, 1, filters), "f4"), np.zeros(filters, "f4")],
+               "dense": [np.ones((filters, 2), "f4"), np.zeros(2, "f4")]}
+    write_keras3_weights(d / "big.weights.h5", weights=weights)
+    write_keras_zip(d / "big.keras", config=cfg, weights_file=d / "big.weights.h5")
+    return d / "big.keras"
+
+
+_SUMMARY_PEAK = """
+import json, resource, sys
+from bnlab.deploy.summary import summary_of
+from bnlab.keras import import_keras
+def peak():
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+summary_of(sys.argv[1])  # a legitimate tiny file first: every lazy import done
+out = {"baseline": peak()}
+s = summary_of(sys.argv[2])
+out["keras"] = [peak(), [list(r.output_shape) for r in s.rows], s.total]
+import_keras(sys.argv[2], sys.argv[3])
+s = summary_of(sys.argv[3])
+out["import"] = [peak(), s.total]
+s = summary_of(sys.argv[4])
+out["spec"] = [peak(), [list(r.output_shape) for r in s.rows][-2:]]
+print(json.dumps(out))
+"""
+
+
+def test_summary_and_import_of_a_huge_declared_input_allocate_no_activations(tmp_path):
+    """A 18 KB file declaring a (4096, 4096, 1) input took 1.4 GB in summary / import-keras (a forward of
+    zeros at that shape); a spec file with a (1, 2048, 2048) input and 64 filters 2 GiB. The summary now
+    runs on the meta device: within the baseline + 64 MiB, and the same shapes and counts."""
+    big = _big_input_keras(tmp_path)
+    spec = tmp_path / "big_spec.json"
+    spec.write_text(json.dumps({"kind": "cnn", "blocks": [64], "input_shape": [1, 2048, 2048],
+                                "final_block": None, "head": "gap"}))
+    res = subprocess.run([sys.executable, "-c", _SUMMARY_PEAK, str(_zip("ok")(tmp_path)), str(big),
+                          str(tmp_path / "imported"), str(spec)], capture_output=True, text=True, timeout=300,
+                         cwd=TESTS)
+    assert res.returncode == 0, res.stderr[-3000:]
+    out = json.loads(res.stdout)
+    assert [1, 4096, 4096] in out["keras"][1] and out["keras"][1][-2:] == [[8], [2]]
+    assert out["keras"][2] == 8 * 2 + 8 * 2 + 2
+    assert out["import"][1] == out["keras"][2]
+    assert len(out["spec"][1][-1]) == 1  # the head's (classes,)
+    for key in ("keras", "import", "spec"):
+        assert out[key][0] - out["baseline"] < 64 * MiB, (key, out)
+
+
+def test_a_model_that_cannot_run_on_meta_gets_a_bounded_real_forward(monkeypatch):
+    """Only where the meta forward fails (code reading a value) does summarize run a real one, and only
+    within MAX_SUMMARY_ACTIVATION_BYTES of estimated activations (1 GiB; lowered here to keep the test small)."""
+    import torch
+    from torch import nn
+
+    summary_module = importlib.import_module("bnlab.models.summary")
+    from bnlab.models.summary import summarize
+
+    monkeypatch.setattr(summary_module, "MAX_SUMMARY_ACTIVATION_BYTES", 1_000_000, raising=False)
+
+    class Reads(nn.Module):  # reads a value: cannot run on the meta device
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(1, 64, 1)
+            self.head = nn.Linear(64, 2)
+
+        def forward(self, x):
+            y = self.conv(x).mean((2, 3))
+            return self.head(y) * float(y.abs().sum() >= 0)
+
+    with pytest.raises(ValueError, match=r"\(1, 64, 64\) would allocate activations of about 2,097,152 bytes, more "
+                                         r"than the 1,000,000 \(bnlab.models.summary.MAX_SUMMARY_ACTIVATION_BYTES\)"):
+        summarize(Reads(), (1, 64, 64))
+    s = summarize(Reads(), (1, 8, 8))
+    assert [r.output_shape for r in s.rows] == [(64, 8, 8), (2,)] and s.total == 128 + 130
+    assert isinstance(next(Reads().parameters()), torch.nn.Parameter)
+
+
+def _typed(**changes):
+    """The tiny .keras with config fields replaced: layer name -> {field: value}."""
+    cfg = tiny_keras3_config()
+    for layer in cfg["config"]["layers"]:
+        layer["config"].update(changes.get(layer["config"]["name"], {}))
+    return _zip("typed", config=cfg)
+
+
+def _bool_kernel(d: Path) -> Path:
+    def edit(f):
+        del f["layers/dense/vars/0"]
+        f.create_dataset("layers/dense/vars/0", data=np.ones((4, 3), bool))
+    return _weights_zip(d, "boolkernel", edit)
+
+
+TYPED = {
+    "units-3.0": (_typed(dense={"units": 3.0}), "layer 'dense' (Dense): units must be an integer (got 3.0)"),
+    "units-true": (_typed(dense={"units": True}), "layer 'dense' (Dense): units must be an integer (got True)"),
+    "epsilon-true": (_typed(batch_normalization={"epsilon": True}),
+                     "layer 'batch_normalization' (BatchNormalization): epsilon must be a number (got True)"),
+    "momentum-string": (_typed(batch_normalization={"momentum": "0.9"}),
+                        "layer 'batch_normalization' (BatchNormalization): momentum must be a number (got '0.9')"),
+    "center-string": (_typed(batch_normalization={"center": "false"}),
+                      "layer 'batch_normalization' (BatchNormalization): center must be true or false (got 'false')"),
+    "use-bias-1": (_typed(dense_1={"use_bias": 1}), "layer 'dense_1' (Dense): use_bias must be true or false (got 1)"),
+    "bool-kernel": (_bool_kernel, "layer 'dense' (Dense): kernel must be a floating-point array (got dtype bool"),
+}
+
+
+@pytest.mark.parametrize("case", list(TYPED))
+def test_keras_config_fields_must_have_their_json_type(case, tmp_path):
+    make, part = TYPED[case]
+    path = make(tmp_path)
+    _one_error_line(runner.invoke(app, ["import-keras", str(path), "--out", str(tmp_path / "out")]), [part])
+    assert not (tmp_path / "out").exists()
+
+
+def test_import_keras_says_what_a_path_that_is_not_a_file_is(tmp_path):
+    import os
+
+    (tmp_path / "folder.keras").mkdir()
+    os.mkfifo(tmp_path / "pipe.h5")
+    (tmp_path / "zero.keras").symlink_to("/dev/zero")
+    for name, what in [("folder.keras", "is a folder, not a regular file"),
+                       ("pipe.h5", "is a FIFO (named pipe), not a regular file"),
+                       ("zero.keras", "is a character device (through a symbolic link), not a regular file"),
+                       ("missing.h5", "no such file")]:
+        res = runner.invoke(app, ["import-keras", str(tmp_path / name), "--out", str(tmp_path / "out")])
+        line = _one_error_line(res, [f"{tmp_path / name}: {what}"])
+        assert ("no such file" in line) == (name == "missing.h5"), line

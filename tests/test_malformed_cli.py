@@ -66,7 +66,7 @@ CASES = [
     _case("summary-spec-not-utf8", ["summary", "LATIN1.toml"], r"latin1\.toml: not UTF-8"),
     _case("summary-hidden-too-wide", ["summary", "WIDE.json"], r"hidden.*less than or equal to 65536"),
     _case("summary-pydantic-brackets-survive", ["summary", "BRACKETS.json"],
-          r"\[type=list_type, input_value='\[data\]'"),
+          r"not a valid model spec: hidden: Input should be a valid list \(got '\[data\]'\)"),
     # bnlab recalibrate
     _case("recalibrate-out-is-a-file", ["recalibrate", "CHECKPOINT", "--out", "FILE"],
           r"--out .*afile: expected a folder for the recalibrated checkpoint, but it is a file"),

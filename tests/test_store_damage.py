@@ -312,3 +312,88 @@ def test_a_damaged_run_goes_back_to_pending_with_nothing_of_it_left(finished, tm
     assert row["epochs"] == row["probes"] == row["shift"] == [] and before["no-bn/seed-0"]["epochs"]
     assert row["config"] == before["no-bn/seed-0"]["config"]
     assert after == {k: v for k, v in before.items() if k != "no-bn/seed-0"}
+
+
+# ================================================================ hostile rows: identity, config, ranges, orphans
+
+HOSTILE = {  # name -> (SQL on the finished store, the reason the readers and bnlab run must name)
+    "seed-text": ("UPDATE runs SET seed = 'abc' WHERE run_id = 'no-bn/seed-1'", r"its seed is 'abc', not a whole number"),
+    "config-not-json": ("UPDATE runs SET config = '{not json' WHERE run_id = 'no-bn/seed-1'",
+                        r"its config \('\{not json'\) is not JSON"),
+    "config-a-list": ("UPDATE runs SET config = '[1,2]' WHERE run_id = 'no-bn/seed-1'",
+                      r"its config \('\[1,2\]'\) is not a JSON object"),
+    "config-nested-deep": (f"UPDATE runs SET config = '{'[' * 100_000}{']' * 100_000}' WHERE run_id = 'no-bn/seed-1'",
+                           r"its config nests deeper than 64 levels"),
+    "accuracy-above-one": (f"UPDATE runs SET {FVA} = 5.0 WHERE run_id = 'no-bn/seed-1'",
+                           r"final_val_accuracy is 5\.0: above 1"),
+    "accuracy-negative": (f"UPDATE runs SET {FVA} = -1 WHERE run_id = 'no-bn/seed-1'",
+                          r"final_val_accuracy is -1\.0: below 0"),
+    "best-epoch-huge": ("UPDATE runs SET best_epoch = 1e300 WHERE run_id = 'no-bn/seed-1'",
+                        r"best_epoch is 1e\+300: beyond its planned epochs \(2\)"),
+    "steps-fractional": ("UPDATE runs SET steps_run = 2.5 WHERE run_id = 'no-bn/seed-1'",
+                         r"steps_run is 2\.5: not a whole number"),
+    "seconds-negative": ("UPDATE runs SET train_seconds = -3 WHERE run_id = 'no-bn/seed-1'",
+                         r"train_seconds is -3\.0: below 0"),
+    "orphan-variant": ("UPDATE runs SET variant = 'zzz' WHERE run_id = 'no-bn/seed-1'",
+                       r"its variant 'zzz' and seed 1 are not those of its run id 'no-bn/seed-1'"),
+    "orphan-path-variant": ("UPDATE runs SET variant = '../../x' WHERE run_id = 'no-bn/seed-1'",
+                            r"its variant '\.\./\.\./x' and seed 1 are not those of its run id"),
+    "seed-of-another-run": ("UPDATE runs SET seed = 7 WHERE run_id = 'no-bn/seed-1'",
+                            r"its variant 'no-bn' and seed 7 are not those of its run id 'no-bn/seed-1'"),
+}
+
+
+@pytest.mark.parametrize("case", HOSTILE)
+def test_a_hostile_row_is_named_left_out_and_redone(finished, tmp_path, case):
+    statement, why = HOSTILE[case]
+    folder = Path(shutil.copytree(finished, tmp_path / "e"))
+    _sql(statement)(folder)
+    for command in ("compare", "report"):
+        code, out, exc = _invoke(command, folder)
+        assert code == 0 and (exc is None or isinstance(exc, SystemExit)) and "Traceback" not in out, (out, exc)
+        if command == "compare":
+            assert re.search(r"no-bn/seed-1: damaged: .*" + why, out), out
+    md = (folder / "report.md").read_text()
+    assert re.search(r"- no-bn/seed-1: damaged: .*" + why + r".*; left out of the statistics", md), md
+    spec, runs, _ = load_results(folder)
+    no_bn = variant_stats(runs, list(spec.variants), spec.target_accuracy)[0]
+    assert (no_bn.damaged, no_bn.done, no_bn.metrics[FVA].n) == (1, 2, 2)
+    spec_file = tmp_path / "tiny.toml"
+    spec_file.write_text(SPEC_TOML)
+    code, out, exc = _invoke("run", spec_file, "--out", folder, "--workers", "1")
+    assert code == 0 and "Traceback" not in out, (out, exc)
+    assert re.search(r"1 stored run\(s\) damaged, redoing them .*no-bn/seed-1: .*" + why, out), out
+    row = _rows(folder)["no-bn/seed-1"]
+    original = _rows(finished)["no-bn/seed-1"]
+    for column in ("variant", "seed", "config", "config_hash", "status", FVA, "best_epoch", "steps_run"):
+        assert row[column] == original[column], column
+    code, out, _ = _invoke("compare", folder)
+    assert code == 0 and "damaged" not in out, out
+
+
+def test_an_empty_store_is_named_not_raised(finished, tmp_path):
+    folder = Path(shutil.copytree(finished, tmp_path / "e"))
+    _sql("DELETE FROM runs")(folder)
+    for command in ("compare", "report"):
+        code, out, exc = _invoke(command, folder)
+        assert code == 2 and "Traceback" not in out and "the store holds no runs" in out, (command, code, out, exc)
+
+
+@pytest.mark.parametrize("version", ["999", "abc", "0"])
+def test_a_results_version_this_bnlab_does_not_know_is_refused_by_every_command(finished, tmp_path, version):
+    folder = Path(shutil.copytree(finished, tmp_path / "e"))
+    _sql("UPDATE meta SET value = ? WHERE key = 'results_version'", version)(folder)
+    for command in ("compare", "report"):
+        code, out, exc = _invoke(command, folder)
+        assert code == 2 and "Traceback" not in out and f"its results version is '{version}'" in out, (out, exc)
+    spec_file = tmp_path / "tiny.toml"
+    spec_file.write_text(SPEC_TOML)
+    code, out, _ = _invoke("run", spec_file, "--out", folder, "--workers", "1")
+    assert code != 0 and "Traceback" not in out and "results version" in out, out
+
+
+def test_an_earlier_results_version_is_still_read(finished, tmp_path):
+    folder = Path(shutil.copytree(finished, tmp_path / "e"))
+    _sql("UPDATE meta SET value = '1' WHERE key = 'results_version'")(folder)
+    code, out, _ = _invoke("compare", folder)
+    assert code == 0 and "Traceback" not in out, out

@@ -149,6 +149,10 @@ def test_trust_nests_and_is_undone():
             assert is_trusted("b:g") and not is_trusted("b")
         assert not is_trusted("b:g")
     assert not is_trusted("a:f")
+    for wrong in (0, 1, [1], None.__class__):  # a boolean is not an integer: say what is expected
+        with pytest.raises(TypeError, match="expected True, False or factory names"):
+            with trusting(wrong):
+                pass
 
 
 def test_train_and_run_refuse_a_factory_spec_before_writing_anything(importing_file, tmp_path, monkeypatch):

@@ -61,7 +61,11 @@ def summary(model: str = typer.Argument(..., help="A model preset, a .toml/.json
 
     try:
         text = summary_of(model, trust_factory=trust_factory).to_text()
-    except (ValueError, ValidationError, OSError, MemoryError, RecursionError) as e:
+    except ValidationError as e:  # a spec file's fields, as bnlab train words them
+        from bnlab.experiments.spec import format_errors
+
+        _fail(f"{model}: not a valid model spec:\n{format_errors(e)}")
+    except (ValueError, OSError, MemoryError, RecursionError) as e:
         _fail(describe_error(e))
     except RuntimeError as e:  # torch's allocator: a model larger than this machine's memory
         if not out_of_memory(e):

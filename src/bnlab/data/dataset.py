@@ -74,6 +74,10 @@ def split_validation(x: np.ndarray, y: np.ndarray, validation: int | float, seed
         k = int(round(len(idx) * validation))
         val_idx.append(rng.choice(idx, size=k, replace=False))
     val = np.sort(np.concatenate(val_idx))
+    if val.size == 0 or n - val.size < 2:  # a fraction that rounds to nothing (1e-300) or to everything
+        raise ValueError(f"validation fraction {validation:g} of {n} training examples gives {val.size} validation "
+                         f"and {n - val.size} training examples (rounded per class): expected at least 1 validation "
+                         "and 2 training examples; use a fraction that leaves both, or a count")
     mask = np.ones(n, bool)
     mask[val] = False
     return x[mask], y[mask], x[val], y[val]

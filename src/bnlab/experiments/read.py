@@ -27,7 +27,7 @@ from pathlib import Path
 
 from bnlab.experiments.results import RESULT_FIELDS
 from bnlab.experiments.spec import ExperimentSpec, SpecError
-from bnlab.experiments.store import DAMAGED, EPOCH_NUMBERS, RunStore, StoreError, is_number
+from bnlab.experiments.store import DAMAGED, EPOCH_NUMBERS, RunStore, StoreError, is_number, parse_config
 
 STORE = "runs.sqlite"
 READ_TIMEOUT = 10.0  # seconds to wait for a store another process holds locked
@@ -71,28 +71,73 @@ def load_results(out: str | Path) -> tuple[ExperimentSpec, list[dict], list[dict
             spec = ExperimentSpec(**json.loads(spec_json))
         except (ValueError, TypeError, SpecError) as e:
             raise StoreError(f"{out / STORE}: the stored spec does not validate: {e}") from e
+        _check_version(out, store.get_meta("results_version"))
         runs, epochs = store.runs(), store.epochs()
-        damaged = store.audit(spec.primary_metric)
+        if not runs:
+            raise StoreError(f"{out / STORE}: the store holds no runs (experiment {spec.name!r} stored, none of its "
+                             "runs); 'bnlab run' with its spec and --out here plans and runs them")
+        plan = {f"{v}/seed-{s}": (v, s) for v in spec.variants for s in spec.seed_list()}
+        damaged = store.audit(spec.primary_metric, plan=plan)
     finally:
         store.close()
-    _mark_damage(runs, epochs, damaged)
+    _mark_damage(runs, epochs, damaged, spec, plan)
     _fill_stopping_points(runs, epochs)
     _fill_budgets(runs, epochs)
     return spec, runs, epochs
 
 
-def _mark_damage(runs: list[dict], epochs: list[dict], damaged: dict) -> None:
+def _check_version(out: Path, version) -> None:
+    """Refuse a store whose results version this bnlab does not know (a later bnlab's, or garbage); an
+    earlier version's store is read (``bnlab run`` refuses to add runs to it, as its message says)."""
+    from bnlab.experiments.runner import RESULTS_VERSION
+
+    if version is None:  # a store from before results versions: version 1
+        return
+    if not (isinstance(version, str) and version.isdigit() and 1 <= int(version) <= RESULTS_VERSION):
+        raise StoreError(f"{out / STORE}: its results version is {version[:40]!r}; this bnlab reads results "
+                         f"versions 1 to {RESULTS_VERSION} (a store from a later bnlab, or damaged)")
+
+
+def _planned_configs(spec: ExperimentSpec) -> dict[str, str]:
+    """run id -> its planned config as stored (the spec's expansion); {} where the spec does not expand here."""
+    try:
+        from bnlab.experiments.spec import expand
+        return {p.run_id: json.dumps({"model": p.model, "train": p.train}) for p in expand(spec)}
+    except Exception:  # noqa: BLE001 - a reader falls back to the variant's other runs
+        return {}
+
+
+def _mark_damage(runs: list[dict], epochs: list[dict], damaged: dict, spec: ExperimentSpec | None = None,
+                 plan: dict | None = None) -> None:
     """Rows as the module docstring says: ``damage`` set, unusable runs as DAMAGED, non-numbers None
-    (an epoch row whose epoch is not a number is dropped: it has no place on a curve)."""
+    (an epoch row whose epoch is not a number is dropped: it has no place on a curve). A row whose
+    identity is damaged (``store.identity_damage``) reads as the planned run its run id names (its
+    variant, seed and planned config), DAMAGED; a row whose run id the spec does not plan is left out
+    (no variant of the spec to count it in; ``bnlab run`` keeps it out of the experiment's runs)."""
+    plan = plan or {}
+    configs = None
     for r in runs:
         found = damaged.get(r["run_id"])
         r["damage"] = str(found) if found else None
         if found is not None and found.results:
             r["stored_status"], r["status"] = r["status"], DAMAGED
+        if found is not None and r["run_id"] in plan and (
+                (r["variant"], r["seed"]) != tuple(plan[r["run_id"]]) or parse_config(r.get("config"))[1]):
+            r["variant"], r["seed"] = plan[r["run_id"]]
+            if parse_config(r.get("config"))[1]:
+                if configs is None:
+                    configs = _planned_configs(spec) if spec is not None else {}
+                sibling = next((x["config"] for x in runs if x["variant"] == r["variant"]
+                                and not damaged.get(x["run_id"])), None)
+                r["config"] = configs.get(r["run_id"]) or sibling or json.dumps({"model": {}, "train": {}})
         for f in RESULT_FIELDS:
-            if f.numeric and r.get(f.name) is not None and not is_number(r[f.name]):
+            if f.numeric and r.get(f.name) is not None and (
+                    not is_number(r[f.name]) or (r["status"] == DAMAGED and f.out_of_range(r[f.name]))):
                 r[f.name] = None
-    for e in epochs:
+    if plan:
+        runs[:] = [r for r in runs if r["run_id"] in plan]
+        epochs[:] = [e for e in epochs if e["run_id"] in plan]
+    for e in list(epochs):
         for c in EPOCH_NUMBERS:
             if e.get(c) is not None and not is_number(e[c]):
                 e[c] = None
@@ -124,10 +169,7 @@ _EPOCH_SHAPE = ("dataset", "dataset_options", "data_dir", "validation", "batch_s
 
 
 def _train_config(r: dict) -> dict:
-    try:
-        cfg = json.loads(r.get("config") or "{}")
-    except (TypeError, ValueError):
-        return {}
+    cfg = parse_config(r.get("config"))[0]
     train = cfg.get("train") if isinstance(cfg, dict) else None
     return train if isinstance(train, dict) else {}
 

@@ -14,6 +14,7 @@ Kinds:
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Literal
 
@@ -34,6 +35,13 @@ class ResultField:
     explored: bool = False  # compared between variants as an exploratory metric (when not the primary)
     moving_average: str | None = None  # precise-statistics fields: the moving-average field they replace
     short: str = ""  # a column header where space is short (the terminal); default: label
+    # the valid range of a stored value (bnlab.experiments.store.damage: out of range is damage)
+    low: float | None = None  # at least this
+    high: float | None = None  # at most this
+    whole: bool = False  # a whole number (a count: epochs, steps)
+    finite: bool = False  # a finite number (no inf / nan)
+    budget: str | None = None  # at most the run's planned budget: this key of its config's train section
+    at_most: str | None = None  # at most this other result field of the same run (where both are numbers)
 
     @property
     def header(self) -> str:
@@ -48,44 +56,68 @@ class ResultField:
     def numeric(self) -> bool:
         return self.sql in ("REAL", "INTEGER")
 
+    def out_of_range(self, value: float) -> str | None:
+        """Why a stored number is not a valid value of this field (None: it is); ``value`` is a number."""
+        if self.finite and not math.isfinite(value):
+            return "not a finite number"
+        if self.whole and not (math.isfinite(value) and float(value).is_integer()):
+            return "not a whole number"
+        if self.low is not None and not value >= self.low:
+            return f"below {self.low:g}"
+        if self.high is not None and not value <= self.high:
+            return f"above {self.high:g}"
+        return None
+
 
 def _f(name, label, sql, kind, higher=None, censor_at=None, digits=4, **show) -> ResultField:
     return ResultField(name, label, sql, kind, higher, censor_at, digits, **show)
 
 
+# valid ranges: accuracies are fractions, losses non-negative, counts whole and within the planned budget,
+# seconds non-negative and finite
+_ACC = dict(low=0.0, high=1.0, finite=True)
+_LOSS = dict(low=0.0)
+_SECONDS = dict(low=0.0, finite=True)
+_EPOCHS = dict(low=0.0, whole=True, budget="epochs")
+_STEPS = dict(low=0.0, whole=True, budget="max_steps")
+
 RESULT_FIELDS: tuple[ResultField, ...] = (
     _f("final_val_accuracy", "final validation accuracy", "REAL", "outcome", True,
-       short="val acc", table=True, compact=True, explored=True),
+       short="val acc", table=True, compact=True, explored=True, **_ACC),
     # the final model with precise BN statistics (bnlab.deploy.recalibrate) instead of the moving
     # averages; None for models without batch-statistics normalization
     _f("precise_val_accuracy", "validation accuracy, precise BN statistics", "REAL", "outcome", True,
-       short="val acc, precise BN", table=True, compact=True, explored=True, moving_average="final_val_accuracy"),
-    _f("best_val_accuracy", "best validation accuracy", "REAL", "outcome", True, short="best val acc", table=True),
+       short="val acc, precise BN", table=True, compact=True, explored=True, moving_average="final_val_accuracy",
+       **_ACC),
+    _f("best_val_accuracy", "best validation accuracy", "REAL", "outcome", True, short="best val acc", table=True,
+       **_ACC),
     _f("final_val_loss", "final validation loss", "REAL", "outcome", False,
-       short="val loss", table=True, compact=True, explored=True),
-    _f("best_val_loss", "best validation loss", "REAL", "outcome", False, short="best val loss"),
+       short="val loss", table=True, compact=True, explored=True, **_LOSS),
+    _f("best_val_loss", "best validation loss", "REAL", "outcome", False, short="best val loss", **_LOSS),
     # the model at the end of training
     _f("test_accuracy", "test accuracy (final model)", "REAL", "outcome", True,
-       short="test acc", table=True, explored=True),
+       short="test acc", table=True, explored=True, **_ACC),
     _f("precise_test_accuracy", "test accuracy, precise BN statistics", "REAL", "outcome", True,
-       short="test acc, precise BN", table=True, explored=True, moving_average="test_accuracy"),
-    _f("test_loss", "test loss (final model)", "REAL", "outcome", False, short="test loss"),
+       short="test acc, precise BN", table=True, explored=True, moving_average="test_accuracy", **_ACC),
+    _f("test_loss", "test loss (final model)", "REAL", "outcome", False, short="test loss", **_LOSS),
     # the best-validation model: the one a run saves and predict / serve / export use by default
-    _f("best_epoch", "best epoch", "INTEGER", "info", digits=1),
+    _f("best_epoch", "best epoch", "INTEGER", "info", digits=1, **_EPOCHS, at_most="epochs_run"),
     _f("best_test_accuracy", "test accuracy (best model)", "REAL", "outcome", True,
-       short="test acc, best model", table=True, explored=True),
-    _f("best_test_loss", "test loss (best model)", "REAL", "outcome", False, short="test loss, best model"),
-    _f("epochs_to_target", "epochs to target", "INTEGER", "time_to_target", False, "epochs_run", 0, table=True),
+       short="test acc, best model", table=True, explored=True, **_ACC),
+    _f("best_test_loss", "test loss (best model)", "REAL", "outcome", False, short="test loss, best model",
+       **_LOSS),
+    _f("epochs_to_target", "epochs to target", "INTEGER", "time_to_target", False, "epochs_run", 0, table=True,
+       **_EPOCHS, at_most="epochs_run"),
     _f("steps_to_target", "steps to target", "INTEGER", "time_to_target", False, "steps_run", 0,
-       table=True, compact=True, explored=True),
+       table=True, compact=True, explored=True, **_STEPS, at_most="steps_run"),
     _f("seconds_to_target", "seconds to target", "REAL", "time_to_target", False, "train_seconds", 1,
-       table=True, explored=True),
+       table=True, explored=True, **_SECONDS),
     # where the run stopped (the censoring times of the time-to-target fields)
-    _f("epochs_run", "epochs run", "INTEGER", "info", digits=1, short="epochs"),
-    _f("steps_run", "steps run", "INTEGER", "info", digits=0, short="steps"),
-    _f("train_seconds", "training seconds", "REAL", "info", digits=1, short="train s"),
+    _f("epochs_run", "epochs run", "INTEGER", "info", digits=1, short="epochs", **_EPOCHS),
+    _f("steps_run", "steps run", "INTEGER", "info", digits=0, short="steps", **_STEPS),
+    _f("train_seconds", "training seconds", "REAL", "info", digits=1, short="train s", **_SECONDS),
     _f("mean_epoch_seconds", "seconds per epoch", "REAL", "info", False, digits=2,
-       short="s/epoch", table=True, compact=True),
+       short="s/epoch", table=True, compact=True, **_SECONDS),
     _f("stopped", "stopped by", "TEXT", "info"),
 )
 

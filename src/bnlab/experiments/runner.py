@@ -412,8 +412,9 @@ def _run(spec: ExperimentSpec, plans: list[RunPlan], out: Path, store: RunStore,
         for r in store.runs(FINISHED):  # a state left by a runner killed between commit and discard
             discard_state(out / "runs" / r["run_id"])
         # a finished run whose row or files are damaged (bnlab.experiments.store.damage) is done again
-        damaged = store.audit(spec.primary_metric, [p.run_id for p in plans])
-        store.reset_damaged(damaged)
+        damaged = store.audit(spec.primary_metric, [p.run_id for p in plans],
+                              plan={p.run_id: (p.variant, p.seed) for p in plans})
+        store.reset_damaged(damaged, {p.run_id: p for p in plans})
     pending_ids = {r["run_id"] for r in store.runs(("pending",))}
     pending = [p for p in plans if p.run_id in pending_ids]  # in the spec's order
     prog = Progress(total=len(plans), skipped=len(plans) - len(pending), started=time.time())

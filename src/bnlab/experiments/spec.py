@@ -45,8 +45,8 @@ class SpecError(ValueError):
 # an experiment's or a variant's name is a folder name (runs/<experiment>/, <folder>/runs/<variant>/): a
 # safe slug, never a path: no separator, no '..', not absolute (check_name)
 NAME = r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}"
-NAME_RULE = ("1-64 letters, digits, '.', '_' or '-', starting with a letter or digit (it names a folder: no path "
-             "separators, no '..', no absolute path)")
+NAME_RULE = ("1-64 ASCII letters, digits, '.', '_' or '-', starting with a letter or digit (it names a folder: no "
+             "path separators, no '..', no absolute path)")
 MAX_SEEDS = 1000  # runs per variant
 MAX_VARIANTS = 256
 MAX_SEED = 2**31 - 1
@@ -85,7 +85,8 @@ def check_name(name, what: str) -> str:
     ValueError saying the rule. The one check of both: ``runs/<experiment name>`` is ``bnlab run``'s default
     folder and ``runs/<variant>/seed-<n>`` each run's."""
     if not isinstance(name, str) or not re.fullmatch(NAME, name):
-        raise ValueError(f"{what} name {name!r} is not allowed: expected {NAME_RULE}")
+        shown = repr(name) if len(repr(name)) <= 80 else repr(name)[:77] + "..."
+        raise ValueError(f"{what} name {shown} is not allowed: expected {NAME_RULE}")
     return name
 
 
@@ -351,6 +352,8 @@ def format_errors(e: ValidationError, where: str = "") -> str:
         loc = ".".join(str(p) for p in path
                        if not re.fullmatch(r"[a-z-]+\[.*\]|constrained-\w+|function-\w+", str(p))) or "(top level)"
         got = f" (got {_short(err['input'])})" if "input" in err and not isinstance(err["input"], dict) else ""
+        if got and isinstance(err["input"], str) and repr(err["input"])[:40] in err["msg"]:  # named already
+            got = ""
         lines.append(f"  {where}{loc}: {err['msg'].removeprefix('Value error, ')}{got}")
     return "\n".join(dict.fromkeys(lines))
 
@@ -409,6 +412,13 @@ def parse_experiment(data: dict, where: str = "spec") -> ExperimentSpec:
     except ValidationError as e:
         raise SpecError(f"{where} is not a valid experiment spec:\n{format_errors(e, '')}") from None
     expand(spec)  # validates every variant's model and training settings now
+    if not spec.smoke_test and spec.quick != QuickSection():  # and its --quick scale's: a typo there fails now
+        try:
+            expand(apply_quick(spec))
+        except SpecError as e:
+            raise SpecError(f"{where}: its [quick] section does not give a valid spec (--quick would fail):\n{e}") from None
+        except (ValidationError, ValueError) as e:
+            raise SpecError(f"{where}: its [quick] section does not give a valid spec (--quick would fail): {e}") from None
     return spec
 
 

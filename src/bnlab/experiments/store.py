@@ -103,12 +103,91 @@ class Damage:
         return "; ".join(x for x in (self.results, self.files) if x)
 
 
+MAX_CONFIG_CHARS = 1_000_000  # a stored run config longer than this is damage (a real one is a few KB)
+MAX_CONFIG_DEPTH = 64  # and so is one nested deeper (a real one nests a few levels; json.loads recurses)
+
+
+def parse_config(text) -> tuple[dict | None, str | None]:
+    """(the run's config, None) or (None, why it is not a usable config): a JSON object with a ``model`` and a
+    ``train`` object, at most MAX_CONFIG_CHARS long and MAX_CONFIG_DEPTH deep (checked before parsing, so a
+    deeply nested text never reaches the recursive parser)."""
+    if isinstance(text, bytes):
+        try:
+            text = text.decode()
+        except UnicodeDecodeError:
+            return None, f"its config ({_shown(text)}) is not JSON text"
+    if not isinstance(text, str):
+        return None, f"its config ({_shown(text)}) is not JSON text"
+    if len(text) > MAX_CONFIG_CHARS:
+        return None, f"its config is {len(text)} characters long (at most {MAX_CONFIG_CHARS})"
+    depth = deepest = 0
+    in_string = escaped = False
+    for ch in text:
+        if in_string:
+            if escaped:
+                escaped = False
+            elif ch == "\\":
+                escaped = True
+            elif ch == '"':
+                in_string = False
+        elif ch == '"':
+            in_string = True
+        elif ch in "[{":
+            depth += 1
+            if depth > deepest:
+                deepest = depth
+                if deepest > MAX_CONFIG_DEPTH:
+                    return None, f"its config nests deeper than {MAX_CONFIG_DEPTH} levels"
+        elif ch in "]}":
+            depth -= 1
+    try:
+        config = json.loads(text)
+    except (ValueError, RecursionError):
+        return None, f"its config ({_shown(text)}) is not JSON"
+    if not isinstance(config, dict):
+        return None, f"its config ({_shown(text)}) is not a JSON object"
+    if not isinstance(config.get("model"), dict) or not isinstance(config.get("train"), dict):
+        return None, f"its config ({_shown(text)}) has no model and train objects"
+    return config, None
+
+
+def identity_damage(row: dict, plan: dict | None = None) -> list[str]:
+    """Why a run's row does not say which planned run it is (any status): its seed is not a whole number, its
+    variant not text, its run id not "<variant>/seed-<seed>", its config not a usable config (``parse_config``);
+    with the spec's ``plan`` (run id -> (variant, seed)), a run id the spec does not plan, or a variant or seed
+    other than the plan's."""
+    why = []
+    run_id, variant, seed = row.get("run_id"), row.get("variant"), row.get("seed")
+    if not isinstance(seed, int) or isinstance(seed, bool):
+        why.append(f"its seed is {_shown(seed)}, not a whole number")
+    if not isinstance(variant, str):
+        why.append(f"its variant is {_shown(variant)}, not text")
+    planned = None if plan is None else plan.get(run_id)
+    if plan is not None and planned is None:
+        why.append(f"its variant {_shown(variant)} (run id {_shown(run_id)}) is not a run the spec plans")
+    elif planned is not None and (variant, seed) != tuple(planned):
+        why.append(f"its variant {_shown(variant)} and seed {_shown(seed)} are not those of its run id "
+                   f"{_shown(run_id)} (variant {planned[0]!r}, seed {planned[1]!r})")
+    elif plan is None and not why and run_id != f"{variant}/seed-{seed}":
+        why.append(f"its run id {_shown(run_id)} is not that of its variant {_shown(variant)} and seed {seed}")
+    if "config" in row:
+        reason = parse_config(row["config"])[1]
+        if reason:
+            why.append(reason)
+    return why
+
+
 def damage(row: dict, run_dir: str | Path, primary: str = DEFAULT_PRIMARY, *, recorded: bool = True,
-           epoch_text: tuple[str, ...] = ()) -> Damage | None:
+           epoch_text: tuple[str, ...] = (), plan: dict | None = None) -> Damage | None:
     """The damage of one stored run (None: none, or the run has not finished normally).
 
-    Audited: rows with status 'done' or 'diverged' ('failed' and unfinished runs have no results
-    by design). Results: every numeric result field holds a number or NULL; the ``primary`` result
+    Identity (any status, ``identity_damage``): the row says which planned run it is (with ``plan``, the
+    spec's run id -> (variant, seed): one the spec plans); its config is a usable JSON object.
+    Audited otherwise: rows with status 'done' or 'diverged' ('failed' and unfinished runs have no results
+    by design). Results: every numeric result field holds a number or NULL, within the field's valid range
+    (``ResultField.out_of_range``: accuracies in [0, 1], losses and seconds non-negative, counts whole, at
+    most the run's planned budget (its config's ``epochs`` / ``max_steps``) and at most where the run
+    stopped); the ``primary`` result
     is finite where present, and present in a 'done' row when every such run records it (an
     outcome that is not a precise-statistics field: those are absent for models without BN; a time
     to target is absent when censored; a diverged run has no final results); the run's epoch rows
@@ -116,16 +195,29 @@ def damage(row: dict, run_dir: str | Path, primary: str = DEFAULT_PRIMARY, *, re
     them). ``recorded``: False for a store from an older bnlab whose runs table lacks the primary's
     column. Files: the run folder ``run_dir`` exists, and so does each checkpoint the row's
     ``artefacts`` names, with its config.json and weights (a diverged run saved no final model, and
-    its artefacts say so; a store from before artefacts names none)."""
+    its artefacts say so; a store from before artefacts names none). Identity and result damage are
+    ``Damage.results`` (the readers leave the run out of the statistics)."""
+    results = identity_damage(row, plan)
     if row.get("status") not in ("done", "diverged"):
-        return None
-    results = []
-    for f in RESULT_FIELDS:
-        value = row.get(f.name)
-        if f.numeric and value is not None and not is_number(value):
-            results.append(f"{f.name} holds {_shown(value)}, not a number")
+        return Damage("; ".join(results)) if results else None
     f = FIELDS[primary]
     value = row.get(f.name)
+    train = (parse_config(row["config"])[0] or {}).get("train", {}) if "config" in row else {}
+    for g in RESULT_FIELDS:
+        v = row.get(g.name)
+        if v is None or not g.numeric:
+            continue
+        if not is_number(v):
+            results.append(f"{g.name} holds {_shown(v)}, not a number")
+            continue
+        if g.name == primary and not math.isfinite(v):
+            continue  # said below
+        if why := g.out_of_range(v):
+            results.append(f"{g.name} is {_shown(v)}: {why}")
+        elif g.budget and is_number(cap := train.get(g.budget)) and v > cap:
+            results.append(f"{g.name} is {_shown(v)}: beyond its planned {g.budget} ({cap})")
+        elif g.at_most and is_number(cap := row.get(g.at_most)) and v > cap:
+            results.append(f"{g.name} is {_shown(v)}: beyond its {g.at_most} ({cap})")
     if is_number(value) and not math.isfinite(value):
         results.append(f"its primary result ({f.name}) is {value}, not a finite number")
     elif (value is None and recorded and row["status"] == "done" and f.kind == "outcome"
@@ -317,9 +409,10 @@ class RunStore:
             db.executemany(f"INSERT INTO epochs (run_id, {', '.join(EPOCH_NUMBERS)}) VALUES (?{', ?' * len(EPOCH_NUMBERS)})",
                            [(run_id, *(e[c] for c in EPOCH_NUMBERS)) for e in epochs])
 
-    def audit(self, primary: str = DEFAULT_PRIMARY, run_ids=None) -> dict[str, Damage]:
-        """run id -> its ``damage``, for every damaged finished run (of ``run_ids``, if given); the run
-        folders are those of the folder holding this store."""
+    def audit(self, primary: str = DEFAULT_PRIMARY, run_ids=None, plan: dict | None = None) -> dict[str, Damage]:
+        """run id -> its ``damage``, for every damaged run (of ``run_ids``, if given; ``plan``: the spec's run
+        id -> (variant, seed), see ``identity_damage``); the run folders are those of the folder holding this
+        store."""
         wanted = None if run_ids is None else set(run_ids)
         recorded = primary not in self._absent_columns
         text = {}  # run id -> its epoch columns holding text (SQLite is dynamically typed)
@@ -331,19 +424,20 @@ class RunStore:
             if bad := tuple(c for c, k in zip(columns, tuple(r)[1:]) if k):
                 text[r[0]] = bad
         out = {}
-        for row in self.runs(("done", "diverged")):
+        for row in self.runs():
             if wanted is not None and row["run_id"] not in wanted:
                 continue
             found = damage(row, self.path.parent / RUNS_DIR / str(row["run_id"]), primary, recorded=recorded,
-                           epoch_text=text.get(row["run_id"], ()))
+                           epoch_text=text.get(row["run_id"], ()), plan=plan)
             if found is not None:
                 out[row["run_id"]] = found
         return out
 
-    def reset_damaged(self, run_ids) -> int:
+    def reset_damaged(self, run_ids, plans: dict | None = None) -> int:
         """Damaged runs go back to pending, atomically: their results, artefacts and dependent rows
         (epochs, probes, shift) are removed, so nothing of the damaged attempt is left to read; the
-        other runs' rows are untouched. Their run folders are made ready by the rerun itself
+        other runs' rows are untouched. ``plans`` (run id -> its ``RunPlan``): a run's identity (variant,
+        seed, config) is set back to its plan's, so a row damaged there is redone as the run it stands for. Their run folders are made ready by the rerun itself
         (``bnlab.train.single``: a run without a resume state starts from zero, removing the old
         checkpoints and history)."""
         ids = list(run_ids)
@@ -355,6 +449,10 @@ class RunStore:
         with self.transaction() as db:
             n = db.execute(f"UPDATE runs SET status = 'pending', {', '.join(f'{c} = NULL' for c in cleared)} "
                            f"WHERE run_id IN ({marks})", ids).rowcount
+            for p in (plans[i] for i in ids if plans and i in plans):
+                db.execute("UPDATE runs SET variant = ?, seed = ?, config_hash = ?, config = ? WHERE run_id = ?",
+                           (p.variant, p.seed, p.config_hash, json.dumps({"model": p.model, "train": p.train}),
+                            p.run_id))
             for table in ("epochs", "probes", "shift"):
                 db.execute(f"DELETE FROM {table} WHERE run_id IN ({marks})", ids)
             return n

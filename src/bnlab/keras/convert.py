@@ -109,6 +109,8 @@ class _Builder:
     def weight(self, layer, key: str, shape: tuple[int, ...]) -> np.ndarray:
         """The layer's array ``key``, which must have the shape its config and input imply."""
         a = layer.weights[key]
+        if a.dtype.kind != "f":
+            raise _Refused(f"{key} must be a floating-point array (got dtype {a.dtype} in the file)")
         if tuple(a.shape) != tuple(shape):
             raise _Refused(f"{key} has shape {tuple(a.shape)} in the file, the layer's config and input "
                            f"{self.shape} need {tuple(shape)}")
@@ -150,10 +152,26 @@ class _Builder:
 
 
 def _whole(value, key: str) -> int:
-    """A Keras int setting (``units``, ``filters``) as an int, refusing 3.5 or "8"."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or value != int(value):
-        raise _Refused(f"{key} must be a whole number (got {value!r})")
-    return int(value)
+    """A Keras int setting (``units``, ``filters``): a JSON integer, refusing 3.0, 3.5, true or "8"."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise _Refused(f"{key} must be an integer (got {value!r})")
+    return value
+
+
+def _number(cfg: dict, key: str, default: float) -> float:
+    """A Keras float setting (``epsilon``, ``momentum``, ``rate``): a JSON number, not a bool or a string."""
+    value = cfg.get(key, default)
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise _Refused(f"{key} must be a number (got {value!r})")
+    return float(value)
+
+
+def _flag(cfg: dict, key: str, default: bool) -> bool:
+    """A Keras bool setting (``use_bias``, ``center``, ``scale``): a JSON true / false, not "false" or 0."""
+    value = cfg.get(key, default)
+    if not isinstance(value, bool):
+        raise _Refused(f"{key} must be true or false (got {value!r})")
+    return value
 
 
 def _is_last(layers, i: int) -> bool:
@@ -187,7 +205,7 @@ def _layer(b: _Builder, layers, i: int) -> None:
             b.fail(layer, f"Dense on a {len(shape)}-D input {shape} (only after Flatten / pooling)")
             return
         ldef = b.check(layer, {"type": "dense", "units": _whole(cfg["units"], "units"),
-                               "use_bias": bool(cfg.get("use_bias", True))})
+                               "use_bias": _flag(cfg, "use_bias", True)})
         units = ldef["units"]
         kernel = b.per_feature(b.weight(layer, "kernel", (shape[0], units)))  # (in, out), rows in Keras's order
         arrays = {"weight": kernel.T.copy()}
@@ -209,7 +227,7 @@ def _layer(b: _Builder, layers, i: int) -> None:
             return
         ldef = b.check(layer, {"type": "conv2d", "filters": _whole(cfg["filters"], "filters"), "kernel_size": k,
                                "strides": s, "padding": cfg.get("padding", "valid"),
-                               "use_bias": bool(cfg.get("use_bias", True))})
+                               "use_bias": _flag(cfg, "use_bias", True)})
         filters = ldef["filters"]
         arrays = {"weight": b.weight(layer, "kernel", (k, k, shape[2], filters)).transpose(3, 2, 0, 1).copy()}
         if ldef["use_bias"]:
@@ -228,12 +246,12 @@ def _layer(b: _Builder, layers, i: int) -> None:
         if len(shape) == 2:
             b.fail(layer, f"normalising the last axis of a {shape} input (only features or (H, W, C) maps)", shape_unknown=False)
             return
-        m = float(cfg.get("momentum", 0.99))
+        m = _number(cfg, "momentum", 0.99)
         if not 0 <= m <= 1:
             raise _Refused(f"momentum must be in [0, 1] (got {cfg.get('momentum')!r})")
-        ldef = b.check(layer, {"type": "batchnorm", "eps": float(cfg.get("epsilon", 1e-3)),
+        ldef = b.check(layer, {"type": "batchnorm", "eps": _number(cfg, "epsilon", 1e-3),
                                "momentum": (1.0 - m) if b.convention == "torch" else m,
-                               "center": bool(cfg.get("center", True)), "scale": bool(cfg.get("scale", True))})
+                               "center": _flag(cfg, "center", True), "scale": _flag(cfg, "scale", True)})
         wanted = [v for v, on in (("gamma", ldef["scale"]), ("beta", ldef["center"]), ("moving_mean", True),
                                   ("moving_variance", True)) if on]
         arrays = {k: b.per_feature(b.weight(layer, v, (shape[-1],))) for k, v in
@@ -250,15 +268,15 @@ def _layer(b: _Builder, layers, i: int) -> None:
             return
         b.activation(layer, "relu", last)
     elif cls == "ELU":
-        if float(cfg.get("alpha", 1.0)) != 1.0:
+        if _number(cfg, "alpha", 1.0) != 1.0:
             b.fail(layer, f"ELU alpha {cfg.get('alpha')} (only 1.0)", shape_unknown=False)
             return
         b.activation(layer, "elu", last)
     elif cls == "LeakyReLU":
         slope = cfg.get("negative_slope", cfg.get("alpha", 0.3))  # Keras 3 / Keras 2 name; both default 0.3
-        b.activation(layer, "leaky_relu", last, float(slope))
+        b.activation(layer, "leaky_relu", last, _number(cfg, "negative_slope" if "negative_slope" in cfg else "alpha", slope))
     elif cls == "Dropout":
-        b.add({"type": "dropout", "rate": float(cfg.get("rate", 0.0))})
+        b.add({"type": "dropout", "rate": _number(cfg, "rate", 0.0)})
     elif cls in ("MaxPooling2D", "AveragePooling2D"):
         if len(shape) != 3 or cfg.get("padding", "valid") != "valid":
             b.fail(layer, f"input {shape}, padding {cfg.get('padding')!r} (expected (H, W, C) and valid)")

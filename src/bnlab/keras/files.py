@@ -52,6 +52,12 @@ class KerasLimits:
     max_config_bytes: int = 16 * MiB  # config.json, metadata.json, the model_config and name-list attributes
     max_json_depth: int = 100  # nesting of a JSON config (Keras's nest about 10 deep)
     max_compression_ratio: float = 100.0  # inflated / stored bytes of a zip member or an array over 1 MiB
+    # The one size not known before reading: a variable-length text attribute of a .h5 (model_config,
+    # layer_names, weight_names) keeps its text in HDF5's global heap, whose size HDF5 does not report. It
+    # is read once, as bytes through h5py's low-level API (no decoded str copies), and refused over
+    # max_config_bytes before it is decoded or parsed. The read itself happens inside HDF5, which takes
+    # about 5x the text while reading it (a 200 MiB model_config peaks ~1.1 GB, then is refused): the
+    # remaining gap, bounded only by the file's own size. Keras writes configs of a few hundred KB.
 
     def __post_init__(self):
         for f in fields(self):
@@ -256,13 +262,25 @@ class _H5Reader:
         if declared > self.limits.max_config_bytes:
             self.fail(f"{where} declares {declared:,} bytes, more than the {self.limits.max_config_bytes:,} a Keras "
                       f"config may have ({raise_hint('max_config_bytes')})")
-        value = obj.attrs[name]
-        items = value.ravel().tolist() if isinstance(value, np.ndarray) else [value]
+        if string is None or string.length is not None:  # fixed-length: its size was checked above
+            return obj.attrs[name]
+        # variable-length text: HDF5 gives no size before reading (the attribute's storage is the 16-byte
+        # references, the text sits in the global heap), so it is read once, as bytes, through the
+        # low-level API (no decoded str copies), and checked before decoding (see KerasLimits)
+        buf = np.empty(shape, dtype=dtype)
+        aid.read(buf)
+        items = buf.ravel().tolist()
         size = sum(len(v) for v in items if isinstance(v, (str, bytes)))
         if size > self.limits.max_config_bytes:
+            del buf, items
             self.fail(f"{where} holds {size:,} bytes of text, more than the {self.limits.max_config_bytes:,} a "
                       f"Keras config may have ({raise_hint('max_config_bytes')})")
-        return value
+        text = [v.decode("utf-8", "surrogateescape") if isinstance(v, bytes) else v for v in items]
+        if not shape:
+            return text[0]
+        out = np.empty(len(text), dtype=object)
+        out[:] = text
+        return out
 
     def array(self, obj, path: str) -> np.ndarray:
         """A dataset's values, after its declared shape, dtype, layout, filters and stored bytes are checked
@@ -612,13 +630,32 @@ def _read_vars(r: _H5Reader, f, layers: list[KerasLayer]) -> None:
         layer.weights = arrays
 
 
+def _not_a_file(path: Path) -> str:
+    """What a path that is not a regular file is, for a message (a folder, a FIFO, a device ...)."""
+    import stat
+
+    try:
+        mode = path.stat().st_mode
+    except FileNotFoundError:
+        return "a broken symbolic link" if path.is_symlink() else "no such file"
+    except OSError as e:
+        return f"cannot be examined ({e.strerror or e})"
+    link = " (through a symbolic link)" if path.is_symlink() else ""
+    for test, what in ((stat.S_ISDIR, "a folder"), (stat.S_ISFIFO, "a FIFO (named pipe)"),
+                       (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"),
+                       (stat.S_ISSOCK, "a socket")):
+        if test(mode):
+            return f"is {what}{link}, not a regular file"
+    return f"not a regular file{link}"
+
+
 def read_keras_file(path: str | Path, *, limits: KerasLimits | None = None) -> KerasModel:
     """The layer list and weights of a Keras ``.h5`` or ``.keras`` file, read within ``limits``
     (``KerasLimits()`` by default); KerasFileError says what the file holds and which limit it passes."""
     path = Path(path)
     limits = DEFAULT_LIMITS if limits is None else limits
     if not path.is_file():
-        raise KerasFileError(f"{path}: no such file (expected a Keras .h5 or .keras file)")
+        raise KerasFileError(f"{path}: {_not_a_file(path)} (expected a Keras .h5 or .keras file)")
     with open(path, "rb") as fh:
         head = fh.read(8)
     try:

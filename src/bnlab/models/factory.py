@@ -65,7 +65,11 @@ def _as_trust(trust: bool | Iterable[str] | None) -> bool | frozenset[str]:
         return True
     if isinstance(trust, str):  # one name, not its letters
         return frozenset([trust])
-    return frozenset(trust)
+    names = list(trust) if isinstance(trust, (list, tuple, set, frozenset)) else None
+    if names is None or not all(isinstance(n, str) for n in names):
+        raise TypeError(f"trust_factory: expected True, False or factory names like 'package.module:function' "
+                        f"(got {trust!r})")
+    return frozenset(names)
 
 
 @contextmanager

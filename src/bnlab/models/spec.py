@@ -40,9 +40,11 @@ class _Spec(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
 
-NORM_PATTERN = r"^(batch|syncbatch|layer|instance|renorm|weight|none|group:[1-9][0-9]*|ghost:[1-9][0-9]*)$"
+# G groups: at most 5 digits (channels are at most MAX_WIDTH); S images per ghost batch: at most 7 digits (a batch
+# is at most 2^20), so an absurd size is refused by the spec, not met at run time
+NORM_PATTERN = r"^(batch|syncbatch|layer|instance|renorm|weight|none|group:[1-9][0-9]{0,4}|ghost:[1-9][0-9]{0,6})$"
 Norm = Annotated[str, Field(pattern=NORM_PATTERN, description=(
-    "batch | syncbatch | layer | group:G | instance | renorm | ghost:S | weight | none"))]
+    "batch | syncbatch | layer | group:G (G < 100,000) | instance | renorm | ghost:S (S < 10,000,000) | weight | none"))]
 
 
 class NormSettings(_Spec):

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from bnlab.experiments.read import DAMAGED, load_probes, load_results, load_shift
+from bnlab.experiments.store import is_number, parse_config
 from bnlab.experiments.results import COMPACT_FIELDS, FIELDS, TABLE_FIELDS
 from bnlab.experiments.stats import ALPHA, MIN_N, Comparison, compare, precise_vs_moving, variant_stats
 from bnlab.report import plots
@@ -76,21 +77,29 @@ def compare_for(spec, runs, metrics=None):
         kept = {k: v for k, v in config["train"].items() if k not in ("seed", "lr", "devices")}
         return json.dumps({**kept, "images_per_device": device_batch(config)}, sort_keys=True)
 
-    train = {r["variant"]: setting(json.loads(r["config"])) for r in runs}
+    train = {r["variant"]: setting(_config(r)) for r in runs}
     pairs = [(a, b) for a, b in itertools.combinations(variants, 2)
              if spec.variants[a].group != spec.variants[b].group and train.get(a) == train.get(b)]
     return compare(runs, variants, metrics=(), pairs=pairs, **kw)
 
 
+def _config(r: dict) -> dict:
+    """A run's config through the store's one rule (``store.parse_config``): a damaged one reads as empty."""
+    config = parse_config(r.get("config"))[0] or {}
+    return {"model": config.get("model", {}), "train": config.get("train", {})}
+
+
 def _seq(values) -> str:
-    values = sorted(values)
+    values = sorted(v for v in values if is_number(v))
+    if not values:
+        return "none"
     return str(values[0]) if len(values) == 1 else f"{values[0]} to {values[-1]}"
 
 
 def budget_text(spec, runs) -> str:
     """The budget really run: variants, seeds, epochs and optimizer steps per run (from the runs)."""
-    seeds = sorted({r["seed"] for r in runs}) or spec.seed_list()
-    train = [json.loads(r["config"])["train"] for r in runs if r.get("config")]
+    seeds = sorted({r["seed"] for r in runs if is_number(r["seed"])}) or spec.seed_list()
+    train = [_config(r)["train"] for r in runs]
     epochs = {t.get("epochs") for t in train if t.get("epochs") is not None}
     batches = {t.get("batch_size") for t in train if t.get("batch_size") is not None}
     steps = {r["steps_run"] for r in runs if r["status"] in ("done", "diverged") and r.get("steps_run") is not None}
@@ -124,8 +133,8 @@ def report_mode(spec, runs=()) -> str | None:
     p-value, no verdict, no trend or interaction and no reading of one, only this reason."""
     if not spec.smoke_test:
         return None
-    seeds = len({r["seed"] for r in runs}) or len(spec.seed_list())
-    train = [_json(r.get("config")) or {} for r in runs]
+    seeds = len({r["seed"] for r in runs if is_number(r["seed"])}) or len(spec.seed_list())
+    train = [_config(r) for r in runs]
     epochs = {t.get("train", {}).get("epochs") for t in train} - {None} or {
         v.train.get("epochs", spec.train.get("epochs")) for v in spec.variants.values()} - {None}
     budget = f"{seeds} seed{'s' if seeds != 1 else ''}" + (
@@ -264,7 +273,7 @@ def batch_axis(spec, runs, group: str) -> str:
     from bnlab.experiments.stats import device_batch
 
     configs = [c for r in runs if (spec.variants[r["variant"]].group or r["variant"]) == group
-               and isinstance(c := _json(r.get("config")), dict)]
+               and (c := parse_config(r.get("config"))[0]) is not None]
     per_device = {-(-c.get("train", {}).get("batch_size", 32) // c.get("train", {}).get("devices", 1))
                   for c in configs}
     statistics = {device_batch(c) for c in configs}
@@ -285,7 +294,7 @@ def interaction_rows(spec, runs) -> list[list[str]]:
     rows = []
     for metric in plots.error_panels(runs):
         label = FIELDS[metric].label.replace("accuracy", "error")
-        points = [(group_of[r["variant"]], device_batch(json.loads(r["config"])), r["seed"], plots.accuracy_of(r, metric))
+        points = [(group_of[r["variant"]], device_batch(_config(r)), r["seed"], plots.accuracy_of(r, metric))
                   for r in runs if r["status"] == "done"]
         for group in plots.method_order(spec):
             if group == ref:
@@ -344,7 +353,7 @@ def _json(text):
     """A stored JSON text, or None where it is not JSON (a damaged row is reported, never raised on)."""
     try:
         return json.loads(text)
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, RecursionError):
         return None
 
 
