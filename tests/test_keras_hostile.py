@@ -457,3 +457,18 @@ def test_import_keras_says_what_a_path_that_is_not_a_file_is(tmp_path):
         res = runner.invoke(app, ["import-keras", str(tmp_path / name), "--out", str(tmp_path / "out")])
         line = _one_error_line(res, [f"{tmp_path / name}: {what}"])
         assert ("no such file" in line) == (name == "missing.h5"), line
+
+
+def test_a_huge_text_attribute_is_refused_before_hdf5_reads_it(tmp_path):
+    """A .h5 whose model_config is a 64 MiB variable-length string: HDF5 cannot size it before reading it, and
+    reading it took ~5x the text. The bytes of the file beyond its arrays bound every text attribute, so the
+    file is refused before any is read (twice max_config_bytes + 16 MiB = 48 MiB by default)."""
+    import h5py
+
+    path = tmp_path / "huge-attr.h5"
+    with h5py.File(path, "w", libver="latest") as f:  # dense attribute storage: no 64 KB attribute limit
+        f.attrs["model_config"] = "{" + " " * (64 * MiB) + "}"
+        f.attrs["keras_version"] = "2.15.0"
+    peaks = _peaks([path], _zip("ok")(tmp_path))
+    assert "are not array data, more than a Keras file's configuration and names may take" in peaks[str(path)][1]
+    assert peaks[str(path)][0] - peaks["baseline"] < 16 * MiB, peaks

@@ -56,8 +56,9 @@ class KerasLimits:
     # layer_names, weight_names) keeps its text in HDF5's global heap, whose size HDF5 does not report. It
     # is read once, as bytes through h5py's low-level API (no decoded str copies), and refused over
     # max_config_bytes before it is decoded or parsed. The read itself happens inside HDF5, which takes
-    # about 5x the text while reading it (a 200 MiB model_config peaks ~1.1 GB, then is refused): the
-    # remaining gap, bounded only by the file's own size. Keras writes configs of a few hundred KB.
+    # about 5x the text while reading it (a 200 MiB model_config would peak ~1.1 GB), so a .h5 is first checked
+    # for bytes beyond its arrays' data (``_H5Reader.check_overhead``: at most 2 x max_config_bytes + 16 MiB),
+    # which bounds every text attribute before any is read. Keras writes configs of a few hundred KB.
 
     def __post_init__(self):
         for f in fields(self):
@@ -237,6 +238,26 @@ class _H5Reader:
             if obj is None:
                 return None
         return obj
+
+    def check_overhead(self, f, file_bytes: int) -> None:
+        """Refuse a file whose bytes beyond its arrays' stored data exceed what its configuration and names may
+        take (twice ``max_config_bytes``, plus 16 MiB of HDF5's own metadata). A text attribute's size is not
+        known before it is read (see ``KerasLimits``), but it cannot exceed these bytes, so this bounds it
+        before anything is read: a 200 MB model_config is refused here, not after HDF5 has read it."""
+        arrays = 0
+
+        def add(_name, obj):  # hard links only: HDF5's visit follows no soft or external link
+            nonlocal arrays
+            if isinstance(obj, self.h5py.Dataset):
+                arrays += obj.id.get_storage_size()
+
+        f.visititems(add)
+        allowed = 2 * self.limits.max_config_bytes + 16 * MiB
+        if file_bytes - arrays > allowed:
+            self.fail(f"{file_bytes - arrays:,} of its {file_bytes:,} bytes are not array data, more than a Keras "
+                      f"file's configuration and names may take ({allowed:,} bytes: twice "
+                      f"KerasLimits.max_config_bytes plus 16 MiB; raise it with --max-config-bytes or "
+                      "limits=KerasLimits(max_config_bytes=...))")
 
     def attr(self, obj, name: str, path: str):
         """An attribute's value after its declared shape and dtype are checked, or None where absent."""
@@ -423,6 +444,7 @@ def _read_h5(path: Path, limits: KerasLimits) -> KerasModel:
         raise KerasFileError(f"{path}: not an HDF5 file ({e})") from None
     with f:
         r = _H5Reader(h5py, str(path), limits)
+        r.check_overhead(f, path.stat().st_size)  # before any text attribute is read
         model_config = r.attr(f, "model_config", "/")
         if model_config is None:
             raise KerasFileError(f"{path}: an HDF5 file without a 'model_config' attribute: a weights-only file "
