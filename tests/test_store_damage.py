@@ -368,6 +368,7 @@ def test_a_hostile_row_is_reported_and_redone(finished, tmp_path, case):
     _sql(statement)(folder)
     code, out, exc = _invoke("report", folder)
     assert code == 0 and (exc is None or isinstance(exc, SystemExit)) and "Traceback" not in out, (out, exc)
+    assert re.search(r"warning: no-bn/seed-1: damaged: .*" + why, out), out  # the terminal does not look clean
     md = (folder / "report.md").read_text()
     assert re.search(r"- no-bn/seed-1: damaged: .*" + why + r".*; left out of the statistics", md), md
     spec_file = tmp_path / "tiny.toml"

@@ -8,7 +8,7 @@ from pathlib import Path
 import typer
 from rich.table import Table
 
-from bnlab.cli.app import _fail, app, console, describe_error, say, trust_factory_option
+from bnlab.cli.app import _fail, app, console, describe_error, say, trust_factory_option, warn
 
 
 def _stats_table(folder: Path) -> None:
@@ -183,6 +183,8 @@ def report(folder: Path = typer.Argument(..., help="An experiment folder made by
         _fail(str(e))
     console.print(f"wrote {r.html} and {r.markdown} ({len(r.figures)} figures in {r.html.parent / 'figures'})"
                   + ("; a smoke test (--quick) report: no verdicts" if r.smoke_test else ""), markup=False, emoji=False)
+    for run_id, why in r.damaged:  # the report names them too; the terminal must not look clean
+        warn(f"{run_id}: {why}")
 
 
 @app.command()

@@ -27,6 +27,7 @@ class Report:
     markdown: Path
     figures: list[Path]
     smoke_test: bool = False  # a --quick run's report: titled as a smoke test, no verdicts
+    damaged: list[tuple[str, str]] = field(default_factory=list)  # (run_id, why) of damaged stored runs
 
 
 def stats_rows(runs, variants, target, metrics=TABLE_METRICS, short: bool = False):
@@ -408,7 +409,8 @@ def build_report(folder: str | Path) -> Report:
 
     html_path = folder / "report.html"
     html_path.write_text(_html(spec, t, figs, env, shift_report.html(shift, _html_table) if shift else ""))
-    return Report(html_path, md_path, paths, spec.smoke_test)
+    return Report(html_path, md_path, paths, spec.smoke_test,
+                  [(rid, why) for rid, why in failure_lines(runs) if why.startswith("damaged: ")])
 
 
 @dataclass
