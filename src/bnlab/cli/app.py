@@ -79,6 +79,14 @@ def out_of_memory(e: BaseException) -> bool:
         "can't allocate memory" in str(e) or "out of memory" in str(e).lower()))
 
 
+def fail_if_out_of_memory(e: RuntimeError, what) -> None:
+    """A RuntimeError from torch's allocator (a model larger than this machine's memory) as the one error exit,
+    ``what`` named; any other RuntimeError is a bug and is raised on."""
+    if not out_of_memory(e):
+        raise e
+    _fail(f"{what}: the model does not fit in memory ({e})")
+
+
 def _blocking_file(path: Path) -> Path | None:
     """The existing file among ``path``'s parents that stops it from being created, if any."""
     for parent in path.absolute().parents:

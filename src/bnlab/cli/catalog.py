@@ -8,7 +8,7 @@ import typer
 from rich.markup import escape
 from rich.table import Table
 
-from bnlab.cli.app import _fail, app, console, describe_error, out_of_memory, trust_factory_option
+from bnlab.cli.app import _fail, app, console, describe_error, fail_if_out_of_memory, trust_factory_option
 
 
 @app.command("datasets")
@@ -68,9 +68,7 @@ def summary(model: str = typer.Argument(..., help="A model preset, a .toml/.json
     except (ValueError, OSError, MemoryError, RecursionError) as e:
         _fail(describe_error(e))
     except RuntimeError as e:  # torch's allocator: a model larger than this machine's memory
-        if not out_of_memory(e):
-            raise
-        _fail(f"{model}: the model does not fit in memory ({e})")
+        fail_if_out_of_memory(e, model)
     print(text)
 
 

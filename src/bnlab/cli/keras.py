@@ -7,7 +7,7 @@ from pathlib import Path
 
 import typer
 
-from bnlab.cli.app import _fail, app, check_out_folder, describe_error, out_of_memory, say
+from bnlab.cli.app import _fail, app, check_out_folder, describe_error, fail_if_out_of_memory, say
 from bnlab.keras.files import DEFAULT_LIMITS
 
 _UNITS = {"": 1, "k": 1024, "m": 1024**2, "g": 1024**3, "t": 1024**4}
@@ -74,7 +74,5 @@ def import_keras_cmd(
     except (KerasFileError, CheckpointError, OSError, MemoryError) as e:
         _fail(describe_error(e))
     except RuntimeError as e:  # torch's allocator: a model larger than this machine's memory
-        if not out_of_memory(e):
-            raise
-        _fail(f"{file}: the model does not fit in memory ({e})")
+        fail_if_out_of_memory(e, file)
     say(f"wrote {out}: {s.total:,} parameters ({s.trainable:,} trainable, {s.non_trainable:,} non-trainable)")
